@@ -1,0 +1,1 @@
+"""Text, audio and image adapters behind one interface (see base.py)."""

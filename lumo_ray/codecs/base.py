@@ -1,0 +1,110 @@
+"""The adapter interface every text / audio / image tokenizer implements (SPEC §4).
+
+Adapters are plain PyTorch/NumPy code (no Ray). They work in *local* codes (0..codebook-1); the
+token space maps local codes to global ids. Each adapter reports an `identity()` dict that goes
+into token_space.json: it names the model (hub id, preset name, or a weights digest for local
+paths) and sizes, never paths, devices or dtypes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+# Preset names of the offline random-init models (identity = name + seed).
+TEXT_PRESETS = ("tiny",)
+AUDIO_PRESETS = ("tiny-24k", "tiny-48k", "full-24k", "full-48k")
+IMAGE_VQ_PRESETS = ("tiny", "full")
+IMAGE_SEED_PRESETS = ("tiny",)
+
+
+class MediaError(ValueError):
+    """Bad input media: the message names the file and the reason."""
+
+    def __init__(self, path: Any, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class AudioClip:
+    """A normalized clip ready to encode: float32 [channels, samples] at the codec's rate."""
+    wav: np.ndarray
+    record: dict = field(default_factory=dict)
+    """Preprocessing record: orig_rate, orig_channels, orig_seconds, channel_op, resampled,
+    kept_fraction, padded_seconds, seconds."""
+
+
+@dataclass
+class AudioCodes:
+    codes: np.ndarray
+    """int64 [K, T] local codes."""
+    side_info: dict = field(default_factory=dict)
+    """Codec side-info needed to decode (EnCodec-48k: per-chunk 'scales'); JSON-serialisable."""
+
+
+@dataclass
+class ImageInput:
+    """A preprocessed image: float32 [3, H, W] in [0, 1] (resized shorter side + center crop, RGB)."""
+    pixels: np.ndarray
+    record: dict = field(default_factory=dict)
+    """Preprocessing record: orig_size, mode, resized_to, crop_box, size."""
+
+
+class TextAdapter(Protocol):
+    vocab_size: int  # len(tokenizer), including its own specials
+
+    def identity(self) -> dict: ...
+    def encode(self, text: str) -> list[int]: ...  # add_special_tokens=False
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class AudioAdapter(Protocol):
+    sample_rate: int
+    channels: int
+    num_codebooks: int
+    codebook_size: int
+    frame_rate: float
+    samples_per_frame: int
+
+    def identity(self) -> dict: ...
+    def load(self, path: str) -> AudioClip: ...                    # libsndfile + channel policy + resample + pad/clip
+    def prepare(self, wav: np.ndarray, rate: int, name: str = "<array>") -> AudioClip: ...
+    def encode_batch(self, clips: list[AudioClip]) -> list[AudioCodes]: ...
+    def decode(self, codes: AudioCodes) -> np.ndarray: ...         # float32 [channels, samples]
+
+
+class ImageAdapter(Protocol):
+    codebook_size: int
+    tokens_per_image: int
+    image_size: int
+    deterministic_decode: bool
+
+    def identity(self) -> dict: ...
+    def load(self, path: str) -> ImageInput: ...
+    def prepare(self, image: Any, name: str = "<image>") -> ImageInput: ...  # PIL image
+    def encode_batch(self, images: list[ImageInput]) -> list[np.ndarray]: ...  # int64 [tokens_per_image]
+    def decode(self, codes: np.ndarray, seed: int = 0) -> np.ndarray: ...  # uint8 [H, W, 3]
+
+
+def model_identity(model: str, seed: int, presets: tuple[str, ...]) -> str:
+    """The identity string of a model reference: preset name + seed, a hub id as is, or a digest of
+    the weight files of a local directory (never the path itself)."""
+    import hashlib
+    from pathlib import Path
+
+    if model in presets:
+        return f"{model}@seed{seed}"
+    p = Path(model)
+    if p.exists():
+        h = hashlib.sha256()
+        files = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".model", ".txt", ".tiktoken")]
+        for f in files:
+            h.update(f.relative_to(p).as_posix().encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return "sha256:" + h.hexdigest()
+    return model

