@@ -127,10 +127,57 @@ class AuditConfig:
 
 
 @dataclass
+class NormalizeConfig:
+    eval_permille: int = 50
+    """A group goes to eval when sha256(group) mod 1000 < eval_permille."""
+    min_eval: int = 1
+    """Minimum eval groups: when the hash rule gives fewer, the groups with the lowest hash move to eval."""
+    error_rate_ceiling: float = 0.5
+    """Fail the job when more than this fraction of samples is bad."""
+    probe_batch_size: int = 16
+    """Samples per Ray Data probe task."""
+    min_audio_seconds: float = 0.05
+    """Shorter clips are rejected as too short."""
+
+
+@dataclass
+class TokenizeConfig:
+    shard_size: int = 64
+    """Samples per shard (assigned in manifest order within a split)."""
+    actors: int = 1
+    """Size of the tokenizer actor pool."""
+    num_gpus_per_actor: float = 0.0
+    """GPUs per tokenizer actor (0 in local CPU mode)."""
+    num_cpus_per_actor: float = 1.0
+    batch_size: int = 16
+    """Samples per model call; batches are cut in manifest order, so output never depends on actors."""
+    error_rate_ceiling: float = 0.5
+
+
+@dataclass
+class VerifyConfig:
+    retokenize_n: int = 256
+    """Records re-tokenized from raw (all when fewer)."""
+    max_mismatch: float = 0.001
+    decode_spot_checks: int = 4
+    seed: int = 0
+    drift_tolerance: float = 0.25
+    """Relative change of length statistics against a baseline that counts as drift."""
+
+
+@dataclass
+class DataConfig:
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+
+@dataclass
 class LumoConfig:
     """The whole program's config; each command reads the sections it needs."""
     uti: UTIConfig = field(default_factory=UTIConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 # ----------------------------------------------------------------------------------------------
