@@ -1,0 +1,117 @@
+"""The `lumo` command: parse, load the config, call a library function, a pipeline or a trainer."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, LumoConfig, dump_config, load_config
+
+
+def _load(args) -> LumoConfig:
+    return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", help="YAML config (default: the embedded tiny preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set uti.audio.bandwidth=3.0 (repeatable)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, or a new local one)")
+
+
+# -- uti -----------------------------------------------------------------------------------------
+
+def cmd_uti_build(args) -> int:
+    from .uti import build_adapters, build_token_space
+    cfg = _load(args)
+    adapters = build_adapters(cfg.uti)
+    ts = build_token_space(cfg.uti, adapters)
+    ts.save(args.out)
+    dump_config(cfg, args.out)
+    print(ts.table())
+    print(f"wrote {Path(args.out) / 'token_space.json'}")
+    return 0
+
+
+def cmd_uti_audit(args) -> int:
+    from .eval.audit import run_audit
+    cfg = _load(args)
+    rep = run_audit(cfg, args.out, baseline=args.baseline, write_baseline=args.write_baseline)
+    for k, v in rep["checks"].items():
+        print(f"  {'PASS' if v else 'FAIL'}  {k}")
+    for k, v in rep["metrics"].items():
+        print(f"  {k:18s} {v if v is None else round(v, 4)}")
+    for k, r in rep["regression"].items():
+        print(f"  regression {k}: run {r['run']:.4f} {r['rule']} -> {'PASS' if r['pass'] else 'FAIL'}")
+    print(f"audit {'PASS' if rep['pass'] else 'FAIL'}: {Path(args.out) / 'report.json'}")
+    return 0 if rep["pass"] else 1
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+
+def cmd_tokenizer_train(args) -> int:
+    from .codecs.text import train_bpe
+    out = train_bpe(args.input, args.vocab_size, args.out)
+    print(f"wrote tokenizer to {out}")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(_load(args), Path(args.out), address=args.address)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lumo", description="LumoOmni discrete-token multimodal program on Ray")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="run the program end to end on the embedded tiny default")
+    _common(d)
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
+
+    uti = sub.add_parser("uti", help="Unified Token Interface").add_subparsers(dest="sub", required=True)
+    b = uti.add_parser("build", help="build token_space.json and print the layout")
+    _common(b)
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=cmd_uti_build)
+    a = uti.add_parser("audit", help="the UTI audit gate (exit 1 when it fails)")
+    _common(a)
+    a.add_argument("--out", required=True)
+    a.add_argument("--baseline", help="baseline.json from an earlier run: apply the regression rules")
+    a.add_argument("--write-baseline", action="store_true", help="store this run's metrics as baseline.json")
+    a.set_defaults(func=cmd_uti_audit)
+
+    tok = sub.add_parser("tokenizer", help="text tokenizer tools").add_subparsers(dest="sub", required=True)
+    t = tok.add_parser("train", help="train a byte-level BPE into a Hugging Face tokenizer directory")
+    _common(t, config=False)
+    t.add_argument("--input", required=True, help="manifest.jsonl or a text file (one text per line)")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    from . import cli_data
+    cli_data.add_commands(sub, _common)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

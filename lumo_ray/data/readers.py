@@ -1,0 +1,192 @@
+"""Readers for the raw dataset formats (SPEC §5). Each yields `Record`s and `ErrorRecord`s.
+
+Ids are `<source>:<key>` with the key taken from the source's own fields (never a list position),
+so they stay unique when manifests of several sources are concatenated:
+
+| source         | id key                  | group                                  | task |
+|----------------|-------------------------|----------------------------------------|------|
+| llava_pretrain | entry `id`              | the image file                         | i2t  |
+| audiocaps      | `audiocap_id`           | `youtube_id` (its 5 captions share a clip), else the audio file | a2t |
+| clotho         | `<file_name>#<k>`, k=1..5 | the clip `file_name`                 | a2t  |
+| wavcaps        | entry `id`              | the clip id                            | a2t  |
+| jsonl          | the record's own `id`   | the record's own `group`               | any  |
+
+`input_path` is the dataset folder or its metadata file. Media paths are made absolute.
+Audio sources have no prompt in their raw format: `text.prompt` is "" (the sequence builder adds
+the instruction). Empty captions are errors (reason 'empty caption'), recorded, not dropped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+from .manifest import ErrorRecord, Record, read_manifest
+
+Item = Union[Record, ErrorRecord]
+SOURCES = ("llava_pretrain", "audiocaps", "clotho", "wavcaps", "jsonl")
+
+
+class ReaderError(ValueError):
+    """The input as a whole cannot be read (no metadata file, wrong top-level shape)."""
+
+
+def _metadata_files(input_path: Path, suffix: str, source: str) -> list[Path]:
+    """The metadata file itself, or every `*suffix` file directly in the folder (sorted)."""
+    if input_path.is_file():
+        return [input_path]
+    if not input_path.is_dir():
+        raise ReaderError(f"{source}: input not found: {input_path}")
+    files = sorted(p for p in input_path.glob(f"*{suffix}") if p.is_file())
+    if not files:
+        raise ReaderError(f"{source}: no *{suffix} metadata file in {input_path}")
+    return files
+
+
+def _err(source: str, key: str, reason: str, detail: str) -> ErrorRecord:
+    return ErrorRecord(id=f"{source}:{key}", stage="read", reason=reason, source=source, detail=detail)
+
+
+def _abs(root: Path, rel: str) -> str:
+    p = Path(rel)
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def read_llava_pretrain(input_path: Path) -> Iterator[Item]:
+    """LLaVA-Pretrain JSON list: {id, image, conversations: [{from: human}, {from: gpt}]}."""
+    src = "llava_pretrain"
+    for meta_file in _metadata_files(input_path, ".json", src):
+        data = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ReaderError(f"{meta_file}: expected a JSON list of samples")
+        root = meta_file.parent
+        for n, e in enumerate(data):
+            key = str(e.get("id", "")) if isinstance(e, dict) else ""
+            where = f"{meta_file}: entry {n} (id {key or '?'})"
+            if not key:
+                yield _err(src, f"{meta_file.name}#entry{n}", "malformed entry", f"{where}: missing 'id'")
+                continue
+            conv = [c for c in (e.get("conversations") or []) if isinstance(c, dict)]
+            human = next((str(c.get("value", "")) for c in conv if c.get("from") == "human"), None)
+            gpt = next((str(c.get("value", "")) for c in conv if c.get("from") == "gpt"), None)
+            if not e.get("image") or human is None or gpt is None:
+                yield _err(src, key, "malformed entry", f"{where}: needs 'image' and human + gpt turns")
+                continue
+            if not gpt.strip():
+                yield _err(src, key, "empty caption", f"{where}: gpt turn is empty")
+                continue
+            yield Record(id=f"{src}:{key}", source=src, group=f"{src}:{e['image']}", task="i2t",
+                         modalities={"image": {"path": _abs(root, e["image"])}},
+                         text={"prompt": human, "caption": gpt.strip()},
+                         meta={"source_id": key})
+
+
+def _csv_rows(meta_file: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    with open(meta_file, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReaderError(f"{meta_file}: missing column(s) {', '.join(missing)}; has {reader.fieldnames}")
+        for n, row in enumerate(reader, start=2):  # line 1 is the header
+            yield n, row
+
+
+def read_audiocaps(input_path: Path) -> Iterator[Item]:
+    """AudioCaps CSV: audiocap_id, youtube_id, start_time, caption; audio at audio/<audiocap_id>.wav."""
+    src = "audiocaps"
+    for meta_file in _metadata_files(input_path, ".csv", src):
+        root = meta_file.parent
+        for n, row in _csv_rows(meta_file, ("audiocap_id", "caption")):
+            key = (row.get("audiocap_id") or "").strip()
+            if not key:
+                yield _err(src, f"{meta_file.name}#line{n}", "malformed entry", f"{meta_file}: line {n}: empty audiocap_id")
+                continue
+            caption = (row.get("caption") or "").strip()
+            if not caption:
+                yield _err(src, key, "empty caption", f"{meta_file}: line {n}: audiocap_id {key}")
+                continue
+            yt = (row.get("youtube_id") or "").strip()
+            yield Record(id=f"{src}:{key}", source=src, group=f"{src}:yt:{yt}" if yt else f"{src}:{key}",
+                         task="a2t", modalities={"audio": {"path": _abs(root, f"audio/{key}.wav")}},
+                         text={"prompt": "", "caption": caption},
+                         meta={"source_id": key, "youtube_id": yt, "start_time": (row.get("start_time") or "").strip()})
+
+
+def read_clotho(input_path: Path) -> Iterator[Item]:
+    """Clotho CSV: file_name, caption_1..caption_5 -> one sample per caption, grouped by clip."""
+    src = "clotho"
+    for meta_file in _metadata_files(input_path, ".csv", src):
+        root = meta_file.parent
+        audio_dir = root / "audio" if (root / "audio").is_dir() else root
+        for n, row in _csv_rows(meta_file, ("file_name",)):
+            name = row.get("file_name") or ""
+            if not name.strip():
+                yield _err(src, f"{meta_file.name}#line{n}", "malformed entry", f"{meta_file}: line {n}: empty file_name")
+                continue
+            for k in range(1, 6):
+                caption = (row.get(f"caption_{k}") or "").strip()
+                key = f"{name}#{k}"
+                if not caption:
+                    yield _err(src, key, "empty caption", f"{meta_file}: line {n}: caption_{k} of {name!r} is empty")
+                    continue
+                yield Record(id=f"{src}:{key}", source=src, group=f"{src}:{name}", task="a2t",
+                             modalities={"audio": {"path": str((audio_dir / name).resolve())}},
+                             text={"prompt": "", "caption": caption},
+                             meta={"source_id": name, "caption_index": k})
+
+
+def read_wavcaps(input_path: Path) -> Iterator[Item]:
+    """WavCaps JSON {"data": [{id, caption, duration, audio?}]}; audio from 'audio' or audio/<id>."""
+    src = "wavcaps"
+    for meta_file in _metadata_files(input_path, ".json", src):
+        doc = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+            raise ReaderError(f"{meta_file}: expected {{\"data\": [...]}}")
+        root = meta_file.parent
+        for n, e in enumerate(doc["data"]):
+            key = str(e.get("id", "")) if isinstance(e, dict) else ""
+            if not key:
+                yield _err(src, f"{meta_file.name}#entry{n}", "malformed entry", f"{meta_file}: entry {n}: missing 'id'")
+                continue
+            caption = str(e.get("caption") or "").strip()
+            if not caption:
+                yield _err(src, key, "empty caption", f"{meta_file}: entry {n} (id {key})")
+                continue
+            audio = e.get("audio") or f"audio/{key}"
+            meta = {"source_id": key}
+            if e.get("duration") is not None:
+                meta["declared_duration"] = e["duration"]
+            yield Record(id=f"{src}:{key}", source=src, group=f"{src}:{key}", task="a2t",
+                         modalities={"audio": {"path": _abs(root, audio)}},
+                         text={"prompt": "", "caption": caption}, meta=meta)
+
+
+def read_jsonl(input_path: Path) -> Iterator[Item]:
+    """Manifest-shaped JSONL; malformed lines become errors naming the line number."""
+    for f in _metadata_files(input_path, ".jsonl", "jsonl"):
+        records, errors = read_manifest(f)
+        for e in errors:
+            e.source = e.source or "jsonl"
+        yield from records
+        yield from errors
+
+
+READERS: dict[str, Callable[[Path], Iterator[Item]]] = {
+    "llava_pretrain": read_llava_pretrain,
+    "audiocaps": read_audiocaps,
+    "clotho": read_clotho,
+    "wavcaps": read_wavcaps,
+    "jsonl": read_jsonl,
+}
+
+
+def read_source(source: str, input_path: str | Path) -> tuple[list[Record], list[ErrorRecord]]:
+    """Run the reader of `source` on a folder or metadata file; returns (records, errors)."""
+    if source not in READERS:
+        raise ReaderError(f"unknown source {source!r} (valid: {', '.join(SOURCES)})")
+    records: list[Record] = []
+    errors: list[ErrorRecord] = []
+    for item in READERS[source](Path(input_path)):
+        (records if isinstance(item, Record) else errors).append(item)
+    return records, errors

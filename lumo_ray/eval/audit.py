@@ -1,0 +1,221 @@
+"""UTI audit (SPEC §6): determinism (in-process and across processes), ranges, audio phase, shapes,
+decode checks, reconstruction metrics on aligned signals, and baseline regression."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..config import LumoConfig, dump_config, load_config
+from ..uti import Adapters, build_adapters, build_token_space
+from . import metrics
+
+AUDIO_EXT = (".wav", ".flac", ".ogg")
+TEXTS = ["a bike greeting card", "Three short high beeps.", "Wind blowing, bird chirping in a distance!",
+         "unicode: café — ok", ""]
+
+# Regression rules of SPEC §6: metric -> (direction, tolerance kind, tolerance)
+RULES = {"audio_snr_db": ("min", "abs", 1.0), "audio_log_mel_l1": ("max", "rel", 1.05),
+         "image_psnr": ("min", "abs", 0.5), "image_ssim": ("min", "abs", 0.02)}
+
+
+def _sha(a: np.ndarray | list) -> str:
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(a, dtype=np.int64)).tobytes()).hexdigest()
+
+
+def audit_inputs(cfg: LumoConfig, adapters: Adapters) -> dict[str, list]:
+    """Real clips/images from the data folder plus generated signals: (name, payload) lists."""
+    real = Path(cfg.audit.real_data)
+    out: dict[str, list] = {"audio": [], "image": []}
+    if adapters.audio is not None:
+        files = sorted(p for p in real.rglob("*") if p.suffix.lower() in AUDIO_EXT)[: cfg.audit.max_real_audio]
+        out["audio"] += [(f"real:{p.relative_to(real)}", str(p)) for p in files]
+        sr, n = 24000, int(24000 * 1.5)
+        t = np.arange(n) / sr
+        rng = np.random.default_rng(cfg.audit.seed)
+        sweep = 0.5 * np.sin(2 * np.pi * (100 * t + (4000 - 100) / (2 * t[-1]) * t ** 2))
+        out["audio"] += [("gen:sine_sweep", (sweep.astype(np.float32)[None], sr)),
+                         ("gen:silence", (np.zeros((1, n), np.float32), sr)),
+                         ("gen:noise", ((0.3 * rng.standard_normal(n)).astype(np.float32)[None], sr))]
+    if adapters.image is not None:
+        files = sorted((real / "llava_pretrain" / "images").glob("*.png"))[: cfg.audit.max_real_images]
+        out["image"] += [(f"real:{p.relative_to(real)}", str(p)) for p in files]
+        g = np.linspace(0, 255, 96, dtype=np.float64)
+        grad = np.stack([np.tile(g, (96, 1)), np.tile(g[:, None], (1, 96)), np.full((96, 96), 128.0)], -1)
+        out["image"] += [("gen:solid", Image.new("RGB", (96, 96), (200, 40, 60))),
+                         ("gen:gradient", Image.fromarray(grad.astype(np.uint8)))]
+    return out
+
+
+def _prep_audio(a, name, payload):
+    return a.load(payload) if isinstance(payload, str) else a.prepare(payload[0], payload[1], name)
+
+
+def _prep_image(a, name, payload):
+    return a.load(payload) if isinstance(payload, str) else a.prepare(payload, name)
+
+
+def token_hashes(cfg: LumoConfig) -> dict[str, str]:
+    """sha256 of the global ids of every audit input (what the cross-process check compares)."""
+    adapters = build_adapters(cfg.uti)
+    ts = build_token_space(cfg.uti, adapters)
+    inputs = audit_inputs(cfg, adapters)
+    out = {"token_space": ts.hash}
+    if adapters.text is not None:
+        for i, t in enumerate(TEXTS):
+            out[f"text:{i}"] = _sha(adapters.text.encode(t))
+    if inputs["audio"]:
+        clips = [_prep_audio(adapters.audio, n, p) for n, p in inputs["audio"]]
+        for (n, _), c in zip(inputs["audio"], adapters.audio.encode_batch(clips)):
+            out[n] = _sha(ts.audio_to_global(c.codes))
+    if inputs["image"]:
+        imgs = [_prep_image(adapters.image, n, p) for n, p in inputs["image"]]
+        for (n, _), c in zip(inputs["image"], adapters.image.encode_batch(imgs)):
+            out[n] = _sha(ts.image_to_global(c))
+    return out
+
+
+def _finite_mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None = None,
+              write_baseline: bool = False, log=print) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = dump_config(cfg, out)
+    log("[audit] building adapters")
+    adapters = build_adapters(cfg.uti)
+    ts = build_token_space(cfg.uti, adapters)
+    ts.save(out)
+    inputs = audit_inputs(cfg, adapters)
+    checks: dict[str, bool] = {}
+    details: dict[str, Any] = {}
+    per_input: dict[str, dict] = {}
+    m: dict[str, list] = {k: [] for k in RULES}
+
+    if adapters.text is not None:
+        tx = adapters.text
+        ids = [tx.encode(t) for t in TEXTS]
+        checks["text_determinism"] = all(tx.encode(t) == i for t, i in zip(TEXTS, ids))
+        checks["text_range"] = all(ts.check_ids(np.asarray(i, np.int64), "text") == [] for i in ids)
+        checks["text_roundtrip"] = all(tx.decode(i) == t for t, i in zip(TEXTS, ids))
+
+    if inputs["audio"]:
+        log(f"[audit] audio: {len(inputs['audio'])} inputs")
+        a = adapters.audio
+        clips = [_prep_audio(a, n, p) for n, p in inputs["audio"]]
+        codes1 = a.encode_batch(clips)
+        codes2 = a.encode_batch(clips)
+        checks["audio_determinism"] = all(np.array_equal(x.codes, y.codes) for x, y in zip(codes1, codes2))
+        rng_ok = phase_ok = shape_ok = dec_ok = True
+        for (name, _), clip, c in zip(inputs["audio"], clips, codes1):
+            frames = clip.wav.shape[1] // a.samples_per_frame
+            shape_ok &= c.codes.shape == (a.num_codebooks, frames)
+            rng_ok &= bool(c.codes.min() >= 0 and c.codes.max() < a.codebook_size)
+            flat = ts.audio_to_global(c.codes)
+            phase_ok &= ts.audio_phase_errors(flat) == [] and np.array_equal(ts.global_to_audio(flat), c.codes)
+            wav = a.decode(c)
+            ok = wav.shape == (a.channels, frames * a.samples_per_frame) and wav.dtype == np.float32
+            dec_ok &= bool(ok)
+            ref, est = metrics.align_audio(clip.wav, a.sample_rate, wav, a.sample_rate, 16000)
+            silent = float(np.max(np.abs(ref))) == 0.0
+            snr = None if silent else metrics.snr_db(ref, est)
+            lm = metrics.log_mel_l1(ref, est, 16000)
+            per_input[name] = {"frames": int(frames), "tokens_sha256": _sha(flat), "snr_db": snr,
+                               "log_mel_l1": lm, "decoded_shape": list(wav.shape), "record": clip.record}
+            m["audio_snr_db"].append(snr)
+            m["audio_log_mel_l1"].append(lm)
+        import soundfile as sf
+        sf.write(out / "recon.wav", wav.T, a.sample_rate, subtype="FLOAT")
+        checks.update(audio_range=rng_ok, audio_phase=phase_ok, audio_shape=shape_ok,
+                      audio_decode_rate_channels_length=dec_ok)
+
+    if inputs["image"]:
+        log(f"[audit] image: {len(inputs['image'])} inputs")
+        im = adapters.image
+        imgs = [_prep_image(im, n, p) for n, p in inputs["image"]]
+        c1 = im.encode_batch(imgs)
+        c2 = im.encode_batch(imgs)
+        checks["image_determinism"] = all(np.array_equal(x, y) for x, y in zip(c1, c2))
+        checks["image_range"] = all(ts.check_ids(ts.image_to_global(c), "image") == [] for c in c1)
+        checks["image_shape"] = all(c.shape == (im.tokens_per_image,) for c in c1)
+        size_ok = True
+        for (name, _), x, c in zip(inputs["image"], imgs, c1):
+            dec = im.decode(c, seed=cfg.audit.seed)
+            size_ok &= dec.shape == (im.image_size, im.image_size, 3) and dec.dtype == np.uint8
+            rec = {"tokens_sha256": _sha(c), "decoded_shape": list(dec.shape), "record": x.record}
+            if im.deterministic_decode:
+                ref = (np.transpose(x.pixels, (1, 2, 0)) * 255.0).round().clip(0, 255)
+                rec.update(psnr=metrics.psnr(ref, dec), ssim=metrics.ssim(ref, dec))
+                m["image_psnr"].append(rec["psnr"])
+                m["image_ssim"].append(rec["ssim"])
+            per_input[name] = rec
+        Image.fromarray(dec).save(out / "recon.png")
+        checks["image_decode_size"] = bool(size_ok)
+        if im.deterministic_decode:
+            checks["image_decode_repeatable"] = np.array_equal(im.decode(c1[0], seed=0), im.decode(c1[0], seed=0))
+            details["image_decode"] = "deterministic"
+        else:
+            # Diffusion decoding is stochastic: repeatable for a seed, different across seeds; no PSNR/SSIM.
+            checks["image_decode_repeatable_for_seed"] = np.array_equal(im.decode(c1[0], seed=1), im.decode(c1[0], seed=1))
+            details["image_decode"] = "stochastic (seeded diffusion); PSNR/SSIM not computed"
+
+    log("[audit] cross-process determinism")
+    here = token_hashes(cfg)
+    proc = subprocess.run([sys.executable, "-m", "lumo_ray.eval.audit", str(cfg_path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        checks["determinism_across_processes"] = False
+        details["child_error"] = proc.stderr[-2000:]
+    else:
+        there = json.loads(proc.stdout.strip().splitlines()[-1])
+        diff = sorted(k for k in set(here) | set(there) if here.get(k) != there.get(k))
+        checks["determinism_across_processes"] = not diff
+        details["cross_process_differences"] = diff
+    checks["token_space_hash_stable"] = here["token_space"] == ts.hash
+
+    summary = {k: _finite_mean(v) for k, v in m.items()}
+    regression: dict[str, Any] = {}
+    if baseline:
+        base = json.loads(Path(baseline).read_text())
+        regression = compare_to_baseline(summary, base.get("metrics", {}))
+        checks["baseline_regression"] = all(r["pass"] for r in regression.values())
+        if base.get("token_space_hash") and base["token_space_hash"] != ts.hash:
+            checks["baseline_token_space_hash"] = False
+            details["baseline_hash_mismatch"] = {"baseline": base["token_space_hash"], "run": ts.hash}
+
+    report = {"pass": all(checks.values()), "token_space_hash": ts.hash, "checks": checks,
+              "metrics": summary, "per_input": per_input, "regression": regression, "details": details,
+              "baseline": str(baseline) if baseline else None}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if write_baseline:
+        (out / "baseline.json").write_text(json.dumps(
+            {"token_space_hash": ts.hash, "metrics": summary}, indent=2) + "\n")
+    return report
+
+
+def compare_to_baseline(run: dict, base: dict) -> dict:
+    """Apply the SPEC §6 regression rules metric by metric (metrics absent from either side are skipped)."""
+    res = {}
+    for k, (direction, kind, tol) in RULES.items():
+        if run.get(k) is None or base.get(k) is None:
+            continue
+        b = base[k]
+        bound = (b - tol if kind == "abs" else b * tol) if direction == "min" else (b + tol if kind == "abs" else b * tol)
+        ok = run[k] >= bound if direction == "min" else run[k] <= bound
+        res[k] = {"run": run[k], "baseline": b, "bound": bound, "rule": f"{'>=' if direction == 'min' else '<='} {bound:.6g}",
+                  "pass": bool(ok)}
+    return res
+
+
+if __name__ == "__main__":  # child of the cross-process determinism check
+    print(json.dumps(token_hashes(load_config(LumoConfig, sys.argv[1]))))
