@@ -1,6 +1,89 @@
-"""`lumo data ...` commands (Ray Data jobs in pipelines/)."""
+"""`lumo data ...` commands: synth (library), normalize / tokenize / verify (Ray Data jobs in pipelines/)."""
 from __future__ import annotations
+
+import sys
+
+from .config import LumoConfig, load_config
+
+SOURCES = ["llava_pretrain", "audiocaps", "clotho", "wavcaps", "jsonl"]
+
+
+def _cfg(args) -> LumoConfig:
+    return load_config(LumoConfig, getattr(args, "config", None), args.set)
+
+
+def cmd_synth(args) -> int:
+    from .data.synth import write_synth
+    info = write_synth(args.out, args.images, args.audio, args.seed)
+    print(f"[synth] wrote {args.images} images and {args.audio} clips to {args.out}")
+    for k, v in info.items():
+        if isinstance(v, (str, int, float)):
+            print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_normalize(args) -> int:
+    from lumo_ray.data.normalize import NormalizeError
+    from pipelines.normalize import run_normalize
+    try:
+        s = run_normalize(args.source, args.input, args.out, _cfg(args).data.normalize, args.address)
+    except NormalizeError as e:
+        print(f"[normalize] FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"[normalize] {s.get('ok', '?')} records, {s.get('errors', '?')} errors -> {args.out}")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from pipelines.tokenize import run_tokenize
+    try:
+        run_tokenize(args.manifest, _cfg(args), args.out, actors=args.actors, address=args.address)
+    except RuntimeError as e:
+        print(f"[tokenize] FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from pipelines.verify import run_verify
+    rep = run_verify(args.shards, _cfg(args), args.out, manifest=args.manifest, baseline=args.baseline,
+                     write_baseline=args.write_baseline, address=args.address)
+    for k, v in rep["checks"].items():
+        print(f"  {'PASS' if v['pass'] else 'FAIL'}  {k}: {v.get('summary', '')}")
+    print(f"verify {'PASS' if rep['pass'] else 'FAIL'}: {args.out}/report.json")
+    return 0 if rep["pass"] else 1
 
 
 def add_commands(sub, common) -> None:
-    pass
+    data = sub.add_parser("data", help="datasets: synth, normalize, tokenize, verify").add_subparsers(dest="sub", required=True)
+
+    s = data.add_parser("synth", help="write a learnable synthetic dataset in the raw formats")
+    common(s, config=False)
+    s.add_argument("--out", required=True)
+    s.add_argument("--images", type=int, default=64)
+    s.add_argument("--audio", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    n = data.add_parser("normalize", help="raw dataset -> manifest.jsonl, errors.jsonl, summary.json (Ray Data)")
+    common(n)
+    n.add_argument("--source", required=True, choices=SOURCES)
+    n.add_argument("--input", required=True, help="the dataset folder or its metadata file")
+    n.add_argument("--out", required=True)
+    n.set_defaults(func=cmd_normalize)
+
+    t = data.add_parser("tokenize", help="manifest -> deterministic WebDataset shards (Ray Data actor pool)")
+    common(t)
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: data.tokenize.actors)")
+    t.set_defaults(func=cmd_tokenize)
+
+    v = data.add_parser("verify", help="the data verify gate over every record (exit 1 when it fails)")
+    common(v)
+    v.add_argument("--shards", required=True)
+    v.add_argument("--manifest", help="manifest.jsonl for re-tokenize consistency from the raw files")
+    v.add_argument("--out", required=True)
+    v.add_argument("--baseline", help="a baseline.json from an earlier verify: check drift")
+    v.add_argument("--write-baseline", action="store_true")
+    v.set_defaults(func=cmd_verify)

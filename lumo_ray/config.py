@@ -148,7 +148,11 @@ class TokenizeConfig:
     """Size of the tokenizer actor pool."""
     num_gpus_per_actor: float = 0.0
     """GPUs per tokenizer actor (0 in local CPU mode)."""
-    num_cpus_per_actor: float = 1.0
+    num_cpus_per_actor: float = 0.5
+    """CPUs reserved per tokenizer actor (fractional so 2 actors + a loader fit on 2 local cores)."""
+    loaders: int = 1
+    """Size of the CPU loader actor pool (decode, resample, resize) feeding the tokenizers."""
+    num_cpus_per_loader: float = 0.5
     batch_size: int = 16
     """Samples per model call; batches are cut in manifest order, so output never depends on actors."""
     error_rate_ceiling: float = 0.5

@@ -1,0 +1,130 @@
+"""Deterministic WebDataset shards (SPEC §5): layout, sample encoding, tar writing and reading.
+
+A shard is `<out>/<split>/shard-NNNNNN.tar`. Samples sit in manifest order, each sample's members
+sorted by name, with fixed mtime/uid/gid/mode, so one manifest + config gives byte-identical tars
+whatever the number of actors or machines. Beside each finished tar a small stats file records its
+sha256 and the digest of its inputs, which is how a re-run knows to skip it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+ARRAY_FIELDS = ("prompt", "text", "image", "audio")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sample_key(sample_id: str) -> str:
+    """WebDataset key derived from the id (ids may hold dots, spaces or '#', which keys cannot)."""
+    return hashlib.sha256(sample_id.encode()).hexdigest()[:24]
+
+
+def token_dtype(total: int) -> np.dtype:
+    """Smallest unsigned integer dtype that holds every id of the token space."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if total - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(sample_id: str, arrays: dict[str, np.ndarray], meta: dict, dtype: np.dtype) -> dict[str, bytes]:
+    """Members of one sample: `<key>.<field>.npy` per token array and `<key>.json`."""
+    key = sample_key(sample_id)
+    members = {f"{key}.{name}.npy": npy_bytes(np.asarray(arr).astype(dtype))
+               for name, arr in arrays.items()}
+    members[f"{key}.json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return members
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_tar(path: str | Path, samples: list[dict[str, bytes]]) -> dict:
+    """Write samples (in the given order) to a temp name, then rename: a tar at `path` is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for members in samples:
+                for name in sorted(members):
+                    data = members[name]
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path), "samples": len(samples)}
+
+
+def stats_path(tar_path: str | Path) -> Path:
+    p = Path(tar_path)
+    return p.with_name(p.name[: -len(".tar")] + ".stats.json")
+
+
+def shard_is_complete(tar_path: Path, input_digest: str) -> dict | None:
+    """The recorded stats when the tar exists, matches its recorded sha256 and was made from these inputs."""
+    sp = stats_path(tar_path)
+    if not tar_path.exists() or not sp.exists():
+        return None
+    try:
+        st = json.loads(sp.read_text())
+    except json.JSONDecodeError:
+        return None
+    if st.get("input_digest") != input_digest or file_sha256(tar_path) != st.get("sha256"):
+        return None
+    return st
+
+
+def iter_tar(path: str | Path) -> Iterator[dict]:
+    """Samples of one shard in stored order: {'__key__', 'json': dict, '<field>': np.ndarray}."""
+    cur: dict | None = None
+    with tarfile.open(path, "r") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            data = tar.extractfile(m).read()
+            if cur is None or cur["__key__"] != key:
+                if cur is not None:
+                    yield cur
+                cur = {"__key__": key}
+            if ext == "json":
+                cur["json"] = json.loads(data)
+            elif ext.endswith(".npy"):
+                cur[ext[: -len(".npy")]] = np.load(io.BytesIO(data), allow_pickle=False)
+            else:
+                cur[ext] = data
+    if cur is not None:
+        yield cur
+
+
+def load_index(shards_dir: str | Path) -> dict:
+    p = Path(shards_dir) / "index.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: the shards are incomplete (index.json is written last)")
+    return json.loads(p.read_text())

@@ -1,0 +1,128 @@
+"""Turn manifest records into shard samples (library, no Ray).
+
+Two halves so a pipeline can put them on different workers: `load` (CPU: decode, resample,
+resize; one record at a time) and `tokenize` (model: one batched encode per modality). A bad
+sample comes back as an error entry naming the stage and reason; it never stops the batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from ..codecs.base import MediaError
+from ..config import UTIConfig, to_dict
+from ..token_space import TokenSpace
+from ..uti import build_adapters, build_token_space
+from .manifest import TASK_MEDIA, Record
+from .shards import encode_sample, token_dtype
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def plan_shards(records: list[Record], shard_size: int) -> dict[tuple[str, int], list[Record]]:
+    """(split, shard index) -> records, assigned by manifest order within each split."""
+    plan: dict[tuple[str, int], list[Record]] = {}
+    by_split: dict[str, list[Record]] = {}
+    for r in sorted(records, key=lambda r: r.id):
+        by_split.setdefault(r.split or "train", []).append(r)
+    for split, recs in sorted(by_split.items()):
+        for i in range(0, len(recs), shard_size):
+            plan[(split, i // shard_size)] = recs[i: i + shard_size]
+    return plan
+
+
+def shard_input_digest(records: list[Record], config_digest: str) -> str:
+    """What a finished shard was made from: its records and the tokenize config (incl. token space)."""
+    h = hashlib.sha256(config_digest.encode())
+    for r in records:
+        h.update(json.dumps(r.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class SampleTokenizer:
+    """Adapters + token space, built once per worker."""
+
+    def __init__(self, cfg: UTIConfig):
+        self.cfg = cfg
+        self.adapters = build_adapters(cfg)
+        self.ts: TokenSpace = build_token_space(cfg, self.adapters)
+        self.dtype = token_dtype(self.ts.total)
+
+    # -- CPU half ---------------------------------------------------------------------------
+    def load(self, rec: dict) -> dict:
+        """{'rec', 'audio'?, 'image'?} or {'rec', 'error': {stage, reason, detail}}."""
+        r = Record.from_dict(rec)
+        out: dict[str, Any] = {"rec": rec}
+        try:
+            if not (r.text.get("caption") or "").strip():
+                raise MediaError(r.id, "empty caption")
+            for m in TASK_MEDIA[r.task]:
+                path = r.media_path(m)
+                if path is None:
+                    raise MediaError(r.id, f"task {r.task} needs {m} but the record has none")
+                adapter = getattr(self.adapters, m)
+                if adapter is None:
+                    raise MediaError(r.id, f"the token space has no {m} tokenizer")
+                out[m] = adapter.load(path)
+        except MediaError as e:
+            out["error"] = {"stage": "load", "reason": e.reason, "detail": str(e)}
+        except Exception as e:  # an unexpected decoder failure is still this sample's error
+            out["error"] = {"stage": "load", "reason": type(e).__name__, "detail": str(e)}
+        return out
+
+    # -- model half -------------------------------------------------------------------------
+    def tokenize(self, items: list[dict]) -> list[dict]:
+        """One batched encode per modality; returns {'id', 'members'} or {'id', 'error'} per item."""
+        ok = [it for it in items if "error" not in it]
+        audio_idx = [i for i, it in enumerate(ok) if "audio" in it]
+        image_idx = [i for i, it in enumerate(ok) if "image" in it]
+        codes: dict[tuple[str, int], Any] = {}
+        if audio_idx:
+            enc = self.adapters.audio.encode_batch([ok[i]["audio"] for i in audio_idx])
+            codes.update({("audio", i): c for i, c in zip(audio_idx, enc)})
+        if image_idx:
+            enc = self.adapters.image.encode_batch([ok[i]["image"] for i in image_idx])
+            codes.update({("image", i): c for i, c in zip(image_idx, enc)})
+        results = {}
+        for i, it in enumerate(ok):
+            rec = it["rec"]
+            try:
+                results[rec["id"]] = {"id": rec["id"], "members": self._sample(it, codes.get(("audio", i)),
+                                                                             codes.get(("image", i)))}
+            except Exception as e:
+                results[rec["id"]] = {"id": rec["id"], "error": {"stage": "tokenize", "reason": type(e).__name__,
+                                                                 "detail": str(e)}}
+        return [results.get(it["rec"]["id"]) or {"id": it["rec"]["id"], "error": it["error"]} for it in items]
+
+    def _sample(self, it: dict, audio_codes, image_codes) -> dict[str, bytes]:
+        rec = it["rec"]
+        text = self.adapters.text
+        prompt = (rec["text"].get("prompt") or "").replace(IMAGE_PLACEHOLDER, "").strip()
+        arrays = {"text": np.asarray(text.encode(rec["text"]["caption"].strip()), np.int64)}
+        if prompt:
+            arrays["prompt"] = np.asarray(text.encode(prompt), np.int64)
+        pre: dict[str, Any] = {}
+        side: dict[str, Any] = {}
+        if audio_codes is not None:
+            arrays["audio"] = self.ts.audio_to_global(audio_codes.codes)
+            pre["audio"] = it["audio"].record
+            side["audio"] = audio_codes.side_info
+        if image_codes is not None:
+            arrays["image"] = self.ts.image_to_global(image_codes)
+            pre["image"] = it["image"].record
+        meta = {"id": rec["id"], "task": rec["task"], "split": rec.get("split") or "train",
+                "source": rec["source"], "group": rec["group"],
+                "lengths": {k: int(v.size) for k, v in arrays.items()},
+                "preprocess": pre, "side_info": side, "token_space_hash": self.ts.hash}
+        return encode_sample(rec["id"], arrays, meta, self.dtype)
+
+
+def tokenize_config_digest(cfg: UTIConfig, shard_size: int, ts_hash: str) -> str:
+    """Digest of everything that decides shard bytes (not actors, devices or batch size)."""
+    ident = {"token_space": ts_hash, "shard_size": shard_size,
+             "audio": {k: v for k, v in to_dict(cfg.audio).items() if k in ("max_seconds", "channel_policy", "min_seconds")},
+             "image": {"resolution": cfg.image.resolution}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,138 @@
+"""`lumo data tokenize`: manifest -> CPU load stage -> tokenizer actor pool -> deterministic shards.
+
+Shards are planned on the driver from the manifest (split, then manifest order), and each shard is
+cut into fixed units of `batch_size` records: a unit is one model batch, so the bytes never depend
+on how many actors run. Finished shards whose inputs and sha256 match are skipped on a re-run;
+the driver writes each tar (temp name + rename) as soon as all its units are back, and writes
+index.json last.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from collections import Counter
+from pathlib import Path
+
+import ray
+
+from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.data.manifest import ErrorRecord, read_manifest, write_errors
+from lumo_ray.data.shards import shard_is_complete, shard_name, stats_path, write_tar
+from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, shard_input_digest, tokenize_config_digest
+
+from .ray_env import init_ray
+
+class UnitLoader:
+    """CPU stage: decode/resample/resize every record of a unit (adapters built once per actor)."""
+
+    def __init__(self, cfg_blob: bytes):
+        self.tok = SampleTokenizer(pickle.loads(cfg_blob))
+
+    def __call__(self, batch: dict) -> dict:
+        loaded = [pickle.dumps([self.tok.load(r) for r in json.loads(recs)]) for recs in batch["records"]]
+        return {"shard": batch["shard"], "unit": batch["unit"], "loaded": loaded}
+
+
+class UnitTokenizer:
+    """Model stage: adapters loaded once per actor; one unit = one batched encode."""
+
+    def __init__(self, cfg_blob: bytes):
+        self.tok = SampleTokenizer(pickle.loads(cfg_blob))
+
+    def __call__(self, batch: dict) -> dict:
+        out = [pickle.dumps(self.tok.tokenize(pickle.loads(b))) for b in batch["loaded"]]
+        return {"shard": batch["shard"], "unit": batch["unit"], "results": out}
+
+
+def _error(r: dict, source: str = "") -> dict:
+    e = r["error"]
+    return ErrorRecord(id=r["id"], stage=e["stage"], reason=e["reason"], source=source, detail=e.get("detail", "")).to_dict()
+
+
+def run_tokenize(manifest: str | Path, cfg: LumoConfig, out_dir: str | Path, actors: int | None = None,
+                 address: str | None = None, log=print) -> dict:
+    """Tokenize a manifest into `<out>/<split>/shard-NNNNNN.tar` + errors.jsonl + summary.json + index.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg.data.tokenize
+    actors = actors or tcfg.actors
+    dump_config(cfg, out)
+    (out / "index.json").unlink(missing_ok=True)  # present only when this run completes
+    records, read_errors = read_manifest(manifest)
+    ts = SampleTokenizer(cfg.uti).ts
+    ts.save(out)
+    cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash)
+    plan = plan_shards(records, tcfg.shard_size)
+    keys = sorted(plan)
+    digests = {k: shard_input_digest(plan[k], cfg_digest) for k in keys}
+
+    # Resume: keep finished shards (inputs and sha256 match), redo everything else.
+    stats: dict[tuple[str, int], dict] = {}
+    for key in keys:
+        tar = out / key[0] / shard_name(key[1])
+        (tar.parent / (tar.name + ".tmp")).unlink(missing_ok=True)
+        st = shard_is_complete(tar, digests[key])
+        if st:
+            stats[key] = st
+    todo = [k for k in keys if k not in stats]
+    log(f"[tokenize] {len(records)} records -> {len(keys)} shards ({len(stats)} complete, {len(todo)} to write), "
+        f"{actors} tokenizer actor(s), token space {ts.hash[:12]}")
+
+    if todo:
+        init_ray(address)
+        blob = pickle.dumps(cfg.uti)
+        units = []
+        for sid, key in enumerate(todo):
+            recs = plan[key]
+            for u in range(0, len(recs), tcfg.batch_size):
+                units.append({"shard": sid, "unit": u // tcfg.batch_size,
+                              "records": json.dumps([r.to_dict() for r in recs[u: u + tcfg.batch_size]])})
+        expected = Counter(u["shard"] for u in units)
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.map_batches(UnitLoader, fn_constructor_args=(blob,), batch_size=1, concurrency=tcfg.loaders,
+                            num_cpus=tcfg.num_cpus_per_loader)
+        ds = ds.map_batches(UnitTokenizer, fn_constructor_args=(blob,), batch_size=1, concurrency=actors,
+                            num_gpus=tcfg.num_gpus_per_actor or None, num_cpus=tcfg.num_cpus_per_actor)
+        pending: dict[int, dict[int, list]] = {}
+        t0 = time.time()
+        for row in ds.iter_rows():
+            sid = int(row["shard"])
+            got = pending.setdefault(sid, {})
+            got[int(row["unit"])] = pickle.loads(row["results"])
+            if len(got) < expected[sid]:
+                continue
+            results = [r for u in sorted(pending.pop(sid)) for r in got[u]]
+            key = todo[sid]
+            tar = out / key[0] / shard_name(key[1])
+            st = write_tar(tar, [r["members"] for r in results if "members" in r])
+            src = {r.id: r.source for r in plan[key]}
+            st.update(split=key[0], index=key[1], input_digest=digests[key],
+                      errors=[_error(r, src.get(r["id"], "")) for r in results if "error" in r])
+            stats_path(tar).write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")
+            stats[key] = st
+            log(f"[tokenize] {len(stats)}/{len(keys)} shards  {key[0]}/{tar.name}: {st['samples']} samples, "
+                f"{len(st['errors'])} errors  ({time.time() - t0:.1f}s)")
+
+    errors = [e.to_dict() for e in read_errors] + [e for k in keys for e in stats[k]["errors"]]
+    write_errors([ErrorRecord(**e) for e in errors], out / "errors.jsonl")
+    n_ok = sum(stats[k]["samples"] for k in keys)
+    n_all = n_ok + len(errors)
+    rate = len(errors) / n_all if n_all else 0.0
+    summary = {"samples": n_ok, "errors": len(errors), "error_rate": rate,
+               "per_split": {s: sum(stats[k]["samples"] for k in keys if k[0] == s) for s in sorted({k[0] for k in keys})},
+               "per_task": dict(sorted(Counter(r.task for r in records).items())),
+               "error_reasons": dict(Counter(e["reason"] for e in errors).most_common())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if rate > tcfg.error_rate_ceiling:
+        top = ", ".join(f"{r} ({c})" for r, c in Counter(e["reason"] for e in errors).most_common(3))
+        raise RuntimeError(f"tokenize: error rate {rate:.1%} exceeds the ceiling {tcfg.error_rate_ceiling:.1%}; "
+                           f"top reasons: {top} (see {out / 'errors.jsonl'})")
+    index = {"token_space_hash": ts.hash, "config_digest": cfg_digest,
+             "shards": [{"split": k[0], "name": f"{k[0]}/{shard_name(k[1])}", "samples": stats[k]["samples"],
+                         "bytes": stats[k]["bytes"], "sha256": stats[k]["sha256"]} for k in keys],
+             "totals": {"shards": len(keys), "samples": n_ok, "bytes": sum(stats[k]["bytes"] for k in keys),
+                        "per_split": summary["per_split"]}}
+    (out / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")  # written last
+    log(f"[tokenize] done: {n_ok} samples in {len(keys)} shards, {len(errors)} errors -> {out / 'index.json'}")
+    return summary
