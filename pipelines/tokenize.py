@@ -60,6 +60,8 @@ def run_tokenize(manifest: str | Path, cfg: LumoConfig, out_dir: str | Path, act
     dump_config(cfg, out)
     (out / "index.json").unlink(missing_ok=True)  # present only when this run completes
     records, read_errors = read_manifest(manifest)
+    # Where the records came from (verify re-tokenizes from it); kept out of index.json, which is location-free.
+    (out / "source.json").write_text(json.dumps({"manifest": str(Path(manifest).resolve())}) + "\n")
     ts = SampleTokenizer(cfg.uti).ts
     ts.save(out)
     cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash)

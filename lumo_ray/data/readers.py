@@ -11,6 +11,9 @@ so they stay unique when manifests of several sources are concatenated:
 | wavcaps        | entry `id`              | the clip id                            | a2t  |
 | jsonl          | the record's own `id`   | the record's own `group`               | any  |
 
+For `jsonl` a folder input means its `manifest.jsonl` when present (a normalize output folder),
+else every `*.jsonl` except `errors.jsonl`.
+
 `input_path` is the dataset folder or its metadata file. Media paths are made absolute.
 Audio sources have no prompt in their raw format: `text.prompt` is "" (the sequence builder adds
 the instruction). Empty captions are errors (reason 'empty caption'), recorded, not dropped.
@@ -164,11 +167,20 @@ def read_wavcaps(input_path: Path) -> Iterator[Item]:
 
 def read_jsonl(input_path: Path) -> Iterator[Item]:
     """Manifest-shaped JSONL; malformed lines become errors naming the line number."""
-    for f in _metadata_files(input_path, ".jsonl", "jsonl"):
+    files = _metadata_files(input_path, ".jsonl", "jsonl")
+    if input_path.is_dir():  # a normalize output folder: its manifest, never its errors.jsonl
+        named = [f for f in files if f.name == "manifest.jsonl"]
+        files = named or [f for f in files if f.name != "errors.jsonl"]
+    for f in files:
         records, errors = read_manifest(f)
         for e in errors:
             e.source = e.source or "jsonl"
-        yield from records
+        for r in records:
+            if not (r.text.get("caption") or "").strip():
+                yield ErrorRecord(id=r.id, stage="read", reason="empty caption", source=r.source,
+                                  detail=f"{f}: record {r.id} has an empty caption")
+            else:
+                yield r
         yield from errors
 
 

@@ -1,0 +1,154 @@
+"""Normalization (SPEC §5), the Ray-free half: read, probe a batch, split, summarize, write.
+
+The Ray Data job (`pipelines/normalize.py:run_normalize`) only distributes `probe_batch` over
+record batches; everything else runs here, on the driver, so the outputs are a pure function of
+the input files and the config:
+
+    <out_dir>/manifest.jsonl   good records, sorted by id, with split and meta.probe
+    <out_dir>/errors.jsonl     bad samples {id, stage, reason, source, detail}, sorted by id
+    <out_dir>/summary.json     counts per source / split / task / stage / reason, error_rate, leakage
+    <out_dir>/config.yaml      the resolved NormalizeConfig (as {"data": {"normalize": ...}})
+
+`normalize_local` runs the same steps with a plain loop instead of Ray (notebooks, debugging).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..config import NormalizeConfig, dump_config
+from .manifest import ErrorRecord, Record, write_errors, write_manifest
+from .probe import probe_record
+from .readers import read_source
+from .splits import apply_splits, check_leakage
+
+
+class NormalizeError(RuntimeError):
+    """The job finished writing its files but its error rate is above the configured ceiling."""
+
+
+def log(msg: str) -> None:
+    print(f"[normalize] {msg}", flush=True)
+
+
+def read_and_dedupe(source: str, input_path: str | Path) -> tuple[list[Record], list[ErrorRecord]]:
+    """Run the source reader; a repeated id is an error (the first occurrence is kept)."""
+    records, errors = read_source(source, input_path)
+    seen: set[str] = set()
+    kept: list[Record] = []
+    for r in records:
+        if r.id in seen:
+            errors.append(ErrorRecord(id=r.id, stage="read", reason="duplicate id", source=r.source,
+                                      detail=f"{input_path}: id {r.id!r} appears more than once"))
+            continue
+        seen.add(r.id)
+        kept.append(r)
+    return kept, errors
+
+
+def to_rows(records: Iterable[Record]) -> list[dict]:
+    """Records as flat rows for Ray Data: nested dicts travel as one JSON string column."""
+    return [{"id": r.id, "json": json.dumps(r.to_dict(), sort_keys=True)} for r in records]
+
+
+def probe_batch(batch: dict, min_audio_seconds: float = 0.05) -> dict:
+    """Probe a batch of rows {"id": [...], "json": [...]} -> {"id", "ok", "json"} (record or error)."""
+    ids, oks, out = [], [], []
+    for text in batch["json"]:
+        res = probe_record(Record.from_dict(json.loads(str(text))), min_audio_seconds)
+        ids.append(res.id)
+        oks.append(isinstance(res, Record))
+        out.append(json.dumps(res.to_dict(), sort_keys=True))
+    return {"id": ids, "ok": oks, "json": out}
+
+
+def from_rows(rows: Iterable[dict]) -> tuple[list[Record], list[ErrorRecord]]:
+    """Probe output rows back into records and errors, sorted by id (order-independent)."""
+    records, errors = [], []
+    for row in rows:
+        d = json.loads(str(row["json"]))
+        if bool(row["ok"]):
+            records.append(Record.from_dict(d))
+        else:
+            errors.append(ErrorRecord(**d))
+    return sorted(records, key=lambda r: r.id), sorted(errors, key=lambda e: (e.id, e.stage))
+
+
+def summarize(source: str, input_path: str | Path, records: list[Record], errors: list[ErrorRecord],
+              cfg: NormalizeConfig) -> dict:
+    total = len(records) + len(errors)
+    per_source: dict[str, dict] = {}
+    for r in records:
+        per_source.setdefault(r.source, {"ok": 0, "errors": 0})["ok"] += 1
+    for e in errors:
+        per_source.setdefault(e.source or source, {"ok": 0, "errors": 0})["errors"] += 1
+    per_split = {s: {"samples": sum(r.split == s for r in records),
+                     "groups": len({r.group for r in records if r.split == s})} for s in ("train", "eval")}
+    return {
+        "source": source, "input": str(Path(input_path).resolve()),
+        "total": total, "ok": len(records), "errors": len(errors),
+        "error_rate": round(len(errors) / total, 6) if total else 0.0,
+        "error_rate_ceiling": cfg.error_rate_ceiling,
+        "per_source": dict(sorted(per_source.items())),
+        "per_split": per_split,
+        "per_task": dict(sorted(Counter(r.task for r in records).items())),
+        "per_stage": dict(sorted(Counter(e.stage for e in errors).items())),
+        "per_reason": dict(sorted(Counter(e.reason for e in errors).items(), key=lambda kv: (-kv[1], kv[0]))),
+        "leakage": check_leakage(records),
+        "files": {"manifest": "manifest.jsonl", "errors": "errors.jsonl", "config": "config.yaml"},
+    }
+
+
+def finalize(source: str, input_path: str | Path, out_dir: str | Path, cfg: NormalizeConfig,
+             records: list[Record], errors: list[ErrorRecord]) -> dict:
+    """Assign splits, write manifest / errors / summary / config, then apply the error-rate gate."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    apply_splits(records, cfg.eval_permille, cfg.min_eval)
+    summary = summarize(source, input_path, records, errors, cfg)
+    write_manifest(records, out / "manifest.jsonl")
+    write_errors(errors, out / "errors.jsonl")
+    dump_config({"data": {"normalize": asdict(cfg)}}, out, "config.yaml")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    log(f"wrote {out}/manifest.jsonl: {summary['ok']} samples "
+        f"(train {summary['per_split']['train']['samples']}, eval {summary['per_split']['eval']['samples']}), "
+        f"{summary['errors']} errors, error rate {summary['error_rate']:.3f}")
+    if not summary["leakage"]["ok"]:  # cannot happen with group splits; guard the invariant anyway
+        raise NormalizeError(f"{out}: split leakage {summary['leakage']}")
+    if summary["total"] == 0:
+        raise NormalizeError(f"{source} ({input_path}): no samples read; wrong --input or --source?")
+    if summary["error_rate"] > cfg.error_rate_ceiling:
+        top = ", ".join(f"{k}: {v}" for k, v in list(summary["per_reason"].items())[:5])
+        raise NormalizeError(
+            f"{source} ({input_path}): error rate {summary['error_rate']:.3f} > ceiling "
+            f"{cfg.error_rate_ceiling} ({summary['errors']} of {summary['total']} samples bad); "
+            f"top reasons: {top}; see {out / 'errors.jsonl'}")
+    return summary
+
+
+def normalize_with(probe_rows: Callable[[list[dict]], Iterable[dict]], source: str,
+                   input_path: str | Path, out_dir: str | Path, cfg: NormalizeConfig) -> dict:
+    """The whole job with a pluggable probe executor (Ray Data in pipelines/, a loop here)."""
+    records, read_errors = read_and_dedupe(source, input_path)
+    log(f"read {source} from {input_path}: {len(records)} records, {len(read_errors)} read errors")
+    good, probe_errors = from_rows(probe_rows(to_rows(records)))
+    log(f"probed {len(records)} records: {len(good)} ok, {len(probe_errors)} bad media")
+    return finalize(source, input_path, out_dir, cfg, good, read_errors + probe_errors)
+
+
+def normalize_local(source: str, input_path: str | Path, out_dir: str | Path,
+                    cfg: NormalizeConfig | None = None) -> dict:
+    """Same outputs as the Ray job, probing in-process in batches of cfg.probe_batch_size."""
+    cfg = cfg or NormalizeConfig()
+
+    def run(rows: list[dict]) -> Iterable[dict]:
+        for i in range(0, len(rows), cfg.probe_batch_size):
+            chunk = rows[i:i + cfg.probe_batch_size]
+            res = probe_batch({"id": [r["id"] for r in chunk], "json": [r["json"] for r in chunk]},
+                              cfg.min_audio_seconds)
+            yield from (dict(zip(res, vals)) for vals in zip(*res.values()))
+
+    return normalize_with(run, source, input_path, out_dir, cfg)

@@ -1,0 +1,144 @@
+"""`lumo data verify`: the data gate. Every shard is checked in full on Ray Data (one task per shard);
+re-tokenize consistency, decode spot checks, leakage, length statistics and drift run on the driver."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from lumo_ray.codecs.base import AudioCodes
+from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.data.manifest import read_manifest
+from lumo_ray.data.shards import load_index, sample_key
+from lumo_ray.data.tokenize import SampleTokenizer
+from lumo_ray.data.verify import MAX_LISTED, check_shard, drift, leakage, length_stats
+from lumo_ray.token_space import TokenSpace
+
+from .ray_env import init_ray
+
+
+def _check_row(row: dict) -> dict:
+    r = check_shard(row["path"], json.loads(row["ts"]), row["sha256"], int(row["samples"]))
+    return {"result": json.dumps(r)}
+
+
+def _raw_members(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.isfile():
+                out.setdefault(m.name.partition(".")[0], {})[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def _check(ok: bool, summary: str, **details) -> dict:
+    return {"pass": bool(ok), "summary": summary, **details}
+
+
+def run_verify(shards_dir: str | Path, cfg: LumoConfig, out_dir: str | Path, manifest: str | None = None,
+               baseline: str | None = None, write_baseline: bool = False, address: str | None = None,
+               log=print) -> dict:
+    shards_dir, out = Path(shards_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out)
+    vcfg = cfg.data.verify
+    checks: dict[str, dict] = {}
+    index = load_index(shards_dir)
+    tok = SampleTokenizer(cfg.uti)
+    ts = tok.ts
+    ts_shards = TokenSpace.load(shards_dir / "token_space.json")
+    hash_ok = index["token_space_hash"] == ts.hash == ts_shards.hash
+    checks["token_space"] = _check(hash_ok, "index, token_space.json and config agree" if hash_ok else
+                                   f"run {ts.hash} vs index {index['token_space_hash']} vs shards {ts_shards.hash}")
+
+    # 1. Every record of every shard (Ray Data: one task per shard).
+    init_ray(address)
+    rows = [{"path": str(shards_dir / s["name"]), "sha256": s["sha256"], "samples": s["samples"],
+             "ts": json.dumps(ts_shards.to_json())} for s in index["shards"]]
+    log(f"[verify] checking {len(rows)} shards, {index['totals']['samples']} records")
+    results = [json.loads(r["result"]) for r in
+               ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(_check_row).iter_rows()]
+    results.sort(key=lambda r: r["shard"])
+    problems = [p for r in results for p in r["problems"]]
+    n = sum(r["samples"] for r in results)
+    checks["records"] = _check(not problems, f"{n} records checked, {len(problems)} problem(s)",
+                               records=n, problems=problems[:MAX_LISTED])
+    ids = [tuple(x) for r in results for x in r["ids"]]
+    leak = leakage(ids)
+    checks["leakage"] = _check(not any(leak.values()), "no id or group in both splits" if not any(leak.values())
+                               else f"{len(leak['ids_in_both'])} ids, {len(leak['groups_in_both'])} groups in both splits",
+                               **leak)
+
+    # 2. Re-tokenize a seeded sample from the raw files.
+    manifest = manifest or (json.loads((shards_dir / "source.json").read_text())["manifest"]
+                            if (shards_dir / "source.json").exists() else None)
+    if manifest:
+        recs, _ = read_manifest(manifest)
+        stored = {sid for sid, _, _ in ids}
+        recs = [r for r in recs if r.id in stored]
+        rng = np.random.default_rng(vcfg.seed)
+        pick = sorted(rng.choice(len(recs), size=min(vcfg.retokenize_n, len(recs)), replace=False).tolist()) if recs else []
+        raw = {}
+        for s in index["shards"]:
+            raw.update(_raw_members(shards_dir / s["name"]))
+        mism = []
+        bs = cfg.data.tokenize.batch_size
+        sel = [recs[i] for i in pick]
+        log(f"[verify] re-tokenizing {len(sel)} records from the raw files")
+        for i in range(0, len(sel), bs):
+            chunk = sel[i: i + bs]
+            for r, res in zip(chunk, tok.tokenize([tok.load(x.to_dict()) for x in chunk])):
+                if res.get("members") != raw.get(sample_key(r.id)):
+                    mism.append(r.id)
+        rate = len(mism) / len(sel) if sel else 0.0
+        checks["retokenize"] = _check(bool(sel) and rate <= vcfg.max_mismatch,
+                                      f"{len(sel)} re-tokenized, {len(mism)} mismatched ({rate:.2%})",
+                                      n=len(sel), mismatched=mism[:MAX_LISTED], rate=rate)
+    else:
+        checks["retokenize"] = _check(False, "no manifest given (and no source.json beside the shards)")
+
+    # 3. Decode spot checks.
+    dec_probs, n_dec = [], 0
+    want = vcfg.decode_spot_checks
+    got = {"audio": 0, "image": 0}
+    from lumo_ray.data.shards import iter_tar
+    for s in index["shards"]:
+        if all(v >= want for v in got.values()):
+            break
+        for smp in iter_tar(shards_dir / s["name"]):
+            for m in ("audio", "image"):
+                if m in smp and got[m] < want and getattr(tok.adapters, m) is not None:
+                    got[m] += 1
+                    n_dec += 1
+                    try:
+                        if m == "audio":
+                            a = tok.adapters.audio
+                            codes = ts.global_to_audio(smp["audio"].astype(np.int64))
+                            side = smp["json"].get("side_info", {}).get("audio", {})
+                            wav = a.decode(AudioCodes(codes, side))
+                            if wav.shape != (a.channels, codes.shape[1] * a.samples_per_frame) or not np.isfinite(wav).all():
+                                dec_probs.append(f"{smp['json']['id']}: audio decoded to {wav.shape}")
+                        else:
+                            im = tok.adapters.image
+                            img = im.decode(ts.global_to_image(smp["image"].astype(np.int64)), seed=vcfg.seed)
+                            if img.shape != (im.image_size, im.image_size, 3):
+                                dec_probs.append(f"{smp['json']['id']}: image decoded to {img.shape}")
+                    except Exception as e:
+                        dec_probs.append(f"{smp['json']['id']}: {m} decode failed: {type(e).__name__}: {e}")
+    checks["decode"] = _check(not dec_probs, f"{n_dec} decoded, {len(dec_probs)} failed", problems=dec_probs)
+
+    # 4. Length statistics and drift.
+    stats = length_stats([tuple(x) for r in results for x in r["lengths"]])
+    if baseline:
+        d = drift(stats, json.loads(Path(baseline).read_text())["length_stats"], vcfg.drift_tolerance)
+        checks["drift"] = _check(not d, f"{len(d)} length statistic(s) drifted beyond {vcfg.drift_tolerance:.0%}",
+                                 drifted=d)
+    report = {"pass": all(c["pass"] for c in checks.values()), "token_space_hash": ts.hash, "checks": checks,
+              "length_stats": stats, "shards": len(rows), "records": n}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if write_baseline:
+        (out / "baseline.json").write_text(json.dumps({"length_stats": stats}, indent=2) + "\n")
+    return report
