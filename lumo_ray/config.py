@@ -104,6 +104,12 @@ class RuntimeConfig:
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 8
+    threads: int = 1
+    """torch intra-op threads while tokenizing. On CPU, kernels round differently with 1 thread than
+    with several, which can flip a codec's argmin: keep it fixed for byte-identical shards."""
+    batch_invariant: bool = False
+    """Encode audio clip by clip so codes never depend on batch mates. Off by default: the tokenize
+    pipeline cuts model batches in manifest order, so batched encoding is deterministic anyway."""
 
 
 @dataclass

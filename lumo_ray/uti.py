@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .codecs.base import AUDIO_PRESETS, IMAGE_VQ_PRESETS, IMAGE_SEED_PRESETS, TEXT_PRESETS, model_identity
+from .runtime import torch_threads
 from .config import AudioConfig, ImageConfig, TextConfig, UTIConfig
 from .token_space import AUDIO_SERIALIZATION, TokenSpace, TokenSpaceError
 
@@ -18,13 +19,18 @@ class Adapters:
 
 def build_adapters(cfg: UTIConfig, which: tuple[str, ...] = ("text", "audio", "image")) -> Adapters:
     """Instantiate the configured adapters (tiny presets are random-init, no network)."""
+    with torch_threads(cfg.runtime.threads):
+        return _build_adapters(cfg, which)
+
+
+def _build_adapters(cfg: UTIConfig, which: tuple[str, ...]) -> Adapters:
     a = Adapters()
     if "text" in which and cfg.text.load:
         from .codecs.text import build_text_adapter
         a.text = build_text_adapter(cfg.text)
     if "audio" in which and cfg.audio.kind != "none" and cfg.audio.load:
         from .codecs.audio import build_audio_adapter
-        a.audio = build_audio_adapter(cfg.audio, cfg.runtime)
+        a.audio = build_audio_adapter(cfg.audio, cfg.runtime, batch_invariant=cfg.runtime.batch_invariant)
     if "image" in which and cfg.image.kind != "none" and cfg.image.load:
         if cfg.image.kind == "vq":
             from .codecs.image_vq import build_vq_adapter
@@ -100,3 +106,8 @@ def build_token_space(cfg: UTIConfig, adapters: Adapters | None = None) -> Token
         audio_codebooks=ident["audio"]["num_codebooks"] if "audio" in ident else 0,
         audio_codebook_size=ident["audio"]["codebook_size"] if "audio" in ident else None,
         adapters=ident, pad_multiple=ts_cfg.pad_multiple)
+
+
+def load_token_space(cfg: UTIConfig) -> TokenSpace:
+    """The token space of a config, loading whatever adapters it says to load."""
+    return build_token_space(cfg, build_adapters(cfg))

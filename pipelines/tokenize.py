@@ -19,7 +19,8 @@ import ray
 from lumo_ray.config import LumoConfig, dump_config
 from lumo_ray.data.manifest import ErrorRecord, read_manifest, write_errors
 from lumo_ray.data.shards import shard_is_complete, shard_name, stats_path, write_tar
-from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, shard_input_digest, tokenize_config_digest
+from lumo_ray.data.tokenize import (SampleTokenizer, plan_shards, plan_units, shard_input_digest,
+                                    tokenize_config_digest)
 
 from .ray_env import init_ray
 
@@ -86,10 +87,8 @@ def run_tokenize(manifest: str | Path, cfg: LumoConfig, out_dir: str | Path, act
         blob = pickle.dumps(cfg.uti)
         units = []
         for sid, key in enumerate(todo):
-            recs = plan[key]
-            for u in range(0, len(recs), tcfg.batch_size):
-                units.append({"shard": sid, "unit": u // tcfg.batch_size,
-                              "records": json.dumps([r.to_dict() for r in recs[u: u + tcfg.batch_size]])})
+            for u, chunk in enumerate(plan_units(plan[key], tcfg.batch_size)):
+                units.append({"shard": sid, "unit": u, "records": json.dumps([r.to_dict() for r in chunk])})
         expected = Counter(u["shard"] for u in units)
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(UnitLoader, fn_constructor_args=(blob,), batch_size=1, concurrency=tcfg.loaders,

@@ -10,10 +10,10 @@ import numpy as np
 import ray
 
 from lumo_ray.codecs.base import AudioCodes
-from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.config import LumoConfig, dump_config, load_config
 from lumo_ray.data.manifest import read_manifest
-from lumo_ray.data.shards import load_index, sample_key
-from lumo_ray.data.tokenize import SampleTokenizer
+from lumo_ray.data.shards import iter_tar, load_index, sample_key
+from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, plan_units
 from lumo_ray.data.verify import MAX_LISTED, check_shard, drift, leakage, length_stats
 from lumo_ray.token_space import TokenSpace
 
@@ -32,6 +32,25 @@ def _raw_members(path: Path) -> dict[str, dict[str, bytes]]:
             if m.isfile():
                 out.setdefault(m.name.partition(".")[0], {})[m.name] = tar.extractfile(m).read()
     return out
+
+
+def _decode_problem(tok: SampleTokenizer, ts: TokenSpace, smp: dict, m: str, seed: int) -> str | None:
+    """Decode one stored span; a description of what went wrong, or None."""
+    try:
+        if m == "audio":
+            a = tok.adapters.audio
+            codes = ts.global_to_audio(smp["audio"].astype(np.int64))
+            wav = a.decode(AudioCodes(codes, smp["json"].get("side_info", {}).get("audio", {})))
+            if wav.shape != (a.channels, codes.shape[1] * a.samples_per_frame) or not np.isfinite(wav).all():
+                return f"audio decoded to {wav.shape}"
+        else:
+            im = tok.adapters.image
+            img = im.decode(ts.global_to_image(smp["image"].astype(np.int64)), seed=seed)
+            if img.shape != (im.image_size, im.image_size, 3):
+                return f"image decoded to {img.shape}"
+    except Exception as e:  # a failed decode is the finding, not a crash of the gate
+        return f"{m} decode failed: {type(e).__name__}: {e}"
+    return None
 
 
 def _check(ok: bool, summary: str, **details) -> dict:
@@ -76,23 +95,32 @@ def run_verify(shards_dir: str | Path, cfg: LumoConfig, out_dir: str | Path, man
     manifest = manifest or (json.loads((shards_dir / "source.json").read_text())["manifest"]
                             if (shards_dir / "source.json").exists() else None)
     if manifest:
-        recs, _ = read_manifest(manifest)
+        all_recs, _ = read_manifest(manifest)
         stored = {sid for sid, _, _ in ids}
-        recs = [r for r in recs if r.id in stored]
+        recs = [r for r in all_recs if r.id in stored]
+        # The shard plan and batch cut of the run that wrote these shards (its resolved config).
+        tcfg = (load_config(LumoConfig, shards_dir / "config.yaml").data.tokenize
+                if (shards_dir / "config.yaml").exists() else cfg.data.tokenize)
         rng = np.random.default_rng(vcfg.seed)
         pick = sorted(rng.choice(len(recs), size=min(vcfg.retokenize_n, len(recs)), replace=False).tolist()) if recs else []
         raw = {}
         for s in index["shards"]:
-            raw.update(_raw_members(shards_dir / s["name"]))
+            try:
+                raw.update(_raw_members(shards_dir / s["name"]))
+            except (tarfile.TarError, OSError) as e:  # already a records problem; its samples count as mismatches
+                log(f"[verify] {s['name']} unreadable: {e}")
+        # Re-run each picked record inside its original model batch (shard plan + unit cut), as tokenize did.
+        picked = {recs[i].id for i in pick}
         mism = []
-        bs = cfg.data.tokenize.batch_size
-        sel = [recs[i] for i in pick]
-        log(f"[verify] re-tokenizing {len(sel)} records from the raw files")
-        for i in range(0, len(sel), bs):
-            chunk = sel[i: i + bs]
-            for r, res in zip(chunk, tok.tokenize([tok.load(x.to_dict()) for x in chunk])):
-                if res.get("members") != raw.get(sample_key(r.id)):
-                    mism.append(r.id)
+        for shard_recs in plan_shards(all_recs, tcfg.shard_size).values():
+            for unit in plan_units(shard_recs, tcfg.batch_size):
+                if picked.isdisjoint(r.id for r in unit):
+                    continue
+                for r, res in zip(unit, tok.tokenize([tok.load(x.to_dict()) for x in unit])):
+                    if r.id in picked and res.get("members") != raw.get(sample_key(r.id)):
+                        mism.append(r.id)
+        sel = sorted(picked)
+        log(f"[verify] re-tokenized {len(sel)} records from the raw files")
         rate = len(mism) / len(sel) if sel else 0.0
         checks["retokenize"] = _check(bool(sel) and rate <= vcfg.max_mismatch,
                                       f"{len(sel)} re-tokenized, {len(mism)} mismatched ({rate:.2%})",
@@ -100,34 +128,25 @@ def run_verify(shards_dir: str | Path, cfg: LumoConfig, out_dir: str | Path, man
     else:
         checks["retokenize"] = _check(False, "no manifest given (and no source.json beside the shards)")
 
-    # 3. Decode spot checks.
+    # 3. Decode spot checks (the first N audio and N image spans, from shards that read cleanly).
     dec_probs, n_dec = [], 0
     want = vcfg.decode_spot_checks
     got = {"audio": 0, "image": 0}
-    from lumo_ray.data.shards import iter_tar
+    broken = {r["shard"] for r in results if r["problems"]}
     for s in index["shards"]:
         if all(v >= want for v in got.values()):
             break
+        if str(shards_dir / s["name"]) in broken:
+            continue
         for smp in iter_tar(shards_dir / s["name"]):
             for m in ("audio", "image"):
-                if m in smp and got[m] < want and getattr(tok.adapters, m) is not None:
-                    got[m] += 1
-                    n_dec += 1
-                    try:
-                        if m == "audio":
-                            a = tok.adapters.audio
-                            codes = ts.global_to_audio(smp["audio"].astype(np.int64))
-                            side = smp["json"].get("side_info", {}).get("audio", {})
-                            wav = a.decode(AudioCodes(codes, side))
-                            if wav.shape != (a.channels, codes.shape[1] * a.samples_per_frame) or not np.isfinite(wav).all():
-                                dec_probs.append(f"{smp['json']['id']}: audio decoded to {wav.shape}")
-                        else:
-                            im = tok.adapters.image
-                            img = im.decode(ts.global_to_image(smp["image"].astype(np.int64)), seed=vcfg.seed)
-                            if img.shape != (im.image_size, im.image_size, 3):
-                                dec_probs.append(f"{smp['json']['id']}: image decoded to {img.shape}")
-                    except Exception as e:
-                        dec_probs.append(f"{smp['json']['id']}: {m} decode failed: {type(e).__name__}: {e}")
+                if m not in smp or got[m] >= want or getattr(tok.adapters, m) is None:
+                    continue
+                got[m] += 1
+                n_dec += 1
+                problem = _decode_problem(tok, ts, smp, m, vcfg.seed)
+                if problem:
+                    dec_probs.append(f"{smp['json']['id']}: {problem}")
     checks["decode"] = _check(not dec_probs, f"{n_dec} decoded, {len(dec_probs)} failed", problems=dec_probs)
 
     # 4. Length statistics and drift.

@@ -63,7 +63,8 @@ class HFTextAdapter:
         return {"kind": "hf_tokenizer", "name": self.name, "vocab_size": self.vocab_size}
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        # split_special_tokens: a caption that contains "<|endoftext|>" is text, never a control id
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, ids: Iterable[int]) -> str:
         # no space clean-up: decode(encode(x)) must give x back
@@ -187,8 +188,8 @@ def read_training_texts(input_path: str | Path) -> list[str]:
 def train_bpe(input_path: str, vocab_size: int, out_dir: str) -> Path:
     """Train a byte-level BPE and save it as a Hugging Face tokenizer directory.
 
-    Deterministic: the same input gives a byte-identical tokenizer.json. Ids 0..255 are the byte
-    alphabet, then `<|endoftext|>` and `<|pad|>`, then the merges."""
+    Deterministic: the same input gives a byte-identical tokenizer.json. Id 0 is `<|endoftext|>`
+    (eos), id 1 `<|pad|>`, then the 256-symbol byte alphabet, then the merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -208,6 +209,11 @@ def train_bpe(input_path: str, vocab_size: int, out_dir: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))
+    # the class name both transformers 4.x and 5.x resolve (5.x writes its own 'TokenizersBackend')
+    cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     return out
 
 

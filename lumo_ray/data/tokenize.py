@@ -15,6 +15,7 @@ import numpy as np
 from ..codecs.base import MediaError
 from ..config import UTIConfig, to_dict
 from ..token_space import TokenSpace
+from ..runtime import torch_threads
 from ..uti import build_adapters, build_token_space
 from .manifest import TASK_MEDIA, Record
 from .shards import encode_sample, token_dtype
@@ -40,6 +41,11 @@ def shard_input_digest(records: list[Record], config_digest: str) -> str:
     for r in records:
         h.update(json.dumps(r.to_dict(), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def plan_units(recs: list[Record], batch_size: int) -> list[list[Record]]:
+    """A shard's model batches, cut in manifest order: the same whatever runs them."""
+    return [recs[i: i + batch_size] for i in range(0, len(recs), batch_size)]
 
 
 class SampleTokenizer:
@@ -76,6 +82,10 @@ class SampleTokenizer:
     # -- model half -------------------------------------------------------------------------
     def tokenize(self, items: list[dict]) -> list[dict]:
         """One batched encode per modality; returns {'id', 'members'} or {'id', 'error'} per item."""
+        with torch_threads(self.cfg.runtime.threads):
+            return self._tokenize(items)
+
+    def _tokenize(self, items: list[dict]) -> list[dict]:
         ok = [it for it in items if "error" not in it]
         audio_idx = [i for i, it in enumerate(ok) if "audio" in it]
         image_idx = [i for i, it in enumerate(ok) if "image" in it]

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import LumoConfig, dump_config, load_config
+from ..runtime import torch_threads
 from ..uti import Adapters, build_adapters, build_token_space
 from . import metrics
 
@@ -89,6 +90,11 @@ def _finite_mean(xs: list[float]) -> float | None:
 
 def run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None = None,
               write_baseline: bool = False, log=print) -> dict:
+    with torch_threads(cfg.uti.runtime.threads):
+        return _run_audit(cfg, out_dir, baseline, write_baseline, log)
+
+
+def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write_baseline: bool, log) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = dump_config(cfg, out)
@@ -218,4 +224,6 @@ def compare_to_baseline(run: dict, base: dict) -> dict:
 
 
 if __name__ == "__main__":  # child of the cross-process determinism check
-    print(json.dumps(token_hashes(load_config(LumoConfig, sys.argv[1]))))
+    _cfg = load_config(LumoConfig, sys.argv[1])
+    with torch_threads(_cfg.uti.runtime.threads):
+        print(json.dumps(token_hashes(_cfg)))

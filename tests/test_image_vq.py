@@ -1,0 +1,149 @@
+"""VQ-GAN image adapter (diffusers.VQModel): preprocessing, codes, decode, identity, bad inputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lumo_ray.codecs.base import MediaError
+from lumo_ray.codecs.image_vq import build_vq_adapter
+from lumo_ray.config import ImageConfig, RuntimeConfig
+from lumo_ray.uti import declared_image_identity
+
+
+@pytest.fixture(scope="module")
+def vq():
+    return build_vq_adapter(ImageConfig(), RuntimeConfig())
+
+
+@pytest.fixture(scope="module")
+def real_images(real_data) -> list[Path]:
+    files = sorted((real_data / "llava_pretrain" / "images").glob("*.png"))
+    assert len(files) >= 8
+    return files[:8]
+
+
+def test_real_images_preprocess_record(vq, real_images):
+    for f in real_images:
+        x = vq.load(str(f))
+        with Image.open(f) as im:
+            w, h, mode = im.width, im.height, im.mode
+        assert x.pixels.shape == (3, 32, 32) and x.pixels.dtype == np.float32
+        assert 0.0 <= x.pixels.min() and x.pixels.max() <= 1.0
+        r = x.record
+        assert r["orig_size"] == [w, h] and r["mode"] == mode and r["size"] == [32, 32]
+        assert min(r["resized_to"]) == 32
+        left, top, right, bottom = r["crop_box"]
+        assert right - left == 32 and bottom - top == 32
+        assert left == (r["resized_to"][0] - 32) // 2 and top == (r["resized_to"][1] - 32) // 2
+
+
+def test_non_square_non_rgb_inputs(vq):
+    rgba = Image.new("RGBA", (100, 50), (255, 0, 0, 128))
+    x = vq.prepare(rgba, "wide.png")
+    assert x.record["mode"] == "RGBA" and x.record["resized_to"] == [64, 32]
+    assert x.record["crop_box"] == [16, 0, 48, 32]
+    assert np.allclose(x.pixels[0], 1.0) and np.allclose(x.pixels[1:], 0.0)  # alpha dropped, colour kept
+    gray = vq.prepare(Image.new("L", (30, 90), 128), "tall.png")
+    assert gray.record["mode"] == "L" and gray.record["resized_to"] == [32, 96]
+    assert gray.pixels.shape == (3, 32, 32) and np.allclose(gray.pixels, 128 / 255)
+
+
+def test_codes_shape_range_dtype(vq, real_images):
+    codes = vq.encode_batch([vq.load(str(f)) for f in real_images])
+    assert vq.tokens_per_image == 64 and vq.codebook_size == 256 and vq.image_size == 32
+    for c in codes:
+        assert c.shape == (64,) and c.dtype == np.int64
+        assert c.min() >= 0 and c.max() < 256
+    # a random-init preset still gives spread-out, image-dependent codes
+    assert len(np.unique(np.concatenate(codes))) > 32
+    assert not np.array_equal(codes[0], codes[1])
+
+
+def test_batch_equals_single(vq, real_images):
+    imgs = [vq.load(str(f)) for f in real_images]
+    batched = vq.encode_batch(imgs)
+    for x, c in zip(imgs, batched):
+        assert np.array_equal(vq.encode_batch([x])[0], c)
+    # and a code never depends on which other images share the batch
+    assert np.array_equal(vq.encode_batch(imgs[3:5])[1], batched[4])
+
+
+def test_deterministic_across_builds_and_seed_matters(vq, real_images):
+    imgs = [vq.load(str(f)) for f in real_images[:4]]
+    again = build_vq_adapter(ImageConfig(), RuntimeConfig())
+    for a, b in zip(vq.encode_batch(imgs), again.encode_batch(imgs)):
+        assert np.array_equal(a, b)
+    other = build_vq_adapter(ImageConfig(seed=1), RuntimeConfig())
+    assert any(not np.array_equal(a, b) for a, b in zip(vq.encode_batch(imgs), other.encode_batch(imgs)))
+    assert other.identity()["model"] == "tiny@seed1"
+
+
+def test_decode_size_dtype_deterministic(vq, real_images):
+    c = vq.encode_batch([vq.load(str(real_images[0]))])[0]
+    img = vq.decode(c, seed=0)
+    assert vq.deterministic_decode is True
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert np.array_equal(img, vq.decode(c, seed=0)) and np.array_equal(img, vq.decode(c, seed=5))
+    with pytest.raises(ValueError, match="outside"):
+        vq.decode(np.full(64, 256))
+    with pytest.raises(ValueError, match="shape"):
+        vq.decode(np.zeros(10, np.int64))
+
+
+def test_identity_equals_declared(vq):
+    ident = vq.identity()
+    assert ident == {"kind": "vq", "model": "tiny@seed0", "codebook_size": 256, "tokens_per_image": 64,
+                     "resolution": 32}
+    assert ident == declared_image_identity(ImageConfig(codebook_size=256, tokens_per_image=64))
+
+
+def test_codebook_and_resolution_overrides(real_images):
+    a = build_vq_adapter(ImageConfig(codebook_size=64, resolution=48), RuntimeConfig())
+    assert (a.codebook_size, a.tokens_per_image, a.image_size) == (64, 144, 48)
+    c = a.encode_batch([a.load(str(real_images[0]))])[0]
+    assert c.shape == (144,) and c.max() < 64
+    assert a.decode(c).shape == (48, 48, 3)
+    assert a.identity() == declared_image_identity(ImageConfig(codebook_size=64, tokens_per_image=144, resolution=48))
+    with pytest.raises(ValueError, match="multiple of the VQ downsampling factor 4"):
+        build_vq_adapter(ImageConfig(resolution=30), RuntimeConfig())
+
+
+def test_local_pretrained_directory_matches_preset(vq, real_images, tmp_path):
+    vq.model.save_pretrained(str(tmp_path / "vqgan"))
+    loaded = build_vq_adapter(ImageConfig(model=str(tmp_path / "vqgan")), RuntimeConfig())
+    imgs = [vq.load(str(f)) for f in real_images[:2]]
+    for a, b in zip(vq.encode_batch(imgs), loaded.encode_batch(imgs)):
+        assert np.array_equal(a, b)
+    assert loaded.identity()["model"].startswith("sha256:")  # weights digest, never the path
+    with pytest.raises(ValueError, match="codebook of 256"):
+        build_vq_adapter(ImageConfig(model=str(tmp_path / "vqgan"), codebook_size=512), RuntimeConfig())
+    with pytest.raises(ValueError, match="cannot load VQModel weights"):
+        build_vq_adapter(ImageConfig(model=str(tmp_path / "nothing-here")), RuntimeConfig())
+
+
+def test_bad_inputs_raise_media_error(vq, real_images, tmp_path):
+    missing = tmp_path / "missing.png"
+    with pytest.raises(MediaError, match=r"missing.png: file not found"):
+        vq.load(str(missing))
+    text = tmp_path / "notes.png"
+    text.write_text("this is a text file, not a picture\n")
+    with pytest.raises(MediaError, match=r"notes.png: not an image"):
+        vq.load(str(text))
+    data = real_images[0].read_bytes()
+    trunc = tmp_path / "truncated.png"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match=r"truncated.png: corrupt or truncated image"):
+        vq.load(str(trunc))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(data[:100] + bytes(len(data) - 100))
+    with pytest.raises(MediaError, match=r"corrupt.png: corrupt or truncated image"):
+        vq.load(str(corrupt))
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match=r"empty.png: empty file \(0 bytes\)"):
+        vq.load(str(empty))
+    with pytest.raises(MediaError, match=r"zero.png: zero-size image \(0x10\)"):
+        vq.prepare(Image.new("RGB", (0, 10)), "zero.png")
