@@ -15,6 +15,9 @@ from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
+from .config_lm import LMConfig, TokenLMConfig  # noqa: E402  (sections owned by their stages)
+from .config_vlm import VLMConfig  # noqa: E402
+
 T = TypeVar("T")
 
 
@@ -188,6 +191,9 @@ class LumoConfig:
     uti: UTIConfig = field(default_factory=UTIConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    token_lm: TokenLMConfig = field(default_factory=TokenLMConfig)
 
 
 # ----------------------------------------------------------------------------------------------

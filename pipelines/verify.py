@@ -41,7 +41,7 @@ def _decode_problem(tok: SampleTokenizer, ts: TokenSpace, smp: dict, m: str, see
             a = tok.adapters.audio
             codes = ts.global_to_audio(smp["audio"].astype(np.int64))
             wav = a.decode(AudioCodes(codes, smp["json"].get("side_info", {}).get("audio", {})))
-            if wav.shape != (a.channels, codes.shape[1] * a.samples_per_frame) or not np.isfinite(wav).all():
+            if wav.shape != (a.channels, a.clip_frames(codes.shape[1]) * a.samples_per_frame) or not np.isfinite(wav).all():
                 return f"audio decoded to {wav.shape}"
         else:
             im = tok.adapters.image

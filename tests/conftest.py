@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
+
+# One torch thread per process: OpenMP spinning on 2 shared cores makes runs 10-30x slower, and the
+# tokenize contract fixes the thread count anyway (RuntimeConfig.threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import pytest

@@ -124,8 +124,8 @@ def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write
         checks["audio_determinism"] = all(np.array_equal(x.codes, y.codes) for x, y in zip(codes1, codes2))
         rng_ok = phase_ok = shape_ok = dec_ok = True
         for (name, _), clip, c in zip(inputs["audio"], clips, codes1):
-            frames = clip.wav.shape[1] // a.samples_per_frame
-            shape_ok &= c.codes.shape == (a.num_codebooks, frames)
+            frames = clip.wav.shape[1] // a.samples_per_frame  # clip frames; 48 kHz chunking gives more code frames
+            shape_ok &= c.codes.shape == (a.num_codebooks, a.code_frames(frames))
             rng_ok &= bool(c.codes.min() >= 0 and c.codes.max() < a.codebook_size)
             flat = ts.audio_to_global(c.codes)
             phase_ok &= ts.audio_phase_errors(flat) == [] and np.array_equal(ts.global_to_audio(flat), c.codes)
@@ -136,7 +136,7 @@ def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write
             silent = float(np.max(np.abs(ref))) == 0.0
             snr = None if silent else metrics.snr_db(ref, est)
             lm = metrics.log_mel_l1(ref, est, 16000)
-            per_input[name] = {"frames": int(frames), "tokens_sha256": _sha(flat), "snr_db": snr,
+            per_input[name] = {"frames": int(c.codes.shape[1]), "tokens_sha256": _sha(flat), "snr_db": snr,
                                "log_mel_l1": lm, "decoded_shape": list(wav.shape), "record": clip.record}
             m["audio_snr_db"].append(snr)
             m["audio_log_mel_l1"].append(lm)
