@@ -186,11 +186,21 @@ class DataConfig:
 
 
 @dataclass
+class DemoConfig:
+    images: int = 48
+    """Synthetic images (coloured shapes) the demo generates."""
+    audio: int = 48
+    """Synthetic clips (beep patterns) the demo generates."""
+    seed: int = 0
+
+
+@dataclass
 class LumoConfig:
     """The whole program's config; each command reads the sections it needs."""
     uti: UTIConfig = field(default_factory=UTIConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     token_lm: TokenLMConfig = field(default_factory=TokenLMConfig)

@@ -1,14 +1,192 @@
 """Typed config of the base LM (stage 0) and the token LM (stage 3.3). Sections `lm:` and `token_lm:`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_TEMPLATES = {
+    "i2t": ["Describe the image.", "What is shown in this picture?", "Write a short caption for this image."],
+    "a2t": ["Describe the sound.", "What can you hear?", "Write a short caption for this sound."],
+    "t2i": ["Draw a picture of the caption.", "Generate an image of this description."],
+    "t2a": ["Generate the sound of the caption.", "Make a sound that matches this description."],
+}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and Ray Train settings shared by the base LM and the token LM."""
+    steps: int = 300
+    """Optimizer steps."""
+    global_batch: int = 16
+    """Sequences per optimizer step over all workers (the config unit); per-worker micro batch =
+    global_batch / (num_workers * grad_accum)."""
+    grad_accum: int = 1
+    """Micro batches accumulated per optimizer step on each worker."""
+    lr: float = 3e-3
+    """Peak learning rate of the pre-existing (non-new-row) trainable parameters."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the pre-existing trainable parameters (never applied to new rows)."""
+    clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per Ray Train worker."""
+    use_gpu: bool = False
+    """One GPU per worker; bf16 autocast is used only on CUDA."""
+    bf16: bool = True
+    """bf16 autocast when the worker runs on CUDA (ignored on CPU, which always trains in fp32)."""
+    seed: int = 0
+    """Model init, data order and crop randomness all derive from this seed."""
+    eval_every: int = 100
+    """Steps between eval-loss passes (and at the last step)."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (and at the last step)."""
+    log_every: int = 20
+    """Steps between progress lines."""
+    max_failures: int = 0
+    """Ray Train FailureConfig: worker restarts from the last checkpoint."""
+    resume: str = ""
+    """'' (fresh run), 'auto' (latest checkpoint in the run directory, if any) or a checkpoint directory."""
+    threads: int = 1
+    """torch intra-op threads per worker."""
 
 
 @dataclass
 class LMConfig:
-    """Placeholder: the token-LM issue fills this in."""
+    """Stage 0: text-only pretraining of a Qwen3-architecture causal LM with the BPE tokenizer."""
+    preset: Literal["tiny", "small", "qwen3-0.6b"] = "tiny"
+    """Architecture preset (lumo_ray.models.base_lm); random-initialised from its config."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Overrides of Qwen3Config fields (e.g. {hidden_size: 128, num_hidden_layers: 4})."""
+    tokenizer: str = "tiny"
+    """'tiny' (the bundled BPE), a tokenizer directory from `lumo tokenizer train`, or a hub id."""
+    inputs: list[str] = field(default_factory=list)
+    """manifest.jsonl files (text.prompt + text.caption) or text files (one text per line)."""
+    eval_fraction: float = 0.1
+    """Share of the texts held out for eval loss / perplexity (by a hash of the text)."""
+    seq_len: int = 64
+    """Tokens per packed training sequence."""
+    out: str = "runs/lm"
+    """Run directory: config, metrics.json, checkpoints, export/ (the HF directory)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, lr=3e-3, eval_every=100))
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names LoRA adapts."""
+
+
+@dataclass
+class SequenceConfig:
+    """How a shard sample becomes a training sequence (lumo_ray.data.sequences)."""
+    layouts: Literal["own", "both"] = "own"
+    """'own': each sample uses its manifest task (i2t, a2t, ...); 'both': x2t samples also train the
+    reverse t2x layout with probability reverse_prob."""
+    reverse_prob: float = 0.5
+    """Probability of the reverse layout when layouts='both'."""
+    delimiters: Literal["full", "compact"] = "full"
+    """'full': <|img_start|> media <|img_end|> <|gen_text|> <|text_start|> caption <|text_end|>;
+    'compact': <|img_start|> media <|img_end|> caption <|text_end|> (no generation / start token)."""
+    instruction: Literal["none", "fixed", "templates", "data"] = "none"
+    """Instruction text before the input span: none, the first template of the task, a random
+    template (first one in eval), or the sample's own prompt from the manifest."""
+    templates: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TEMPLATES.items()})
+    """Instruction templates per task."""
+    max_audio_tokens: int = 300
+    """Audio spans longer than this are cropped on frame boundaries (codebook phase kept): random
+    crop in training, centred in eval."""
+    max_len: int = 512
+    """Sequences longer than this are refused (the builder never truncates a target)."""
+    modality_dropout: float = 0.0
+    """Training only: probability of dropping the media input span of an x2t sample."""
+
+
+@dataclass
+class AblationConfig:
+    """SPEC §6 modality ablation on a fixed seeded eval slice."""
+    split: str = "eval"
+    """Shard split the slice is drawn from."""
+    n: int = 64
+    """Samples per modality (all when fewer)."""
+    seed: int = 0
+    """Seed of the slice, the shuffle pairing and the noise ids."""
+    batch_size: int = 16
+    min_shuffle_gap: float = 0.10
+    """Mean loss gap (nats) shuffled - correct required to pass."""
+    min_shuffle_win: float = 0.80
+    min_noise_gap: float = 0.15
+    """Mean loss gap (nats) noise - correct required to pass."""
+    min_noise_win: float = 0.85
+    modalities: list[str] = field(default_factory=lambda: ["image", "audio"])
+    """Modalities that must pass (those absent from the slice are reported as missing and fail)."""
+
+
+@dataclass
+class InvarianceConfig:
+    """SPEC §6 text invariance."""
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red circle on the left", "two short high beeps", "The quick brown fox jumps over the lazy dog.",
+        "Describe the image.", "three blue squares at the top"])
+    """Text-only prompts whose logits over the original vocabulary must not change."""
+
+
+@dataclass
+class PromptStudyConfig:
+    """`lumo tune prompts`: a Ray Tune study of sequence/prompt choices (each list is a search axis)."""
+    instruction: list[str] = field(default_factory=lambda: ["none", "fixed", "templates"])
+    delimiters: list[str] = field(default_factory=lambda: ["full", "compact"])
+    new_row_lr: list[float] = field(default_factory=lambda: [1e-2, 3e-2])
+    init_scale: list[float] = field(default_factory=lambda: [0.02, 0.2])
+    max_audio_tokens: list[int] = field(default_factory=lambda: [150, 300])
+    modality_dropout: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    num_samples: int = 8
+    """Trials (random draws from the grid above)."""
+    steps: int = 120
+    """Training steps per trial."""
+    report_every: int = 40
+    """Steps between intermediate objective reports (the ASHA rungs)."""
+    grace_period: int = 1
+    """ASHA: reports before a trial may be stopped."""
+    reduction_factor: int = 2
+    cpus_per_trial: float = 1.0
+    """Concurrency = floor(cluster CPUs / cpus_per_trial)."""
+    ablation_n: int = 16
+    """Eval samples per modality when scoring a trial."""
+    out: str = "runs/tune_prompts"
+    seed: int = 0
 
 
 @dataclass
 class TokenLMConfig:
-    """Placeholder: the token-LM issue fills this in."""
+    """Stage 3.3: warm-start a causal LM on the extended vocabulary and train it on shards."""
+    base: str = "tiny"
+    """Base causal LM: a local HF directory (e.g. the export of `lumo train lm`), a hub id, or
+    'tiny' (a random-init tiny Qwen3 preset with the token space's text vocabulary)."""
+    shards: str = ""
+    """Tokenized shard directory (`lumo data tokenize`); its token-space hash must match the run's."""
+    freeze: Literal["new_rows", "lora", "full"] = "new_rows"
+    """new_rows: only the rows beyond TEXT of embeddings and head learn; lora: LoRA + new rows; full."""
+    init_scale: float = 0.02
+    """New rows = mean of the TEXT rows + N(0, (init_scale * std of the TEXT rows)^2)."""
+    new_row_lr: float = 3e-2
+    """Learning rate of the new rows (train.lr applies to everything else)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    seq: SequenceConfig = field(default_factory=SequenceConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
+    prompt_study: PromptStudyConfig = field(default_factory=PromptStudyConfig)
+    out: str = "runs/token_lm"
+    """Run directory: config, metrics.json, checkpoints/, export/ (HF dir + token_space.json)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3, warmup_steps=20))

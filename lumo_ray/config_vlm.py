@@ -1,9 +1,157 @@
-"""Typed config of the VLM alignment stage (stages 1 and 1.1). Loaded as the `vlm:` section of LumoConfig."""
+"""Typed config of the VLM alignment stage (stages 1 and 1.1). Loaded as the `vlm:` section of LumoConfig.
+
+Defaults are the tiny local preset: random-init SigLIP + Qwen3 from configs, 32 px images, 2 CPU
+workers. Point `vision.model` / `llm.model` at real checkpoints (e.g. google/siglip-so400m-patch14-384,
+Qwen/Qwen3-8B-Base) and `train.use_gpu` at GPUs for a cluster run.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class VisionTowerConfig:
+    model: str = "tiny"
+    """'tiny' (random-init SigLIP vision preset) or a SigLIP hub id / local dir loaded with
+    SiglipVisionModel.from_pretrained (e.g. google/siglip-so400m-patch14-384)."""
+    image_size: int = 32
+    """Images are resized (shorter side) and center-cropped to this; must match a real checkpoint."""
+    feature_layer: int = -1
+    """Hidden-state index used as patch features (-1: last layer; -2: the LLaVA-style penultimate)."""
+    layernorm: bool = True
+    """Apply a trainable LayerNorm to the patch features before the resampler."""
+    seed: int = 0
+    """Seed of the tiny random-init preset (part of its identity)."""
+
+
+@dataclass
+class ResamplerConfig:
+    latents: int = 8
+    """N: number of visual tokens per image (the `<image>` placeholder expands to N + 2 ids)."""
+    depth: int = 2
+    """Number of Perceiver blocks (cross-attention + feed-forward)."""
+    heads: int = 4
+    """Attention heads; must divide `dim`."""
+    dim: int = 64
+    """Width of the latents."""
+    ff_mult: int = 2
+    """Feed-forward hidden = ff_mult x dim."""
+
+
+@dataclass
+class ProjectorConfig:
+    hidden: Optional[int] = None
+    """Hidden width of the 2-layer GELU MLP (default: the LLM hidden size)."""
+
+
+@dataclass
+class LLMConfig:
+    model: str = "tiny"
+    """'tiny' (random-init Qwen3 preset) or a Qwen3 hub id / local dir (Qwen/Qwen3-8B-Base), loaded
+    only from local files / the user's HF cache."""
+    tokenizer: str = "tiny"
+    """Text tokenizer (same meaning as uti.text.tokenizer): 'tiny', 'qwen3', a hub id or a dir."""
+    seed: int = 0
+    """Seed of the tiny random-init preset."""
+
+
+@dataclass
+class VLMDataConfig:
+    source: Literal["llava_pretrain", "jsonl"] = "llava_pretrain"
+    """Reader of lumo_ray.data.readers: raw LLaVA-Pretrain folder/JSON, or a normalized manifest."""
+    path: str = "runs/synth/llava_pretrain"
+    """Dataset folder or metadata file (e.g. `lumo data synth` output <out>/llava_pretrain)."""
+    limit: Optional[int] = None
+    """Use only the first `limit` records (in id order); None = all."""
+    prompt_template: str = "{prompt}\nCaption:"
+    """Text before the caption; `{prompt}` is the record's prompt (contains `<image>`)."""
+    caption_prefix: str = " "
+    """Prepended to the caption before tokenizing (byte-level BPE: word-initial space)."""
+    max_seq_len: int = 128
+    """Sequences are cut to this many ids (caption side only; the prompt and images are never cut)."""
+    eval_size: int = 64
+    """Held-out samples (stratified by caption-length bucket); at most half the data."""
+    bucket_edges: list[int] = field(default_factory=lambda: [6, 9, 12])
+    """Caption label-length bucket edges: [0,e0), [e0,e1), ..., [e_last, inf)."""
+    golden_size: int = 8
+    """Golden-set samples (drawn from eval only) whose captions are dumped at checkpoints."""
+    seed: int = 0
+    """Seed of the eval split and golden draw."""
+
+
+@dataclass
+class VLMTrainConfig:
+    stage: Literal["align"] = "align"
+    """align: train LayerNorm + resampler + projector; vision tower and LLM frozen."""
+    num_workers: int = 2
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    global_batch_size: int = 16
+    """Samples per optimizer step over all workers; per-worker micro batch = global / (workers x accum)."""
+    grad_accum: int = 1
+    max_steps: int = 300
+    """Optimizer steps (epochs follow from the data size; the order is reshuffled per epoch)."""
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr x min_lr_ratio at max_steps."""
+    grad_clip: float = 1.0
+    bf16: bool = True
+    """bf16 autocast (CUDA only; CPU always runs fp32)."""
+    eval_every: int = 100
+    """Quick eval (first `quick_eval_size` eval samples) every K steps; 0 = never."""
+    quick_eval_size: int = 32
+    checkpoint_every: int = 100
+    """Checkpoint (and full eval + golden dump) every K steps and at the end."""
+    eval_batch_size: int = 32
+    seed: int = 0
+    """Seed of the data order and of torch RNG."""
+    out: str = "runs/vlm"
+    """Run directory (config copy, metrics.json, splits, golden dumps, export, Ray storage)."""
+    resume_from: Optional[str] = None
+    """A checkpoint directory to continue from (otherwise the run's own latest, if any)."""
+    max_failures: int = 1
+    """Ray Train FailureConfig: restarts from the last checkpoint after a worker dies."""
+    stop_after: Optional[int] = None
+    """Stop (after a checkpoint) once this step is done, keeping the max_steps schedule; continue
+    later with resume_from. None = run to max_steps."""
+    fail_at_step: Optional[int] = None
+    """Testing aid: rank 0 raises once at this step (marker file `<out>/.failed_once`)."""
+    log_every: int = 20
+
+
+@dataclass
+class VLMAblationConfig:
+    n: int = 128
+    """Held-out samples (all of eval when fewer)."""
+    seed: int = 0
+    min_win_rate: float = 0.5
+    """Pass needs mean loss(correct) < each other mode and win rate >= this against each."""
+    batch_size: int = 32
+
+
+@dataclass
+class VLMSweepConfig:
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    layernorm: list[bool] = field(default_factory=lambda: [False, True])
+    max_steps: int = 60
+    """Steps per trial (trials run in-process on 1 worker)."""
+    cpus_per_trial: float = 1.0
+    max_concurrent: int = 2
+    ablation_n: int = 32
+    out: str = "runs/vlm_sweep"
 
 
 @dataclass
 class VLMConfig:
-    """Placeholder: the VLM issue fills this in."""
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    data: VLMDataConfig = field(default_factory=VLMDataConfig)
+    train: VLMTrainConfig = field(default_factory=VLMTrainConfig)
+    ablation: VLMAblationConfig = field(default_factory=VLMAblationConfig)
+    sweep: VLMSweepConfig = field(default_factory=VLMSweepConfig)

@@ -1,0 +1,123 @@
+"""`lumo demo`: the whole program on the embedded tiny default, offline, stage by stage.
+
+Each stage prints progress, writes into its own folder under the demo directory, and adds a row
+(name, pass, seconds, key numbers, folder) to `summary.json`. The demo exits non-zero when a gate fails.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from .config import LumoConfig, dump_config
+from .runtime import torch_threads
+
+
+def _real_data(cfg: LumoConfig) -> Path:
+    p = Path(cfg.audit.real_data)
+    if not p.exists():
+        raise FileNotFoundError(f"real data folder {p} not found (set --set audit.real_data=PATH)")
+    return p
+
+
+def stage_uti(cfg: LumoConfig, out: Path, log) -> dict:
+    """Token space + a few real samples tokenized and decoded back to files."""
+    from .uti import build_adapters, build_token_space
+    a = build_adapters(cfg.uti)
+    ts = build_token_space(cfg.uti, a)
+    ts.save(out)
+    log(ts.table())
+    real = _real_data(cfg)
+    rows = []
+    with torch_threads(cfg.uti.runtime.threads):
+        wavs = sorted((real / "audiocaps" / "audio").glob("*.wav"))[:2]
+        clips = [a.audio.load(str(p)) for p in wavs]
+        for p, clip, codes in zip(wavs, clips, a.audio.encode_batch(clips)):
+            ids = ts.audio_to_global(codes.codes)
+            sf.write(out / f"{p.stem}.input.wav", clip.wav.T, a.audio.sample_rate)
+            sf.write(out / f"{p.stem}.decoded.wav", a.audio.decode(codes).T, a.audio.sample_rate)
+            rows.append({"input": str(p.relative_to(real)), "modality": "audio", "tokens": int(ids.size),
+                         "first_ids": ids[:8].tolist()})
+        pngs = sorted((real / "llava_pretrain" / "images").glob("*.png"))[:2]
+        imgs = [a.image.load(str(p)) for p in pngs]
+        for p, img, codes in zip(pngs, imgs, a.image.encode_batch(imgs)):
+            ids = ts.image_to_global(codes)
+            Image.fromarray((np.transpose(img.pixels, (1, 2, 0)) * 255).round().astype(np.uint8)).save(out / f"{p.stem}.input.png")
+            Image.fromarray(a.image.decode(codes)).save(out / f"{p.stem}.decoded.png")
+            rows.append({"input": str(p.relative_to(real)), "modality": "image", "tokens": int(ids.size),
+                         "first_ids": ids[:8].tolist()})
+    caps = json.loads((real / "llava_pretrain" / "blip_laion_cc_sbu_sample.json").read_text())[:2]
+    for c in caps:
+        text = c["conversations"][1]["value"]
+        ids = a.text.encode(text)
+        rows.append({"input": text, "modality": "text", "tokens": len(ids), "first_ids": ids[:8],
+                     "roundtrip": a.text.decode(ids) == text})
+    for r in rows:
+        log(f"  {r['modality']:5s} {r['tokens']:4d} tokens  {r['input']}")
+    (out / "samples.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return {"pass": all(r.get("roundtrip", True) for r in rows), "token_space_hash": ts.hash,
+            "total_ids": ts.total, "samples": len(rows)}
+
+
+def stage_audit(cfg: LumoConfig, out: Path, log) -> dict:
+    from .eval.audit import run_audit
+    rep = run_audit(cfg, out, write_baseline=True, log=log)
+    failed = [k for k, v in rep["checks"].items() if not v]
+    return {"pass": rep["pass"], "failed_checks": failed,
+            **{k: round(v, 4) for k, v in rep["metrics"].items() if v is not None}}
+
+
+def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
+    """synth -> normalize (images, audio) -> one manifest -> tokenize -> verify."""
+    from pipelines.normalize import run_normalize
+    from pipelines.tokenize import run_tokenize
+    from pipelines.verify import run_verify
+
+    from .data.manifest import read_manifest, write_manifest
+    from .data.synth import write_synth
+    write_synth(out / "synth", cfg.demo.images, cfg.demo.audio, seed=cfg.demo.seed)
+    recs = []
+    for src in ("llava_pretrain", "audiocaps"):
+        run_normalize(src, out / "synth" / src, out / f"normalize_{src}", cfg.data.normalize, address)
+        recs += read_manifest(out / f"normalize_{src}" / "manifest.jsonl")[0]
+    write_manifest(recs, out / "manifest.jsonl")
+    summary = run_tokenize(out / "manifest.jsonl", cfg, out / "shards", address=address, log=log)
+    rep = run_verify(out / "shards", cfg, out / "verify", write_baseline=True, address=address, log=log)
+    for k, v in rep["checks"].items():
+        log(f"  {'PASS' if v['pass'] else 'FAIL'}  {k}: {v['summary']}")
+    return {"pass": rep["pass"], "records": summary["samples"], "errors": summary["errors"],
+            "shards": rep["shards"], "retokenized": rep["checks"]["retokenize"].get("n")}
+
+
+def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out)
+    stages: list[tuple[str, Callable[[Path], dict]]] = [
+        ("uti", lambda d: stage_uti(cfg, d, log)),
+        ("audit", lambda d: stage_audit(cfg, d, log)),
+        ("data", lambda d: stage_data(cfg, d, log, address)),
+    ]
+    rows, t_all = [], time.time()
+    for i, (name, fn) in enumerate(stages, 1):
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        log(f"\n=== [{i}/{len(stages)}] {name} ===")
+        t0 = time.time()
+        try:
+            res = fn(d)
+        except Exception as e:  # a crashed stage is a failed stage; the rest still runs
+            res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
+        res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
+        rows.append(res)
+        log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']}s) ===")
+        (out / "summary.json").write_text(json.dumps({"stages": rows}, indent=2) + "\n")
+    log(f"\nlumo demo finished in {time.time() - t_all:.0f}s -> {out}")
+    for r in rows:
+        extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("stage", "pass", "seconds", "dir"))
+        log(f"  {'PASS' if r['pass'] else 'FAIL'}  {r['stage']:6s} {r['seconds']:6.1f}s  {r['dir']}  {extra}")
+    return 0 if all(r["pass"] for r in rows) else 1

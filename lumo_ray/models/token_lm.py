@@ -1,0 +1,185 @@
+"""Warm start of a causal LM on the extended vocabulary (SPEC §7).
+
+Resize input embeddings and output head to the token space's padded size; rows beyond TEXT are
+"new": initialised as the mean of the TEXT rows plus noise (init_scale x the TEXT rows' per-dim
+std). Freeze modes: new_rows (only new rows of embeddings and head get gradient, via a gradient
+mask), lora (peft adapters + new rows), full.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..token_space import TokenSpace, TokenSpaceError
+from .base_lm import build_base_lm
+
+META = "lumo_token_lm.json"
+
+
+@dataclass
+class WarmStart:
+    model: torch.nn.Module
+    ts: TokenSpace
+    freeze: str
+    counts: dict
+    """total / trainable parameters, and effective trainable (new rows only where masked)."""
+
+
+def load_causal_lm(base: str, text_vocab: int, seed: int = 0) -> torch.nn.Module:
+    """'tiny' -> random-init tiny Qwen3 preset with `text_vocab` rows; else a local dir or hub id."""
+    if base == "tiny":
+        return build_base_lm("tiny", text_vocab, seed=seed)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+
+def _new_rows(old: torch.Tensor, n: int, text_vocab: int, init_scale: float, gen: torch.Generator) -> torch.Tensor:
+    w = old[:text_vocab].detach().float()
+    noise = torch.randn(n - text_vocab, w.shape[1], generator=gen) * (init_scale * w.std(0))
+    return (w.mean(0) + noise).to(old.dtype)
+
+
+def extend_vocab(model: torch.nn.Module, ts: TokenSpace, init_scale: float, seed: int = 0) -> torch.nn.Module:
+    """Resize embeddings and head to ts.padded_size; (re)initialise every row >= ts.text_vocab."""
+    t, n = ts.text_vocab, ts.padded_size
+    emb = model.get_input_embeddings()
+    if emb.weight.shape[0] < t:
+        raise TokenSpaceError(f"base LM has {emb.weight.shape[0]} embedding rows, fewer than the token space's "
+                              f"TEXT range ({t}): the base LM was trained with another tokenizer")
+    gen = torch.Generator().manual_seed(seed)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    old_emb = emb.weight.detach().clone()
+    head = model.get_output_embeddings()
+    old_head = None if tied or head is None else head.weight.detach().clone()
+    model.resize_token_embeddings(n, mean_resizing=False)
+    with torch.no_grad():
+        e = model.get_input_embeddings().weight
+        e[:t] = old_emb[:t]
+        e[t:] = _new_rows(old_emb, n, t, init_scale, gen)
+        if old_head is not None:
+            h = model.get_output_embeddings().weight
+            h[:t] = old_head[:t]
+            h[t:] = _new_rows(old_head, n, t, init_scale, gen)
+    model.config.vocab_size = n
+    return model
+
+
+def _row_mask_hook(text_vocab: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        g = grad.clone()
+        g[:text_vocab] = 0
+        return g
+    return hook
+
+
+def vocab_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Embedding and (untied) head weights: the parameters that hold new rows."""
+    ps = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not ps[0]:
+        ps.append(head.weight)
+    return ps
+
+
+def apply_freeze(model: torch.nn.Module, freeze: str, text_vocab: int, lora=None) -> torch.nn.Module:
+    """Set requires_grad (and masks) per freeze mode. Returns the model (peft-wrapped for lora)."""
+    if freeze == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if freeze == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules), bias="none"))
+    elif freeze == "new_rows":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    else:
+        raise ValueError(f"unknown freeze mode {freeze!r}: new_rows, lora or full")
+    for p in vocab_params(model):
+        p.requires_grad_(True)
+        p.register_hook(_row_mask_hook(text_vocab))  # text rows never move: no gradient, so no Adam update
+    return model
+
+
+def trainable_counts(model: torch.nn.Module, freeze: str, text_vocab: int) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    effective = trainable
+    if freeze != "full":
+        effective -= sum(text_vocab * p.shape[1] for p in vocab_params(model))
+    return {"total": total, "trainable": trainable, "effective_trainable": effective, "freeze": freeze}
+
+
+def warm_start(base: str, ts: TokenSpace, freeze: str = "new_rows", init_scale: float = 0.02, seed: int = 0,
+               lora=None, log=print) -> WarmStart:
+    """Load `base`, extend it to the token space and apply the freeze mode; logs trainable counts."""
+    model = extend_vocab(load_causal_lm(base, ts.text_vocab, seed), ts, init_scale, seed)
+    model = apply_freeze(model, freeze, ts.text_vocab, lora)
+    counts = trainable_counts(model, freeze, ts.text_vocab)
+    log(f"token LM warm start from {base}: vocab {ts.text_vocab} -> {ts.padded_size} rows, freeze={freeze}, "
+        f"params {counts['total']:,}, trainable {counts['trainable']:,} "
+        f"(effective {counts['effective_trainable']:,})")
+    return WarmStart(model, ts, freeze, counts)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP and merge LoRA: the plain causal LM to export."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def export(model: torch.nn.Module, ts: TokenSpace, out_dir: str | Path, meta: dict, tokenizer=None) -> Path:
+    """HF directory (save_pretrained) + token_space.json + lumo_token_lm.json (+ the text tokenizer)."""
+    out = Path(out_dir)
+    m = unwrap(model)
+    m.save_pretrained(str(out), safe_serialization=True)
+    ts.save(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    (out / META).write_text(json.dumps({**meta, "text_vocab": ts.text_vocab, "padded_size": ts.padded_size,
+                                        "token_space_hash": ts.hash}, indent=2) + "\n")
+    return out
+
+
+def load_token_lm(export_dir: str | Path, expected: Optional[TokenSpace] = None) -> tuple[torch.nn.Module, TokenSpace, dict]:
+    """(model, token space, meta) of an exported token LM; refuses another token space than `expected`."""
+    from transformers import AutoModelForCausalLM
+
+    d = Path(export_dir)
+    if not (d / "token_space.json").exists():
+        raise FileNotFoundError(f"{d}: no token_space.json (not a token-LM export)")
+    ts = TokenSpace.load(d)
+    if expected is not None:
+        expected.ensure_same(ts, what=f"token LM {d} token space")
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    if model.get_input_embeddings().weight.shape[0] != ts.padded_size:
+        raise TokenSpaceError(f"{d}: model has {model.get_input_embeddings().weight.shape[0]} rows, "
+                              f"token space padded size is {ts.padded_size}")
+    meta = json.loads((d / META).read_text()) if (d / META).exists() else {}
+    return model, ts, meta
+
+
+def target_losses(model: torch.nn.Module, batch: dict, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed CE over target tokens and target token counts."""
+    dev = next(model.parameters()).device
+    ids = batch["input_ids"].to(dev)
+    labels = batch["labels"].to(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and dev.type == "cuda"):
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev)).logits
+    logits, tgt = logits[:, :-1].float(), labels[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="none")
+    ce = ce.view(tgt.shape)
+    n = (tgt != -100).sum(1)
+    return ce.sum(1), n

@@ -1,0 +1,61 @@
+"""`lumo uti audit` (SPEC §6): passes on the tiny preset, fails against a baseline that claims better quality."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lumo_ray.eval.audit import compare_to_baseline
+
+
+def audit(out: Path, real: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lumo_ray.cli", "uti", "audit", "--out", str(out),
+                           "--set", f"audit.real_data={real}", *extra], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory, real_data):
+    out = tmp_path_factory.mktemp("audit")
+    p = audit(out, real_data, "--write-baseline")
+    return out, p
+
+
+def test_audit_passes_on_tiny_preset(baseline_run):
+    out, p = baseline_run
+    assert p.returncode == 0, p.stdout + p.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["pass"] and all(rep["checks"].values())
+    for k in ("determinism_across_processes", "audio_phase", "audio_decode_rate_channels_length", "image_decode_size"):
+        assert rep["checks"][k] is True
+    assert rep["token_space_hash"] == (out / "token_space.sha256").read_text().strip()
+    assert any(k.startswith("real:") for k in rep["per_input"]) and "gen:sine_sweep" in rep["per_input"]
+    assert all(rep["metrics"][k] is not None for k in ("audio_snr_db", "audio_log_mel_l1", "image_psnr", "image_ssim"))
+    assert (out / "recon.wav").exists() and (out / "recon.png").exists()
+
+
+def test_audit_against_own_baseline_passes_and_doctored_fails(baseline_run, tmp_path, real_data):
+    out, _ = baseline_run
+    base = json.loads((out / "baseline.json").read_text())
+    ok = audit(tmp_path / "again", real_data, "--baseline", str(out / "baseline.json"))
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    rep = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert rep["checks"]["baseline_regression"] and set(rep["regression"]) == {
+        "audio_snr_db", "audio_log_mel_l1", "image_psnr", "image_ssim"}
+    doctored = dict(base, metrics=dict(base["metrics"], audio_snr_db=base["metrics"]["audio_snr_db"] + 3.0,
+                                       image_psnr=base["metrics"]["image_psnr"] + 2.0))
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    bad = audit(tmp_path / "bad", real_data, "--baseline", str(tmp_path / "doctored.json"))
+    assert bad.returncode == 1
+    rep = json.loads((tmp_path / "bad" / "report.json").read_text())
+    assert not rep["pass"] and not rep["regression"]["audio_snr_db"]["pass"] and not rep["regression"]["image_psnr"]["pass"]
+    assert rep["regression"]["audio_log_mel_l1"]["pass"]
+    assert "FAIL" in bad.stdout
+
+
+def test_regression_rules_match_spec():
+    base = {"audio_snr_db": 10.0, "audio_log_mel_l1": 2.0, "image_psnr": 20.0, "image_ssim": 0.5}
+    edge = {"audio_snr_db": 9.0, "audio_log_mel_l1": 2.1, "image_psnr": 19.5, "image_ssim": 0.48}
+    assert all(r["pass"] for r in compare_to_baseline(edge, base).values())
+    worse = {"audio_snr_db": 8.99, "audio_log_mel_l1": 2.11, "image_psnr": 19.49, "image_ssim": 0.479}
+    assert not any(r["pass"] for r in compare_to_baseline(worse, base).values())

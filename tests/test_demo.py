@@ -1,0 +1,19 @@
+"""`lumo demo` runs every stage on the tiny default and reports where the results are."""
+import json
+import subprocess
+import sys
+
+
+def test_demo_runs_all_stages(tmp_path, real_data):
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "demo", "--out", str(out),
+                        "--set", f"audit.real_data={real_data}", "--set", "demo.images=12", "--set", "demo.audio=12"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert {"uti", "audit", "data"} <= set(stages) and all(s["pass"] for s in stages.values())
+    assert stages["data"]["records"] == 24 and stages["data"]["errors"] == 0
+    assert (out / "uti" / "token_space.json").exists() and list((out / "uti").glob("*.decoded.wav"))
+    assert (out / "data" / "verify" / "report.json").exists()
+    assert str(out) in p.stdout and "lumo demo finished" in p.stdout
