@@ -1,0 +1,219 @@
+"""`lumo train token-lm`: warm-start a causal LM on the extended vocabulary and train it on tokenized
+shards with Ray Train (DDP). The loop (`token_lm_loop`) is a plain function of a worker context, so
+tests and Tune trials run it in-process.
+
+Per step: grad_accum micro batches of global_batch / (workers x accum) sequences per rank, AdamW
+with one group for the vocabulary matrices (new_row_lr, no weight decay) and one for everything
+else (train.lr), warmup + cosine, clipping. Checkpoints hold the trainable weights, optimizer,
+scheduler, RNG states, step, data position (epoch, position in this rank's order), the token-space
+hash and the config. Crop/template randomness is a function of (seed, epoch, position, rank), so a
+resumed run sees exactly the sequences the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from lumo_ray.config import LumoConfig, dump_config, to_dict
+from lumo_ray.data.sequences import SequenceBuilder, collate
+from lumo_ray.data.shard_reader import ShardDataset
+from lumo_ray.models.token_lm import export, target_losses, vocab_params, warm_start
+from lumo_ray.token_space import TokenSpace
+
+from .lm import (CKPT_STATE, RayContext, launch, make_scheduler, micro_batch, resolve_resume, rng_state,
+                 save_checkpoint, seed_all, set_rng_state, write_json)
+
+
+def run_token_space(cfg: LumoConfig) -> TokenSpace:
+    """The run's token space, from the config (adapters built, as the tokenizer built them)."""
+    from lumo_ray.uti import load_token_space
+
+    return load_token_space(cfg.uti)
+
+
+def text_tokenizer(cfg: LumoConfig):
+    from lumo_ray.codecs.text import build_text_adapter
+
+    return build_text_adapter(cfg.uti.text)
+
+
+def sample_stream(ds: ShardDataset, epoch: int, pos: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, position, sample) forever, starting at a recorded data position."""
+    while True:
+        ds.set_epoch(epoch)
+        for i, s in enumerate(ds):
+            if i >= pos:
+                yield epoch, i, s
+        epoch, pos = epoch + 1, 0
+
+
+def load_checkpoint(ck: Path, ts: TokenSpace) -> dict:
+    """The checkpoint state, after refusing another token space (both hashes + first differing field)."""
+    ck_ts = ck / "token_space.json"
+    if ck_ts.exists():
+        ts.ensure_same(TokenSpace.load(ck_ts), what=f"checkpoint {ck} token space")
+    st = torch.load(ck / CKPT_STATE, weights_only=False)
+    if st.get("token_space_hash") != ts.hash:
+        raise ValueError(f"checkpoint {ck} has token space {st.get('token_space_hash')}, run has {ts.hash}")
+    return st
+
+
+def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: list[dict], ctx, batch_size: int = 16,
+                   autocast: bool = False) -> dict:
+    """Token-weighted target loss per task over `samples` (eval layouts), summed over ranks."""
+    tasks = ["a2t", "i2t", "t2a", "t2i", "t"]
+    tot = torch.zeros(len(tasks), 2, dtype=torch.float64)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            seqs = [builder.build(s) for s in samples[i: i + batch_size]]
+            batch = collate(seqs, builder.pad_id)
+            loss, n = target_losses(model, batch, autocast)
+            for task, l, k in zip(batch["tasks"], loss.tolist(), n.tolist()):
+                tot[tasks.index(task)] += torch.tensor([l, k], dtype=torch.float64)
+    tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
+    model.train(was)
+    out = {t: float(tot[i, 0] / tot[i, 1]) for i, t in enumerate(tasks) if tot[i, 1] > 0}
+    out["all"] = float(tot[:, 0].sum() / max(1.0, float(tot[:, 1].sum())))
+    return out
+
+
+def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = None,
+                  ts: Optional[TokenSpace] = None) -> dict:
+    """Train on one worker. hook(step, model) -> dict|None runs on rank 0 after each step (Tune)."""
+    c, t = cfg.token_lm, cfg.token_lm.train
+    run_dir = Path(c.out)
+    torch.set_num_threads(t.threads)
+    seed_all(t.seed)
+    say = log if ctx.rank == 0 else (lambda *a, **k: None)
+    ts = ts or run_token_space(cfg)
+    if not c.shards:
+        raise ValueError("token_lm.shards is empty: point it at a `lumo data tokenize` output")
+    train_ds = ShardDataset(c.shards, "train", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, expected=ts)
+    eval_ds = ShardDataset(c.shards, "eval", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, shuffle=False,
+                           expected=ts)
+    eval_samples = list(eval_ds)
+    tok = text_tokenizer(cfg)
+    builder = SequenceBuilder(ts, c.seq, tok.encode)
+    ws = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=say)
+    raw = ws.model
+    vocab = vocab_params(raw)
+    vocab_ids = {id(p) for p in vocab}
+    rest = [p for p in raw.parameters() if p.requires_grad and id(p) not in vocab_ids]
+    groups = [{"params": vocab, "lr": c.new_row_lr, "weight_decay": 0.0}]
+    if rest:
+        groups.append({"params": rest, "lr": t.lr, "weight_decay": t.weight_decay})
+    model = ctx.prepare(raw)
+    opt = torch.optim.AdamW(groups)
+    sched = make_scheduler(opt, t)
+    per = micro_batch(t, ctx.world_size)
+    autocast = t.bf16 and ctx.device.type == "cuda"
+    names = {id(p): n for n, p in raw.named_parameters()}
+    step, epoch, pos = 0, 0, 0
+    ck = resolve_resume(t, run_dir, ctx)
+    if ck is not None:
+        st = load_checkpoint(ck, ts)
+        with torch.no_grad():
+            for n, p in raw.named_parameters():
+                if n in st["trainable"]:
+                    p.copy_(st["trainable"][n])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        step, epoch, pos = st["step"], st["data"]["epoch"], st["data"]["pos"]
+        say(f"resumed from {ck} at step {step} (epoch {epoch}, position {pos})")
+    stream = sample_stream(train_ds, epoch, pos)
+    history: list[float] = []
+    metrics: dict = {}
+    t0, ntok = time.time(), 0
+    model.train()
+    while step < t.steps:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(t.grad_accum):
+            seqs = []
+            for _ in range(per):
+                epoch, i, s = next(stream)
+                pos = i + 1
+                seqs.append(builder.build(s, rng=np.random.default_rng([t.seed, epoch, i, ctx.rank])))
+            batch = collate(seqs, builder.pad_id)
+            loss_sum, n = target_losses(model, batch, autocast)
+            loss = loss_sum.sum() / n.sum().clamp(min=1)
+            (loss / t.grad_accum).backward()
+            total += loss.item() / t.grad_accum
+            ntok += int(batch["attention_mask"].sum())
+        if t.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t.clip)
+        keep = [p[: ts.text_vocab].detach().clone() for p in vocab] if c.freeze == "full" else None
+        opt.step()
+        if keep is not None:  # full mode: TEXT rows of the vocab matrices move at train.lr, new rows at new_row_lr
+            with torch.no_grad():
+                for p, old in zip(vocab, keep):
+                    p[: ts.text_vocab] = old + (p[: ts.text_vocab] - old) * (t.lr / c.new_row_lr)
+        sched.step()
+        step += 1
+        history.append(total)
+        last = step == t.steps
+        rep: dict = {"step": step, "loss": total}
+        if step % t.eval_every == 0 or last:
+            ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
+            rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}})
+        if hook is not None and ctx.rank == 0:
+            rep.update(hook(step, raw) or {})
+        ck_dir = None
+        if (step % t.ckpt_every == 0 or last) and ctx.rank == 0:
+            state = {"trainable": {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad},
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+                     "step": step, "data": {"epoch": epoch, "pos": pos}, "token_space_hash": ts.hash,
+                     "config": to_dict(cfg)}
+            ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
+        if step % t.log_every == 0 or last:
+            say(f"token-lm step {step}/{t.steps} loss {total:.4f}"
+                + (f" eval {rep['eval_loss']:.4f}" if "eval_loss" in rep else ""))
+        ctx.report(rep, ck_dir)
+        if "eval_loss" in rep:
+            metrics = rep
+    if ctx.rank == 0:
+        secs = time.time() - t0
+        out = export(raw, ts, run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed,
+                                                   "init_scale": c.init_scale}, tok.tokenizer)
+        metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
+                   "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_loss"},
+                   "trainable": ws.counts, "token_space_hash": ts.hash, "steps": step, "seconds": secs,
+                   "tokens_per_s": ntok * ctx.world_size / max(secs, 1e-9), "export": str(out)}
+        write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _worker(config: dict) -> None:
+    token_lm_loop(config["cfg"], RayContext())
+
+
+def prepare_run(cfg: LumoConfig) -> Path:
+    """Absolute paths (workers may run elsewhere) and the config copy in the run directory."""
+    c = cfg.token_lm
+    run_dir = Path(c.out).resolve()
+    c.out = str(run_dir)
+    c.shards = str(Path(c.shards).resolve()) if c.shards else c.shards
+    if c.base != "tiny" and Path(c.base).exists():
+        c.base = str(Path(c.base).resolve())
+    dump_config(cfg, run_dir)
+    return run_dir
+
+
+def run_token_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
+    """`lumo train token-lm`: Ray Train DDP job; returns metrics.json."""
+    run_dir = prepare_run(cfg)
+    # Refuse mismatched shards on the driver before any worker starts.
+    ShardDataset(cfg.token_lm.shards, "train", expected=run_token_space(cfg))
+    launch(_worker, cfg, cfg.token_lm.train, run_dir, "token_lm", address)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    log(f"token LM: eval loss {m.get('eval_loss', float('nan')):.4f} per task "
+        + ", ".join(f"{k} {v:.3f}" for k, v in m["eval"].items()) + f"; export {m['export']}")
+    return m
