@@ -54,6 +54,12 @@ class LLMConfig:
     """Text tokenizer (same meaning as uti.text.tokenizer): 'tiny', 'qwen3', a hub id or a dir."""
     seed: int = 0
     """Seed of the tiny random-init preset."""
+    text_warmup_steps: int = 0
+    """Tiny preset only: a frozen *random* LM cannot be steered by visual tokens, so before
+    alignment the driver trains it on the train split's caption text for this many steps (a
+    stand-in for a pretrained LLM), saves it with save_pretrained under <run>/llm_text_warm and
+    points `model` there. 0 = use the LLM as configured."""
+    text_warmup_lr: float = 3e-3
 
 
 @dataclass

@@ -11,9 +11,9 @@ plain PyTorch loop of the overhead benchmark.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -25,9 +25,9 @@ import torch
 
 from lumo_ray.config import LumoConfig, _build, dump_config, to_dict
 from lumo_ray.config_vlm import VLMConfig
-from lumo_ray.data.vlm_data import (StepSampler, collate, length_stats, prepare_data, to_device)
+from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length_stats, prepare_data, to_device
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
-from lumo_ray.models.vlm import build_text, build_vlm, save_export, vlm_tokens
+from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
 
 
 class Hooks:
@@ -71,15 +71,22 @@ class RayTrainHooks(Hooks):
 # Run directory
 # ------------------------------------------------------------------------------------------------
 
-def prepare_run(cfg: VLMConfig, run_dir: str | Path) -> Path:
-    """Config copy + persisted eval split, written once by the driver before workers start."""
+def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> tuple[VLMConfig, Path]:
+    """Written once by the driver before workers start: the persisted eval split, the tiny LLM's
+    text warm-up (when configured; the returned config then points llm.model at it) and the
+    resolved config copy."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    dump_config(LumoConfig(vlm=cfg), run)
+    cfg = copy.deepcopy(cfg)
     text = build_text(cfg)
-    prepare_data(cfg.data, text, vlm_tokens(text), cfg.resampler.latents, cfg.vision.image_size,
-                 run / "splits.json", preload=False)
-    return run
+    data = prepare_data(cfg.data, text, vlm_tokens(text), cfg.resampler.latents, cfg.vision.image_size,
+                        run / "splits.json", preload=False)
+    if cfg.llm.text_warmup_steps > 0:
+        builder = SequenceBuilder(text, vlm_tokens(text), cfg.resampler.latents, cfg.data)
+        warm = text_warmup(cfg, text, [builder.text_only(s) for s in data.train], run / "llm_text_warm", log)
+        cfg.llm.model, cfg.llm.text_warmup_steps = str(warm), 0
+    dump_config(LumoConfig(vlm=cfg), run)
+    return cfg, run
 
 
 def lr_lambda(cfg: VLMConfig) -> Callable[[int], float]:
@@ -256,8 +263,8 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
                        "eval_buckets": {b: v["loss"] for b, v in ev["buckets"].items()}}
             if rank == 0:
                 _append(run / "evals.jsonl", {"step": done, "kind": "full", **ev})
-                gold = golden_captions(model, data.golden, data.images, text,
-                                       max_new_tokens=cfg.data.max_seq_len, device=device)
+                gold = golden_captions(model, data.golden, data.images, text, device=device,
+                                       max_new_tokens=cfg.data.max_seq_len - min((s.prompt_len for s in data.golden), default=0))
                 gdir = run / "golden"
                 gdir.mkdir(exist_ok=True)
                 (gdir / f"step_{done:06d}.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
@@ -305,7 +312,7 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
 
     vcfg = cfg.vlm if isinstance(cfg, LumoConfig) else cfg
     t = vcfg.train
-    run = prepare_run(vcfg, t.out)
+    vcfg, run = prepare_run(vcfg, t.out, log)
     init_ray(address)
     trainer = TorchTrainer(
         train_func,

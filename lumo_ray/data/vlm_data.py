@@ -111,7 +111,13 @@ class SequenceBuilder:
             ids, labels = ids[:keep], labels[:keep]
         label_len = sum(lab != -100 for lab in labels)
         return VLMSample(id=rec.id, group=rec.group, caption=caption, image_paths=paths, input_ids=ids,
-                         labels=labels, truncated=truncated, label_len=label_len)
+                         labels=labels, truncated=truncated, label_len=label_len,
+                         meta={"prompt": str(rec.text.get("prompt", ""))})
+
+    def text_only(self, s: VLMSample) -> str:
+        """The sample's prompt + caption with the image placeholders removed (LLM text warm-up)."""
+        prompt = self.cfg.prompt_template.format(prompt=s.meta.get("prompt", "")).replace(IMAGE_TOKEN, "")
+        return prompt.strip() + self.cfg.caption_prefix + s.caption
 
 
 def length_stats(samples: Sequence[VLMSample]) -> dict:

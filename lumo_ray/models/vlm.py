@@ -300,3 +300,47 @@ def load_export(export_dir: str | Path) -> tuple[VLM, VLMConfig, Any]:
 
 def lumo_vlm_config(cfg: LumoConfig | VLMConfig) -> VLMConfig:
     return cfg.vlm if isinstance(cfg, LumoConfig) else cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny-preset text warm-up (a stand-in for a pretrained LLM)
+# ------------------------------------------------------------------------------------------------
+
+def text_warmup(cfg: VLMConfig, text: Any, texts: Sequence[str], out_dir: str | Path,
+                log=print) -> Path:
+    """Train the tiny random LM on `texts` (each + EOS) and save it with save_pretrained.
+    Deterministic for cfg.llm.seed; CPU, a few seconds for the tiny preset."""
+    if cfg.llm.model != "tiny":
+        raise ValueError(f"llm.text_warmup_steps is for the tiny preset only (llm.model={cfg.llm.model!r})")
+    out = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        llm = _llm(cfg, text.vocab_size)
+        torch.manual_seed(cfg.llm.seed)
+        seqs = [text.encode(t) + [int(text.eos_id)] for t in texts]
+        opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm.text_warmup_lr, weight_decay=0.0)
+        steps, bs = cfg.llm.text_warmup_steps, 32
+        pad = int(text.pad_id if text.pad_id is not None else text.eos_id)
+        llm.train()
+        for step in range(steps):
+            idx = torch.randint(len(seqs), (bs,)).tolist()
+            T = max(len(seqs[i]) for i in idx)
+            ids = torch.full((bs, T), pad, dtype=torch.long)
+            am = torch.zeros((bs, T), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                am[r, :len(seqs[i])] = 1
+            labels = ids.masked_fill(am == 0, -100)
+            loss = llm(input_ids=ids, attention_mask=am, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+            for g in opt.param_groups:
+                g["lr"] = cfg.llm.text_warmup_lr * min(1.0, (step + 1) / 10) * (1 - step / steps * 0.9)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step + 1 == steps or step % 100 == 0:
+                log(f"[vlm] text warm-up of the tiny LLM: step {step + 1}/{steps} loss {float(loss):.4f}")
+    llm.eval()
+    llm.save_pretrained(str(out))
+    (out / "lumo_text_warmup.json").write_text(json.dumps(
+        {"steps": steps, "lr": cfg.llm.text_warmup_lr, "seed": cfg.llm.seed, "texts": len(texts)}) + "\n")
+    return out
