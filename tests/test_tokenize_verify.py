@@ -234,3 +234,30 @@ def test_verify_fails_on_each_corruption(shards, tmp_path, corruption):
     assert not rep["checks"][expect]["pass"], rep["checks"][expect]
     if expect == "records":
         assert rep["checks"]["records"]["problems"]
+
+
+def test_killed_run_restarts_to_identical_output(shards, manifest, tmp_path):
+    """SIGKILL a real `lumo data tokenize` once its first shard is on disk; the re-run finishes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "lumo_ray.cli", "data", "tokenize", "--manifest", str(manifest), "--out", str(out)]
+    args += [x for c in CFG for x in ("--set", c)] + ["--set", "data.tokenize.batch_size=1"]
+    env = dict(os.environ, RAY_ADDRESS="")
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.rglob("*.stats.json")) and p.poll() is None:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "index.json").exists(), "the run finished before it could be killed"
+    lines = []
+    run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), out, log=lines.append)
+    assert " 0 complete" not in lines[0]  # the killed run's finished shards are kept
+    ref = tmp_path / "ref"
+    run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), ref, log=quiet)
+    assert tree_bytes(out) == tree_bytes(ref)
