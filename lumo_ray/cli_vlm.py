@@ -1,6 +1,65 @@
 """`lumo train/eval/tune` commands of the vlm stage."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+
+def _cfg(args):
+    from .config import LumoConfig, load_config
+    return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
+
+
+def cmd_train_vlm(args) -> int:
+    from trainers.vlm import train_vlm
+    out = train_vlm(_cfg(args), address=args.address)
+    fin = out["metrics"].get("final", {})
+    print(json.dumps({"run_dir": out["run_dir"], "step": fin.get("step"), "eval_loss": fin.get("eval_loss"),
+                      "export": out["export"]}, indent=1))
+    return 0
+
+
+def export_of(run: Path) -> Path:
+    """A run directory's export (or the export directory itself)."""
+    if (run / "config.json").exists():
+        return run
+    if (run / "export" / "config.json").exists():
+        return run / "export"
+    raise FileNotFoundError(f"{run}: no export/ (train to max_steps first) and not an export directory")
+
+
+def cmd_eval_vlm_ablation(args) -> int:
+    from .eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation
+    run = Path(args.run)
+    export = export_of(run)
+    split = run / "splits.json" if (run / "splits.json").exists() else export.parent / "splits.json"
+    rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed)
+    p = write_ablation(rep, args.out)
+    print(ablation_table(rep))
+    print(f"wrote {p}")
+    return 0 if rep["pass"] else 1
+
+
+def cmd_tune_vlm(args) -> int:
+    from trainers.tune_vlm import run_sweep
+    rep = run_sweep(_cfg(args), address=args.address)
+    print(rep["table_md"])
+    print(f"best: {json.dumps(rep['best'])}\nwrote {rep['out']}")
+    return 0
+
 
 def add_commands(groups: dict, common) -> None:
     """groups: {'train': subparsers, 'eval': subparsers, 'tune': subparsers}; common(parser) adds --config/--set/--address."""
+    t = groups["train"].add_parser("vlm", help="stage-1 VLM connector alignment (Ray Train, DDP)")
+    common(t)
+    t.set_defaults(func=cmd_train_vlm)
+    e = groups["eval"].add_parser("vlm-ablation", help="visual-token ablation gate (exit 1 when it fails)")
+    common(e, config=False)
+    e.add_argument("--run", required=True, help="a `lumo train vlm` run directory (or its export/)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--n", type=int, default=128, help="held-out samples (64-256; all of eval when fewer)")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval_vlm_ablation)
+    s = groups["tune"].add_parser("vlm", help="Ray Tune sweep: learning rate x vision LayerNorm")
+    common(s)
+    s.set_defaults(func=cmd_tune_vlm)

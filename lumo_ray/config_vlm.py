@@ -54,11 +54,12 @@ class LLMConfig:
     """Text tokenizer (same meaning as uti.text.tokenizer): 'tiny', 'qwen3', a hub id or a dir."""
     seed: int = 0
     """Seed of the tiny random-init preset."""
-    text_warmup_steps: int = 0
-    """Tiny preset only: a frozen *random* LM cannot be steered by visual tokens, so before
-    alignment the driver trains it on the train split's caption text for this many steps (a
-    stand-in for a pretrained LLM), saves it with save_pretrained under <run>/llm_text_warm and
-    points `model` there. 0 = use the LLM as configured."""
+    text_warmup_steps: int = 200
+    """Tiny preset only (ignored for checkpoints): a frozen *random* LM cannot be steered by visual
+    tokens, so before alignment the driver trains it on the train split's text with each caption
+    written into the image span (it learns to read content from those positions, as a pretrained
+    LLM reads context), saves it with save_pretrained under <run>/llm_text_warm and points `model`
+    there. 0 = use the random LLM as is."""
     text_warmup_lr: float = 3e-3
 
 
@@ -99,7 +100,7 @@ class VLMTrainConfig:
     grad_accum: int = 1
     max_steps: int = 300
     """Optimizer steps (epochs follow from the data size; the order is reshuffled per epoch)."""
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .codecs.base import AUDIO_PRESETS, IMAGE_VQ_PRESETS, IMAGE_SEED_PRESETS, TEXT_PRESETS, model_identity
+from .codecs.base import AUDIO_PRESETS, TEXT_PRESETS, image_model_identity, model_identity
 from .runtime import torch_threads
 from .config import AudioConfig, ImageConfig, TextConfig, UTIConfig
 from .token_space import AUDIO_SERIALIZATION, TokenSpace, TokenSpaceError
@@ -62,8 +62,7 @@ def declared_audio_identity(c: AudioConfig) -> dict:
 
 
 def declared_image_identity(c: ImageConfig) -> dict:
-    presets = IMAGE_VQ_PRESETS if c.kind == "vq" else IMAGE_SEED_PRESETS
-    return {"kind": c.kind, "model": model_identity(c.model, c.seed, presets),
+    return {"kind": c.kind, "model": image_model_identity(c),
             "codebook_size": _need(c.codebook_size, "image.codebook_size"),
             "tokens_per_image": _need(c.tokens_per_image, "image.tokens_per_image"),
             "resolution": c.resolution}

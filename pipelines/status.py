@@ -161,14 +161,14 @@ def format_status(offer: dict, asks: list[dict], problems: list[str], source: st
         lines.append(f"cluster at {offer['address']} (from {source}): {len(offer['nodes'])} alive node(s)")
     else:
         lines.append(f"no cluster reachable ({source}); local mode would start one on this machine with:")
-    lines.append(f"  {'node':14s} {'ip':15s} {'CPU':>5s} {'GPU':>4s} {'mem GiB':>8s} {'objstore GiB':>12s}  custom")
+    lines.append(f"  {'node':19s} {'ip':15s} {'CPU':>5s} {'GPU':>4s} {'mem GiB':>8s} {'objstore GiB':>12s}  custom")
     for n in offer["nodes"]:
         custom = ", ".join(f"{k}={v:g}" for k, v in n["custom"].items()) or "-"
         name = n["node_id"] + (" (head)" if n["head"] and offer["address"] else "")
-        lines.append(f"  {name:14s} {n['ip']:15s} {n['cpus']:5g} {n['gpus']:4g} {n['memory_gib']:8.1f} "
+        lines.append(f"  {name:19s} {n['ip']:15s} {n['cpus']:5g} {n['gpus']:4g} {n['memory_gib']:8.1f} "
                      f"{n['object_store_gib']:12.2f}  {custom}")
     tot = {k: sum(n[k] for n in offer["nodes"]) for k in ("cpus", "gpus", "memory_gib", "object_store_gib")}
-    lines.append(f"  {'total':14s} {'':15s} {tot['cpus']:5g} {tot['gpus']:4g} {tot['memory_gib']:8.1f} "
+    lines.append(f"  {'total':19s} {'':15s} {tot['cpus']:5g} {tot['gpus']:4g} {tot['memory_gib']:8.1f} "
                  f"{tot['object_store_gib']:12.2f}")
     if offer.get("available"):
         lines.append(f"  free now: {offer['available']['CPU']:g} CPU, {offer['available']['GPU']:g} GPU")

@@ -69,36 +69,56 @@ def run(cmd: list[str], env: dict, timeout: float = 240) -> subprocess.Completed
     return p
 
 
+def _procs() -> dict[int, tuple[int, str, str]]:
+    """pid -> (ppid, start time, command line) of every process we can see."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        out[int(d.name)] = (int(fields[1]), fields[19], cmd)
+    return out
+
+
+def _ours(roots: list[int], marker: str) -> dict[int, str]:
+    """Descendants of our `ray start` processes (Ray workers rename themselves `ray::...`, so the tree
+    is what finds them) plus anything naming our private temp dir; pid -> start time."""
+    table = _procs()
+    mine = {pid for pid, (_, _, cmd) in table.items() if marker in cmd} | {r for r in roots if r in table}
+    grew = True
+    while grew:
+        kids = {pid for pid, (ppid, _, _) in table.items() if ppid in mine} - mine
+        mine |= kids
+        grew = bool(kids)
+    mine.discard(os.getpid())
+    return {pid: table[pid][1] for pid in mine}
+
+
 def _kill_tree(procs: list[subprocess.Popen], marker: str) -> None:
-    """Stop our `ray start --block` processes, then any process whose command line names our temp dir
-    (gcs_server, raylet, agents and workers of this cluster only: the dir is unique to this module)."""
+    """Stop the `ray start --block` processes (they stop their nodes), then SIGKILL whatever of
+    theirs is left: only processes recorded before, matched by pid and start time."""
+    ours = _ours([p.pid for p in procs], marker)
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in procs:
         try:
-            p.wait(timeout=20)
+            p.wait(timeout=8)
         except subprocess.TimeoutExpired:
             p.kill()
-    for _ in range(2):
-        left = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline:
-                left.append(int(proc.name))
-        for pid in left:
+    ours.update(_ours([], marker))
+    table = _procs()
+    for pid, start in ours.items():
+        if pid in table and table[pid][1] == start:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if not left:
-            break
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +162,18 @@ def local_shards(manifest, work, env):
 
 
 @pytest.fixture(scope="module")
-def cluster(work, env):
-    """Head (1 CPU) + second node (1 CPU, custom resource `lumo_node2`) as separate `ray start --block` processes."""
+def cluster(work, env, local_shards):
+    """Head (1 CPU) + second node (1 CPU, custom resource `lumo_node2`) as separate `ray start --block` processes.
+
+    Started after the local-mode baseline so the two runs never compete for the 2 cores."""
     dash = dashboard_missing() is None
     port, dport = free_port(), free_port()
     temp = work / "ray"
     head = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
             "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(temp),
-            "--include-dashboard", "true" if dash else "false", "--disable-usage-stats", *node_ports()]
-    if dash:
-        head += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport)]
+            "--include-dashboard", "true" if dash else "false", "--disable-usage-stats", *node_ports(),
+            # even without the job server a minimal dashboard process binds this port (default 8265)
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport)]
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     procs = [subprocess.Popen(head, env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT,
@@ -198,6 +220,7 @@ def _wait(pred, timeout: float, what: str, log: Path, extra: dict | None = None,
 
 def test_status_reports_both_nodes_and_the_config_asks(cluster):
     out = cluster["status"]
+    print(out)
     assert f"cluster at {cluster['address']} (from --address): 2 alive node(s)" in out
     assert "(head)" in out and "lumo_node2=1" in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
@@ -222,7 +245,7 @@ def test_tokenize_job_submit_matches_local_mode(cluster, manifest, local_shards,
         pytest.skip(why)
     out = work / "submitted"
     p = run([str(RAY), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO), "--",
-             "python", "-m", "lumo_ray.cli", "data", "tokenize", "--manifest", str(manifest), "--out", str(out),
+             sys.executable, "-m", "lumo_ray.cli", "data", "tokenize", "--manifest", str(manifest), "--out", str(out),
              *SETS], env, timeout=300)
     assert "succeeded" in p.stdout.lower()
     assert tree_bytes(out) == tree_bytes(local_shards)

@@ -143,3 +143,20 @@ def test_cli_build_hash_identical_across_working_dirs(tmp_path):
     assert ts["total"] == 164021
     assert str(tmp_path) not in json.dumps(ts)
     assert (tmp_path / "a" / "out1" / "config.yaml").exists()
+
+
+def test_seed_real_weights_identity_is_a_content_digest(tmp_path):
+    from lumo_ray.codecs.base import image_model_identity
+    from lumo_ray.config import ImageConfig
+
+    def weights(d, payload):
+        d.mkdir()
+        (d / "q.pt").write_bytes(payload)
+        (d / "eva.pth").write_bytes(b"eva")
+        return {"quantizer": str(d / "q.pt"), "eva_clip": str(d / "eva.pth"), "unclip": str(d)}
+
+    a = ImageConfig(kind="seed", model="real", seed_weights=weights(tmp_path / "a", b"one"))
+    b = ImageConfig(kind="seed", model="real", seed_weights=weights(tmp_path / "b", b"one"))
+    c = ImageConfig(kind="seed", model="real", seed_weights=weights(tmp_path / "c", b"two"))
+    assert image_model_identity(a) == image_model_identity(b) != image_model_identity(c)
+    assert str(tmp_path) not in image_model_identity(a)

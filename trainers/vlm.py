@@ -81,9 +81,9 @@ def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] 
     text = build_text(cfg)
     data = prepare_data(cfg.data, text, vlm_tokens(text), cfg.resampler.latents, cfg.vision.image_size,
                         run / "splits.json", preload=False)
-    if cfg.llm.text_warmup_steps > 0:
+    if cfg.llm.text_warmup_steps > 0 and cfg.llm.model == "tiny":
         builder = SequenceBuilder(text, vlm_tokens(text), cfg.resampler.latents, cfg.data)
-        warm = text_warmup(cfg, text, [builder.text_only(s) for s in data.train], run / "llm_text_warm", log)
+        warm = text_warmup(cfg, text, [builder.text_in_span(s) for s in data.train], run / "llm_text_warm", log)
         cfg.llm.model, cfg.llm.text_warmup_steps = str(warm), 0
     dump_config(LumoConfig(vlm=cfg), run)
     return cfg, run

@@ -108,3 +108,14 @@ def model_identity(model: str, seed: int, presets: tuple[str, ...]) -> str:
                     h.update(chunk)
         return "sha256:" + h.hexdigest()
     return model
+
+
+def image_model_identity(cfg: Any) -> str:
+    """Identity of an ImageConfig's model. SEED-2 'real' weights come from several local paths
+    (quantizer, eva_clip, unclip), so their identity is a digest over the digests of each."""
+    import hashlib
+
+    if cfg.kind == "seed" and cfg.model == "real":
+        parts = [f"{k}={model_identity(v, 0, ())}" for k, v in sorted(cfg.seed_weights.items())]
+        return "seed2-weights:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return model_identity(cfg.model, cfg.seed, IMAGE_VQ_PRESETS if cfg.kind == "vq" else IMAGE_SEED_PRESETS)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ImageConfig, RuntimeConfig
-from .base import IMAGE_SEED_PRESETS, ImageInput, MediaError, model_identity
+from .base import ImageInput, MediaError, image_model_identity
 from .seed import CLIP_MEAN, CLIP_STD, REAL, SeedArch, SeedQuantizer, load_seed_weights, tiny_arch
 from .seed import unclip as unclip_mod
 
@@ -106,7 +106,7 @@ class SeedImageAdapter:
 
     # -- identity ---------------------------------------------------------------------------
     def identity(self) -> dict:
-        return {"kind": "seed", "model": model_identity(self.cfg.model, self.cfg.seed, IMAGE_SEED_PRESETS),
+        return {"kind": "seed", "model": image_model_identity(self.cfg),
                 "codebook_size": self.codebook_size, "tokens_per_image": self.tokens_per_image,
                 "resolution": self.cfg.resolution}
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ImageConfig, RuntimeConfig
-from .base import IMAGE_VQ_PRESETS, ImageInput, MediaError, model_identity
+from .base import IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity
 
 # diffusers VQModel kwargs. Downsampling factor = 2 ** (len(block_out_channels) - 1).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
@@ -120,7 +120,7 @@ class VQImageAdapter:
         self.embed_dim = int(model.quantize.embedding.weight.shape[1])
 
     def identity(self) -> dict:
-        return {"kind": "vq", "model": model_identity(self.cfg.model, self.cfg.seed, IMAGE_VQ_PRESETS),
+        return {"kind": "vq", "model": image_model_identity(self.cfg),
                 "codebook_size": self.codebook_size, "tokens_per_image": self.tokens_per_image,
                 "resolution": self.image_size}
 

@@ -114,10 +114,20 @@ class SequenceBuilder:
                          labels=labels, truncated=truncated, label_len=label_len,
                          meta={"prompt": str(rec.text.get("prompt", ""))})
 
-    def text_only(self, s: VLMSample) -> str:
-        """The sample's prompt + caption with the image placeholders removed (LLM text warm-up)."""
-        prompt = self.cfg.prompt_template.format(prompt=s.meta.get("prompt", "")).replace(IMAGE_TOKEN, "")
-        return prompt.strip() + self.cfg.caption_prefix + s.caption
+    def text_in_span(self, s: VLMSample) -> tuple[list[int], list[int]]:
+        """The sample's sequence with its caption's first N ids written into the image span (pad
+        after) and labels on everything outside the span: the tiny LLM's text warm-up teaches it
+        to read content from the image-span positions, as a pretrained LLM reads context."""
+        cap = self.text.encode(self.cfg.caption_prefix + s.caption)[: self.n_visual]
+        fill = cap + [self.tokens.pad] * (self.n_visual - len(cap))
+        ids, labels, k = list(s.input_ids), [], 0
+        for i in ids:
+            labels.append(-100 if i == self.tokens.image_pad else i)
+        for j, i in enumerate(ids):
+            if i == self.tokens.image_pad:
+                ids[j] = fill[k % self.n_visual]
+                k += 1
+        return ids, labels
 
 
 def length_stats(samples: Sequence[VLMSample]) -> dict:

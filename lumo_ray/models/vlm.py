@@ -306,30 +306,29 @@ def lumo_vlm_config(cfg: LumoConfig | VLMConfig) -> VLMConfig:
 # Tiny-preset text warm-up (a stand-in for a pretrained LLM)
 # ------------------------------------------------------------------------------------------------
 
-def text_warmup(cfg: VLMConfig, text: Any, texts: Sequence[str], out_dir: str | Path,
+def text_warmup(cfg: VLMConfig, text: Any, seqs: Sequence[tuple[list[int], list[int]]], out_dir: str | Path,
                 log=print) -> Path:
-    """Train the tiny random LM on `texts` (each + EOS) and save it with save_pretrained.
-    Deterministic for cfg.llm.seed; CPU, a few seconds for the tiny preset."""
+    """Train the tiny random LM on (ids, labels) sequences and save it with save_pretrained.
+    Deterministic for cfg.llm.seed; CPU, seconds for the tiny preset."""
     if cfg.llm.model != "tiny":
         raise ValueError(f"llm.text_warmup_steps is for the tiny preset only (llm.model={cfg.llm.model!r})")
     out = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         llm = _llm(cfg, text.vocab_size)
         torch.manual_seed(cfg.llm.seed)
-        seqs = [text.encode(t) + [int(text.eos_id)] for t in texts]
         opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm.text_warmup_lr, weight_decay=0.0)
         steps, bs = cfg.llm.text_warmup_steps, 32
         pad = int(text.pad_id if text.pad_id is not None else text.eos_id)
         llm.train()
         for step in range(steps):
             idx = torch.randint(len(seqs), (bs,)).tolist()
-            T = max(len(seqs[i]) for i in idx)
+            T = max(len(seqs[i][0]) for i in idx)
             ids = torch.full((bs, T), pad, dtype=torch.long)
+            labels = torch.full((bs, T), -100, dtype=torch.long)
             am = torch.zeros((bs, T), dtype=torch.long)
             for r, i in enumerate(idx):
-                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-                am[r, :len(seqs[i])] = 1
-            labels = ids.masked_fill(am == 0, -100)
+                n = len(seqs[i][0])
+                ids[r, :n], labels[r, :n], am[r, :n] = torch.tensor(seqs[i][0]), torch.tensor(seqs[i][1]), 1
             loss = llm(input_ids=ids, attention_mask=am, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
@@ -338,9 +337,9 @@ def text_warmup(cfg: VLMConfig, text: Any, texts: Sequence[str], out_dir: str | 
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step + 1 == steps or step % 100 == 0:
-                log(f"[vlm] text warm-up of the tiny LLM: step {step + 1}/{steps} loss {float(loss):.4f}")
+                log(f"[vlm] text warm-up of the tiny LLM: step {step + 1}/{steps} loss {loss.item():.4f}")
     llm.eval()
     llm.save_pretrained(str(out))
     (out / "lumo_text_warmup.json").write_text(json.dumps(
-        {"steps": steps, "lr": cfg.llm.text_warmup_lr, "seed": cfg.llm.seed, "texts": len(texts)}) + "\n")
+        {"steps": steps, "lr": cfg.llm.text_warmup_lr, "seed": cfg.llm.seed, "sequences": len(seqs)}) + "\n")
     return out

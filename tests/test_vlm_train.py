@@ -1,0 +1,127 @@
+"""VLM training: exact resume, Ray Train DDP failure restart, real images, ablation gate, CLI, sweep."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.data.synth import write_synth
+from trainers.vlm import Hooks, latest_checkpoint, prepare_run, run_loop, train_vlm
+
+QUIET = lambda *_: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    return write_synth(tmp_path_factory.mktemp("vsyn"), 160, 0, seed=2)["llava_pretrain_dir"]
+
+
+def small_cfg(data: str, out: Path, steps: int = 10) -> VLMConfig:
+    cfg = VLMConfig()
+    cfg.data.path, cfg.data.eval_size, cfg.data.golden_size = data, 16, 4
+    cfg.llm.text_warmup_steps = 0
+    t = cfg.train
+    t.out, t.max_steps, t.global_batch_size, t.warmup_steps = str(out), steps, 8, 3
+    t.checkpoint_every, t.eval_every, t.quick_eval_size, t.log_every = 5, 0, 8, 10 ** 6
+    return cfg
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_resume_5_plus_5_equals_10_straight(synth, tmp_path):
+    cfg = small_cfg(synth, tmp_path / "straight")
+    cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
+    run_loop(cfg, run, Hooks(), log=QUIET)
+    straight = losses(run)
+
+    ckpts: list = []
+
+    class Keep(Hooks):
+        def report(self, metrics, ckpt_dir):
+            if ckpt_dir:
+                import shutil
+                ckpts.append(shutil.copytree(ckpt_dir, tmp_path / "kept" / Path(ckpt_dir).name))
+
+    first = small_cfg(synth, tmp_path / "first")
+    first.train.stop_after = 5
+    first, run1 = prepare_run(first, first.train.out, QUIET)
+    run_loop(first, run1, Keep(), log=QUIET)
+    assert not (run1 / "export").exists() and len(ckpts) == 1
+    second = small_cfg(synth, tmp_path / "second")
+    second.train.resume_from = str(ckpts[0])
+    second, run2 = prepare_run(second, second.train.out, QUIET)
+    run_loop(second, run2, Hooks(), log=QUIET)
+    resumed = {**losses(run1), **losses(run2)}
+    assert sorted(resumed) == list(range(1, 11)) and sorted(losses(run2)) == list(range(6, 11))
+    for s in range(1, 11):
+        assert abs(resumed[s] - straight[s]) <= 1e-6, (s, resumed[s], straight[s])
+
+
+def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, ray_local):
+    cfg = small_cfg(synth, tmp_path / "ddp")
+    cfg.train.fail_at_step = 7  # rank 0 raises once (marker file), after the step-5 checkpoint
+    cfg.train.num_workers, cfg.train.max_failures = 2, 1
+    res = train_vlm(cfg, log=QUIET)
+    run = Path(res["run_dir"])
+    assert (run / ".failed_once").exists()
+    rows = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]  # restarted after step 5's checkpoint
+    assert rows[5]["loss"] == pytest.approx(rows[7]["loss"], abs=1e-6)  # exact resume under DDP
+    assert rows[6]["loss"] == pytest.approx(rows[8]["loss"], abs=1e-6)
+    m = res["metrics"]
+    assert m["final"]["step"] == 10 and m["world_size"] == 2 and res["export"]
+    assert m["epochs"][0]["zero_label_pct"] == 0.0 and m["epochs"][0]["avg_label_tokens"] > 0
+    assert set(m["final"]["eval_buckets"]) == {"0", "1", "2", "3"}
+    gold = (run / "golden" / "step_000010.jsonl").read_text().splitlines()
+    assert len(gold) == 4 and all(set(json.loads(g)) >= {"id", "reference", "generated"} for g in gold)
+    import torch
+    st = torch.load(Path(latest_checkpoint(run)) / "state.pt", weights_only=False)
+    assert st["step"] == 10 and len(st["rng"]) == 2 and {"optimizer", "scheduler", "data_position", "config"} <= set(st)
+
+    from lumo_ray.cli import main
+    code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / "abl"), "--n", "16"])
+    rep = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert code == (0 if rep["pass"] else 1) and rep["n"] == 16
+
+
+def test_trained_tiny_vlm_passes_ablation(synth, tmp_path):
+    cfg = small_cfg(synth, tmp_path / "gate", steps=120)
+    cfg.llm.text_warmup_steps = 150
+    cfg.train.global_batch_size, cfg.train.checkpoint_every, cfg.train.warmup_steps = 16, 120, 10
+    cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
+    run_loop(cfg, run, Hooks(), log=QUIET)
+    from lumo_ray.eval.vlm_ablation import ablation_from_export
+    rep = ablation_from_export(run / "export", run / "splits.json", n=128, seed=0)
+    assert rep["pass"], rep["mean_loss"]
+    assert all(rep["delta"][m] > 0 for m in ("shuffled", "zero", "noise"))
+
+
+def test_real_llava_images_train_and_evaluate(real_data, tmp_path):
+    cfg = small_cfg(str(real_data / "llava_pretrain"), tmp_path / "real", steps=3)
+    cfg.data.eval_size, cfg.data.bucket_edges = 8, [12, 18, 24]
+    cfg.train.checkpoint_every = 3
+    cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
+    final = run_loop(cfg, run, Hooks(), log=QUIET)
+    assert final["step"] == 3 and final["eval_loss"] > 0
+    from lumo_ray.eval.vlm_ablation import ablation_from_export
+    rep = ablation_from_export(run / "export", run / "splits.json", n=8, seed=0)
+    assert rep["n"] == 8 and all(v > 0 for v in rep["mean_loss"].values())
+
+
+def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local):
+    from trainers.tune_vlm import run_sweep
+    cfg = small_cfg(synth, tmp_path / "unused", steps=6)
+    cfg.sweep.out, cfg.sweep.max_steps, cfg.sweep.ablation_n = str(tmp_path / "sweep"), 6, 16
+    rep = run_sweep(cfg, log=QUIET)
+    out = Path(rep["out"])
+    assert len(rep["rows"]) == 4 and all(r["score"] is not None for r in rep["rows"])
+    dirs = {r["trial_dir"] for r in rep["rows"]}
+    assert len(dirs) == 4 and all((Path(d) / "export" / "model.safetensors").exists() for d in dirs)
+    assert (out / "results.csv").read_text().count("\n") == 5 and (out / "results.md").exists()
+    assert (out / "best_config.yaml").exists() and rep["best"]["score"] == min(r["score"] for r in rep["rows"])

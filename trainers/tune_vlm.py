@@ -1,0 +1,110 @@
+"""`lumo tune vlm`: Ray Tune grid over learning rate x vision LayerNorm (stage 1.1 LR sweep).
+
+Each trial is a Tune *function trainable* that runs the VLM loop in-process on 1 worker (passing a
+TorchTrainer to Tuner is deprecated) in its own directory <out>/trials/<name>, then runs the
+ablation on its export. Score = eval loss - 0.1 x (delta_shuffled + delta_zero); lower is better.
+The tiny LLM's text warm-up runs once in the driver and every trial reuses it.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from lumo_ray.config import LumoConfig, _build, to_dict
+from lumo_ray.config_vlm import VLMConfig
+
+from .vlm import Hooks, prepare_run, run_loop
+
+
+class TuneHooks(Hooks):
+    def report(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
+        from ray import tune
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def trial_name(lr: float, layernorm: bool) -> str:
+    return f"lr{lr:g}_ln{int(layernorm)}"
+
+
+def trial_fn(config: dict) -> None:
+    """One trial: train, ablate, report the score (last report = the trial's result)."""
+    import torch
+    from ray import tune
+
+    from lumo_ray.eval.vlm_ablation import ablation_from_export, write_ablation
+
+    torch.set_num_threads(1)
+    cfg = _build(VLMConfig, config["vlm"], "trial config", prefix="vlm.")
+    cfg.train.lr, cfg.vision.layernorm = float(config["lr"]), bool(config["layernorm"])
+    run = Path(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm)
+    cfg.train.out = str(run)
+    cfg, run = prepare_run(cfg, run, log=lambda *_: None)
+    final = run_loop(cfg, run, TuneHooks(), log=lambda *_: None)
+    rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed)
+    write_ablation(rep, run)
+    score = final["eval_loss"] - 0.1 * (rep["delta"]["shuffled"] + rep["delta"]["zero"])
+    tune.report({"score": score, "eval_loss": final["eval_loss"], "d_shuffled": rep["delta"]["shuffled"],
+                 "d_zero": rep["delta"]["zero"], "d_noise": rep["delta"]["noise"],
+                 "ablation_pass": float(rep["pass"]), "step": final["step"]})
+
+
+def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
+              log: Callable[[str], None] = print) -> dict:
+    from ray import tune
+
+    from pipelines.ray_env import init_ray
+
+    vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
+    sw = vcfg.sweep
+    out = Path(sw.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    vcfg.train.max_steps = sw.max_steps
+    vcfg.train.checkpoint_every = sw.max_steps
+    vcfg.train.eval_every = 0
+    vcfg, _ = prepare_run(vcfg, out / "shared", log)  # text warm-up once, shared by the trials
+    init_ray(address)
+    trainable = tune.with_resources(trial_fn, {"cpu": sw.cpus_per_trial})
+    space = {"vlm": to_dict(vcfg), "sweep_dir": str(out), "ablation_n": sw.ablation_n,
+             "lr": tune.grid_search(list(sw.lrs)), "layernorm": tune.grid_search(list(sw.layernorm))}
+    tuner = tune.Tuner(trainable, param_space=space,
+                       tune_config=tune.TuneConfig(metric="score", mode="min", max_concurrent_trials=sw.max_concurrent),
+                       run_config=tune.RunConfig(storage_path=str(out / "ray"), name="tune", verbose=0))
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        if r.error or not r.metrics or "score" not in r.metrics:
+            rows.append({"lr": r.config["lr"], "layernorm": r.config["layernorm"], "score": None,
+                         "error": str(r.error)[:200] if r.error else "no result"})
+            continue
+        m = r.metrics
+        rows.append({"lr": r.config["lr"], "layernorm": r.config["layernorm"], "score": m["score"],
+                     "eval_loss": m["eval_loss"], "d_shuffled": m["d_shuffled"], "d_zero": m["d_zero"],
+                     "d_noise": m["d_noise"], "ablation_pass": bool(m["ablation_pass"]),
+                     "trial_dir": str(out / "trials" / trial_name(r.config["lr"], r.config["layernorm"]))})
+    rows.sort(key=lambda r: (r["score"] is None, r["score"] if r["score"] is not None else 0.0))
+    cols = ["lr", "layernorm", "score", "eval_loss", "d_shuffled", "d_zero", "d_noise", "ablation_pass", "trial_dir"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols + ["error"], extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    (out / "results.csv").write_text(buf.getvalue())
+
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
+    md = ["| " + " | ".join(cols[:-1]) + " |", "|" + "---|" * (len(cols) - 1)]
+    md += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols[:-1]) + " |" for r in rows]
+    table = "\n".join(md)
+    (out / "results.md").write_text(f"# VLM sweep ({len(rows)} trials, score = eval_loss - 0.1 x (d_shuffled + d_zero))\n\n{table}\n")
+    best = rows[0] if rows and rows[0]["score"] is not None else None
+    if best:
+        bcfg = copy.deepcopy(vcfg)
+        bcfg.train.lr, bcfg.vision.layernorm = float(best["lr"]), bool(best["layernorm"])
+        (out / "best_config.yaml").write_text(yaml.safe_dump({"vlm": to_dict(bcfg)}, sort_keys=False))
+    (out / "results.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1) + "\n")
+    return {"rows": rows, "best": best, "table_md": table, "out": str(out)}
