@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 
@@ -17,18 +16,16 @@ def quiet_ray_data() -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Idempotent. Never starts a second cluster when one is reachable."""
+    """Idempotent. Joins --address, else RAY_ADDRESS, else a reachable `ray start` cluster; starts a
+    private local Ray only when none is given or reachable ('local' forces one). Never "auto", which
+    would join whatever Ray happens to run on the machine."""
     quiet_ray_data()
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(log_to_driver=True, include_dashboard=False) if not address else {}
-    if address:
-        ray.init(address=address)
+    from .status import reachable, resolve_address
+
+    addr, src = resolve_address(address)
+    if addr and (src in ("--address", "RAY_ADDRESS") or reachable(addr)):
+        ray.init(address=addr)
         return
-    try:  # join a local cluster started with `ray start --head`
-        ray.init(address="auto")
-        return
-    except (ConnectionError, RuntimeError, ValueError):
-        pass
-    ray.init(num_cpus=num_cpus, **kwargs)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

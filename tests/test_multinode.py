@@ -70,7 +70,7 @@ def run(cmd: list[str], env: dict, timeout: float = 240) -> subprocess.Completed
 
 
 def _procs() -> dict[int, tuple[int, str, str]]:
-    """pid -> (ppid, start time, command line) of every process we can see."""
+    """pid -> (ppid, start time, command line + environment) of every process we can see."""
     out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -81,13 +81,18 @@ def _procs() -> dict[int, tuple[int, str, str]]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError):
             continue
+        try:  # every process of our cluster inherits RAY_AUTH_TOKEN_PATH=<our dir>/auth_token
+            cmd += " " + (d / "environ").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            pass
         out[int(d.name)] = (int(fields[1]), fields[19], cmd)
     return out
 
 
 def _ours(roots: list[int], marker: str) -> dict[int, str]:
-    """Descendants of our `ray start` processes (Ray workers rename themselves `ray::...`, so the tree
-    is what finds them) plus anything naming our private temp dir; pid -> start time."""
+    """Descendants of our `ray start` processes plus anything whose command line or environment names
+    our private dir (Ray workers rename themselves `ray::...`, and agents can outlive their raylet);
+    pid -> start time."""
     table = _procs()
     mine = {pid for pid, (_, _, cmd) in table.items() if marker in cmd} | {r for r in roots if r in table}
     grew = True
@@ -220,7 +225,6 @@ def _wait(pred, timeout: float, what: str, log: Path, extra: dict | None = None,
 
 def test_status_reports_both_nodes_and_the_config_asks(cluster):
     out = cluster["status"]
-    print(out)
     assert f"cluster at {cluster['address']} (from --address): 2 alive node(s)" in out
     assert "(head)" in out and "lumo_node2=1" in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
