@@ -7,6 +7,12 @@ share of the step (batch assembly incl. host->device). Both times are measured i
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# benchmarks/ holds scripts whose names shadow stdlib modules (tokenize.py): drop the script dir
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
@@ -15,7 +21,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

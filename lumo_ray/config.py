@@ -191,6 +191,8 @@ class DemoConfig:
     """Synthetic images (coloured shapes) the demo generates."""
     audio: int = 48
     """Synthetic clips (beep patterns) the demo generates."""
+    vlm_images: int = 256
+    """Synthetic images of the VLM stage (its eval set needs 64)."""
     seed: int = 0
 
 

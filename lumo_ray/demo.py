@@ -5,6 +5,7 @@ Each stage prints progress, writes into its own folder under the demo directory,
 """
 from __future__ import annotations
 
+import html
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ import soundfile as sf
 from PIL import Image
 
 from .config import LumoConfig, dump_config
+from .data.shard_reader import ShardDataset
+from .eval import report
 from .runtime import torch_threads
 
 
@@ -60,16 +63,24 @@ def stage_uti(cfg: LumoConfig, out: Path, log) -> dict:
     for r in rows:
         log(f"  {r['modality']:5s} {r['tokens']:4d} tokens  {r['input']}")
     (out / "samples.json").write_text(json.dumps(rows, indent=2) + "\n")
+    table = "".join(f"<tr><td>{r['modality']}</td><td>{html.escape(str(r['input']))}</td><td>{r['tokens']}</td>"
+                    f"<td>{r['first_ids']}</td></tr>" for r in rows)
+    media = report.media_block(sorted(out.glob("*.input.*")) + sorted(out.glob("*.decoded.*")))
     return {"pass": all(r.get("roundtrip", True) for r in rows), "token_space_hash": ts.hash,
-            "total_ids": ts.total, "samples": len(rows)}
+            "total_ids": ts.total, "samples": len(rows),
+            "_html": f"<pre>{html.escape(ts.table())}</pre><table><tr><th>modality</th><th>input</th><th>tokens</th>"
+                     f"<th>first ids</th></tr>{table}</table><p>Real inputs and their decodes (tiny random codecs):</p>{media}"}
 
 
 def stage_audit(cfg: LumoConfig, out: Path, log) -> dict:
     from .eval.audit import run_audit
     rep = run_audit(cfg, out, write_baseline=True, log=log)
     failed = [k for k, v in rep["checks"].items() if not v]
+    checks = "".join(f"<li>{'PASS' if v else 'FAIL'} {html.escape(k)}</li>" for k, v in rep["checks"].items())
+    snr = {k.split("/")[-1][:14]: v["snr_db"] for k, v in rep["per_input"].items() if v.get("snr_db") is not None}
     return {"pass": rep["pass"], "failed_checks": failed,
-            **{k: round(v, 4) for k, v in rep["metrics"].items() if v is not None}}
+            **{k: round(v, 4) for k, v in rep["metrics"].items() if v is not None},
+            "_html": f"<ul>{checks}</ul>" + report.bar_chart("audio SNR (dB) per input, tiny codec", snr, width=640)}
 
 
 def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
@@ -90,8 +101,41 @@ def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
     rep = run_verify(out / "shards", cfg, out / "verify", write_baseline=True, address=address, log=log)
     for k, v in rep["checks"].items():
         log(f"  {'PASS' if v['pass'] else 'FAIL'}  {k}: {v['summary']}")
+    lengths: dict[str, list[int]] = {}
+    for split in ("train", "eval"):
+        for smp in ShardDataset(out / "shards", split, shuffle=False):
+            for k, v in smp["json"]["lengths"].items():
+                lengths.setdefault(k, []).append(v)
+    checks = "".join(f"<li>{'PASS' if v['pass'] else 'FAIL'} {html.escape(k)}: {html.escape(v['summary'])}</li>"
+                     for k, v in rep["checks"].items())
+    hists = "".join(report.histogram(f"{k} tokens per sample", v) for k, v in sorted(lengths.items()))
     return {"pass": rep["pass"], "records": summary["samples"], "errors": summary["errors"],
-            "shards": rep["shards"], "retokenized": rep["checks"]["retokenize"].get("n")}
+            "shards": rep["shards"], "retokenized": rep["checks"]["retokenize"].get("n"),
+            "_html": f"<ul>{checks}</ul>{hists}"}
+
+
+def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
+    """Stage 1/1.1: align the tiny VLM on synthetic shapes (2 CPU DDP workers) and run the visual-token ablation."""
+    from .data.synth import write_synth
+    from .demo_vlm import run_vlm_demo
+    write_synth(out / "synth", cfg.demo.vlm_images, 0, seed=cfg.demo.seed)
+    res = run_vlm_demo(out, out / "synth" / "llava_pretrain", log=log, address=address)
+    m = res["metrics"]
+    curves = {}
+    mpath = Path(res["run_dir"]) / "metrics.json"
+    if mpath.exists():
+        mj = json.loads(mpath.read_text())
+        curves["train loss"] = [(h["step"], h["loss"]) for h in mj.get("steps", [])]
+        curves["eval loss"] = [(e["step"], e["loss"]) for e in mj.get("evals", []) if e.get("loss") is not None]
+    return {"pass": res["pass"], "eval_loss": _r(m.get("eval_loss")), "steps": m.get("steps"),
+            **{f"loss_{k}": _r(v) for k, v in m["ablation_mean_loss"].items()},
+            **{f"win_{k}": _r(v) for k, v in m["ablation_win_rate"].items()},
+            "_html": report.line_chart("VLM loss", curves) +
+            report.bar_chart("VLM ablation: mean caption loss", m["ablation_mean_loss"])}
+
+
+def _r(v, n: int = 4):
+    return round(v, n) if isinstance(v, float) else v
 
 
 def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) -> int:
@@ -101,8 +145,9 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) 
         ("uti", lambda d: stage_uti(cfg, d, log)),
         ("audit", lambda d: stage_audit(cfg, d, log)),
         ("data", lambda d: stage_data(cfg, d, log, address)),
+        ("vlm", lambda d: stage_vlm(cfg, d, log, address)),
     ]
-    rows, t_all = [], time.time()
+    rows, sections, t_all = [], [], time.time()
     for i, (name, fn) in enumerate(stages, 1):
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
@@ -113,10 +158,12 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) 
         except Exception as e:  # a crashed stage is a failed stage; the rest still runs
             res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
+        sections.append((name, res.pop("_html", "")))
         rows.append(res)
         log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']}s) ===")
         (out / "summary.json").write_text(json.dumps({"stages": rows}, indent=2) + "\n")
-    log(f"\nlumo demo finished in {time.time() - t_all:.0f}s -> {out}")
+    page = report.write_report(out, "lumo demo", rows, sections)
+    log(f"\nlumo demo finished in {time.time() - t_all:.0f}s -> {out}  (report: {page})")
     for r in rows:
         extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("stage", "pass", "seconds", "dir"))
         log(f"  {'PASS' if r['pass'] else 'FAIL'}  {r['stage']:6s} {r['seconds']:6.1f}s  {r['dir']}  {extra}")

@@ -20,7 +20,7 @@ def synth(tmp_path_factory) -> str:
 
 def small_cfg(data: str, out: Path, steps: int = 10) -> VLMConfig:
     cfg = VLMConfig()
-    cfg.data.path, cfg.data.eval_size, cfg.data.golden_size = data, 16, 4
+    cfg.data.path, cfg.data.eval_size, cfg.data.golden_size, cfg.data.max_seq_len = data, 16, 4, 64
     cfg.llm.text_warmup_steps = 0
     t = cfg.train
     t.out, t.max_steps, t.global_batch_size, t.warmup_steps = str(out), steps, 8, 3

@@ -22,12 +22,6 @@ from lumo_ray.config_vlm import VLMConfig
 from .vlm import Hooks, prepare_run, run_loop
 
 
-class TuneHooks(Hooks):
-    def report(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
-        from ray import tune
-        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-
 def trial_name(lr: float, layernorm: bool) -> str:
     return f"lr{lr:g}_ln{int(layernorm)}"
 
@@ -45,7 +39,7 @@ def trial_fn(config: dict) -> None:
     run = Path(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm)
     cfg.train.out = str(run)
     cfg, run = prepare_run(cfg, run, log=lambda *_: None)
-    final = run_loop(cfg, run, TuneHooks(), log=lambda *_: None)
+    final = run_loop(cfg, run, Hooks(), log=lambda *_: None)  # one tune.report per trial, below
     rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed)
     write_ablation(rep, run)
     score = final["eval_loss"] - 0.1 * (rep["delta"]["shuffled"] + rep["delta"]["zero"])

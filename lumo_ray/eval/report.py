@@ -1,0 +1,107 @@
+"""A self-contained HTML report (no network): stage table, charts as inline SVG, media inlined as data URIs."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Iterable
+
+PALETTE = ["#3b6ea8", "#d9822b", "#3a9a5b", "#b5443a", "#7b5ea7", "#8c6d4f"]
+
+
+def data_uri(path: Path) -> str:
+    mime = {".png": "image/png", ".wav": "audio/wav", ".svg": "image/svg+xml"}[path.suffix.lower()]
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def bar_chart(title: str, values: dict[str, float], width: int = 420, height: int = 200) -> str:
+    """Vertical bars from a zero line (negative values hang below it), with value labels."""
+    if not values:
+        return ""
+    lo, hi = min(0.0, *values.values()), max(0.0, *values.values())
+    scale = (height - 60) / ((hi - lo) or 1.0)
+    zero = 20 + hi * scale
+    bw = (width - 40) / len(values)
+    bars = []
+    for i, (k, v) in enumerate(values.items()):
+        x, top = 30 + i * bw, zero - max(v, 0) * scale
+        bars.append(f'<rect x="{x + 4:.1f}" y="{top:.1f}" width="{bw - 8:.1f}" height="{abs(v) * scale:.1f}" '
+                    f'fill="{PALETTE[i % len(PALETTE)]}"/><text x="{x + bw / 2:.1f}" y="{height - 6}" '
+                    f'text-anchor="middle" font-size="10">{html.escape(k)}</text><text x="{x + bw / 2:.1f}" '
+                    f'y="{top - 4 if v >= 0 else zero + abs(v) * scale + 12:.1f}" text-anchor="middle" '
+                    f'font-size="10">{v:.3g}</text>')
+    axis = f'<line x1="28" x2="{width - 8}" y1="{zero:.1f}" y2="{zero:.1f}" stroke="#888"/>'
+    return (f'<figure><svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
+            f'{axis}{"".join(bars)}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220) -> str:
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return ""
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    sx = (width - 60) / ((x1 - x0) or 1)
+    sy = (height - 50) / ((y1 - y0) or 1)
+    lines, legend = [], []
+    for i, (name, s) in enumerate(series.items()):
+        c = PALETTE[i % len(PALETTE)]
+        d = " ".join(f"{50 + (x - x0) * sx:.1f},{height - 30 - (y - y0) * sy:.1f}" for x, y in s)
+        lines.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{d}"/>')
+        legend.append(f'<text x="{60 + 110 * i}" y="14" font-size="11" fill="{c}">{html.escape(name)}</text>')
+    axes = (f'<text x="4" y="{height - 30}" font-size="10">{y0:.3g}</text><text x="4" y="30" font-size="10">{y1:.3g}</text>'
+            f'<text x="50" y="{height - 10}" font-size="10">{x0:.0f}</text>'
+            f'<text x="{width - 30}" y="{height - 10}" font-size="10">{x1:.0f}</text>')
+    return (f'<figure><svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
+            f'{"".join(lines)}{"".join(legend)}{axes}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
+
+
+def histogram(title: str, values: Iterable[float], bins: int = 12) -> str:
+    v = sorted(values)
+    if not v:
+        return ""
+    lo, hi = v[0], v[-1]
+    step = (hi - lo) / bins or 1
+    counts = [0] * bins
+    for x in v:
+        counts[min(int((x - lo) / step), bins - 1)] += 1
+    return bar_chart(title, {f"{lo + i * step:.0f}": float(c) for i, c in enumerate(counts)}, width=520)
+
+
+def media_block(files: list[Path]) -> str:
+    out = []
+    for f in files:
+        cap = html.escape(f.name)
+        if f.suffix == ".png":
+            out.append(f'<figure class="m"><img src="{data_uri(f)}" width="96" height="96" alt="{cap}">'
+                       f'<figcaption>{cap}</figcaption></figure>')
+        elif f.suffix == ".wav":
+            out.append(f'<figure class="m"><audio controls src="{data_uri(f)}"></audio><figcaption>{cap}</figcaption></figure>')
+    return "".join(out)
+
+
+def write_report(out: Path, title: str, stages: list[dict], sections: list[tuple[str, str]]) -> Path:
+    """stages: rows with stage, pass, seconds, dir and key numbers; sections: (heading, html) pairs."""
+    rows = []
+    for s in stages:
+        extra = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("stage", "pass", "seconds", "dir", "error"))
+        err = f'<div class="err">{html.escape(s["error"])}</div>' if s.get("error") else ""
+        rows.append(f'<tr class="{"pass" if s["pass"] else "fail"}"><td>{html.escape(s["stage"])}</td>'
+                    f'<td>{"PASS" if s["pass"] else "FAIL"}</td><td>{s["seconds"]}</td>'
+                    f'<td>{html.escape(extra)}{err}</td></tr>')
+    body = "".join(f"<section><h2>{html.escape(h)}</h2>{c}</section>" for h, c in sections if c)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1100px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}} tr.pass td:nth-child(2){{color:#2a7a3b;font-weight:bold}}
+tr.fail td:nth-child(2){{color:#b5443a;font-weight:bold}} figure{{display:inline-block;margin:6px}} .m figcaption{{font-size:10px}}
+.err{{color:#b5443a;font-size:12px}}</style></head><body><h1>{html.escape(title)}</h1>
+<table id="stages"><tr><th>stage</th><th>result</th><th>seconds</th><th>numbers</th></tr>{"".join(rows)}</table>
+{body}</body></html>"""
+    p = out / "report.html"
+    p.write_text(page)
+    return p
+
+
+def json_or_none(p: Path) -> dict | None:
+    return json.loads(p.read_text()) if p.exists() else None
