@@ -59,3 +59,17 @@ def test_regression_rules_match_spec():
     assert all(r["pass"] for r in compare_to_baseline(edge, base).values())
     worse = {"audio_snr_db": 8.99, "audio_log_mel_l1": 2.11, "image_psnr": 19.49, "image_ssim": 0.479}
     assert not any(r["pass"] for r in compare_to_baseline(worse, base).values())
+
+
+def test_audit_seed_images_and_48k_stereo_audio(tmp_path, real_data):
+    """SEED decoding is reported as stochastic (seeded, repeatable; no PSNR/SSIM); 48 kHz stereo passes the audio checks."""
+    p = audit(tmp_path, real_data, "--set", "uti.image.kind=seed", "--set", "uti.audio.model=tiny-48k",
+              "--set", "uti.audio.bandwidth=3.0", "--set", "audit.max_real_images=2", "--set", "audit.max_real_audio=2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert "stochastic" in rep["details"]["image_decode"]
+    assert rep["checks"]["image_decode_repeatable_for_seed"] is True and "image_decode_repeatable" not in rep["checks"]
+    assert rep["metrics"]["image_psnr"] is None and rep["metrics"]["image_ssim"] is None
+    assert rep["checks"]["audio_decode_rate_channels_length"] is True
+    ts = json.loads((tmp_path / "token_space.json").read_text())
+    assert ts["adapters"]["audio"]["channels"] == 2 and ts["adapters"]["image"]["kind"] == "seed"
