@@ -194,6 +194,8 @@ class DemoConfig:
     vlm_images: int = 256
     """Synthetic images of the VLM stage (its eval set needs 64)."""
     seed: int = 0
+    skip: list[str] = field(default_factory=list)
+    """Stages to leave out, e.g. [vlm, lm] (each is also a command of its own)."""
 
 
 @dataclass

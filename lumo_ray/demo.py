@@ -147,6 +147,10 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) 
         ("data", lambda d: stage_data(cfg, d, log, address)),
         ("vlm", lambda d: stage_vlm(cfg, d, log, address)),
     ]
+    unknown = set(cfg.demo.skip) - {n for n, _ in stages}
+    if unknown:
+        raise ValueError(f"demo.skip names unknown stages {sorted(unknown)}; stages: {[n for n, _ in stages]}")
+    stages = [(n, f) for n, f in stages if n not in cfg.demo.skip]
     rows, sections, t_all = [], [], time.time()
     for i, (name, fn) in enumerate(stages, 1):
         d = out / name
