@@ -126,7 +126,7 @@ class VLMTrainConfig:
     """Stop (after a checkpoint) once this step is done, keeping the max_steps schedule; continue
     later with resume_from. None = run to max_steps."""
     fail_at_step: Optional[int] = None
-    """Testing aid: rank 0 raises once at this step (marker file `<out>/.failed_once`)."""
+    """Testing aid: rank 0 kills its own process (SIGKILL) once at this step (marker `<out>/.failed_once`)."""
     log_every: int = 20
 
 

@@ -64,7 +64,7 @@ def test_resume_5_plus_5_equals_10_straight(synth, tmp_path):
 
 def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, ray_local):
     cfg = small_cfg(synth, tmp_path / "ddp")
-    cfg.train.fail_at_step = 7  # rank 0 raises once (marker file), after the step-5 checkpoint
+    cfg.train.fail_at_step = 7  # rank 0 is SIGKILLed once (marker file), after the step-5 checkpoint
     cfg.train.num_workers, cfg.train.max_failures = 2, 1
     res = train_vlm(cfg, log=QUIET)
     run = Path(res["run_dir"])

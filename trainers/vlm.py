@@ -14,8 +14,10 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,13 +47,14 @@ class Hooks:
 
 
 class RayTrainHooks(Hooks):
-    def __init__(self):
+    def __init__(self, run_dir: str | None = None):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.run_dir = run_dir
 
     def report(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
         import ray.train
@@ -62,7 +65,10 @@ class RayTrainHooks(Hooks):
         import ray.train
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return None
+            # A worker killed outright (SIGKILL, lost node) can take reports the controller had not
+            # registered yet with it; the checkpoints already persisted in the run's storage remain.
+            last = latest_checkpoint(self.run_dir) if self.run_dir else None
+            return fn(last) if last else None
         with ckpt.as_directory() as d:
             return fn(d)
 
@@ -214,8 +220,9 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
         if t.fail_at_step is not None and step == t.fail_at_step and rank == 0:
             marker = run / ".failed_once"
             if not marker.exists():
-                marker.write_text(f"failed at step {step}\n")
-                raise RuntimeError(f"[vlm] injected failure at step {step} (fail_at_step)")
+                marker.write_text(f"killed at step {step}\n")
+                # A real crash, not an exception: the worker process dies (SIGKILL) mid-run.
+                os.kill(os.getpid(), signal.SIGKILL)
 
         t0 = time.perf_counter()
         batches = [to_device(collate([data.train[i] for i in idx], data.images, model.tokens.pad), device)
@@ -300,7 +307,7 @@ def train_func(config: dict) -> None:
     """The TorchTrainer worker entry point."""
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = _build(VLMConfig, config["vlm"], "train_loop_config", prefix="vlm.")
-    run_loop(cfg, config["run_dir"], RayTrainHooks(), bench=None)
+    run_loop(cfg, config["run_dir"], RayTrainHooks(config["run_dir"]), bench=None)
 
 
 def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
