@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
 
-    from . import cli_cluster, cli_data, cli_lm, cli_vlm
+    from . import cli_cluster, cli_data, cli_gen, cli_lm, cli_vlm
     cli_data.add_commands(sub, _common)
+    cli_gen.add_commands(sub, _common)
     cli_cluster.add_commands(sub, _common)
     groups = {name: sub.add_parser(name, help=h).add_subparsers(dest="sub", required=True) for name, h in
               [("train", "Ray Train jobs"), ("eval", "evaluations and ablations"), ("tune", "Ray Tune studies")]}

@@ -193,6 +193,12 @@ class DemoConfig:
     """Synthetic clips (beep patterns) the demo generates."""
     vlm_images: int = 256
     """Synthetic images of the VLM stage (its eval set needs 64)."""
+    lm_images: int = 48
+    """Synthetic images of the token-LM stage."""
+    lm_audio: int = 48
+    """Synthetic clips of the token-LM stage."""
+    gate_n: int = 64
+    """Golden prompts per task of the decode-compliance gate."""
     seed: int = 0
     skip: list[str] = field(default_factory=list)
     """Stages to leave out, e.g. [vlm, lm] (each is also a command of its own)."""

@@ -104,7 +104,7 @@ class SequenceConfig:
     template (first one in eval), or the sample's own prompt from the manifest."""
     templates: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TEMPLATES.items()})
     """Instruction templates per task."""
-    max_audio_tokens: int = 300
+    max_audio_tokens: int = 150
     """Audio spans longer than this are cropped on frame boundaries (codebook phase kept): random
     crop in training, centred in eval."""
     max_len: int = 512
@@ -180,7 +180,7 @@ class TokenLMConfig:
     """new_rows: only the rows beyond TEXT of embeddings and head learn; lora: LoRA + new rows; full."""
     init_scale: float = 0.02
     """New rows = mean of the TEXT rows + N(0, (init_scale * std of the TEXT rows)^2)."""
-    new_row_lr: float = 3e-2
+    new_row_lr: float = 1e-2
     """Learning rate of the new rows (train.lr applies to everything else)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     seq: SequenceConfig = field(default_factory=SequenceConfig)
@@ -189,4 +189,4 @@ class TokenLMConfig:
     prompt_study: PromptStudyConfig = field(default_factory=PromptStudyConfig)
     out: str = "runs/token_lm"
     """Run directory: config, metrics.json, checkpoints/, export/ (HF dir + token_space.json)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3, warmup_steps=20))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-3, warmup_steps=20))

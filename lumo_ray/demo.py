@@ -134,6 +134,48 @@ def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
             report.bar_chart("VLM ablation: mean caption loss", m["ablation_mean_loss"])}
 
 
+def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
+    """Stage 0 + 3.3: base LM, token LM warm start (new_rows), modality ablation, text invariance, prompt study."""
+    from .demo_lm import build_synth_shards, run_lm_demo
+    shards, manifest, lcfg = build_synth_shards(out / "data", cfg.demo.lm_images, cfg.demo.lm_audio,
+                                                seed=cfg.demo.seed, log=log)
+    res = run_lm_demo(out, shards, manifest, lcfg, log=log)
+    st = res["stages"]
+    flat = {f"{k}_pass": v["pass"] for k, v in st.items()}
+    bars = {}
+    for m, r in st.get("modality_ablation", {}).items():
+        if isinstance(r, dict):
+            bars.update({f"{m} {k}": v.get("gap", v.get("mean_gap")) for k, v in r.items()
+                         if isinstance(v, dict) and isinstance(v.get("gap", v.get("mean_gap")), (int, float))})
+    rows = "".join(f"<li>{'PASS' if v['pass'] else 'FAIL'} {html.escape(k)}: "
+                   f"{html.escape(json.dumps({a: b for a, b in v.items() if a != 'pass'}, default=str)[:300])}</li>"
+                   for k, v in st.items())
+    return {"pass": res["pass"], **flat, "_run": str(out / "token_lm"), "_shards": str(shards),
+            "_html": f"<ul>{rows}</ul>" + report.bar_chart("token LM modality ablation: loss gap (nats)", bars, width=640)}
+
+
+def stage_generate(cfg: LumoConfig, out: Path, log, run_dir: str, shards: str) -> dict:
+    """Stage 3.4: constrained generation from the token LM, the decode-compliance and prompt-ablation gates."""
+    from .eval.gates import run_decode_gate, run_prompt_gate
+    from .generate import generate, load_run
+    run = load_run(run_dir)
+    files = []
+    for task, prompt in (("t2i", "two red circles on the left"), ("t2a", "three short high beeps")):
+        rows = generate(run, task, out / task, prompt=prompt, n=2, log=log)
+        files += [Path(r["path"]) for r in rows if r.get("path")]
+    dec = run_decode_gate(run, out / "gate_decode", n=cfg.demo.gate_n, log=log)
+    pr = run_prompt_gate(run, out / "gate_prompts", shards=shards, log=log)
+    return {"pass": dec["pass"] and pr["pass"], "decode_gate": dec["pass"], "prompt_gate": pr["pass"],
+            "_html": f"<p>decode gate {'PASS' if dec['pass'] else 'FAIL'}, prompt gate {'PASS' if pr['pass'] else 'FAIL'}</p>"
+                     + report.media_block(sorted(files))}
+
+
+def _needs(ctx: dict, stage: str, *keys: str) -> list:
+    if stage not in ctx or any(k not in ctx[stage] for k in keys):
+        raise RuntimeError(f"this stage needs the results of the '{stage}' stage, which did not run or failed")
+    return [ctx[stage][k] for k in keys]
+
+
 def _r(v, n: int = 4):
     return round(v, n) if isinstance(v, float) else v
 
@@ -146,7 +188,10 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) 
         ("audit", lambda d: stage_audit(cfg, d, log)),
         ("data", lambda d: stage_data(cfg, d, log, address)),
         ("vlm", lambda d: stage_vlm(cfg, d, log, address)),
+        ("lm", lambda d: stage_lm(cfg, d, log, address)),
+        ("generate", lambda d: stage_generate(cfg, d, log, *_needs(ctx, "lm", "_run", "_shards"))),
     ]
+    ctx: dict[str, dict] = {}
     unknown = set(cfg.demo.skip) - {n for n, _ in stages}
     if unknown:
         raise ValueError(f"demo.skip names unknown stages {sorted(unknown)}; stages: {[n for n, _ in stages]}")
@@ -163,6 +208,7 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) 
             res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
         sections.append((name, res.pop("_html", "")))
+        ctx[name] = {k: res.pop(k) for k in [k for k in res if k.startswith("_")]}
         rows.append(res)
         log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']}s) ===")
         (out / "summary.json").write_text(json.dumps({"stages": rows}, indent=2) + "\n")

@@ -93,6 +93,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     seed_all(t.seed)
     say = log if ctx.rank == 0 else (lambda *a, **k: None)
     ts = ts or run_token_space(cfg)
+    if ctx.rank == 0:
+        dump_config(cfg, run_dir)
     if not c.shards:
         raise ValueError("token_lm.shards is empty: point it at a `lumo data tokenize` output")
     train_ds = ShardDataset(c.shards, "train", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, expected=ts)
@@ -164,8 +166,6 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         if step % t.eval_every == 0 or last:
             ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
             rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}})
-        if hook is not None and ctx.rank == 0:
-            rep.update(hook(step, raw) or {})
         ck_dir = None
         if (step % t.ckpt_every == 0 or last) and ctx.rank == 0:
             state = {"trainable": {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad},
@@ -173,6 +173,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
                      "step": step, "data": {"epoch": epoch, "pos": pos}, "token_space_hash": ts.hash,
                      "config": to_dict(cfg)}
             ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
+        if hook is not None and ctx.rank == 0:  # after the checkpoint: an interrupted trial can resume
+            rep.update(hook(step, raw) or {})
         if step % t.log_every == 0 or last:
             say(f"token-lm step {step}/{t.steps} loss {total:.4f}"
                 + (f" eval {rep['eval_loss']:.4f}" if "eval_loss" in rep else ""))

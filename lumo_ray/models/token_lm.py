@@ -172,13 +172,18 @@ def load_token_lm(export_dir: str | Path, expected: Optional[TokenSpace] = None)
 
 
 def target_losses(model: torch.nn.Module, batch: dict, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed CE over target tokens and target token counts."""
+    """Per-sequence summed CE over target tokens and target token counts. The head runs only at the
+    positions that predict a target (logits_to_keep): x2t targets are a few tokens of a long sequence."""
     dev = next(model.parameters()).device
     ids = batch["input_ids"].to(dev)
     labels = batch["labels"].to(dev)
+    tgt_all = labels[:, 1:]
+    keep = torch.nonzero((tgt_all != -100).any(0)).flatten()  # positions p predicting label p + 1
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=dev)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and dev.type == "cuda"):
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev)).logits
-    logits, tgt = logits[:, :-1].float(), labels[:, 1:]
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), logits_to_keep=keep).logits
+    logits, tgt = logits.float(), tgt_all[:, keep]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="none")
     ce = ce.view(tgt.shape)
     n = (tgt != -100).sum(1)

@@ -1,0 +1,335 @@
+"""Generation from a token-LM run (stage 3.4): prompts per task, constrained sampling, span checks,
+media decoding to PNG / WAV and text to files.
+
+A run directory holds `config.yaml` (its `uti` section rebuilds the adapters that decode media) and
+`export/` (a Hugging Face causal-LM directory with `token_space.json`). Prompts are cut from the
+training layout of lumo_ray.data.sequences, so generation sees exactly what training saw before the
+target span.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .codecs.base import AudioCodes
+from .config import LumoConfig, load_config
+from .data.sequences import IGNORE, MEDIA, SequenceBuilder, crop_audio
+from .models.constrained import SpanConstraint, SpanSpec, span_spec
+from .runtime import torch_threads
+from .token_space import TokenSpace, TokenSpaceError
+
+TASKS = ("t2i", "t2a", "i2t", "a2t")
+TARGET = {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}
+
+
+@dataclass
+class GenOptions:
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    """0: no top-k filter."""
+    top_p: float = 1.0
+    greedy: bool = False
+    constrained: bool = True
+    """False: plain sampling (the end token still stops a row), to measure what the constraint prevents."""
+    audio_frames: Optional[int] = None
+    """Generated audio code frames; default: the codec's clip length, capped by token_lm.seq.max_audio_tokens."""
+    max_text_tokens: int = 48
+    batch_size: int = 64
+    threads: int = 1
+    """torch intra-op threads while generating: one thread is much faster for small models on a busy CPU,
+    and a fixed count keeps sampling bit-reproducible (float rounding depends on it)."""
+
+
+@dataclass
+class Run:
+    dir: Path
+    cfg: LumoConfig
+    model: Any
+    ts: TokenSpace
+    """The export's token space (what the model was trained on)."""
+    adapters: Any
+    builder: SequenceBuilder
+    hash_match: bool
+    """The export's token-space hash equals the one the run config's adapters build."""
+    config_hash: str
+
+
+def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[LumoConfig] = None) -> Run:
+    """Load export/ (model + token space) and the adapters of config.yaml. A token-space mismatch is
+    recorded in `hash_match` (the gate reports it; `require_same_space` refuses it)."""
+    from .models.token_lm import load_token_lm
+    from .uti import build_adapters, build_token_space
+
+    d = Path(run_dir)
+    if cfg is None:
+        if not (d / "config.yaml").exists():
+            raise FileNotFoundError(f"{d}: no config.yaml (not a token-LM run directory)")
+        cfg = load_config(LumoConfig, d / "config.yaml")
+    model, ts, _ = load_token_lm(d / "export")
+    model = model.to(device or cfg.uti.runtime.device).eval()  # the adapters' device unless told
+    adapters = build_adapters(cfg.uti)
+    built = build_token_space(cfg.uti, adapters)
+    encode = adapters.text.encode if adapters.text is not None else None
+    builder = SequenceBuilder(ts, cfg.token_lm.seq, encode)
+    return Run(d, cfg, model, ts, adapters, builder, built.hash == ts.hash, built.hash)
+
+
+def require_same_space(run: Run) -> None:
+    if not run.hash_match:
+        raise TokenSpaceError(f"{run.dir}: export token-space hash {run.ts.hash} differs from the hash "
+                              f"{run.config_hash} the run's config.yaml builds: its adapters cannot decode this model")
+
+
+# -- span specs ---------------------------------------------------------------------------------
+
+def audio_frames(run: Run, opts: GenOptions) -> int:
+    """Code frames of a generated clip: a valid codec length within the sequence budget."""
+    if opts.audio_frames:
+        return int(opts.audio_frames)
+    a, k = run.adapters.audio, run.ts.num_codebooks
+    budget = max(1, run.cfg.token_lm.seq.max_audio_tokens // k)
+    clip = a.max_frames
+    while clip > 1 and a.code_frames(clip) > budget:
+        clip -= 1
+    return a.code_frames(clip)
+
+
+def task_spec(run: Run, task: str, opts: GenOptions) -> SpanSpec:
+    sp = run.builder.sp
+    compact = run.cfg.token_lm.seq.delimiters == "compact"
+    if task == "t2i":
+        return span_spec(run.ts, "image", run.adapters.image.tokens_per_image, sp["<|img_start|>"])
+    if task == "t2a":
+        return span_spec(run.ts, "audio", audio_frames(run, opts) * run.ts.num_codebooks, sp["<|aud_start|>"])
+    if task in ("i2t", "a2t"):
+        start = (sp["<|img_end|>"] if task == "i2t" else sp["<|aud_end|>"]) if compact else sp["<|text_start|>"]
+        return span_spec(run.ts, "text", opts.max_text_tokens, start)
+    raise ValueError(f"unknown task {task!r}: one of {TASKS}")
+
+
+# -- prompts ------------------------------------------------------------------------------------
+
+def build_prompt(run: Run, task: str, *, caption: Optional[str] = None, media_ids: Optional[np.ndarray] = None,
+                 sid: str = "prompt") -> np.ndarray:
+    """The training layout up to (and including) the target span's opening token."""
+    b = run.builder
+    if task in ("t2i", "t2a"):
+        if not caption:
+            raise ValueError(f"{task} needs a non-empty caption prompt")
+        text = np.asarray(run.adapters.text.encode(caption), np.int64)
+        sample = {"json": {"id": sid, "task": task}, "text": text}
+        seq = b.build(sample, task=task, media_override=np.zeros(1, np.int64) + b.sp["<|pad_mm|>"])
+    elif task in ("i2t", "a2t"):
+        if media_ids is None or len(media_ids) == 0:
+            raise ValueError(f"{task} needs input media ids")
+        m = np.asarray(media_ids, np.int64)
+        if task == "a2t":
+            m = crop_audio(m, run.ts.num_codebooks, run.cfg.token_lm.seq.max_audio_tokens, None)
+        bad = run.ts.check_ids(m, MEDIA[task])
+        if bad:
+            raise TokenSpaceError(f"{sid}: input id {int(m[bad[0]])} at {bad[0]} is not a valid {MEDIA[task]} id")
+        sample = {"json": {"id": sid, "task": task}, "text": np.zeros(1, np.int64)}
+        seq = b.build(sample, task=task, media_override=m)
+    else:
+        raise ValueError(f"unknown task {task!r}: one of {TASKS}")
+    first = int(np.nonzero(seq.labels != IGNORE)[0][0])
+    return seq.input_ids[:first]
+
+
+def media_file_ids(run: Run, task: str, path: str | Path) -> np.ndarray:
+    """Encode an image (i2t) or audio file (a2t) with the run's adapters -> global ids."""
+    if task == "i2t":
+        codes = run.adapters.image.encode_batch([run.adapters.image.load(str(path))])[0]
+        return run.ts.image_to_global(codes)
+    if task == "a2t":
+        codes = run.adapters.audio.encode_batch([run.adapters.audio.load(str(path))])[0]
+        return run.ts.audio_to_global(codes.codes)
+    raise ValueError(f"--input is for i2t / a2t, not {task}")
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOptions) -> list[np.ndarray]:
+    """Generated ids after each prompt (the span and its end token, pads stripped). Deterministic for
+    (seed, prompts, batch_size)."""
+    from transformers import LogitsProcessorList
+
+    spec = task_spec(run, task, opts)
+    pad = run.builder.pad_id
+    for i, p in enumerate(prompts):
+        if p[-1] != spec.start_id:
+            raise ValueError(f"prompt {i} of {task} does not end with the span's opening token {spec.start_id}")
+    dev = next(run.model.parameters()).device
+    vocab = run.model.get_output_embeddings().weight.shape[0]
+    out: list[np.ndarray] = []
+    gen = torch.Generator().manual_seed(opts.seed)
+    for b0 in range(0, len(prompts), opts.batch_size):
+        batch = prompts[b0: b0 + opts.batch_size]
+        n = max(len(p) for p in batch)
+        ids = torch.full((len(batch), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding: every row's next token sits at column n
+            ids[i, n - len(p):] = torch.as_tensor(p)
+            mask[i, n - len(p):] = 1
+        proc = SpanConstraint(run.ts, spec, n, pad, vocab, enabled=opts.constrained)
+        sample = not opts.greedy
+        kw: dict = dict(do_sample=sample, max_new_tokens=spec.max_new_tokens, eos_token_id=spec.end_id,
+                        pad_token_id=pad, logits_processor=LogitsProcessorList([proc]))
+        if sample:
+            kw.update(temperature=opts.temperature, top_k=int(opts.top_k), top_p=opts.top_p)  # top_k=0: off (None = HF's 50)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch_threads(opts.threads):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            seqs = run.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
+        for row in seqs[:, n:].cpu().numpy():
+            out.append(_strip(row, spec.end_id, pad))
+    return out
+
+
+def _strip(row: np.ndarray, end_id: int, pad: int) -> np.ndarray:
+    """Keep up to and including the first end token; without one, drop trailing pads."""
+    hit = np.nonzero(row == end_id)[0]
+    if hit.size:
+        return row[: hit[0] + 1].astype(np.int64)
+    k = len(row)
+    while k and row[k - 1] == pad:
+        k -= 1
+    return row[:k].astype(np.int64)
+
+
+# -- checks and decoding ------------------------------------------------------------------------
+
+@dataclass
+class SpanCheck:
+    well_formed: bool
+    """Prompt ends with the opening token, the span is closed by the end token, no stray specials."""
+    length: int
+    exact_length: bool
+    """Media: exactly the spec's length; text: 1..max tokens."""
+    out_of_range: int
+    """Ids of the span outside the modality's ids."""
+    phase_errors: int
+    """Audio: positions not in codebook p mod K (0 for other modalities)."""
+    decoded: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (self.well_formed and self.exact_length and self.out_of_range == 0
+                and self.phase_errors == 0 and self.decoded)
+
+
+def check_span(ts: TokenSpace, spec: SpanSpec, prompt_last: int, gen: np.ndarray) -> tuple[SpanCheck, np.ndarray]:
+    """Check one generated span (ids after the prompt). Returns the check and the span body."""
+    g = np.asarray(gen, np.int64)
+    hit = np.nonzero(g == spec.end_id)[0]
+    closed = bool(hit.size)
+    body = g[: hit[0]] if closed else g
+    trailing = g[hit[0] + 1:] if closed else g[:0]
+    mod = spec.modality
+    if mod == "audio":
+        a0, a1 = ts.audio_ranges[0].start, ts.audio_ranges[-1].stop
+        oor = int(((body < a0) | (body >= a1)).sum())
+        phase = len(ts.audio_phase_errors(body))
+    else:
+        oor, phase = len(ts.check_ids(body, mod)), 0
+    specials = ts.range("SPECIAL")
+    stray = int(((body >= specials.start) & (body < specials.stop)).sum())
+    well = bool(prompt_last == spec.start_id and closed and body.size > 0 and stray == 0 and trailing.size == 0)
+    exact = body.size == spec.length if mod != "text" else 1 <= body.size <= spec.length
+    return SpanCheck(well, int(body.size), bool(exact), oor, phase), body
+
+
+def decode_span(run: Run, modality: str, body: np.ndarray, seed: int = 0) -> Any:
+    """Media / text from a span body; raises on anything that is not decodable."""
+    if modality == "image":
+        codes = run.ts.global_to_image(body)
+        return run.adapters.image.decode(codes, seed=seed)
+    if modality == "audio":
+        codes = run.ts.global_to_audio(body)
+        return run.adapters.audio.decode(AudioCodes(codes=codes))
+    bad = run.ts.check_ids(body, "text")
+    if bad:
+        raise TokenSpaceError(f"text span holds id {int(body[bad[0]])} at {bad[0]}, outside TEXT")
+    return run.adapters.text.decode(body.tolist())
+
+
+def check_and_decode(run: Run, spec: SpanSpec, prompt: np.ndarray, gen: np.ndarray,
+                     seed: int = 0) -> tuple[SpanCheck, Any]:
+    chk, body = check_span(run.ts, spec, int(prompt[-1]), gen)
+    out = None
+    try:
+        out = decode_span(run, spec.modality, body, seed)
+        chk.decoded = True
+    except Exception as e:  # a decode failure is a measured outcome, not a crash
+        chk.error = f"{type(e).__name__}: {e}"
+    return chk, out
+
+
+def save_output(run: Run, modality: str, value: Any, path_stem: Path) -> Path:
+    """PNG for images, 16-bit WAV for audio, UTF-8 .txt for text."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    if modality == "image":
+        from PIL import Image
+
+        p = path_stem.with_suffix(".png")
+        Image.fromarray(np.asarray(value, np.uint8)).save(p)
+    elif modality == "audio":
+        import soundfile as sf
+
+        p = path_stem.with_suffix(".wav")
+        sf.write(str(p), np.clip(np.asarray(value, np.float32).T, -1, 1), run.adapters.audio.sample_rate,
+                 subtype="PCM_16")
+    else:
+        p = path_stem.with_suffix(".txt")
+        p.write_text(str(value) + "\n", encoding="utf-8")
+    return p
+
+
+# -- one call for the CLI -----------------------------------------------------------------------
+
+def generate(run: Run, task: str, out_dir: str | Path, *, prompt: Optional[str] = None,
+             input_path: Optional[str | Path] = None, n: int = 1, opts: Optional[GenOptions] = None,
+             log=print) -> list[dict]:
+    """n samples for one prompt (t2x: caption text; x2t: a media file) -> files in out_dir +
+    generations.jsonl. Returns one record per sample (path, text, check)."""
+    opts = opts or GenOptions()
+    require_same_space(run)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: one of {TASKS}")
+    if task in ("t2i", "t2a"):
+        p = build_prompt(run, task, caption=prompt)
+    else:
+        if input_path is None:
+            raise ValueError(f"{task} needs --input FILE (an {'image' if task == 'i2t' else 'audio'} file)")
+        p = build_prompt(run, task, media_ids=media_file_ids(run, task, input_path), sid=str(input_path))
+    spec = task_spec(run, task, opts)
+    gens = generate_spans(run, task, [p] * n, opts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i, g in enumerate(gens):
+        chk, val = check_and_decode(run, spec, p, g, seed=opts.seed + i)
+        rec = {"task": task, "index": i, "prompt": prompt, "input": str(input_path) if input_path else None,
+               "ids": g.tolist(), "check": asdict(chk), "ok": chk.ok, "file": None}
+        if val is not None:
+            f = save_output(run, TARGET[task], val, out / f"{task}-{i:03d}")
+            rec["file"] = str(f)
+            if TARGET[task] == "text":
+                rec["text"] = str(val)
+                log(f"[{i}] {val}")
+            else:
+                log(f"[{i}] wrote {f}")
+        else:
+            log(f"[{i}] not decodable: {chk.error}")
+        recs.append(rec)
+    with open(out / "generations.jsonl", "w") as fh:
+        for r in recs:
+            fh.write(json.dumps(r) + "\n")
+    (out / "options.json").write_text(json.dumps({**asdict(opts), "task": task, "n": n}, indent=2) + "\n")
+    return recs

@@ -1,0 +1,152 @@
+"""Token-LM trainer: exact resume, token-space refusal (shards and checkpoints), export/reload, text
+invariance, modality-ablation report + CLI exit status, and one Ray Train DDP run with 2 workers."""
+import copy
+import os
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lumo_ray.cli import main
+from lumo_ray.codecs.text import build_text_adapter
+from lumo_ray.config import LumoConfig, load_config
+from lumo_ray.data.sequences import SequenceBuilder
+from lumo_ray.data.shard_reader import ShardDataset
+from lumo_ray.demo_lm import build_synth_shards
+from lumo_ray.eval.modality_ablation import modality_ablation
+from lumo_ray.eval.text_invariance import text_invariance
+from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
+from lumo_ray.token_space import TokenSpaceMismatch
+from lumo_ray.uti import load_token_space
+from trainers.lm import LocalContext
+from trainers.token_lm import evaluate_tasks, run_token_lm, token_lm_loop
+
+QUIET = dict(log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    # LUMO_LM_TEST_DATA: a persistent folder to reuse between pytest runs while developing
+    root = Path(os.environ.get("LUMO_LM_TEST_DATA") or tmp_path_factory.getbasetemp() / "lm_synth12_e400")
+    shards, manifest, cfg = build_synth_shards(root, 12, 12, overrides=["data.normalize.eval_permille=400"], **QUIET)
+    return shards, manifest, load_token_space(cfg.uti)
+
+
+def make_cfg(shards, out, *extra):
+    return load_config(LumoConfig, None, [
+        f"token_lm.shards={shards}", f"token_lm.out={out}", "token_lm.train.steps=6", "token_lm.train.global_batch=4",
+        "token_lm.train.warmup_steps=2", "token_lm.train.eval_every=3", "token_lm.train.ckpt_every=3",
+        "token_lm.seq.max_audio_tokens=60", "token_lm.seq.instruction=templates", "token_lm.seq.layouts=both",
+        *extra])
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    shards, _, ts = data
+    out = tmp_path_factory.mktemp("straight")
+    cfg = make_cfg(shards, out)
+    m = token_lm_loop(cfg, LocalContext(), ts=ts, **QUIET)
+    return cfg, m, out
+
+
+def test_resume_is_exact(data, straight, tmp_path):
+    shards, _, ts = data
+    _, m, _ = straight
+    half = make_cfg(shards, tmp_path, "token_lm.train.steps=6")
+    # first half: a 6-step schedule interrupted after step 3 (its checkpoint), then resumed
+    calls = []
+
+    def stop(step, model):
+        calls.append(step)
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        token_lm_loop(half, LocalContext(), hook=stop, ts=ts, **QUIET)
+    assert (tmp_path / "checkpoints" / "step-0000003" / "state.pt").exists()
+    resumed_cfg = copy.deepcopy(half)
+    resumed_cfg.token_lm.train.resume = "auto"
+    r = token_lm_loop(resumed_cfg, LocalContext(), ts=ts, **QUIET)
+    first = torch.load(tmp_path / "checkpoints" / "step-0000003" / "state.pt", weights_only=False)
+    assert first["data"]["pos"] == 12 and first["token_space_hash"] == ts.hash
+    assert len(r["loss_history"]) == 3
+    for a, b in zip(m["loss_history"][3:], r["loss_history"]):
+        assert abs(a - b) <= 1e-6
+    assert abs(m["eval_loss"] - r["eval_loss"]) <= 1e-6
+
+
+def test_export_reload_gives_same_loss_and_invariance_passes(data, straight):
+    shards, _, ts = data
+    cfg, m, out = straight
+    model, ts2, meta = load_token_lm(out / "export", expected=ts)
+    assert meta["freeze"] == "new_rows" and (out / "export" / "token_space.json").exists()
+    tok = build_text_adapter(cfg.uti.text)
+    b = SequenceBuilder(ts, cfg.token_lm.seq, tok.encode)
+    ev = evaluate_tasks(model, b, list(ShardDataset(shards, "eval", shuffle=False, expected=ts)), LocalContext())
+    assert abs(ev["all"] - m["eval_loss"]) < 1e-5
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    assert AutoModelForCausalLM.from_pretrained(str(out / "export")).config.vocab_size == ts.padded_size
+    assert len(AutoTokenizer.from_pretrained(str(out / "export"))) == ts.text_vocab
+    base = load_causal_lm("tiny", ts.text_vocab, seed=0)
+    rep = text_invariance(model, base, ts, cfg.token_lm.invariance.prompts, tok.encode)
+    assert rep["pass"] and rep["max_abs_logit_diff"] == 0.0 and rep["changed_frozen_params"] == []
+    assert 0 < rep["new_row_prob_mass"]["mean"] < 1
+    # CLI: exit status follows the gate
+    rc = main(["eval", "text-invariance", "--run", str(out), "--base", "tiny", "--out", str(out / "ti")])
+    assert rc == 0 and json.loads((out / "ti" / "report.json").read_text())["pass"]
+
+
+def test_full_mode_breaks_invariance(data, tmp_path):
+    shards, _, ts = data
+    cfg = make_cfg(shards, tmp_path, "token_lm.freeze=full", "token_lm.train.steps=2")
+    token_lm_loop(cfg, LocalContext(), ts=ts, **QUIET)
+    model, _, meta = load_token_lm(tmp_path / "export")
+    rep = text_invariance(model, load_causal_lm("tiny", ts.text_vocab, 0), ts, ["a red circle"],
+                          build_text_adapter(cfg.uti.text).encode, meta["freeze"])
+    assert not rep["pass"] and rep["changed_frozen_params"] and rep["max_abs_logit_diff"] > 0
+
+
+def test_other_token_space_refused_for_shards_and_checkpoints(data, straight, tmp_path):
+    shards, _, ts = data
+    cfg, _, out = straight
+    other = make_cfg(shards, tmp_path, "uti.token_space.special_slots=65")
+    other_ts = load_token_space(other.uti)
+    with pytest.raises(TokenSpaceMismatch) as e:
+        run_token_lm(other, **QUIET)
+    assert ts.hash in str(e.value) and other_ts.hash in str(e.value) and "first differing field: ranges[1].size" in str(e.value)
+    # a checkpoint of this run loaded into a run with another token space (shards checked separately)
+    ck = out / "checkpoints" / "step-0000006"
+    other.token_lm.train.resume = str(ck)
+    from trainers.token_lm import load_checkpoint
+    with pytest.raises(TokenSpaceMismatch) as e2:
+        load_checkpoint(ck, other_ts)
+    assert ts.hash in str(e2.value) and other_ts.hash in str(e2.value)
+
+
+def test_modality_ablation_report_and_cli(data, straight):
+    shards, _, ts = data
+    cfg, _, out = straight
+    model, _, _ = load_token_lm(out / "export")
+    rep = modality_ablation(model, ts, shards, cfg.token_lm.seq, cfg.token_lm.ablation,
+                            build_text_adapter(cfg.uti.text).encode)
+    for m in ("image", "audio"):
+        r = rep["modalities"][m]
+        assert rep["n"][m] >= 2 and set(r) >= {"loss", "shuffle", "noise", "const", "pass"}
+        assert 0 <= r["noise"]["win"] <= 1 and r["pass"] == (
+            r["shuffle"]["gap"] >= 0.10 and r["shuffle"]["win"] >= 0.80 and r["noise"]["gap"] >= 0.15
+            and r["noise"]["win"] >= 0.85)
+    again = modality_ablation(model, ts, shards, cfg.token_lm.seq, cfg.token_lm.ablation,
+                              build_text_adapter(cfg.uti.text).encode)
+    assert again == rep  # fixed seeded slice
+    rc = main(["eval", "modality-ablation", "--run", str(out), "--out", str(out / "abl")])
+    assert rc == (0 if rep["pass"] else 1) and (out / "abl" / "report.md").exists()
+
+
+def test_ray_train_ddp_two_workers(data, tmp_path):
+    shards, _, ts = data
+    cfg = make_cfg(shards, tmp_path / "run", "token_lm.train.num_workers=2", "token_lm.train.cpus_per_worker=0.5",
+                   "token_lm.train.steps=2", "token_lm.train.eval_every=2", "token_lm.train.ckpt_every=2")
+    m = run_token_lm(cfg, **QUIET)
+    assert m["steps"] == 2 and m["token_space_hash"] == ts.hash and set(m["eval"]) >= {"i2t", "a2t"}
+    assert (tmp_path / "run" / "export" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "token_space.json").exists()

@@ -1,0 +1,173 @@
+"""`lumo tune prompts`: a Ray Tune study of prompt / sequence choices for the token LM.
+
+Each trial is a function trainable that trains a short token-LM run in-process (in its own trial
+directory) and, every `report_every` steps, scores it: objective = the smaller of the per-modality
+relative noise gaps ((loss_noise - loss_correct) / loss_correct) on a fixed eval slice, shuffle gaps
+reported beside it; a trial whose text invariance fails scores -1. ASHA stops weak trials early;
+concurrency = cluster CPUs / cpus_per_trial. Writes results.csv, results.md, best.json and
+best_config.yaml (the full config with the best choices applied).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.token_space import TokenSpace
+
+AXES = ("instruction", "delimiters", "new_row_lr", "init_scale", "max_audio_tokens", "modality_dropout")
+
+
+def apply_choices(cfg: LumoConfig, choice: dict) -> LumoConfig:
+    """A copy of cfg with one trial's choices set in token_lm."""
+    cfg = copy.deepcopy(cfg)
+    c = cfg.token_lm
+    for k, v in choice.items():
+        if k in ("instruction", "delimiters", "max_audio_tokens", "modality_dropout"):
+            setattr(c.seq, k, v)
+        elif k in ("new_row_lr", "init_scale"):
+            setattr(c, k, float(v))
+    return cfg
+
+
+def score(model, base, ts: TokenSpace, cfg: LumoConfig, slice_: dict, encode) -> dict:
+    """Objective and its parts for one model state."""
+    from lumo_ray.eval.modality_ablation import modality_ablation
+    from lumo_ray.eval.text_invariance import text_invariance
+
+    c = cfg.token_lm
+    was = model.training
+    rep = modality_ablation(model, ts, c.shards, c.seq, c.ablation, encode, slice_)
+    inv = text_invariance(model, base, ts, c.invariance.prompts, encode, c.freeze)
+    model.train(was)
+    out: dict = {"text_invariance": inv["pass"], "ablation_pass": rep["pass"]}
+    rels = []
+    for m, r in rep["modalities"].items():
+        if "noise" not in r:
+            rels.append(float("-inf"))
+            continue
+        rels.append(r["noise"]["rel_gap"])
+        out[f"noise_rel_gap_{m}"] = r["noise"]["rel_gap"]
+        out[f"noise_gap_{m}"] = r["noise"]["gap"]
+        out[f"shuffle_gap_{m}"] = r["shuffle"]["gap"]
+        out[f"shuffle_win_{m}"] = r["shuffle"]["win"]
+    obj = min(rels) if rels else float("-inf")
+    out["objective"] = float(obj) if inv["pass"] and obj != float("-inf") else -1.0
+    return out
+
+
+def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
+    from ray import tune
+
+    from lumo_ray.codecs.text import build_text_adapter
+    from lumo_ray.eval.modality_ablation import ablation_slice
+    from lumo_ray.models.token_lm import load_causal_lm
+
+    from .lm import LocalContext
+    from .token_lm import token_lm_loop
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # trial output reaches the driver: keep it to reports
+    ts = TokenSpace.from_json(ts_json)
+    cfg = apply_choices(cfg, choice)
+    ps, c = cfg.token_lm.prompt_study, cfg.token_lm
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    c.out = str(trial_dir / "run")
+    c.train.steps, c.train.eval_every, c.train.ckpt_every = ps.steps, ps.steps, ps.steps
+    c.train.log_every, c.train.resume = 10 ** 9, ""
+    c.ablation.n = ps.ablation_n
+    dump_config(cfg, trial_dir)
+    encode = build_text_adapter(cfg.uti.text).encode
+    base = load_causal_lm(c.base, ts.text_vocab, seed=c.train.seed)
+    slice_ = ablation_slice(c.shards, ts, c.ablation)
+
+    def hook(step: int, model) -> Optional[dict]:
+        if step % ps.report_every and step != ps.steps:
+            return None
+        m = {"step": step, **score(model, base, ts, cfg, slice_, encode)}
+        (trial_dir / "score.json").write_text(json.dumps(m, indent=2) + "\n")
+        tune.report(m)
+        return m
+
+    token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts)
+
+
+def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
+    """Run the study; returns {'best': {...}, 'trials': [...], 'out': path, 'pass': bool}."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from pipelines.ray_env import init_ray
+
+    from .token_lm import prepare_run, run_token_space
+
+    ps = cfg.token_lm.prompt_study
+    out = Path(ps.out).resolve()
+    cfg = copy.deepcopy(cfg)
+    cfg.token_lm.out = str(out / "base_run")
+    prepare_run(cfg)  # absolute shard / base paths for the trial workers
+    dump_config(cfg, out)
+    ts = run_token_space(cfg)
+    init_ray(address)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    conc = max(1, int(cpus // ps.cpus_per_trial))
+    space = {k: tune.choice(list(getattr(ps, k))) for k in AXES}
+    rungs = max(1, -(-ps.steps // ps.report_every))
+    log(f"prompt study: {ps.num_samples} trials, {conc} at a time, {rungs} reports each, out {out}")
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, cfg=cfg, ts_json=ts.to_json()), {"cpu": ps.cpus_per_trial}),
+        param_space=space,
+        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=ps.num_samples,
+                                    max_concurrent_trials=conc,
+                                    search_alg=BasicVariantGenerator(random_state=ps.seed),
+                                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=rungs,
+                                                            grace_period=min(ps.grace_period, rungs),
+                                                            reduction_factor=ps.reduction_factor)),
+        run_config=tune.RunConfig(storage_path=str(out), name="study", verbose=0))
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        rows.append({"trial": Path(r.path).name, **{k: r.config.get(k) for k in AXES},
+                     "objective": m.get("objective", float("nan")), "reports": m.get("training_iteration", 0),
+                     "text_invariance": m.get("text_invariance"),
+                     **{k: v for k, v in m.items() if k.startswith(("noise_rel_gap_", "shuffle_gap_", "shuffle_win_"))},
+                     "error": str(r.error)[:200] if r.error else "", "dir": r.path})
+    rows.sort(key=lambda x: -(x["objective"] if x["objective"] == x["objective"] else -1e9))
+    return write_results(rows, cfg, out, log)
+
+
+def write_results(rows: list[dict], cfg: LumoConfig, out: Path, log=print) -> dict:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    show = [k for k in keys if k not in ("dir", "error")]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
+    md += ["| " + " | ".join(fmt(r.get(k, "")) for k in show) + " |" for r in rows]
+    ok = [r for r in rows if r.get("text_invariance") and r["objective"] == r["objective"] and r["objective"] > -1]
+    best = ok[0] if ok else None
+    head = f"# Prompt study: {len(rows)} trials\n\nobjective = min over modalities of the relative noise gap " \
+           f"(text invariance required)\n\n"
+    head += f"**best**: {best['trial']} objective {best['objective']:.4g}: " \
+            + ", ".join(f"{k}={best[k]}" for k in AXES) + "\n\n" if best else "**no trial passed text invariance**\n\n"
+    (out / "results.md").write_text(head + "\n".join(md) + "\n")
+    res = {"pass": best is not None, "best": best, "trials": rows, "out": str(out)}
+    (out / "best.json").write_text(json.dumps({"best": best, "n_trials": len(rows)}, indent=2, default=str) + "\n")
+    if best:
+        dump_config(apply_choices(cfg, {k: best[k] for k in AXES}), out, "best_config.yaml")
+        log(f"prompt study best: {best['trial']} objective {best['objective']:.4f} ("
+            + ", ".join(f"{k}={best[k]}" for k in AXES) + f"); results in {out}/results.md")
+    else:
+        log(f"prompt study: no trial passed text invariance; results in {out}/results.md")
+    return res
