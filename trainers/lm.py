@@ -56,6 +56,10 @@ class LocalContext:
 class RayContext:
     """Inside a Ray Train worker: DDP via prepare_model, reports on every rank."""
 
+    # A Ray Train report costs a round trip through the controller: report on log/eval/checkpoint
+    # steps only (the same steps on every rank), not on every step.
+    report_every_step = False
+
     def __init__(self):
         import ray.train
         import ray.train.torch
@@ -327,7 +331,9 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         if ctx.rank == 0 and (step % t.log_every == 0 or last):
             log(f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
                                                               if "eval_loss" in rep else ""))
-        ctx.report(rep, ck_dir)
+        if getattr(ctx, "report_every_step", True) or last or any(
+                step % k == 0 for k in (t.log_every, t.eval_every, t.ckpt_every)):
+            ctx.report(rep, ck_dir)
         metrics = rep if "eval_loss" in rep else metrics
     if ctx.rank == 0:
         export = run_dir / "export"

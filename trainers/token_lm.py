@@ -178,7 +178,9 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         if step % t.log_every == 0 or last:
             say(f"token-lm step {step}/{t.steps} loss {total:.4f}"
                 + (f" eval {rep['eval_loss']:.4f}" if "eval_loss" in rep else ""))
-        ctx.report(rep, ck_dir)
+        if getattr(ctx, "report_every_step", True) or last or any(
+                step % k == 0 for k in (t.log_every, t.eval_every, t.ckpt_every)):
+            ctx.report(rep, ck_dir)
         if "eval_loss" in rep:
             metrics = rep
     if ctx.rank == 0:
