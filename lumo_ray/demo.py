@@ -181,6 +181,7 @@ def _r(v, n: int = 4):
 
 
 def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) -> int:
+    out = Path(out).resolve()  # Ray workers do not share the driver's working directory
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out)
     stages: list[tuple[str, Callable[[Path], dict]]] = [

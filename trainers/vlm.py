@@ -317,7 +317,9 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
 
     from pipelines.ray_env import init_ray
 
-    vcfg = cfg.vlm if isinstance(cfg, LumoConfig) else cfg
+    vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
+    if vcfg.data.path:  # Ray Train workers run in their own working directory: hand them absolute paths
+        vcfg.data.path = str(Path(vcfg.data.path).resolve())
     t = vcfg.train
     vcfg, run = prepare_run(vcfg, t.out, log)
     init_ray(address)
