@@ -102,6 +102,20 @@ def test_full_presets_use_the_published_architecture():
     assert EncodecConfig(**PRESET_CONFIGS["tiny-24k"]).hop_length == EncodecConfig(**PRESET_CONFIGS["tiny-48k"]).hop_length == 320
 
 
+@pytest.mark.parametrize("model,bw", [("tiny-24k", 1.5), ("tiny-24k", 24.0), ("tiny-48k", 3.0), ("tiny-48k", 24.0)])
+def test_sizes_from_the_config_match_the_built_model_and_the_weights_wait_for_first_use(model, bw, wavs):
+    """A loader or a driver that only needs sizes never builds weights; once built, the model agrees
+    with the sizes taken from its config, and lazy building gives the same codes as building first."""
+    a = _adapter(model=model, bandwidth=bw, max_seconds=1.0)
+    clip = a.load(str(wavs[0]))
+    assert a._model is None  # identity, sizes and load() needed no weights
+    q = a.model.quantizer
+    assert a.num_codebooks == q.get_num_quantizers_for_bandwidth(bw) and a.codebook_size == q.codebook_size
+    b = _adapter(model=model, bandwidth=bw, max_seconds=1.0)
+    b.model  # built before anything else ran
+    assert np.array_equal(a.encode_batch([clip])[0].codes, b.encode_batch([clip])[0].codes)
+
+
 @pytest.mark.parametrize("model,bw", [("tiny-24k", 3.0), ("tiny-48k", 6.0)])
 def test_identity_equals_declared_identity(model, bw, a24, a48):
     a = a24 if model == "tiny-24k" else a48

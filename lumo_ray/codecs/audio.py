@@ -118,6 +118,21 @@ def _init_codebooks(model: Any, seed: int) -> None:
         residual = residual - layer.decode(layer.encode(residual))
 
 
+def _model_config(ref: str) -> Any:
+    """The EncodecConfig of a preset or of a hub id / local directory (config.json only, no weights)."""
+    from transformers import EncodecConfig
+
+    if ref in AUDIO_PRESETS:
+        return EncodecConfig(**PRESET_CONFIGS[ref])
+    try:
+        return EncodecConfig.from_pretrained(ref)
+    except Exception as e:  # noqa: BLE001 - re-raised with the reference and the way out
+        raise ValueError(
+            f"audio.model={ref!r}: cannot read its EnCodec config ({type(e).__name__}: {e}). Use a "
+            f"preset ({', '.join(AUDIO_PRESETS)}) or a local directory / cached hub id with the weights."
+        ) from e
+
+
 def _load_pretrained(ref: str) -> Any:
     from transformers import EncodecModel
 
@@ -146,13 +161,15 @@ class EncodecAdapter:
 
     def __init__(self, cfg: AudioConfig, runtime: RuntimeConfig, batch_invariant: bool = True):
         self.cfg = cfg
+        self.runtime = runtime
         self.batch_invariant = batch_invariant
         self.device = torch.device(runtime.device)
         # Half precision is for accelerators; CPU always runs float32.
         self.dtype = torch.float32 if self.device.type == "cpu" else _DTYPES[runtime.dtype]
-        model = _build_preset(cfg.model, cfg.seed) if cfg.model in AUDIO_PRESETS else _load_pretrained(cfg.model)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        c = model.config
+        # Sizes come from the model config alone; the weights are built on first use (`model`), so a
+        # loader worker (load/prepare) or a driver that only needs the token space never builds them.
+        c = _model_config(cfg.model)
+        self._model: Any = None
         self.bandwidth = float(cfg.bandwidth)
         supported = [float(b) for b in c.target_bandwidths]
         if self.bandwidth not in supported:
@@ -163,13 +180,27 @@ class EncodecAdapter:
         self.codebook_size: int = int(c.codebook_size)
         self.samples_per_frame: int = int(c.hop_length)
         self.frame_rate: float = self.sample_rate / self.samples_per_frame
-        self.num_codebooks: int = int(model.quantizer.get_num_quantizers_for_bandwidth(self.bandwidth))
+        # transformers' EncodecResidualVectorQuantizer.get_num_quantizers_for_bandwidth, from the config
+        self.num_codebooks: int = max(1, math.floor(self.bandwidth * 1000 / (math.log2(c.codebook_size) * c.frame_rate)))
         self.chunk_length: Optional[int] = c.chunk_length
         self.chunk_stride: Optional[int] = c.chunk_stride
         self.max_frames = int(math.floor(cfg.max_seconds * self.sample_rate / self.samples_per_frame + 1e-9))
         if self.max_frames < 1:
             raise ValueError(f"audio.max_seconds={cfg.max_seconds} is shorter than one codec frame "
                              f"({self.samples_per_frame / self.sample_rate:.4f} s)")
+
+    @property
+    def model(self) -> Any:
+        """The EncodecModel, built (presets) or loaded on first use under the configured thread count
+        (preset codebooks are scaled from encoder outputs, whose rounding depends on it)."""
+        if self._model is None:
+            from ..runtime import torch_threads
+
+            with torch_threads(getattr(self.runtime, "threads", torch.get_num_threads())):
+                m = _build_preset(self.cfg.model, self.cfg.seed) if self.cfg.model in AUDIO_PRESETS \
+                    else _load_pretrained(self.cfg.model)
+            self._model = m.to(device=self.device, dtype=self.dtype).eval()
+        return self._model
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> dict:
