@@ -50,7 +50,8 @@ def cmd_verify(args) -> int:
                      write_baseline=args.write_baseline, address=args.address)
     for k, v in rep["checks"].items():
         print(f"  {'PASS' if v['pass'] else 'FAIL'}  {k}: {v.get('summary', '')}")
-    print(f"verify {'PASS' if rep['pass'] else 'FAIL'}: {args.out}/report.json")
+    from .storage import locate
+    print(f"verify {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.json'}")
     return 0 if rep["pass"] else 1
 
 
@@ -74,16 +75,16 @@ def add_commands(sub, common) -> None:
 
     t = data.add_parser("tokenize", help="manifest -> deterministic WebDataset shards (Ray Data actor pool)")
     common(t)
-    t.add_argument("--manifest", required=True)
-    t.add_argument("--out", required=True)
+    t.add_argument("--manifest", required=True, help="manifest.jsonl: a path or an object-store URI (s3://, gs://)")
+    t.add_argument("--out", required=True, help="shard directory: a path or an object-store URI (s3://, gs://)")
     t.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: data.tokenize.actors)")
     t.set_defaults(func=cmd_tokenize)
 
     v = data.add_parser("verify", help="the data verify gate over every record (exit 1 when it fails)")
     common(v)
-    v.add_argument("--shards", required=True)
+    v.add_argument("--shards", required=True, help="shard directory: a path or an object-store URI")
     v.add_argument("--manifest", help="manifest.jsonl for re-tokenize consistency from the raw files")
-    v.add_argument("--out", required=True)
+    v.add_argument("--out", required=True, help="report directory: a path or an object-store URI")
     v.add_argument("--baseline", help="a baseline.json from an earlier verify: check drift")
     v.add_argument("--write-baseline", action="store_true")
     v.set_defaults(func=cmd_verify)

@@ -51,7 +51,12 @@ class TrainConfig:
     max_failures: int = 0
     """Ray Train FailureConfig: worker restarts from the last checkpoint."""
     resume: str = ""
-    """'' (fresh run), 'auto' (latest checkpoint in the run directory, if any) or a checkpoint directory."""
+    """'' (fresh run), 'auto' (latest checkpoint in the run directory, if any) or a checkpoint directory
+    (a local path or an object-store URI)."""
+    storage_path: str = ""
+    """Ray Train storage for this run's reported checkpoints: '' = <out>/ray, or a shared-FS path or
+    an object-store URI (s3://bucket/prefix, gs://...). One per run: launching a run on a storage_path
+    that already holds checkpoints resumes from the latest one."""
     threads: int = 1
     """torch intra-op threads per worker."""
 

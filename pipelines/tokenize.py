@@ -4,7 +4,8 @@ Shards are planned on the driver from the manifest (split, then manifest order),
 cut into fixed units of `batch_size` records: a unit is one model batch, so the bytes never depend
 on how many actors run. Finished shards whose inputs and sha256 match are skipped on a re-run;
 the driver writes each tar (temp name + rename) as soon as all its units are back, and writes
-index.json last.
+index.json last. `--out` and `--manifest` may be local paths or object-store URIs (lumo_ray.storage):
+the same bytes land either way.
 """
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ import json
 import pickle
 import time
 from collections import Counter
-from pathlib import Path
-
 import ray
+import yaml
 
-from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.config import LumoConfig, to_dict
 from lumo_ray.data.manifest import ErrorRecord, read_manifest, write_errors
 from lumo_ray.data.shards import shard_is_complete, shard_name, stats_path, write_tar
 from lumo_ray.data.tokenize import (SampleTokenizer, plan_shards, plan_units, shard_input_digest,
                                     tokenize_config_digest)
+from lumo_ray.storage import Loc, PathLike, locate
 
 from .ray_env import init_ray
 
@@ -51,20 +52,27 @@ def _error(r: dict, source: str = "") -> dict:
     return ErrorRecord(id=r["id"], stage=e["stage"], reason=e["reason"], source=source, detail=e.get("detail", "")).to_dict()
 
 
-def run_tokenize(manifest: str | Path, cfg: LumoConfig, out_dir: str | Path, actors: int | None = None,
+def dump_config_at(cfg: LumoConfig, out: Loc) -> None:
+    """config.yaml, byte for byte as `dump_config` writes it, on any storage."""
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: int | None = None,
                  address: str | None = None, log=print) -> dict:
     """Tokenize a manifest into `<out>/<split>/shard-NNNNNN.tar` + errors.jsonl + summary.json + index.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = locate(out_dir)
     tcfg = cfg.data.tokenize
     actors = actors or tcfg.actors
-    dump_config(cfg, out)
-    (out / "index.json").unlink(missing_ok=True)  # present only when this run completes
+    dump_config_at(cfg, out)
+    for name in ("index.json", "index.json.tmp"):  # index.json is present only when this run completes
+        (out / name).unlink(missing_ok=True)
     records, read_errors = read_manifest(manifest)
     # Where the records came from (verify re-tokenizes from it); kept out of index.json, which is location-free.
-    (out / "source.json").write_text(json.dumps({"manifest": str(Path(manifest).resolve())}) + "\n")
+    (out / "source.json").write_text(json.dumps({"manifest": str(locate(manifest))}) + "\n")
     ts = SampleTokenizer(cfg.uti).ts
-    ts.save(out)
+    (out / "token_space.json").write_text(json.dumps(ts.to_json(), indent=2) + "\n")  # as TokenSpace.save
+    (out / "token_space.sha256").write_text(ts.hash + "\n")
     cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash)
     plan = plan_shards(records, tcfg.shard_size)
     keys = sorted(plan)
@@ -74,7 +82,7 @@ def run_tokenize(manifest: str | Path, cfg: LumoConfig, out_dir: str | Path, act
     stats: dict[tuple[str, int], dict] = {}
     for key in keys:
         tar = out / key[0] / shard_name(key[1])
-        (tar.parent / (tar.name + ".tmp")).unlink(missing_ok=True)
+        tar.with_name(tar.name + ".tmp").unlink(missing_ok=True)
         st = shard_is_complete(tar, digests[key])
         if st:
             stats[key] = st
@@ -134,6 +142,6 @@ def run_tokenize(manifest: str | Path, cfg: LumoConfig, out_dir: str | Path, act
                          "bytes": stats[k]["bytes"], "sha256": stats[k]["sha256"]} for k in keys],
              "totals": {"shards": len(keys), "samples": n_ok, "bytes": sum(stats[k]["bytes"] for k in keys),
                         "per_split": summary["per_split"]}}
-    (out / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")  # written last
+    (out / "index.json").write_atomic(json.dumps(index, indent=2, sort_keys=True) + "\n")  # written last
     log(f"[tokenize] done: {n_ok} samples in {len(keys)} shards, {len(errors)} errors -> {out / 'index.json'}")
     return summary

@@ -1,23 +1,25 @@
 """`lumo data verify`: the data gate. Every shard is checked in full on Ray Data (one task per shard);
-re-tokenize consistency, decode spot checks, leakage, length statistics and drift run on the driver."""
+re-tokenize consistency, decode spot checks, leakage, length statistics and drift run on the driver.
+`--shards`, `--out`, `--manifest` and `--baseline` may be local paths or object-store URIs."""
 from __future__ import annotations
 
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import ray
 
 from lumo_ray.codecs.base import AudioCodes
-from lumo_ray.config import LumoConfig, dump_config, load_config
+from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.data.manifest import read_manifest
 from lumo_ray.data.shards import iter_tar, load_index, sample_key
 from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, plan_units
 from lumo_ray.data.verify import MAX_LISTED, check_shard, drift, leakage, length_stats
+from lumo_ray.storage import PathLike, local_file, locate
 from lumo_ray.token_space import TokenSpace
 
 from .ray_env import init_ray
+from .tokenize import dump_config_at
 
 
 def _check_row(row: dict) -> dict:
@@ -25,9 +27,9 @@ def _check_row(row: dict) -> dict:
     return {"result": json.dumps(r)}
 
 
-def _raw_members(path: Path) -> dict[str, dict[str, bytes]]:
+def _raw_members(path: PathLike) -> dict[str, dict[str, bytes]]:
     out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
+    with locate(path).open_read() as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
         for m in tar:
             if m.isfile():
                 out.setdefault(m.name.partition(".")[0], {})[m.name] = tar.extractfile(m).read()
@@ -57,18 +59,17 @@ def _check(ok: bool, summary: str, **details) -> dict:
     return {"pass": bool(ok), "summary": summary, **details}
 
 
-def run_verify(shards_dir: str | Path, cfg: LumoConfig, out_dir: str | Path, manifest: str | None = None,
+def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifest: str | None = None,
                baseline: str | None = None, write_baseline: bool = False, address: str | None = None,
                log=print) -> dict:
-    shards_dir, out = Path(shards_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out)
+    shards_dir, out = locate(shards_dir), locate(out_dir)
+    dump_config_at(cfg, out)
     vcfg = cfg.data.verify
     checks: dict[str, dict] = {}
     index = load_index(shards_dir)
     tok = SampleTokenizer(cfg.uti)
     ts = tok.ts
-    ts_shards = TokenSpace.load(shards_dir / "token_space.json")
+    ts_shards = TokenSpace.from_json(json.loads((shards_dir / "token_space.json").read_text()))
     hash_ok = index["token_space_hash"] == ts.hash == ts_shards.hash
     checks["token_space"] = _check(hash_ok, "index, token_space.json and config agree" if hash_ok else
                                    f"run {ts.hash} vs index {index['token_space_hash']} vs shards {ts_shards.hash}")
@@ -99,8 +100,10 @@ def run_verify(shards_dir: str | Path, cfg: LumoConfig, out_dir: str | Path, man
         stored = {sid for sid, _, _ in ids}
         recs = [r for r in all_recs if r.id in stored]
         # The shard plan and batch cut of the run that wrote these shards (its resolved config).
-        tcfg = (load_config(LumoConfig, shards_dir / "config.yaml").data.tokenize
-                if (shards_dir / "config.yaml").exists() else cfg.data.tokenize)
+        tcfg = cfg.data.tokenize
+        if (shards_dir / "config.yaml").exists():
+            with local_file(shards_dir / "config.yaml") as p:
+                tcfg = load_config(LumoConfig, p).data.tokenize
         rng = np.random.default_rng(vcfg.seed)
         pick = sorted(rng.choice(len(recs), size=min(vcfg.retokenize_n, len(recs)), replace=False).tolist()) if recs else []
         raw = {}
@@ -152,7 +155,7 @@ def run_verify(shards_dir: str | Path, cfg: LumoConfig, out_dir: str | Path, man
     # 4. Length statistics and drift.
     stats = length_stats([tuple(x) for r in results for x in r["lengths"]])
     if baseline:
-        d = drift(stats, json.loads(Path(baseline).read_text())["length_stats"], vcfg.drift_tolerance)
+        d = drift(stats, json.loads(locate(baseline).read_text())["length_stats"], vcfg.drift_tolerance)
         checks["drift"] = _check(not d, f"{len(d)} length statistic(s) drifted beyond {vcfg.drift_tolerance:.0%}",
                                  drifted=d)
     report = {"pass": all(c["pass"] for c in checks.values()), "token_space_hash": ts.hash, "checks": checks,

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -168,7 +169,9 @@ def resolve_resume(t: TrainConfig, run_dir: Path, ctx) -> Optional[Path]:
     if t.resume == "auto":
         return latest_checkpoint(run_dir)
     if t.resume:
-        p = Path(t.resume)
+        from lumo_ray.storage import download_dir, is_uri
+
+        p = download_dir(t.resume, tempfile.mkdtemp(prefix="lumo-resume-")) if is_uri(t.resume) else Path(t.resume)
         if not (p / CKPT_STATE).exists():
             raise FileNotFoundError(f"train.resume={t.resume}: no {CKPT_STATE} there")
         return p
@@ -183,13 +186,17 @@ def launch(worker_fn: Callable, cfg: LumoConfig, t: TrainConfig, run_dir: Path, 
 
     from pipelines.ray_env import init_ray
 
+    from lumo_ray.storage import locate
+
     init_ray(address)
+    # train.storage_path may be an object-store URI: hand Ray the filesystem and the bare path.
+    store = locate(t.storage_path or Path(run_dir) / "ray")
     trainer = TorchTrainer(
         worker_fn, train_loop_config={"cfg": cfg},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str((Path(run_dir) / "ray").resolve()), name=name,
-                             failure_config=FailureConfig(max_failures=t.max_failures)))
+        run_config=RunConfig(storage_path=store.path, storage_filesystem=None if store.is_local else store.fs,
+                             name=name, failure_config=FailureConfig(max_failures=t.max_failures)))
     return trainer.fit()
 
 

@@ -8,6 +8,11 @@ else (train.lr), warmup + cosine, clipping. Checkpoints hold the trainable weigh
 scheduler, RNG states, step, data position (epoch, position in this rank's order), the token-space
 hash and the config. Crop/template randomness is a function of (seed, epoch, position, rank), so a
 resumed run sees exactly the sequences the uninterrupted run would have.
+
+Storage: `token_lm.shards` may be a local path or an object-store URI, and so may
+`train.storage_path` (where Ray Train persists the reported checkpoints; a run launched again on it
+resumes from the latest). The run directory `token_lm.out` (config.yaml, metrics.json, export/, the
+rank-0 staging copy of checkpoints/) is a local or shared-FS path.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.data.sequences import SequenceBuilder, collate
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.models.token_lm import export, target_losses, vocab_params, warm_start
+from lumo_ray.storage import is_uri, resolve
 from lumo_ray.token_space import TokenSpace
 
 from .lm import (CKPT_STATE, RayContext, launch, make_scheduler, micro_batch, resolve_resume, rng_state,
@@ -200,11 +206,18 @@ def _worker(config: dict) -> None:
 
 
 def prepare_run(cfg: LumoConfig) -> Path:
-    """Absolute paths (workers may run elsewhere) and the config copy in the run directory."""
+    """Absolute paths or URIs (workers may run elsewhere) and the config copy in the run directory."""
     c = cfg.token_lm
+    if is_uri(c.out):
+        raise ValueError(f"token_lm.out={c.out}: the run directory must be a local or shared-FS path; put "
+                         f"checkpoints on an object store with token_lm.train.storage_path=<URI>")
     run_dir = Path(c.out).resolve()
     c.out = str(run_dir)
-    c.shards = str(Path(c.shards).resolve()) if c.shards else c.shards
+    c.shards = resolve(c.shards) if c.shards else c.shards
+    for k in ("storage_path", "resume"):
+        v = getattr(c.train, k)
+        if v and v != "auto":
+            setattr(c.train, k, resolve(v))
     if c.base != "tiny" and Path(c.base).exists():
         c.base = str(Path(c.base).resolve())
     dump_config(cfg, run_dir)

@@ -8,15 +8,20 @@ before splitting), `meta` (source keys, probe results).
 Paths: readers and `normalize` store **absolute** media paths, so a manifest stays usable when it is
 written to (or copied into) another directory. A hand-written manifest may hold relative paths:
 `read_manifest` resolves them against `root` (default: the manifest file's own directory).
+Manifests and error files may live on an object store (lumo_ray.storage URIs); the media they
+name are read by the codecs with plain file I/O, so media paths must be local or shared-FS paths.
 
 Files are written sorted by id with sorted keys and fixed separators: same records -> same bytes.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
+
+from ..storage import PathLike, is_uri, locate, where
 
 TASKS = ("a2t", "i2t", "t2a", "t2i", "t")
 SPLITS = ("train", "eval")
@@ -102,25 +107,35 @@ def validate_record(d: Any) -> Record:
     return Record.from_dict(d)
 
 
-def _resolve_paths(rec: Record, root: Path) -> Record:
+def _resolve_paths(rec: Record, root: Optional[Path]) -> Record:
     for v in rec.modalities.values():
         p = Path(v["path"])
-        v["path"] = str(p if p.is_absolute() else (root / p).resolve())
+        if p.is_absolute() or is_uri(v["path"]):
+            continue
+        if root is None:
+            raise ManifestError(f"record {rec.id}: relative media path {v['path']!r} in a manifest on an object "
+                                f"store; write absolute (local or shared-FS) paths or pass root=")
+        v["path"] = str((root / p).resolve())
     return rec
 
 
-def read_manifest(path: str | Path, root: str | Path | None = None,
+def read_manifest(path: PathLike, root: str | Path | None = None,
                   strict: bool = False) -> tuple[list[Record], list[ErrorRecord]]:
-    """Read and validate a manifest JSONL file.
+    """Read and validate a manifest JSONL file (a local path or an object-store URI).
 
     A malformed line (bad JSON, missing field, unknown task ...) becomes an ErrorRecord with
     stage='read' whose detail names the file and line number; `strict=True` raises instead.
-    Relative media paths resolve against `root` (default: the manifest's directory)."""
-    path = Path(path)
-    base = Path(root) if root is not None else path.parent
+    Relative media paths resolve against `root` (default: the manifest's directory when it is local;
+    a manifest on an object store must hold absolute media paths)."""
+    path = locate(path)
+    base = Path(root) if root is not None else (path.parent.local if path.is_local else None)
     records: list[Record] = []
     errors: list[ErrorRecord] = []
-    with open(path, encoding="utf-8") as fh:
+    if not path.exists():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    # StringIO(newline=None) splits lines exactly as a text-mode file would (not str.splitlines,
+    # which also breaks at U+2028 and friends that ensure_ascii=False leaves in captions).
+    with io.StringIO(path.read_text(), newline=None) as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -139,22 +154,26 @@ def read_manifest(path: str | Path, root: str | Path | None = None,
                                           reason=f"malformed manifest line ({kind})",
                                           source=src if isinstance(src, str) else "", detail=msg))
                 continue
-            records.append(_resolve_paths(rec, base))
+            try:
+                records.append(_resolve_paths(rec, base))
+            except ManifestError as e:
+                if strict:
+                    raise ManifestError(f"{path}: line {n}: {e}") from e
+                errors.append(ErrorRecord(id=rec.id, stage="read", reason="relative media path",
+                                          source=rec.source, detail=f"{path}: line {n}: {e}"))
     return records, errors
 
 
-def write_jsonl(rows: Iterable[dict], path: str | Path, key: str = "id") -> Path:
-    """Write dicts as JSONL sorted by `key` (then by full content), deterministic bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_jsonl(rows: Iterable[dict], path: PathLike, key: str = "id") -> Union[Path, str]:
+    """Write dicts as JSONL sorted by `key` (then by full content), deterministic bytes; atomic
+    (temp + rename, or temp + move on an object store). Returns a Path when local, else the URI."""
+    loc = locate(path)
     lines = sorted((r[key], _dumps(r)) for r in rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(s + "\n" for _, s in lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    loc.write_atomic("".join(s + "\n" for _, s in lines).encode("utf-8"))
+    return where(loc)
 
 
-def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
+def write_manifest(records: Iterable[Record], path: PathLike) -> Union[Path, str]:
     """Write records sorted by id; refuses duplicate ids (they would make ids ambiguous)."""
     rows = [r.to_dict() for r in records]
     seen: set[str] = set()
@@ -165,10 +184,9 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
     return write_jsonl(rows, path)
 
 
-def write_errors(errors: Iterable[ErrorRecord], path: str | Path) -> Path:
+def write_errors(errors: Iterable[ErrorRecord], path: PathLike) -> Union[Path, str]:
     return write_jsonl([e.to_dict() for e in errors], path)
 
 
-def read_errors(path: str | Path) -> list[ErrorRecord]:
-    with open(path, encoding="utf-8") as fh:
-        return [ErrorRecord(**json.loads(line)) for line in fh if line.strip()]
+def read_errors(path: PathLike) -> list[ErrorRecord]:
+    return [ErrorRecord(**json.loads(line)) for line in locate(path).read_text().splitlines() if line.strip()]

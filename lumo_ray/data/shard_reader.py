@@ -4,27 +4,30 @@ worker, and the same number of samples on every rank (no DDP hang on uneven shar
 The order is a seeded permutation of every (shard, position) in the split, taken from index.json.
 Each rank takes every world_size-th sample of that permutation, padded by wrapping around so all
 ranks get ceil(N / world_size); each DataLoader worker then takes every num_workers-th of those.
+The shard directory may be a local path or an object-store URI (lumo_ray.storage).
 """
 from __future__ import annotations
 
+import json
 import math
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from ..storage import PathLike, locate
 from ..token_space import TokenSpace
 from .shards import iter_tar, load_index
 
 
-def open_shards(shards_dir: str | Path, expected: TokenSpace | None = None) -> dict:
+def open_shards(shards_dir: PathLike, expected: TokenSpace | None = None) -> dict:
     """index.json of a shard directory, after refusing a token space other than `expected`."""
-    shards_dir = Path(shards_dir)
+    shards_dir = locate(shards_dir)
     index = load_index(shards_dir)
     if expected is not None:
         if index["token_space_hash"] != expected.hash:
-            theirs = TokenSpace.load(shards_dir / "token_space.json") if (shards_dir / "token_space.json").exists() else None
+            tsj = shards_dir / "token_space.json"
+            theirs = TokenSpace.from_json(json.loads(tsj.read_text())) if tsj.exists() else None
             if theirs is not None:
                 expected.ensure_same(theirs, what=f"shards {shards_dir} token space")
             raise ValueError(f"shards {shards_dir} have token space {index['token_space_hash']}, run has {expected.hash}")
@@ -47,9 +50,9 @@ def rank_order(counts: list[int], seed: int, epoch: int, rank: int, world_size: 
 class ShardDataset(torch.utils.data.IterableDataset):
     """Samples ({'json', 'text', 'prompt'?, 'image'?, 'audio'?} as int64 arrays) of one split."""
 
-    def __init__(self, shards_dir: str | Path, split: str, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, shards_dir: PathLike, split: str, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, expected: TokenSpace | None = None):
-        self.dir = Path(shards_dir)
+        self.dir = locate(shards_dir)
         self.index = open_shards(self.dir, expected)
         self.shards = [s for s in self.index["shards"] if s["split"] == split]
         self.split, self.seed, self.rank, self.world_size, self.shuffle = split, seed, rank, world_size, shuffle

@@ -4,18 +4,21 @@ A shard is `<out>/<split>/shard-NNNNNN.tar`. Samples sit in manifest order, each
 sorted by name, with fixed mtime/uid/gid/mode, so one manifest + config gives byte-identical tars
 whatever the number of actors or machines. Beside each finished tar a small stats file records its
 sha256 and the digest of its inputs, which is how a re-run knows to skip it.
+
+Every location may be a local path or an object-store URI (lumo_ray.storage); tars are written and
+read as one sequential stream, hashed on the way through.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 import tarfile
-from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
+
+from ..storage import Loc, PathLike, locate
 
 ARRAY_FIELDS = ("prompt", "text", "image", "audio")
 
@@ -52,21 +55,51 @@ def encode_sample(sample_id: str, arrays: dict[str, np.ndarray], meta: dict, dty
     return members
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class HashingWriter:
+    """Counts and sha256-hashes the bytes written through it (tarfile needs write + tell)."""
+
+    def __init__(self, fh: BinaryIO):
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        self.fh.write(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
 
 
-def write_tar(path: str | Path, samples: list[dict[str, bytes]]) -> dict:
-    """Write samples (in the given order) to a temp name, then rename: a tar at `path` is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+class HashingReader:
+    """sha256 of everything read through it; `drain()` reads the rest so the digest covers the file."""
+
+    def __init__(self, fh: BinaryIO):
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.fh.read(size)
+        self.sha.update(b)
+        self.n += len(b)
+        return b
+
+    def drain(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
+
+def file_sha256(path: PathLike) -> str:
+    with locate(path).open_read() as fh:
+        return HashingReader(fh).drain()
+
+
+def write_tar(path: PathLike, samples: list[dict[str, bytes]]) -> dict:
+    """Write samples (in the given order) to a temp name, then move it: a tar at `path` is complete."""
+    loc = locate(path)
+    with loc.atomic_writer() as fh:
+        out = HashingWriter(fh)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for members in samples:
                 for name in sorted(members):
                     data = members[name]
@@ -75,35 +108,39 @@ def write_tar(path: str | Path, samples: list[dict[str, bytes]]) -> dict:
                     info.uid = info.gid = 0
                     info.uname = info.gname = ""
                     tar.addfile(info, io.BytesIO(data))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path), "samples": len(samples)}
+    return {"bytes": out.n, "sha256": out.sha.hexdigest(), "samples": len(samples)}
 
 
-def stats_path(tar_path: str | Path) -> Path:
-    p = Path(tar_path)
+def stats_path(tar_path: PathLike) -> Loc:
+    p = locate(tar_path)
     return p.with_name(p.name[: -len(".tar")] + ".stats.json")
 
 
-def shard_is_complete(tar_path: Path, input_digest: str) -> dict | None:
+def shard_is_complete(tar_path: PathLike, input_digest: str) -> dict | None:
     """The recorded stats when the tar exists, matches its recorded sha256 and was made from these inputs."""
-    sp = stats_path(tar_path)
-    if not tar_path.exists() or not sp.exists():
+    tar, sp = locate(tar_path), stats_path(tar_path)
+    if not sp.exists() or not tar.exists():
         return None
     try:
         st = json.loads(sp.read_text())
     except json.JSONDecodeError:
         return None
-    if st.get("input_digest") != input_digest or file_sha256(tar_path) != st.get("sha256"):
+    if st.get("input_digest") != input_digest or st.get("bytes", tar.size()) != tar.size() \
+            or file_sha256(tar) != st.get("sha256"):
         return None
     return st
 
 
-def iter_tar(path: str | Path) -> Iterator[dict]:
-    """Samples of one shard in stored order: {'__key__', 'json': dict, '<field>': np.ndarray}."""
+def iter_tar(src: PathLike | BinaryIO) -> Iterator[dict]:
+    """Samples of one shard in stored order: {'__key__', 'json': dict, '<field>': np.ndarray}.
+
+    `src` is a path/URI or an open binary stream; the tar is read front to back in one pass."""
+    if not hasattr(src, "read"):
+        with locate(src).open_read() as fh:
+            yield from iter_tar(fh)
+        return
     cur: dict | None = None
-    with tarfile.open(path, "r") as tar:
+    with tarfile.open(fileobj=src, mode="r|") as tar:
         for m in tar:
             if not m.isfile():
                 continue
@@ -123,8 +160,8 @@ def iter_tar(path: str | Path) -> Iterator[dict]:
         yield cur
 
 
-def load_index(shards_dir: str | Path) -> dict:
-    p = Path(shards_dir) / "index.json"
+def load_index(shards_dir: PathLike) -> dict:
+    p = locate(shards_dir) / "index.json"
     if not p.exists():
         raise FileNotFoundError(f"{p} not found: the shards are incomplete (index.json is written last)")
     return json.loads(p.read_text())

@@ -1,15 +1,17 @@
 """Data verify (SPEC §6): every record's range / shape / phase / dtype / hash checks, leakage,
-length statistics and drift. Library code; pipelines/verify.py fans the shard checks out on Ray."""
+length statistics and drift. Library code; pipelines/verify.py fans the shard checks out on Ray.
+Shards may sit on a local path or an object store (lumo_ray.storage): each is read once, as a
+stream, and hashed while its records are checked."""
 from __future__ import annotations
 
 import tarfile
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
+from ..storage import PathLike, locate
 from ..token_space import TokenSpace
-from .shards import file_sha256, iter_tar, token_dtype
+from .shards import HashingReader, iter_tar, token_dtype
 
 FIELD_MODALITY = {"text": "text", "prompt": "text", "image": "image", "audio": "audio"}
 MAX_LISTED = 20
@@ -54,31 +56,34 @@ def check_sample(s: dict, ts: TokenSpace, dtype: np.dtype) -> list[str]:
     return probs
 
 
-def check_shard(path: str | Path, ts_json: dict, expected_sha: str, expected_samples: int) -> dict:
+def check_shard(path: PathLike, ts_json: dict, expected_sha: str, expected_samples: int) -> dict:
     """Every record of one shard: integrity, per-sample problems, ids/groups per split, lengths."""
     ts = TokenSpace.from_json(ts_json)
     dtype = token_dtype(ts.total)
+    loc = locate(path)
     res = {"shard": str(path), "problems": [], "samples": 0, "bad_samples": 0, "ids": [], "lengths": []}
-    if not Path(path).exists():
+    if not loc.exists():
         res["problems"].append(f"{path}: missing")
         return res
-    sha = file_sha256(path)
+    with loc.open_read() as raw:
+        fh = HashingReader(raw)  # one pass: the records are checked and the bytes hashed together
+        try:
+            for s in iter_tar(fh):
+                res["samples"] += 1
+                meta = s.get("json") or {}
+                sid = meta.get("id", s["__key__"])
+                probs = check_sample(s, ts, dtype)
+                if probs:
+                    res["bad_samples"] += 1
+                    res["problems"].append(f"{sid}: " + "; ".join(probs))
+                res["ids"].append((sid, meta.get("group"), meta.get("split")))
+                res["lengths"].append((meta.get("task"), {k: int(v.size) for k, v in s.items()
+                                                          if isinstance(v, np.ndarray)}))
+        except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+            res["problems"].append(f"{path}: unreadable ({type(e).__name__}: {e})")
+        sha = fh.drain()
     if sha != expected_sha:
-        res["problems"].append(f"{path}: sha256 {sha[:16]}... != index {expected_sha[:16]}...")
-    try:
-        for s in iter_tar(path):
-            res["samples"] += 1
-            meta = s.get("json") or {}
-            sid = meta.get("id", s["__key__"])
-            probs = check_sample(s, ts, dtype)
-            if probs:
-                res["bad_samples"] += 1
-                res["problems"].append(f"{sid}: " + "; ".join(probs))
-            res["ids"].append((sid, meta.get("group"), meta.get("split")))
-            res["lengths"].append((meta.get("task"), {k: int(v.size) for k, v in s.items()
-                                                      if isinstance(v, np.ndarray)}))
-    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-        res["problems"].append(f"{path}: unreadable ({type(e).__name__}: {e})")
+        res["problems"].insert(0, f"{path}: sha256 {sha[:16]}... != index {expected_sha[:16]}...")
     if res["samples"] != expected_samples:
         res["problems"].append(f"{path}: {res['samples']} samples != index {expected_samples}")
     return res
