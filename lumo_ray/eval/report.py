@@ -4,10 +4,18 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Iterable
 
+# Everything is inlined; the policy makes the browser refuse any fetch a section might add, so the
+# report never touches the network (data: URIs for media, inline styles only, no scripts).
+CSP = "default-src 'none'; img-src data:; media-src data:; style-src 'unsafe-inline'"
 PALETTE = ["#3b6ea8", "#d9822b", "#3a9a5b", "#b5443a", "#7b5ea7", "#8c6d4f"]
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def data_uri(path: Path) -> str:
@@ -16,15 +24,24 @@ def data_uri(path: Path) -> str:
 
 
 def bar_chart(title: str, values: dict[str, float], width: int = 420, height: int = 200) -> str:
-    """Vertical bars from a zero line (negative values hang below it), with value labels."""
+    """Vertical bars from a zero line (negative values hang below it), with value labels.
+
+    A missing or non-finite value (a NaN loss, an infinite SNR) keeps its label but draws no bar,
+    so one bad number cannot break the scale of the others."""
     if not values:
         return ""
-    lo, hi = min(0.0, *values.values()), max(0.0, *values.values())
+    finite = [v for v in values.values() if _finite(v)]
+    lo, hi = min([0.0, *finite]), max([0.0, *finite])
     scale = (height - 60) / ((hi - lo) or 1.0)
     zero = 20 + hi * scale
     bw = (width - 40) / len(values)
     bars = []
     for i, (k, v) in enumerate(values.items()):
+        if not _finite(v):
+            bars.append(f'<text x="{30 + i * bw + bw / 2:.1f}" y="{height - 6}" text-anchor="middle" font-size="10">'
+                        f'{html.escape(k)}</text><text x="{30 + i * bw + bw / 2:.1f}" y="{zero - 4:.1f}" '
+                        f'text-anchor="middle" font-size="10">{html.escape(str(v))}</text>')
+            continue
         x, top = 30 + i * bw, zero - max(v, 0) * scale
         bars.append(f'<rect x="{x + 4:.1f}" y="{top:.1f}" width="{bw - 8:.1f}" height="{abs(v) * scale:.1f}" '
                     f'fill="{PALETTE[i % len(PALETTE)]}"/><text x="{x + bw / 2:.1f}" y="{height - 6}" '
@@ -37,6 +54,8 @@ def bar_chart(title: str, values: dict[str, float], width: int = 420, height: in
 
 
 def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220) -> str:
+    """One polyline per series (a one-point series, e.g. a single eval, is drawn as a dot); non-finite points are dropped."""
+    series = {k: [(x, y) for x, y in s if _finite(x) and _finite(y)] for k, s in series.items()}
     pts = [p for s in series.values() for p in s]
     if not pts:
         return ""
@@ -47,8 +66,12 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: 
     lines, legend = [], []
     for i, (name, s) in enumerate(series.items()):
         c = PALETTE[i % len(PALETTE)]
-        d = " ".join(f"{50 + (x - x0) * sx:.1f},{height - 30 - (y - y0) * sy:.1f}" for x, y in s)
-        lines.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{d}"/>')
+        xy = [(50 + (x - x0) * sx, height - 30 - (y - y0) * sy) for x, y in s]
+        if len(xy) > 1:
+            d = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
+            lines.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{d}"/>')
+        else:
+            lines += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in xy]
         legend.append(f'<text x="{60 + 110 * i}" y="14" font-size="11" fill="{c}">{html.escape(name)}</text>')
     axes = (f'<text x="4" y="{height - 30}" font-size="10">{y0:.3g}</text><text x="4" y="30" font-size="10">{y1:.3g}</text>'
             f'<text x="50" y="{height - 10}" font-size="10">{x0:.0f}</text>'
@@ -58,15 +81,32 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: 
 
 
 def histogram(title: str, values: Iterable[float], bins: int = 12) -> str:
+    """At most `bins` bars, each labelled by the values it counts. Integers (token lengths) get
+    whole-number bins: fractional ones would cover uneven numbers of lengths and round to the
+    same label, which merges their bars in the chart."""
     v = sorted(values)
     if not v:
         return ""
     lo, hi = v[0], v[-1]
-    step = (hi - lo) / bins or 1
-    counts = [0] * bins
+    if all(float(x).is_integer() for x in v):
+        lo, hi = int(lo), int(hi)
+        step = -(-(hi - lo + 1) // bins)
+        counts = [0] * ((hi - lo) // step + 1)
+        for x in v:
+            counts[(int(x) - lo) // step] += 1
+        labels = [str(k) if step == 1 else f"{k}-{k + step - 1}" for k in range(lo, hi + 1, step)]
+        return bar_chart(title, {lab: float(c) for lab, c in zip(labels, counts)}, width=520)
+    if hi == lo:
+        return bar_chart(title, {f"{lo:.6g}": float(len(v))}, width=520)
+    step = (hi - lo) / bins
+    counts_ = [0] * bins
     for x in v:
-        counts[min(int((x - lo) / step), bins - 1)] += 1
-    return bar_chart(title, {f"{lo + i * step:.0f}": float(c) for i, c in enumerate(counts)}, width=520)
+        counts_[min(int((x - lo) / step), bins - 1)] += 1
+    for nd in range(7):  # fewest decimals that keep every bin's label distinct
+        labels = [f"{lo + i * step:.{nd}f}" for i in range(bins)]
+        if len(set(labels)) == bins:
+            break
+    return bar_chart(title, {lab: float(c) for lab, c in zip(labels, counts_)}, width=520)
 
 
 def media_block(files: list[Path]) -> str:
@@ -91,10 +131,11 @@ def write_report(out: Path, title: str, stages: list[dict], sections: list[tuple
                     f'<td>{"PASS" if s["pass"] else "FAIL"}</td><td>{s["seconds"]}</td>'
                     f'<td>{html.escape(extra)}{err}</td></tr>')
     body = "".join(f"<section><h2>{html.escape(h)}</h2>{c}</section>" for h, c in sections if c)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}} tr.pass td:nth-child(2){{color:#2a7a3b;font-weight:bold}}
-tr.fail td:nth-child(2){{color:#b5443a;font-weight:bold}} figure{{display:inline-block;margin:6px}} .m figcaption{{font-size:10px}}
+tr.fail td:nth-child(2){{color:#b5443a;font-weight:bold}} figure{{display:inline-block;margin:6px}} img{{image-rendering:pixelated}} .m figcaption{{font-size:10px}}
 .err{{color:#b5443a;font-size:12px}}</style></head><body><h1>{html.escape(title)}</h1>
 <table id="stages"><tr><th>stage</th><th>result</th><th>seconds</th><th>numbers</th></tr>{"".join(rows)}</table>
 {body}</body></html>"""
