@@ -170,6 +170,10 @@ class PromptStudyConfig:
     ablation_n: int = 16
     """Eval samples per modality when scoring a trial."""
     out: str = "runs/tune_prompts"
+    """Study directory (config, results.csv/md, best.json, best_config.yaml): a local or shared-FS path."""
+    storage_path: str = ""
+    """Ray Tune's storage (experiment state and each trial's directory: config, score.json, run/):
+    '' = <out>, or a shared-FS path or an object-store URI (trial directories are synced there)."""
     seed: int = 0
 
 

@@ -117,9 +117,13 @@ class VLMTrainConfig:
     seed: int = 0
     """Seed of the data order and of torch RNG."""
     out: str = "runs/vlm"
-    """Run directory (config copy, metrics.json, splits, golden dumps, export, Ray storage)."""
+    """Run directory (config copy, metrics.json, splits, golden dumps, export): a local or shared-FS path."""
+    storage_path: str = ""
+    """Ray Train storage for the run's checkpoints: '' = <out>/ray, or a shared-FS path or an
+    object-store URI (s3://bucket/prefix, gs://...). Launching a run on a storage_path that already
+    holds checkpoints of it continues from the latest one."""
     resume_from: Optional[str] = None
-    """A checkpoint directory to continue from (otherwise the run's own latest, if any)."""
+    """A checkpoint directory (path or URI) to continue from (otherwise the run's own latest, if any)."""
     max_failures: int = 1
     """Ray Train FailureConfig: restarts from the last checkpoint after a worker dies."""
     stop_after: Optional[int] = None
@@ -150,6 +154,9 @@ class VLMSweepConfig:
     max_concurrent: int = 2
     ablation_n: int = 32
     out: str = "runs/vlm_sweep"
+    """Sweep directory (shared warm-up, trials/<name>/ run directories, results): a local or shared-FS path."""
+    storage_path: str = ""
+    """Ray Tune's experiment storage: '' = <out>/ray, or a shared-FS path or an object-store URI."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -255,3 +255,28 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
     else:
         pafs.copy_files(loc.path, str(dst), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
     return dst
+
+
+def local_run_dir(p: PathLike, key: str, storage_key: str) -> Path:
+    """A run directory as an absolute local (or shared-FS) path. Run directories hold files that
+    workers append to and plain tools read (metrics.json, steps.jsonl, export/): an object-store URI
+    there is refused with a pointer to the setting that does put checkpoints on one."""
+    if is_uri(p):
+        raise ValueError(f"{key}={p}: the run directory must be a local or shared-FS path; put "
+                         f"checkpoints on an object store with {storage_key}=<URI>")
+    return locate(p).local
+
+
+def ray_storage(p: PathLike) -> dict:
+    """RunConfig kwargs for a Ray Train / Tune storage_path that may be an object-store URI: Ray gets
+    the bare path plus the pyarrow filesystem (which carries the URI's options, e.g. endpoint_override)."""
+    loc = locate(p)
+    return {"storage_path": loc.path, "storage_filesystem": None if loc.is_local else loc.fs}
+
+
+def latest_ray_checkpoint(storage: PathLike, name: str, marker: str) -> Optional[Loc]:
+    """The newest `checkpoint_*` directory holding `marker` in a Ray Train run `<storage>/<name>`
+    (Ray names them by creation time, so name order is age order)."""
+    root = locate(storage) / name
+    cks = sorted({str(m.parent): m.parent for m in root.glob(f"checkpoint_*/{marker}") if m.parent.parent == root}.items())
+    return cks[-1][1] if cks else None

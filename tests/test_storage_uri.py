@@ -3,41 +3,23 @@ s3:// gives the bytes a local run gives, a re-run skips every shard, verify read
 corrupted) shard on s3, and the token LM trains on s3 shards with Ray Train checkpoints on an s3
 storage_path, then resumes from there in a fresh run directory."""
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
+import torch
 
-try:
-    import moto.server  # noqa: F401  (needs moto[server]: flask, werkzeug)
-except ImportError as e:  # pragma: no cover - depends on the environment
-    pytest.skip(f"needs a local S3 server: pip install 'moto[server]' ({e})", allow_module_level=True)
+from lumo_ray.cli import main
+from lumo_ray.config import LumoConfig, load_config
+from lumo_ray.data.manifest import read_manifest, write_manifest
+from lumo_ray.data.shard_reader import ShardDataset
+from lumo_ray.data.shards import load_index
+from lumo_ray.data.synth import write_synth
+from lumo_ray.storage import locate
+from pipelines.normalize import run_normalize
+from pipelines.tokenize import run_tokenize
+from trainers.lm import LocalContext
+from trainers.token_lm import token_lm_loop
 
-# Ray workers inherit the environment Ray was started with, and the session's Ray starts after
-# collection: set the (fake) credentials now so tokenize/verify tasks and Train workers see them.
-for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-               ("AWS_EC2_METADATA_DISABLED", "true")):
-    os.environ.setdefault(_k, _v)
-
-import pyarrow.fs as pafs  # noqa: E402
-import torch  # noqa: E402
-
-from lumo_ray.cli import main  # noqa: E402
-from lumo_ray.config import LumoConfig, load_config  # noqa: E402
-from lumo_ray.data.manifest import read_manifest, write_manifest  # noqa: E402
-from lumo_ray.data.shard_reader import ShardDataset  # noqa: E402
-from lumo_ray.data.shards import load_index  # noqa: E402
-from lumo_ray.data.synth import write_synth  # noqa: E402
-from lumo_ray.storage import locate  # noqa: E402
-from pipelines.normalize import run_normalize  # noqa: E402
-from pipelines.tokenize import run_tokenize  # noqa: E402
-from trainers.lm import LocalContext  # noqa: E402
-from trainers.token_lm import token_lm_loop  # noqa: E402
-
-BUCKET = "lumo"
 DATA = ["data.normalize.eval_permille=400", "data.tokenize.shard_size=4", "data.tokenize.batch_size=4",
         "data.verify.retokenize_n=4", "data.verify.decode_spot_checks=1"]
 LM = ["token_lm.train.global_batch=4", "token_lm.train.warmup_steps=1", "token_lm.train.eval_every=2",
@@ -58,34 +40,6 @@ def tree(root) -> dict[str, bytes]:
 def without_source(t: dict) -> dict:
     """source.json names where the manifest was read from; everything else is location-free."""
     return {k: v for k, v in t.items() if k != "source.json"}
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free local port and a bucket; yields uri(prefix) -> s3://... URI."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"moto server did not start on port {port} (see {log.name})")
-                time.sleep(0.2)
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                          allow_bucket_creation=True).create_dir(BUCKET)
-        yield lambda prefix: f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +165,20 @@ def test_uri_manifest_needs_absolute_media_and_run_dir_must_be_a_path(s3, tmp_pa
     assert [r.id for r in recs] == ["x:2"] and recs[0].media_path("image") == "/data/img/2.png"
     assert [(e.id, e.reason) for e in errs] == [("x:1", "relative media path")] and "line 1" in errs[0].detail
     assert read_manifest(str(m), root=tmp_path)[0][0].media_path("image") == str(tmp_path / "img" / "1.png")
+    from trainers.lm import run_lm
     from trainers.token_lm import prepare_run
-    cfg = load_config(LumoConfig, None, [f"token_lm.out={s3('runs/x')}"])
-    with pytest.raises(ValueError, match="token_lm.out=s3://.*storage_path"):
-        prepare_run(cfg)
+    from trainers.tune_prompts import run_prompt_study
+    from trainers.tune_vlm import run_sweep
+    from trainers.vlm import train_vlm
+
+    # Run directories (appended logs, metrics.json, export/) are paths; each refusal names the key
+    # that does take a URI. All refused before Ray or any model starts.
+    cases = [(prepare_run, "token_lm.out", "token_lm.train.storage_path"),
+             (run_lm, "lm.out", "lm.train.storage_path"),
+             (train_vlm, "vlm.train.out", "vlm.train.storage_path"),
+             (run_sweep, "vlm.sweep.out", "vlm.sweep.storage_path"),
+             (run_prompt_study, "token_lm.prompt_study.out", "token_lm.prompt_study.storage_path")]
+    for fn, key, storage_key in cases:
+        cfg = load_config(LumoConfig, None, [f"{key}={s3('runs/x')}", f"lm.inputs=[{tmp_path / 'none.txt'}]"])
+        with pytest.raises(ValueError, match=f"^{key}=s3://.*run directory must be a local or shared-FS path.*{storage_key}=<URI>"):
+            fn(cfg)

@@ -1,5 +1,7 @@
-"""`lumo tune prompts`: a 2-trial Ray Tune study writes its table and names a best config."""
+"""`lumo tune prompts`: a 2-trial Ray Tune study writes its table and names a best config; Tune's
+storage (experiment state, trial directories) on an object store (a local S3 server)."""
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -7,17 +9,18 @@ import yaml
 
 from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.demo_lm import build_synth_shards
+from lumo_ray.storage import locate
 from trainers.tune_prompts import run_prompt_study
 
 
-def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local):
+def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local, s3):
     root = Path(os.environ.get("LUMO_LM_TEST_DATA") or tmp_path_factory.getbasetemp() / "lm_synth12_e400")
     shards, _, _ = build_synth_shards(root, 12, 12, overrides=["data.normalize.eval_permille=400"], log=lambda *a: None)
     cfg = load_config(LumoConfig, None, [
         f"token_lm.shards={shards}", "token_lm.train.global_batch=4", "token_lm.seq.max_audio_tokens=60",
         "token_lm.prompt_study.num_samples=2", "token_lm.prompt_study.steps=4", "token_lm.prompt_study.report_every=2",
         "token_lm.prompt_study.ablation_n=4", "token_lm.prompt_study.max_audio_tokens=[40, 60]",
-        f"token_lm.prompt_study.out={tmp_path / 'study'}"])
+        f"token_lm.prompt_study.out={tmp_path / 'study'}", f"token_lm.prompt_study.storage_path={s3('tune/p')}"])
     res = run_prompt_study(cfg, log=lambda *a: None)
     out = tmp_path / "study"
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -26,5 +29,10 @@ def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local):
     best = yaml.safe_load((out / "best_config.yaml").read_text())["token_lm"]
     assert best["seq"]["instruction"] == res["best"]["instruction"] and best["new_row_lr"] == res["best"]["new_row_lr"]
     assert "best" in (out / "results.md").read_text()
-    trial_dirs = {Path(r["dir"]) for r in rows}
-    assert len(trial_dirs) == 2 and all((d / "score.json").exists() for d in trial_dirs)
+    # each trial's directory (config, score.json, run/) was synced to the object store
+    trial_dirs = {r["dir"] for r in rows}
+    assert len(trial_dirs) == 2 and all(d.startswith("s3://lumo/tune/p/study/") for d in trial_dirs)
+    for r in rows:
+        score = json.loads((locate(r["dir"]) / "score.json").read_text())
+        assert score["objective"] == float(r["objective"]) and (locate(r["dir"]) / "config.yaml").exists()
+    assert not (out / "study").exists()  # Tune wrote nothing local but the study's own results

@@ -8,7 +8,7 @@ import pytest
 
 from lumo_ray.config_vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
-from trainers.vlm import Hooks, latest_checkpoint, prepare_run, run_loop, train_vlm
+from trainers.vlm import Hooks, latest_checkpoint, local_checkpoint, prepare_run, run_loop, train_vlm
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -62,10 +62,13 @@ def test_resume_5_plus_5_equals_10_straight(synth, tmp_path):
         assert abs(resumed[s] - straight[s]) <= 1e-6, (s, resumed[s], straight[s])
 
 
-def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, ray_local):
+def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, ray_local, s3):
+    """Checkpoints on an object store (vlm.train.storage_path on a local S3 server): a SIGKILLed
+    worker resumes from there; a new run directory on the same storage continues the run."""
     cfg = small_cfg(synth, tmp_path / "ddp")
     cfg.train.fail_at_step = 7  # rank 0 is SIGKILLed once (marker file), after the step-5 checkpoint
     cfg.train.num_workers, cfg.train.max_failures = 2, 1
+    cfg.train.storage_path = s3("vlm/ddp")
     res = train_vlm(cfg, log=QUIET)
     run = Path(res["run_dir"])
     assert (run / ".failed_once").exists()
@@ -81,13 +84,22 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
     gold = (run / "golden" / "step_000010.jsonl").read_text().splitlines()
     assert len(gold) == 4 and all(set(json.loads(g)) >= {"id", "reference", "generated"} for g in gold)
     import torch
-    st = torch.load(Path(latest_checkpoint(run)) / "state.pt", weights_only=False)
+    last = latest_checkpoint(cfg.train.storage_path)
+    assert last.startswith("s3://lumo/vlm/ddp/train/checkpoint_") and not (run / "ray").exists()
+    with local_checkpoint(last) as d:
+        st = torch.load(Path(d) / "state.pt", weights_only=False)
     assert st["step"] == 10 and len(st["rng"]) == 2 and {"optimizer", "scheduler", "data_position", "config"} <= set(st)
 
     from lumo_ray.cli import main
     code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / "abl"), "--n", "16"])
     rep = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert code == (0 if rep["pass"] else 1) and rep["n"] == 16
+
+    # A fresh run directory on the same storage_path: Ray Train restores step 10 from the object store.
+    more = small_cfg(synth, tmp_path / "ddp_more", steps=12)
+    more.train.num_workers, more.train.storage_path = 2, cfg.train.storage_path
+    res2 = train_vlm(more, log=QUIET)
+    assert sorted(losses(Path(res2["run_dir"]))) == [11, 12] and res2["metrics"]["final"]["step"] == 12
 
 
 def test_trained_tiny_vlm_passes_ablation(synth, tmp_path):

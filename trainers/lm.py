@@ -359,9 +359,11 @@ def _lm_worker(config: dict) -> None:
 
 def run_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     """`lumo train lm`: Ray Train DDP job; returns metrics.json of the run directory."""
-    run_dir = Path(cfg.lm.out).resolve()
+    from lumo_ray.storage import local_run_dir, resolve
+
+    run_dir = local_run_dir(cfg.lm.out, "lm.out", "lm.train.storage_path")
     cfg.lm.out = str(run_dir)
-    cfg.lm.inputs = [str(Path(p).resolve()) for p in cfg.lm.inputs]
+    cfg.lm.inputs = [resolve(p) for p in cfg.lm.inputs]  # absolute paths or URIs: workers run elsewhere
     dump_config(cfg, run_dir)
     launch(_lm_worker, cfg, cfg.lm.train, run_dir, "lm", address)
     m = json.loads((run_dir / "metrics.json").read_text())

@@ -28,7 +28,7 @@ from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.data.sequences import SequenceBuilder, collate
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.models.token_lm import export, target_losses, vocab_params, warm_start
-from lumo_ray.storage import is_uri, resolve
+from lumo_ray.storage import local_run_dir, resolve
 from lumo_ray.token_space import TokenSpace
 
 from .lm import (CKPT_STATE, RayContext, launch, make_scheduler, micro_batch, resolve_resume, rng_state,
@@ -208,10 +208,7 @@ def _worker(config: dict) -> None:
 def prepare_run(cfg: LumoConfig) -> Path:
     """Absolute paths or URIs (workers may run elsewhere) and the config copy in the run directory."""
     c = cfg.token_lm
-    if is_uri(c.out):
-        raise ValueError(f"token_lm.out={c.out}: the run directory must be a local or shared-FS path; put "
-                         f"checkpoints on an object store with token_lm.train.storage_path=<URI>")
-    run_dir = Path(c.out).resolve()
+    run_dir = local_run_dir(c.out, "token_lm.out", "token_lm.train.storage_path")
     c.out = str(run_dir)
     c.shards = resolve(c.shards) if c.shards else c.shards
     for k in ("storage_path", "resume"):

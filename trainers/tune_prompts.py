@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.storage import local_run_dir, locate, ray_storage, resolve
 from lumo_ray.token_space import TokenSpace
 
 AXES = ("instruction", "delimiters", "new_row_lr", "init_scale", "max_audio_tokens", "modality_dropout")
@@ -108,7 +109,8 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     from .token_lm import prepare_run, run_token_space
 
     ps = cfg.token_lm.prompt_study
-    out = Path(ps.out).resolve()
+    out = local_run_dir(ps.out, "token_lm.prompt_study.out", "token_lm.prompt_study.storage_path")
+    storage = resolve(ps.storage_path or out)
     cfg = copy.deepcopy(cfg)
     cfg.token_lm.out = str(out / "base_run")
     prepare_run(cfg)  # absolute shard / base paths for the trial workers
@@ -129,7 +131,7 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
                                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=rungs,
                                                             grace_period=min(ps.grace_period, rungs),
                                                             reduction_factor=ps.reduction_factor)),
-        run_config=tune.RunConfig(storage_path=str(out), name="study", verbose=0))
+        run_config=tune.RunConfig(**ray_storage(storage), name="study", verbose=0))
     grid = tuner.fit()
     rows = []
     for r in grid:
@@ -138,7 +140,8 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
                      "objective": m.get("objective", float("nan")), "reports": m.get("training_iteration", 0),
                      "text_invariance": m.get("text_invariance"),
                      **{k: v for k, v in m.items() if k.startswith(("noise_rel_gap_", "shuffle_gap_", "shuffle_win_"))},
-                     "error": str(r.error)[:200] if r.error else "", "dir": r.path})
+                     "error": str(r.error)[:200] if r.error else "",
+                     "dir": str(locate(storage) / "study" / Path(r.path).name)})
     rows.sort(key=lambda x: -(x["objective"] if x["objective"] == x["objective"] else -1e9))
     return write_results(rows, cfg, out, log)
 

@@ -18,6 +18,7 @@ import yaml
 
 from lumo_ray.config import LumoConfig, _build, to_dict
 from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.storage import local_run_dir, ray_storage
 
 from .vlm import Hooks, prepare_run, run_loop
 
@@ -56,7 +57,7 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
 
     vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
     sw = vcfg.sweep
-    out = Path(sw.out).resolve()
+    out = local_run_dir(sw.out, "vlm.sweep.out", "vlm.sweep.storage_path")
     out.mkdir(parents=True, exist_ok=True)
     vcfg.train.max_steps = sw.max_steps
     vcfg.train.checkpoint_every = sw.max_steps
@@ -68,7 +69,7 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
              "lr": tune.grid_search(list(sw.lrs)), "layernorm": tune.grid_search(list(sw.layernorm))}
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(metric="score", mode="min", max_concurrent_trials=sw.max_concurrent),
-                       run_config=tune.RunConfig(storage_path=str(out / "ray"), name="tune", verbose=0))
+                       run_config=tune.RunConfig(**ray_storage(sw.storage_path or out / "ray"), name="tune", verbose=0))
     grid = tuner.fit()
     rows = []
     for r in grid:

@@ -18,15 +18,17 @@ import os
 import random
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from lumo_ray.config import LumoConfig, _build, dump_config, to_dict
 from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.storage import download_dir, is_uri, latest_ray_checkpoint, local_run_dir, ray_storage, resolve
 from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length_stats, prepare_data, to_device
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
@@ -47,14 +49,14 @@ class Hooks:
 
 
 class RayTrainHooks(Hooks):
-    def __init__(self, run_dir: str | None = None):
+    def __init__(self, storage: str | None = None):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_dir = run_dir
+        self.storage = storage  # the run's Ray storage_path (local path or URI)
 
     def report(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
         import ray.train
@@ -67,8 +69,11 @@ class RayTrainHooks(Hooks):
         if ckpt is None:
             # A worker killed outright (SIGKILL, lost node) can take reports the controller had not
             # registered yet with it; the checkpoints already persisted in the run's storage remain.
-            last = latest_checkpoint(self.run_dir) if self.run_dir else None
-            return fn(last) if last else None
+            last = latest_checkpoint(self.storage) if self.storage else None
+            if last is None:
+                return None
+            with local_checkpoint(last) as d:
+                return fn(d)
         with ckpt.as_directory() as d:
             return fn(d)
 
@@ -182,7 +187,8 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
 
     start = hooks.load_checkpoint(restore)
     if start is None and t.resume_from:
-        start = restore(t.resume_from)
+        with local_checkpoint(t.resume_from) as d:
+            start = restore(d)
     start = start or 0
     if start:
         say(f"[vlm] resumed at step {start} (epoch {sampler.epoch_of(start)}, batch "
@@ -307,7 +313,7 @@ def train_func(config: dict) -> None:
     """The TorchTrainer worker entry point."""
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = _build(VLMConfig, config["vlm"], "train_loop_config", prefix="vlm.")
-    run_loop(cfg, config["run_dir"], RayTrainHooks(config["run_dir"]), bench=None)
+    run_loop(cfg, config["run_dir"], RayTrainHooks(config["storage"]), bench=None)
 
 
 def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
@@ -321,14 +327,18 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     if vcfg.data.path:  # Ray Train workers run in their own working directory: hand them absolute paths
         vcfg.data.path = str(Path(vcfg.data.path).resolve())
     t = vcfg.train
-    vcfg, run = prepare_run(vcfg, t.out, log)
+    run = local_run_dir(t.out, "vlm.train.out", "vlm.train.storage_path")
+    if t.resume_from:
+        t.resume_from = resolve(t.resume_from)
+    vcfg, run = prepare_run(vcfg, run, log)
+    storage = resolve(t.storage_path or run / "ray")
     init_ray(address)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"vlm": to_dict(vcfg), "run_dir": str(run), "threads": t.cpus_per_worker},
+        train_loop_config={"vlm": to_dict(vcfg), "run_dir": str(run), "storage": storage, "threads": t.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(run / "ray"), name="train",
+        run_config=RunConfig(**ray_storage(storage), name="train",
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
@@ -342,11 +352,21 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     return out
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[str]:
-    """The newest checkpoint directory under a run's Ray storage."""
-    cks = sorted((Path(run_dir) / "ray" / "train").glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
-    cks = [c for c in cks if (c / "state.pt").exists()]
-    return str(cks[-1]) if cks else None
+def latest_checkpoint(storage: str | Path) -> Optional[str]:
+    """The newest checkpoint (path or URI) in a run's Ray storage (`vlm.train.storage_path`, by
+    default `<out>/ray`)."""
+    last = latest_ray_checkpoint(storage, "train", "state.pt")
+    return str(last) if last else None
+
+
+@contextlib.contextmanager
+def local_checkpoint(p: str) -> Iterator[str]:
+    """A local directory holding the checkpoint `p`: itself, or a temporary download of a URI."""
+    if not is_uri(p):
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="lumo-ckpt-") as d:
+        yield str(download_dir(p, d))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import csv
 import functools
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -151,14 +152,17 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tu
 
 def read_training_texts(input_path: str | Path) -> list[str]:
     """Texts from a manifest.jsonl (each record's text.prompt and text.caption) or a .txt file
-    (one text per line). Blank texts are skipped; a malformed manifest line is an error."""
-    p = Path(input_path)
+    (one text per line), a local path or an object-store URI. Blank texts are skipped; a malformed
+    manifest line is an error."""
+    from ..storage import locate
+
+    p = locate(input_path)
     if not p.is_file():
         raise TextDataError(f"{p}: input file not found")
     texts: list[str] = []
-    with open(p, encoding="utf-8") as fh:
+    with io.StringIO(p.read_text(), newline=None) as fh:  # newline=None: universal newlines, as open() does
         for lineno, line in enumerate(fh, 1):
-            if p.suffix == ".jsonl":
+            if p.name.endswith(".jsonl"):
                 if not line.strip():
                     continue
                 try:
