@@ -193,9 +193,10 @@ class DemoConfig:
     """Synthetic clips (beep patterns) the demo generates."""
     vlm_images: int = 256
     """Synthetic images of the VLM stage (its eval set needs 64)."""
-    lm_images: int = 48
-    """Synthetic images of the token-LM stage."""
-    lm_audio: int = 48
+    lm_images: int = 1024
+    """Synthetic images of the token-LM stage (with 48 the token LM memorised its ~36 training
+    images and the image modality ablation failed; see docs/stage3_token_lm.md)."""
+    lm_audio: int = 128
     """Synthetic clips of the token-LM stage."""
     gate_n: int = 64
     """Golden prompts per task of the decode-compliance gate."""

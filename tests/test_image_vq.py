@@ -1,13 +1,20 @@
-"""VQ-GAN image adapter (diffusers.VQModel): preprocessing, codes, decode, identity, bad inputs."""
+"""VQ-GAN image adapter (diffusers.VQModel): preprocessing, codes, decode, identity, bad inputs, and
+the tiny preset's data-dependent init (local, colour-faithful codes; a deterministic fit)."""
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lumo_ray.codecs.base import MediaError
+from lumo_ray.codecs import image_vq
+from lumo_ray.codecs.base import ImageInput, MediaError
 from lumo_ray.codecs.image_vq import build_vq_adapter
 from lumo_ray.config import ImageConfig, RuntimeConfig
 from lumo_ray.uti import declared_image_identity
@@ -147,3 +154,80 @@ def test_bad_inputs_raise_media_error(vq, real_images, tmp_path):
         vq.load(str(empty))
     with pytest.raises(MediaError, match=r"zero.png: zero-size image \(0x10\)"):
         vq.prepare(Image.new("RGB", (0, 10)), "zero.png")
+
+
+# Flat colours that a tokenizer must tell apart (black, white, the synth shape colours, cyan, magenta, grey)
+FLAT = [(0, 0, 0), (255, 255, 255), (220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 200, 30), (0, 200, 200),
+        (200, 0, 200), (128, 128, 128)]
+
+
+def grid_codes(vq, im: Image.Image) -> np.ndarray:
+    return vq.encode_batch([vq.prepare(im)])[0].reshape(vq.grid, vq.grid)
+
+
+def test_flat_colours_get_one_distinct_code_each(vq):
+    """Away from the borders a flat image is one code, and different colours are different codes (a
+    purely random preset scattered 5-15 codes over a flat centre, shared between colours)."""
+    centres = []
+    for c in FLAT:
+        g = grid_codes(vq, Image.new("RGB", (32, 32), c))
+        centre = set(g[2:6, 2:6].ravel().tolist())
+        assert len(centre) == 1, (c, centre)
+        centres.append(centre.pop())
+    assert len(set(centres)) == len(FLAT)
+
+
+def test_codes_are_local(vq):
+    """A coloured patch in the top-left corner leaves the far (bottom-right) quadrant's codes nearly
+    unchanged: a cell's code depends on its neighbourhood, not on the whole image."""
+    from PIL import ImageDraw
+
+    changed = []
+    for bg in ((245, 245, 245), (40, 40, 40), (200, 200, 215), (235, 225, 200)):
+        base = grid_codes(vq, Image.new("RGB", (32, 32), bg))
+        for col in FLAT[2:6]:
+            im = Image.new("RGB", (32, 32), bg)
+            ImageDraw.Draw(im).rectangle([0, 0, 7, 7], fill=col)
+            g = grid_codes(vq, im)
+            assert (g[:2, :2] != base[:2, :2]).any()  # the patch itself is seen
+            changed.append(int((g[4:, 4:] != base[4:, 4:]).sum()))
+    assert np.mean(changed) <= 3.0, changed  # of 16 far cells (the random preset changed about 11)
+
+
+def _weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_tiny_fit_is_deterministic_across_processes_and_threads(vq):
+    """The fit (projection + k-means codebook) gives bit-identical weights when redone in this process
+    without the per-process cache, and in another process with 2 torch / BLAS threads."""
+    here = _weights_digest(vq.model)
+    image_vq._FITTED.clear()
+    assert _weights_digest(build_vq_adapter(ImageConfig(), RuntimeConfig()).model) == here
+    code = ("import torch; torch.set_num_threads(2); import hashlib; "
+            "from lumo_ray.codecs.image_vq import build_vq_adapter; from lumo_ray.config import ImageConfig, RuntimeConfig; "
+            "m = build_vq_adapter(ImageConfig(), RuntimeConfig(threads=2)).model; h = hashlib.sha256()\n"
+            "for k, v in sorted(m.state_dict().items()): h.update(k.encode()); h.update(v.numpy().tobytes())\n"
+            "print(h.hexdigest())")
+    env = dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == here
+
+
+def test_tiny_projection_and_codebook_are_fitted(vq):
+    """quant_conv is an orthonormal projection (PCA) and post_quant_conv its transpose; the k-means
+    codebook covers the latents of held-out generic images (a codebook drawn from noise-image
+    statistics used fewer than half of its codes on them)."""
+    w = vq.model.quant_conv.weight.detach().double()[:, :, 0, 0]  # [4, 32]
+    assert torch.allclose(w @ w.T, torch.eye(w.shape[0], dtype=torch.float64), atol=1e-5)
+    assert torch.equal(vq.model.post_quant_conv.weight.detach()[:, :, 0, 0], vq.model.quant_conv.weight.detach()[:, :, 0, 0].T)
+    held_out = image_vq.procedural_images(64, 32, seed=123)  # the fit uses seed 0's images
+    assert held_out.shape == (64, 3, 32, 32) and held_out.dtype == np.float32
+    assert np.array_equal(held_out[:4], image_vq.procedural_images(4, 32, seed=123))  # image i depends on (seed, i) only
+    codes = np.concatenate(vq.encode_batch([ImageInput(pixels=x) for x in held_out]))
+    assert len(np.unique(codes)) >= 200

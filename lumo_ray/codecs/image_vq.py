@@ -5,6 +5,9 @@ deterministic pixel decoder, so reconstruction PSNR/SSIM are real numbers. Prese
 configs with random weights (no network): 'tiny' (f4, codebook 256, fast on CPU) and 'full' (the
 taming-transformers VQ-GAN f16 / 16384 architecture, for benchmarks). Anything else is loaded
 with VQModel.from_pretrained (a local directory, or a hub id already in the local cache).
+
+The tiny preset gets a data-dependent init (no training) so that its codes carry local colour and
+shape like a trained tokenizer's: see `_fit_tiny`.
 """
 from __future__ import annotations
 
@@ -16,17 +19,26 @@ import numpy as np
 import torch
 
 from ..config import ImageConfig, RuntimeConfig
+from ..runtime import torch_threads
 from .base import IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity
 
 # diffusers VQModel kwargs. Downsampling factor = 2 ** (len(block_out_channels) - 1).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, vq_embed_dim=4,
-                 norm_num_groups=8, num_vq_embeddings=256),
+    # encoder features: 32 channels, projected (PCA) to 4-d codebook vectors; no mid-block attention
+    # (global mixing would make every cell depend on the whole image)
+    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=32, vq_embed_dim=4,
+                 norm_num_groups=8, num_vq_embeddings=256, mid_block_add_attention=False),
     # taming-transformers VQ-GAN f16-16384: ch=128, ch_mult=(1,1,2,2,4), 2 res blocks, z=embed=256
     "full": dict(block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=256,
                  vq_embed_dim=256, norm_num_groups=32, num_vq_embeddings=16384),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Data-dependent init of the tiny preset (see _fit_tiny)
+FIT_CELLS = 16384         # latent cells k-means runs on (a seeded subsample when there are more)
+FIT_IMAGES = (32, 256)    # generic procedural images fitted on: enough for 2 x FIT_CELLS cells, within these bounds
+KMEANS_ITERS = 20         # fixed Lloyd iterations: the result never depends on a tolerance test
+_FITTED: dict[tuple, dict] = {}  # (preset, seed, codebook, resolution) -> state_dict: one fit per process
 
 
 def build_vq_adapter(cfg: ImageConfig, runtime: RuntimeConfig) -> "VQImageAdapter":
@@ -55,8 +67,18 @@ def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: i
         torch.manual_seed(seed)
         model = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * down,
                         up_block_types=("UpDecoderBlock2D",) * down, sample_size=resolution, **kw)
-    _init_codebook(model, seed)
-    return model.eval()
+    model.eval()
+    if name == "tiny":
+        key = (name, seed, kw["num_vq_embeddings"], resolution)
+        if key not in _FITTED:
+            # one thread: the fit's float sums (and so the codebook) never depend on the caller's thread count
+            with torch_threads(1):
+                _fit_tiny(model, seed, resolution)
+            _FITTED[key] = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(_FITTED[key])
+    else:
+        _init_codebook(model, seed)
+    return model
 
 
 @torch.no_grad()
@@ -64,7 +86,7 @@ def _init_codebook(model: Any, seed: int) -> None:
     """diffusers initialises the codebook to U(-1/n, 1/n): far smaller than the encoder's latents,
     so nearly every cell would pick the same few codes. Draw a Gaussian codebook matched to the
     per-channel latent mean/std measured on seeded noise images, so random presets give
-    spread-out, content-dependent codes like a trained tokenizer does."""
+    spread-out, content-dependent codes (used by 'full', which only serves benchmarks)."""
     g = torch.Generator().manual_seed(seed)
     f = _factor(model)
     side = max(4 * f, min(64, 8 * f))
@@ -75,6 +97,109 @@ def _init_codebook(model: Any, seed: int) -> None:
     mean, std = z.mean(1), z.std(1).clamp_min(1e-6)
     emb = model.quantize.embedding.weight
     emb.copy_(mean + std * torch.randn(emb.shape, generator=g))
+
+
+@torch.no_grad()
+def _fit_tiny(model: Any, seed: int, resolution: int) -> None:
+    """Data-dependent init of the tiny preset, so its codes say what is where like a trained
+    tokenizer's do (a purely random one kept little of an image's colour or shape). No training:
+    1. zero the last conv of every encoder residual branch (SkipInit): random branches mix the
+       whole image into every cell; without them a cell's latent depends on its neighbourhood only;
+    2. quant_conv = PCA of the encoder features over a generic procedural image set (flat and
+       gradient backgrounds, random rectangles / ellipses / triangles in random colours), so the
+       4-d codebook space keeps the directions the features vary most in; post_quant_conv maps
+       back (the transpose);
+    3. codebook = seeded k-means (k-means++ init, fixed iterations) of those projected latents.
+    Statistics in float64; every step is a function of (seed, resolution, codebook size)."""
+    enc = model.encoder
+    for name, mod in enc.named_modules():
+        if name.endswith("conv2") and ".resnets." in name:
+            mod.weight.zero_()
+            mod.bias.zero_()
+    cells = (resolution // _factor(model)) ** 2
+    n = int(np.clip(-(-2 * FIT_CELLS // cells), *FIT_IMAGES))
+    x = torch.from_numpy(procedural_images(n, resolution, seed)) * 2 - 1
+    h = torch.cat([enc(x[i: i + 64]) for i in range(0, len(x), 64)])  # [N, L, g, g], the encode path's dtype
+    feats = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]).double().numpy()  # [cells, L]
+    d = model.quantize.embedding.weight.shape[1]
+    mu = feats.mean(0)
+    c = feats - mu
+    cov = np.einsum("ni,nj->ij", c, c) / len(c)  # einsum loops, not BLAS: no thread-dependent sums
+    w, v = np.linalg.eigh(cov)
+    proj = v[:, np.argsort(w)[::-1][:d]].T  # [d, L], top principal directions
+    proj *= np.sign(proj[np.arange(d), np.abs(proj).argmax(1)])[:, None]  # fixed sign per direction
+    model.quant_conv.weight.copy_(torch.from_numpy(proj[:, :, None, None]))
+    model.quant_conv.bias.copy_(torch.from_numpy(-proj @ mu))
+    model.post_quant_conv.weight.copy_(torch.from_numpy(proj.T[:, :, None, None].copy()))
+    model.post_quant_conv.bias.copy_(torch.from_numpy(mu))
+    z = np.einsum("nl,dl->nd", c, proj)
+    rng = np.random.default_rng([seed, 7])
+    if len(z) > FIT_CELLS:
+        z = z[np.sort(rng.permutation(len(z))[:FIT_CELLS])]
+    k = model.quantize.embedding.weight.shape[0]
+    model.quantize.embedding.weight.copy_(torch.from_numpy(kmeans(z, k, KMEANS_ITERS, rng)))
+
+
+def _assign(z: np.ndarray, centres: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Nearest centre per row, in cache-sized chunks (|z|^2 is constant per row: left out)."""
+    ee = (centres * centres).sum(1)
+    return np.concatenate([(ee - 2.0 * (z[i: i + chunk] @ centres.T)).argmin(1) for i in range(0, len(z), chunk)])
+
+
+def kmeans(z: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """Float64 Lloyd's k-means with k-means++ seeding; an empty cluster keeps its centre."""
+    n = len(z)
+    centres = np.empty((k, z.shape[1]))
+    centres[0] = z[rng.integers(n)]
+    d2 = ((z - centres[0]) ** 2).sum(1)
+    for j in range(1, k):
+        tot = d2.sum()
+        i = rng.choice(n, p=d2 / tot) if tot > 0 else rng.integers(n)
+        centres[j] = z[i]
+        d2 = np.minimum(d2, ((z - z[i]) ** 2).sum(1))
+    for _ in range(iters):
+        a = _assign(z, centres)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, a, z)
+        cnt = np.bincount(a, minlength=k)
+        full = cnt > 0
+        centres[full] = sums[full] / cnt[full, None]
+    return centres
+
+
+def procedural_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Generic procedural RGB images, float32 [n, 3, size, size] in [0, 1]: a flat or linear-gradient
+    background in a random colour with 0-5 random rectangles / ellipses / triangles (random colour,
+    size 8-50% of the side, anywhere, overlapping). Image i depends only on (seed, i)."""
+    from PIL import Image, ImageDraw
+
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        rng = np.random.default_rng([seed, 101, i])
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if rng.random() < 0.3:
+            t = np.linspace(0.0, 1.0, size)[:, None, None]
+            grad = np.broadcast_to(a * (1 - t) + b * t, (size, size, 3))  # top to bottom
+            if rng.random() >= 0.5:
+                grad = grad.transpose(1, 0, 2)  # left to right
+            im = Image.fromarray(np.ascontiguousarray(grad).astype(np.uint8))
+        else:
+            im = Image.new("RGB", (size, size), tuple(int(v) for v in a))
+        draw = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(0, 6))):
+            s = rng.uniform(0.08, 0.5) * size
+            cx, cy = rng.uniform(0, size, 2)
+            box = [cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2]
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+            kind = int(rng.integers(3))
+            if kind == 0:
+                draw.rectangle(box, fill=fill)
+            elif kind == 1:
+                draw.ellipse(box, fill=fill)
+            else:
+                draw.polygon([(box[0], box[3]), (box[2], box[3]), (cx, box[1])], fill=fill)
+        out[i] = np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0
+    return out
 
 
 def _factor(model: Any) -> int:
