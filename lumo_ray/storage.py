@@ -195,8 +195,15 @@ class Loc:
                 raise
 
     def rmtree(self) -> None:
-        if self.exists():
+        if not self.exists():
+            return
+        try:
             self.fs.delete_dir(self.path)
+        except FileNotFoundError:
+            # GCS: pyarrow deletes the objects, then the `<dir>/` marker object, which a prefix that
+            # was only written to (never mkdir'ed) does not have: a 404 after everything is gone.
+            if self.exists():
+                raise
 
 
 PathLike = Union[str, os.PathLike, Loc]
@@ -253,6 +260,10 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
     if loc.is_local:
         shutil.copytree(loc.local, dst, dirs_exist_ok=True)
     else:
+        # A recursive GCS listing holds objects only (no implied directories), so copy_files would
+        # not create the local subdirectories of a tree that was written without mkdir markers.
+        for f in loc.glob("*"):
+            (dst / f.path[len(loc.path) + 1:]).parent.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(loc.path, str(dst), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
     return dst
 

@@ -127,7 +127,7 @@ def test_local_pretrained_directory_matches_preset(vq, real_images, tmp_path):
     assert loaded.identity()["model"].startswith("sha256:")  # weights digest, never the path
     with pytest.raises(ValueError, match="codebook of 256"):
         build_vq_adapter(ImageConfig(model=str(tmp_path / "vqgan"), codebook_size=512), RuntimeConfig())
-    with pytest.raises(ValueError, match="cannot load VQModel weights"):
+    with pytest.raises(ValueError, match="cannot read a VQModel config"):
         build_vq_adapter(ImageConfig(model=str(tmp_path / "nothing-here")), RuntimeConfig())
 
 
@@ -231,3 +231,27 @@ def test_tiny_projection_and_codebook_are_fitted(vq):
     assert np.array_equal(held_out[:4], image_vq.procedural_images(4, 32, seed=123))  # image i depends on (seed, i) only
     codes = np.concatenate(vq.encode_batch([ImageInput(pixels=x) for x in held_out]))
     assert len(np.unique(codes)) >= 200
+
+
+@pytest.mark.parametrize("where", ["preset", "local_dir"])
+def test_sizes_from_the_config_match_the_built_model_and_the_weights_wait_for_first_use(vq, real_images, tmp_path, where):
+    """A loader or a tokenize driver that only needs sizes never builds weights (the full f16 preset
+    took ~24 s to build); once built, the model agrees with the sizes read from its config, and lazy
+    building gives the codes of building first. Also for a local diffusers directory (LDM layout:
+    weights in a vqvae/ subfolder), whose sizes come from its config.json."""
+    cfg = ImageConfig()
+    if where == "local_dir":
+        vq.model.save_pretrained(tmp_path / "ldm" / "vqvae")
+        cfg = ImageConfig(model=str(tmp_path / "ldm"))
+    a = build_vq_adapter(cfg, RuntimeConfig())
+    im = a.load(str(real_images[0]))
+    assert a._model is None  # sizes, identity and load() needed no weights
+    ident = a.identity()
+    m = a.model
+    assert (a.codebook_size, a.embed_dim) == tuple(m.quantize.embedding.weight.shape)
+    assert a.grid == m.encode(torch.zeros(1, 3, a.image_size, a.image_size)).latents.shape[-1]
+    assert ident == a.identity() and ident["tokens_per_image"] == a.grid ** 2
+    b = build_vq_adapter(cfg, RuntimeConfig())
+    b.model  # built before anything else ran
+    assert np.array_equal(a.encode_batch([im])[0], b.encode_batch([im])[0])
+    assert np.array_equal(a.encode_batch([im])[0], vq.encode_batch([im])[0])  # the same weights either way

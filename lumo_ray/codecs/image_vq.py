@@ -42,17 +42,41 @@ _FITTED: dict[tuple, dict] = {}  # (preset, seed, codebook, resolution) -> state
 
 
 def build_vq_adapter(cfg: ImageConfig, runtime: RuntimeConfig) -> "VQImageAdapter":
-    """Build the configured VQ image adapter (presets are random-init and need no network)."""
+    """The configured VQ image adapter. Its sizes come from the model config; the weights are built
+    (presets: random-init, no network) or loaded on first use, so a process that only needs the
+    token space (a tokenize driver, a loader actor) never pays for them."""
     if cfg.kind != "vq":
         raise ValueError(f"image.kind={cfg.kind!r}: build_vq_adapter only builds kind 'vq'")
-    if cfg.model in IMAGE_VQ_PRESETS:
-        model = _build_preset(cfg.model, cfg.seed, cfg.codebook_size, cfg.resolution)
-    else:
-        model = _load_pretrained(cfg.model)
-        n = model.config.num_vq_embeddings
+    conf = _model_config(cfg.model, cfg.codebook_size)
+    if cfg.model not in IMAGE_VQ_PRESETS:
+        n = conf.get("num_vq_embeddings", 256)
         if cfg.codebook_size is not None and cfg.codebook_size != n:
             raise ValueError(f"image.codebook_size={cfg.codebook_size} but {cfg.model!r} has a codebook of {n}")
-    return VQImageAdapter(model, cfg, runtime)
+    return VQImageAdapter(conf, cfg, runtime)
+
+
+def _model_config(ref: str, codebook_size: int | None) -> dict[str, Any]:
+    """VQModel config kwargs without building it: a preset's (with the codebook override), or the
+    config.json of a local directory / cached hub id."""
+    if ref in IMAGE_VQ_PRESETS:
+        kw = dict(PRESET_CONFIGS[ref])
+        if codebook_size is not None:
+            kw["num_vq_embeddings"] = codebook_size
+        return kw
+    from diffusers import VQModel
+
+    try:
+        return dict(VQModel.load_config(ref, subfolder=_subfolder(ref)))
+    except Exception as e:  # noqa: BLE001 - re-raised with the reference and the way out
+        raise ValueError(
+            f"image.model={ref!r}: cannot read a VQModel config ({type(e).__name__}: {e}). Use a preset "
+            f"({', '.join(IMAGE_VQ_PRESETS)}) or a local diffusers VQModel directory / cached hub id.") from e
+
+
+def _subfolder(ref: str) -> str | None:
+    # Latent-diffusion style repos keep the VQ-GAN in a 'vqvae' subfolder
+    p = Path(ref)
+    return "vqvae" if p.is_dir() and not (p / "config.json").exists() and (p / "vqvae" / "config.json").exists() else None
 
 
 def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: int) -> Any:
@@ -209,9 +233,7 @@ def _factor(model: Any) -> int:
 def _load_pretrained(ref: str) -> Any:
     from diffusers import VQModel
 
-    p = Path(ref)
-    # Latent-diffusion style repos keep the VQ-GAN in a 'vqvae' subfolder
-    sub = "vqvae" if p.is_dir() and not (p / "config.json").exists() and (p / "vqvae" / "config.json").exists() else None
+    sub = _subfolder(ref)
     try:
         model = VQModel.from_pretrained(ref, subfolder=sub) if sub else VQModel.from_pretrained(ref)
     except Exception as e:  # noqa: BLE001 - re-raised with the reference and the way out
@@ -226,23 +248,37 @@ class VQImageAdapter:
 
     deterministic_decode = True
 
-    def __init__(self, model: Any, cfg: ImageConfig, runtime: RuntimeConfig):
-        self.cfg = cfg
+    def __init__(self, conf: dict[str, Any], cfg: ImageConfig, runtime: RuntimeConfig):
+        self.cfg, self.runtime = cfg, runtime
         self.device = torch.device(runtime.device)
         self.dtype = _DTYPES[runtime.dtype]
-        model = model.to(self.device)
-        if self.dtype != model.dtype:  # (a float32 .to(dtype) would only trigger a diffusers warning)
-            model = model.to(self.dtype)
-        self.model = model.eval()
-        self.factor = _factor(model)
+        self._model: Any = None
+        self.factor = 2 ** (len(conf.get("block_out_channels", (64,))) - 1)  # (diffusers' defaults)
         if cfg.resolution <= 0 or cfg.resolution % self.factor:
             raise ValueError(f"image.resolution={cfg.resolution} must be a positive multiple of the VQ "
                              f"downsampling factor {self.factor}")
         self.image_size = cfg.resolution
         self.grid = cfg.resolution // self.factor
         self.tokens_per_image = self.grid * self.grid
-        self.codebook_size = int(model.config.num_vq_embeddings)
-        self.embed_dim = int(model.quantize.embedding.weight.shape[1])
+        self.codebook_size = int(conf.get("num_vq_embeddings", 256))
+        # diffusers: the codebook vectors have latent_channels dims unless vq_embed_dim says otherwise
+        self.embed_dim = int(conf.get("vq_embed_dim") or conf.get("latent_channels", 3))
+
+    @property
+    def model(self) -> Any:
+        """The VQModel, built (presets) or loaded on first use under the configured thread count
+        (the 'full' preset's codebook is scaled from encoder outputs, whose rounding depends on it)."""
+        if self._model is None:
+            with torch_threads(getattr(self.runtime, "threads", torch.get_num_threads())):
+                m = _build_preset(self.cfg.model, self.cfg.seed, self.cfg.codebook_size, self.cfg.resolution) \
+                    if self.cfg.model in IMAGE_VQ_PRESETS else _load_pretrained(self.cfg.model)
+            m = m.to(self.device)
+            if self.dtype != m.dtype:  # (a float32 .to(dtype) would only trigger a diffusers warning)
+                m = m.to(self.dtype)
+            if _factor(m) != self.factor or int(m.quantize.embedding.weight.shape[1]) != self.embed_dim:
+                raise ValueError(f"image.model={self.cfg.model!r}: weights do not match their config")
+            self._model = m.eval()
+        return self._model
 
     def identity(self) -> dict:
         return {"kind": "vq", "model": image_model_identity(self.cfg),
