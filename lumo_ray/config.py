@@ -333,10 +333,14 @@ def to_dict(cfg: Any) -> Any:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
 
 
-def dump_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config into the run directory."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def dump_config(cfg: Any, out_dir: Any, name: str = "config.yaml") -> Any:
+    """Write the resolved config into the run directory (a path, or an object-store URI); returns
+    the file's Path when local, else its URI."""
+    from .storage import locate, where
+
+    out = locate(out_dir)
+    if out.is_local:
+        out.local.mkdir(parents=True, exist_ok=True)
     p = out / name
     p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return p
+    return where(p)

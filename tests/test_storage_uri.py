@@ -3,6 +3,7 @@ s3:// gives the bytes a local run gives, a re-run skips every shard, verify read
 corrupted) shard on s3, and the token LM trains on s3 shards with Ray Train checkpoints on an s3
 storage_path, then resumes from there in a fresh run directory."""
 import json
+import os
 import time
 
 import pytest
@@ -94,6 +95,20 @@ def test_interrupted_s3_run_resumes_to_identical_bytes(data, s3, capsys):
     assert main(["data", "tokenize", "--manifest", s3("in/manifest.jsonl"), "--out", str(root), *sets(DATA)]) == 0
     assert f"({len(tars) - 1} complete, 1 to write)" in capsys.readouterr().out
     assert without_source(tree(root)) == without_source(remote) and not any(k.endswith(".tmp") for k in tree(root))
+
+
+def test_normalize_to_s3_writes_the_local_bytes(data, s3):
+    """`lumo data normalize --out s3://...`: manifest, errors, summary and config byte-identical to
+    the local run of the fixture (media stay where they are: the manifest names them by absolute path)."""
+    d = data["dir"]
+    out = s3("norm/audiocaps")
+    assert main(["data", "normalize", "--source", "audiocaps", "--input", str(d / "synth" / "audiocaps"),
+                 "--out", out, *sets(DATA)]) == 0
+    remote, local = tree(out), tree(d / "norm_audiocaps")
+    assert set(remote) == set(local) >= {"manifest.jsonl", "errors.jsonl", "summary.json", "config.yaml"}
+    assert all(remote[k] == local[k] for k in local), [k for k in local if remote[k] != local[k]]
+    recs, errs = read_manifest(str(locate(out) / "manifest.jsonl"))
+    assert len(recs) == 8 and not errs and all(os.path.isabs(r.media_path("audio")) for r in recs)
 
 
 def test_reader_reads_s3_shards_like_local(data):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..config import NormalizeConfig, dump_config
+from ..storage import locate
 from .manifest import ErrorRecord, Record, write_errors, write_manifest
 from .probe import probe_record
 from .readers import read_source
@@ -104,9 +105,12 @@ def summarize(source: str, input_path: str | Path, records: list[Record], errors
 
 def finalize(source: str, input_path: str | Path, out_dir: str | Path, cfg: NormalizeConfig,
              records: list[Record], errors: list[ErrorRecord]) -> dict:
-    """Assign splits, write manifest / errors / summary / config, then apply the error-rate gate."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Assign splits, write manifest / errors / summary / config (into a directory or an object-store
+    URI: the manifest's media paths are absolute, so it reads the same from anywhere), then apply the
+    error-rate gate."""
+    out = locate(out_dir)
+    if out.is_local:
+        out.local.mkdir(parents=True, exist_ok=True)
     apply_splits(records, cfg.eval_permille, cfg.min_eval)
     summary = summarize(source, input_path, records, errors, cfg)
     write_manifest(records, out / "manifest.jsonl")
