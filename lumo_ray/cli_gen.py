@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 def _run(args):
-    from .config import LumoConfig, load_config
+    from .cli_lm import run_config
     from .generate import load_run
 
-    run = Path(args.run)
     cfg = None
     if getattr(args, "config", None) or getattr(args, "set", None):
-        cfg = load_config(LumoConfig, args.config or run / "config.yaml", args.set)
-    return load_run(run, cfg=cfg)
+        cfg = run_config(args.run, args.config, args.set)
+    return load_run(args.run, cfg=cfg)  # a URI run is downloaded once (export/, config.yaml)
 
 
 def _opts(args):
@@ -30,29 +28,36 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.input is None):
         print("give exactly one of --prompt TEXT (t2i, t2a) or --input FILE (i2t, a2t)", file=sys.stderr)
         return 2
-    recs = generate(_run(args), args.task, args.out, prompt=args.prompt, input_path=args.input, n=args.n,
-                    opts=_opts(args))
+    from .storage import locate, output_dir
+
+    with output_dir(args.out) as out:
+        recs = generate(_run(args), args.task, out, prompt=args.prompt, input_path=args.input, n=args.n,
+                        opts=_opts(args))
     ok = sum(r["ok"] for r in recs)
-    print(f"{ok}/{len(recs)} compliant; wrote {Path(args.out) / 'generations.jsonl'}")
+    print(f"{ok}/{len(recs)} compliant; wrote {locate(args.out) / 'generations.jsonl'}")
     return 0 if ok == len(recs) else 1
 
 
 def cmd_gate_decode(args) -> int:
     from .eval.gates import run_decode_gate
+    from .storage import locate, output_dir
 
-    rep = run_decode_gate(_run(args), args.out, n=args.n, opts=_opts(args), tasks=args.task or None)
+    with output_dir(args.out) as out:
+        rep = run_decode_gate(_run(args), out, n=args.n, opts=_opts(args), tasks=args.task or None)
     if not rep["token_space"]["match"]:
         print(f"  token space mismatch: export {rep['token_space']['export']} vs config {rep['token_space']['config']}")
-    print(f"decode compliance {'PASS' if rep['pass'] else 'FAIL'}: {Path(args.out) / 'report.json'}")
+    print(f"decode compliance {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.json'}")
     return 0 if rep["pass"] else 1
 
 
 def cmd_gate_prompts(args) -> int:
     from .eval.gates import run_prompt_gate
+    from .storage import locate, output_dir
 
     run = _run(args)
-    rep = run_prompt_gate(run, args.out, n=args.n, shards=args.shards, seed=args.seed)
-    print(f"prompt ablation {'PASS' if rep['pass'] else 'FAIL'}: {Path(args.out) / 'report.json'}")
+    with output_dir(args.out) as out:
+        rep = run_prompt_gate(run, out, n=args.n, shards=args.shards, seed=args.seed)
+    print(f"prompt ablation {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.json'}")
     return 0 if rep["pass"] else 1
 
 
@@ -72,7 +77,7 @@ def add_commands(sub, common) -> None:
     """sub: the top-level subparsers; common(parser) adds --config/--set/--address."""
     g = sub.add_parser("generate", help="generate from a token-LM run (constrained decoding; media to PNG/WAV)")
     common(g)
-    g.add_argument("--run", required=True, help="token-LM run directory (config.yaml + export/)")
+    g.add_argument("--run", required=True, help="token-LM run directory or URI (config.yaml + export/)")
     g.add_argument("--task", required=True, choices=["t2i", "t2a", "i2t", "a2t"])
     g.add_argument("--prompt", help="caption text (t2i, t2a)")
     g.add_argument("--input", help="image or audio file (i2t, a2t)")

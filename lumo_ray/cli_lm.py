@@ -1,13 +1,22 @@
 """`lumo train/eval/tune` commands of the lm stage (base LM, token LM, ablations, prompt study)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def _cfg(args):
     from .config import LumoConfig, load_config
 
     return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
+
+
+def run_config(run: str, config, sets):
+    """The config of a run directory (path or URI; only config.yaml is read), or `config` when given, plus --set."""
+    from .config import LumoConfig, load_config
+    from .storage import local_file, locate
+
+    if config:
+        return load_config(LumoConfig, config, sets)
+    with local_file(locate(run) / "config.yaml") as p:
+        return load_config(LumoConfig, p, sets)
 
 
 def cmd_train_lm(args) -> int:
@@ -34,12 +43,12 @@ def cmd_train_token_lm(args) -> int:
 
 
 def cmd_modality_ablation(args) -> int:
-    from .config import LumoConfig, load_config
     from .eval.modality_ablation import run_modality_ablation
+    from .storage import locate, output_dir
 
-    run = Path(args.run)
-    cfg = load_config(LumoConfig, args.config or run / "config.yaml", args.set)
-    rep = run_modality_ablation(run, args.out, cfg, shards=args.shards)
+    cfg = run_config(args.run, args.config, args.set)
+    with output_dir(args.out) as out:
+        rep = run_modality_ablation(args.run, out, cfg, shards=args.shards)
     for m, r in rep["modalities"].items():
         if "loss" in r:
             print(f"  {m:5s} n={rep['n'][m]:3d} correct {r['loss']['correct']:.3f}  "
@@ -47,20 +56,20 @@ def cmd_modality_ablation(args) -> int:
                   + f"  {'PASS' if r['pass'] else 'FAIL'}")
         else:
             print(f"  {m:5s} FAIL: {r['reason']}")
-    print(f"modality ablation {'PASS' if rep['pass'] else 'FAIL'}: {Path(args.out) / 'report.md'}")
+    print(f"modality ablation {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.md'}")
     return 0 if rep["pass"] else 1
 
 
 def cmd_text_invariance(args) -> int:
-    from .config import LumoConfig, load_config
     from .eval.text_invariance import run_text_invariance
+    from .storage import locate, output_dir
 
-    run = Path(args.run)
-    cfg = load_config(LumoConfig, args.config or run / "config.yaml", args.set)
-    rep = run_text_invariance(run, args.base, args.out, cfg)
+    cfg = run_config(args.run, args.config, args.set)
+    with output_dir(args.out) as out:
+        rep = run_text_invariance(args.run, args.base, out, cfg)
     print(f"  max |logit diff| {rep['max_abs_logit_diff']:.3g}; frozen params changed: "
           f"{len(rep['changed_frozen_params'])}; new-row prob mass {rep['new_row_prob_mass']['mean']:.4g}")
-    print(f"text invariance {'PASS' if rep['pass'] else 'FAIL'}: {Path(args.out) / 'report.md'}")
+    print(f"text invariance {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.md'}")
     return 0 if rep["pass"] else 1
 
 
@@ -79,31 +88,31 @@ def add_commands(groups: dict, common) -> None:
     p = groups["train"].add_parser("lm", help="stage 0: pretrain a Qwen3-architecture causal LM on text (Ray Train)")
     common(p)
     p.add_argument("--input", action="append", help="manifest.jsonl or text file (repeatable; default lm.inputs)")
-    p.add_argument("--out", help="run directory (default lm.out)")
+    p.add_argument("--out", help="run directory, path or URI (default lm.out)")
     p.set_defaults(func=cmd_train_lm)
 
     p = groups["train"].add_parser("token-lm", help="stage 3.3: warm-start a token LM on the shards (Ray Train)")
     common(p)
     p.add_argument("--shards", help="tokenized shard directory (default token_lm.shards)")
-    p.add_argument("--base", help="base causal LM: HF dir, hub id or 'tiny' (default token_lm.base)")
-    p.add_argument("--out", help="run directory (default token_lm.out)")
+    p.add_argument("--base", help="base causal LM: HF dir or URI of one, hub id or 'tiny' (default token_lm.base)")
+    p.add_argument("--out", help="run directory, path or URI (default token_lm.out)")
     p.set_defaults(func=cmd_train_token_lm)
 
     p = groups["eval"].add_parser("modality-ablation", help="SPEC §6 modality ablation of a token-LM run")
     common(p)
-    p.add_argument("--run", required=True, help="token-LM run directory (holds config.yaml and export/)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--run", required=True, help="token-LM run directory or URI (holds config.yaml and export/)")
+    p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.add_argument("--shards", help="shard directory (default: the run's token_lm.shards)")
     p.set_defaults(func=cmd_modality_ablation)
 
     p = groups["eval"].add_parser("text-invariance", help="SPEC §6 text invariance of a new_rows token-LM run")
     common(p)
-    p.add_argument("--run", required=True, help="token-LM run directory")
-    p.add_argument("--base", required=True, help="the base LM it warm-started from (HF dir, hub id or 'tiny')")
-    p.add_argument("--out", required=True)
+    p.add_argument("--run", required=True, help="token-LM run directory or URI")
+    p.add_argument("--base", required=True, help="the base LM it warm-started from (HF dir or URI of one, hub id or 'tiny')")
+    p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.set_defaults(func=cmd_text_invariance)
 
     p = groups["tune"].add_parser("prompts", help="Ray Tune study of prompts/delimiters/new-row LR/init/crop/dropout")
     common(p)
-    p.add_argument("--out", help="study directory (default token_lm.prompt_study.out)")
+    p.add_argument("--out", help="study directory, path or URI (default token_lm.prompt_study.out)")
     p.set_defaults(func=cmd_tune_prompts)

@@ -30,13 +30,15 @@ def export_of(run: Path) -> Path:
 
 def cmd_eval_vlm_ablation(args) -> int:
     from .eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation
-    run = Path(args.run)
+    from .storage import fetch_run, locate, output_dir
+    run = fetch_run(args.run)  # a URI run is downloaded once
     export = export_of(run)
     split = run / "splits.json" if (run / "splits.json").exists() else export.parent / "splits.json"
     rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed)
-    p = write_ablation(rep, args.out)
+    with output_dir(args.out) as out:
+        p = write_ablation(rep, out)
     print(ablation_table(rep))
-    print(f"wrote {p}")
+    print(f"wrote {locate(args.out) / p.name}")
     return 0 if rep["pass"] else 1
 
 
@@ -55,8 +57,8 @@ def add_commands(groups: dict, common) -> None:
     t.set_defaults(func=cmd_train_vlm)
     e = groups["eval"].add_parser("vlm-ablation", help="visual-token ablation gate (exit 1 when it fails)")
     common(e, config=False)
-    e.add_argument("--run", required=True, help="a `lumo train vlm` run directory (or its export/)")
-    e.add_argument("--out", required=True)
+    e.add_argument("--run", required=True, help="a `lumo train vlm` run directory or URI (or its export/)")
+    e.add_argument("--out", required=True, help="report directory (path or URI)")
     e.add_argument("--n", type=int, default=128, help="held-out samples (64-256; all of eval when fewer)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval_vlm_ablation)

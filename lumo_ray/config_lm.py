@@ -77,7 +77,8 @@ class LMConfig:
     seq_len: int = 64
     """Tokens per packed training sequence."""
     out: str = "runs/lm"
-    """Run directory: config, metrics.json, checkpoints, export/ (the HF directory)."""
+    """Run directory: config, metrics.json, checkpoints, export/ (the HF directory); a path or an
+    object-store URI (staged locally, uploaded without checkpoints/, which go through storage_path)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, lr=3e-3, eval_every=100))
 
 
@@ -170,7 +171,7 @@ class PromptStudyConfig:
     ablation_n: int = 16
     """Eval samples per modality when scoring a trial."""
     out: str = "runs/tune_prompts"
-    """Study directory (config, results.csv/md, best.json, best_config.yaml): a local or shared-FS path."""
+    """Study directory (config, results.csv/md, best.json, best_config.yaml): a path or an object-store URI."""
     storage_path: str = ""
     """Ray Tune's storage (experiment state and each trial's directory: config, score.json, run/):
     '' = <out>, or a shared-FS path or an object-store URI (trial directories are synced there)."""
@@ -197,5 +198,6 @@ class TokenLMConfig:
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
     prompt_study: PromptStudyConfig = field(default_factory=PromptStudyConfig)
     out: str = "runs/token_lm"
-    """Run directory: config, metrics.json, checkpoints/, export/ (HF dir + token_space.json)."""
+    """Run directory: config, metrics.json, checkpoints/, export/ (HF dir + token_space.json); a path or
+    an object-store URI (staged locally, uploaded without checkpoints/, which go through storage_path)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-3, warmup_steps=20))

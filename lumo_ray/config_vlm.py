@@ -117,7 +117,8 @@ class VLMTrainConfig:
     seed: int = 0
     """Seed of the data order and of torch RNG."""
     out: str = "runs/vlm"
-    """Run directory (config copy, metrics.json, splits, golden dumps, export): a local or shared-FS path."""
+    """Run directory (config copy, metrics.json, splits, golden dumps, export): a path or an object-store
+    URI (staged locally by the driver and each worker, uploaded with every checkpoint and at the end)."""
     storage_path: str = ""
     """Ray Train storage for the run's checkpoints: '' = <out>/ray, or a shared-FS path or an
     object-store URI (s3://bucket/prefix, gs://...). Launching a run on a storage_path that already
@@ -131,6 +132,9 @@ class VLMTrainConfig:
     later with resume_from. None = run to max_steps."""
     fail_at_step: Optional[int] = None
     """Testing aid: rank 0 kills its own process (SIGKILL) once at this step (marker `<out>/.failed_once`)."""
+    hold_at_step: Optional[int] = None
+    """Testing aid: rank 0 pauses once at this step (marker `<out>/.held_once`) for up to HOLD_S seconds,
+    so a test can kill a node at a known step whatever the machine's speed."""
     log_every: int = 20
 
 
@@ -154,7 +158,7 @@ class VLMSweepConfig:
     max_concurrent: int = 2
     ablation_n: int = 32
     out: str = "runs/vlm_sweep"
-    """Sweep directory (shared warm-up, trials/<name>/ run directories, results): a local or shared-FS path."""
+    """Sweep directory (shared warm-up, trials/<name>/ run directories, results): a path or an object-store URI."""
     storage_path: str = ""
     """Ray Tune's experiment storage: '' = <out>/ray, or a shared-FS path or an object-store URI."""
 

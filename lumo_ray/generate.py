@@ -64,9 +64,10 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[Lu
     """Load export/ (model + token space) and the adapters of config.yaml. A token-space mismatch is
     recorded in `hash_match` (the gate reports it; `require_same_space` refuses it)."""
     from .models.token_lm import load_token_lm
+    from .storage import fetch_run
     from .uti import build_adapters, build_token_space
 
-    d = Path(run_dir)
+    d = fetch_run(run_dir)  # a path, or a URI downloaded once
     if cfg is None:
         if not (d / "config.yaml").exists():
             raise FileNotFoundError(f"{d}: no config.yaml (not a token-LM run directory)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import os
 import re
 import shutil
@@ -268,14 +269,94 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
     return dst
 
 
-def local_run_dir(p: PathLike, key: str, storage_key: str) -> Path:
-    """A run directory as an absolute local (or shared-FS) path. Run directories hold files that
-    workers append to and plain tools read (metrics.json, steps.jsonl, export/): an object-store URI
-    there is refused with a pointer to the setting that does put checkpoints on one."""
-    if is_uri(p):
-        raise ValueError(f"{key}={p}: the run directory must be a local or shared-FS path; put "
-                         f"checkpoints on an object store with {storage_key}=<URI>")
-    return locate(p).local
+# Files a run directory mirror leaves alone: checkpoints reach the object store through Ray Train's
+# storage_path, and `ray/` is that storage when it defaults to the run directory.
+MIRROR_SKIP = ("checkpoints/", "ray/")
+
+
+class RunDir:
+    """A run directory that may be an object-store URI. Work happens in `local`: the directory itself
+    when it is a path, else a staging directory private to this process (workers on other nodes
+    stage their own copy). `pull()` fetches what the URI holds, `push()` uploads what changed, so a
+    run directory on s3:// or gs:// ends up with the same files a local one has (checkpoints
+    excepted, see MIRROR_SKIP)."""
+
+    def __init__(self, p: PathLike, shared: bool = False):
+        self.loc = locate(p)
+        if self.loc.is_local:
+            self.local = self.loc.local
+        else:
+            # Per process by default: two ranks on one node must not write one staging copy at once.
+            # shared=True (read-only consumers) reuses one cache per URI.
+            key = hashlib.sha256(str(self.loc).encode()).hexdigest()[:16]
+            self.local = Path(tempfile.gettempdir()) / "lumo-runs" / (key if shared else f"{key}-{os.getpid()}")
+        self.local.mkdir(parents=True, exist_ok=True)
+        self._pushed: dict[str, tuple[int, int]] = {}
+
+    @property
+    def remote(self) -> bool:
+        return not self.loc.is_local
+
+    def __str__(self) -> str:
+        return str(self.loc)
+
+    def localize(self, p: str) -> str:
+        """A URI inside this run directory as the same file in `local`; anything else unchanged."""
+        if not (self.remote and is_uri(p)):
+            return p
+        loc, base = locate(p), self.loc.path.rstrip("/") + "/"
+        same_store = loc._uri is not None and loc._uri[:2] == self.loc._uri[:2]
+        return str(self.local / loc.path[len(base):]) if same_store and loc.path.startswith(base) else p
+
+    def pull(self, under: str = "") -> Path:
+        """Copy the URI's files (below `under`, MIRROR_SKIP excepted) into `local`; returns local/under."""
+        if self.remote:
+            src = self.loc / under if under else self.loc
+            for f in src.glob("*"):
+                rel = f.path[len(self.loc.path) + 1:]
+                if rel.startswith(MIRROR_SKIP):
+                    continue
+                dst = self.local / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(f.read_bytes())
+                st = dst.stat()
+                self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+        return self.local / under if under else self.local
+
+    def push(self) -> None:
+        """Upload the files of `local` that are new or changed since the last push or pull."""
+        if not self.remote:
+            return
+        for f in sorted(self.local.rglob("*")):
+            rel = f.relative_to(self.local).as_posix()
+            if not f.is_file() or rel.startswith(MIRROR_SKIP) or ".tmp" in f.name:
+                continue
+            st = f.stat()
+            if self._pushed.get(rel) != (st.st_size, st.st_mtime_ns):
+                (self.loc / rel).write_atomic(f.read_bytes())
+                self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+
+
+def fetch_run(p: PathLike, under: str = "") -> Path:
+    """A local directory holding the run directory (or its `under` subdirectory) at `p`: itself, or a
+    cached download of the URI, for commands that read a run (eval, generate, a base LM export)."""
+    loc = locate(p)
+    if loc.is_local:
+        return loc.local / under if under else loc.local
+    target = loc / under if under else loc
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target}: no such run directory on the object store")
+    return RunDir(p, shared=True).pull(under)
+
+
+@contextlib.contextmanager
+def output_dir(p: PathLike) -> Iterator[Path]:
+    """A local directory to write a command's outputs into; a URI gets them uploaded on success."""
+    run = RunDir(p)
+    yield run.local
+    run.push()
+    if run.remote:
+        shutil.rmtree(run.local, ignore_errors=True)
 
 
 def ray_storage(p: PathLike) -> dict:

@@ -1,15 +1,20 @@
 """Object-store URIs end to end, against a real local S3 server (moto in server mode): tokenize to
 s3:// gives the bytes a local run gives, a re-run skips every shard, verify reads (and fails on a
-corrupted) shard on s3, and the token LM trains on s3 shards with Ray Train checkpoints on an s3
-storage_path, then resumes from there in a fresh run directory."""
+corrupted) shard on s3, the token LM trains on s3 shards with Ray Train checkpoints on an s3
+storage_path, then resumes from there in a fresh run directory, and whole run directories (base LM,
+token LM, eval reports, generations) live on s3."""
+import hashlib
 import json
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from lumo_ray.cli import main
+from lumo_ray.codecs.text import TINY_CORPUS
 from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.data.manifest import read_manifest, write_manifest
 from lumo_ray.data.shard_reader import ShardDataset
@@ -170,7 +175,7 @@ def test_token_lm_trains_on_s3_checkpoints_to_s3_and_resumes(data, s3, tmp_path)
     assert st["step"] == 4 and st["token_space_hash"] == load_index(data["uri"])["token_space_hash"]
 
 
-def test_uri_manifest_needs_absolute_media_and_run_dir_must_be_a_path(s3, tmp_path):
+def test_uri_manifest_needs_absolute_media(s3, tmp_path):
     rec = {"id": "x:1", "source": "x", "group": "g", "task": "i2t", "text": {"prompt": "", "caption": "c"}}
     lines = [dict(rec, modalities={"image": {"path": "img/1.png"}}),
              dict(rec, id="x:2", modalities={"image": {"path": "/data/img/2.png"}})]
@@ -180,20 +185,44 @@ def test_uri_manifest_needs_absolute_media_and_run_dir_must_be_a_path(s3, tmp_pa
     assert [r.id for r in recs] == ["x:2"] and recs[0].media_path("image") == "/data/img/2.png"
     assert [(e.id, e.reason) for e in errs] == [("x:1", "relative media path")] and "line 1" in errs[0].detail
     assert read_manifest(str(m), root=tmp_path)[0][0].media_path("image") == str(tmp_path / "img" / "1.png")
-    from trainers.lm import run_lm
-    from trainers.token_lm import prepare_run
-    from trainers.tune_prompts import run_prompt_study
-    from trainers.tune_vlm import run_sweep
-    from trainers.vlm import train_vlm
 
-    # Run directories (appended logs, metrics.json, export/) are paths; each refusal names the key
-    # that does take a URI. All refused before Ray or any model starts.
-    cases = [(prepare_run, "token_lm.out", "token_lm.train.storage_path"),
-             (run_lm, "lm.out", "lm.train.storage_path"),
-             (train_vlm, "vlm.train.out", "vlm.train.storage_path"),
-             (run_sweep, "vlm.sweep.out", "vlm.sweep.storage_path"),
-             (run_prompt_study, "token_lm.prompt_study.out", "token_lm.prompt_study.storage_path")]
-    for fn, key, storage_key in cases:
-        cfg = load_config(LumoConfig, None, [f"{key}={s3('runs/x')}", f"lm.inputs=[{tmp_path / 'none.txt'}]"])
-        with pytest.raises(ValueError, match=f"^{key}=s3://.*run directory must be a local or shared-FS path.*{storage_key}=<URI>"):
-            fn(cfg)
+
+def test_run_directories_on_s3_train_evaluate_and_generate(data, s3):
+    """Run directories may be URIs: the base LM and the token LM (warm-started from the base LM's
+    export on s3) write config.yaml, metrics.json and export/ there, checkpoints go through Ray Train
+    storage under <out>/ray; the evals and generation read the run from s3 and write their reports
+    there; the local staging copies are removed."""
+    lm, tlm = locate(s3("runs/lm")), locate(s3("runs/tlm"))
+    rc = main(["train", "lm", "--input", str(TINY_CORPUS), "--out", str(lm), *sets([
+        "lm.train.steps=4", "lm.train.eval_every=2", "lm.train.ckpt_every=2", "lm.train.log_every=1000",
+        "lm.seq_len=32", "lm.train.global_batch=4", "lm.eval_fraction=0.2", "lm.train.cpus_per_worker=0.5"])])
+    assert rc == 0
+    m = json.loads((lm / "metrics.json").read_text())
+    assert m["steps"] == 4 and m["export"] == str(lm / "export")
+    assert (lm / "config.yaml").exists() and (lm / "export" / "config.json").exists()
+    assert lm.glob("ray/lm/checkpoint_*/state.pt") and not lm.glob("checkpoints/*")
+    rc = main(["train", "token-lm", "--shards", data["uri"], "--base", str(lm / "export"), "--out", str(tlm),
+               *sets(LM + ["token_lm.train.steps=2"])])
+    assert rc == 0
+    t = json.loads((tlm / "metrics.json").read_text())
+    assert t["steps"] == 2 and t["export"] == str(tlm / "export") and (tlm / "export" / "token_space.json").exists()
+    assert tlm.glob("ray/token_lm/checkpoint_*/state.pt") and not tlm.glob("checkpoints/*")
+    assert load_config(LumoConfig, None, []).token_lm.base != str(lm / "export")  # the URI came from --base
+
+    inv = locate(s3("reports/inv"))
+    assert main(["eval", "text-invariance", "--run", str(tlm), "--base", str(lm / "export"), "--out", str(inv)]) == 0
+    rep = json.loads((inv / "report.json").read_text())
+    assert rep["pass"] and rep["max_abs_logit_diff"] == 0 and rep["run"] == str(tlm)
+    abl = locate(s3("reports/abl"))
+    rc = main(["eval", "modality-ablation", "--run", str(tlm), "--out", str(abl)])
+    rep = json.loads((abl / "report.json").read_text())
+    assert rc == (0 if rep["pass"] else 1) and rep["run"] == str(tlm) and (abl / "report.md").exists()
+    gen = locate(s3("gen"))
+    rc = main(["generate", "--run", str(tlm), "--task", "t2a", "--prompt", "three short high beeps",
+               "--out", str(gen), "--audio-frames", "4"])
+    rows = [json.loads(x) for x in (gen / "generations.jsonl").read_text().splitlines()]
+    assert rc == 0 and len(rows) == 1 and rows[0]["ok"] and gen.glob("*.wav")
+
+    staged = {hashlib.sha256(str(x).encode()).hexdigest()[:16] for x in (lm, tlm, inv, abl, gen)}
+    left = [d.name for d in (Path(tempfile.gettempdir()) / "lumo-runs").glob("*-*") if d.name.split("-")[0] in staged]
+    assert left == []

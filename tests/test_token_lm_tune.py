@@ -1,8 +1,12 @@
 """`lumo tune prompts`: a 2-trial Ray Tune study writes its table and names a best config; Tune's
-storage (experiment state, trial directories) on an object store (a local S3 server)."""
+study directory and Tune's storage (experiment state, trial directories) on an object store (a local
+S3 server)."""
 import csv
+import hashlib
+import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -20,10 +24,11 @@ def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local, s3):
         f"token_lm.shards={shards}", "token_lm.train.global_batch=4", "token_lm.seq.max_audio_tokens=60",
         "token_lm.prompt_study.num_samples=2", "token_lm.prompt_study.steps=4", "token_lm.prompt_study.report_every=2",
         "token_lm.prompt_study.ablation_n=4", "token_lm.prompt_study.max_audio_tokens=[40, 60]",
-        f"token_lm.prompt_study.out={tmp_path / 'study'}", f"token_lm.prompt_study.storage_path={s3('tune/p')}"])
+        f"token_lm.prompt_study.out={s3('tune/p')}"])  # storage_path defaults to the study directory
     res = run_prompt_study(cfg, log=lambda *a: None)
-    out = tmp_path / "study"
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    out = locate(s3("tune/p"))
+    assert res["out"] == str(out)
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert len(rows) == 2 and all(r["text_invariance"] == "True" for r in rows)
     assert res["pass"] and res["best"]["objective"] == max(float(r["objective"]) for r in rows)
     best = yaml.safe_load((out / "best_config.yaml").read_text())["token_lm"]
@@ -35,4 +40,5 @@ def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local, s3):
     for r in rows:
         score = json.loads((locate(r["dir"]) / "score.json").read_text())
         assert score["objective"] == float(r["objective"]) and (locate(r["dir"]) / "config.yaml").exists()
-    assert not (out / "study").exists()  # Tune wrote nothing local but the study's own results
+    key = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    assert not list((Path(tempfile.gettempdir()) / "lumo-runs").glob(f"{key}-*"))  # the driver's staging copy is gone

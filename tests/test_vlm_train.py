@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lumo_ray.config_vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
@@ -63,22 +64,24 @@ def test_resume_5_plus_5_equals_10_straight(synth, tmp_path):
 
 
 def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, ray_local, s3):
-    """Checkpoints on an object store (vlm.train.storage_path on a local S3 server): a SIGKILLed
-    worker resumes from there; a new run directory on the same storage continues the run."""
-    cfg = small_cfg(synth, tmp_path / "ddp")
+    """The run directory and the checkpoints on an object store (vlm.train.out and
+    vlm.train.storage_path on a local S3 server): a SIGKILLed worker resumes from there, its logs
+    continue where the URI's copy ended; a new run directory on the same storage continues the run."""
+    from lumo_ray.storage import locate
+    cfg = small_cfg(synth, s3("vlm/ddp_run"))
     cfg.train.fail_at_step = 7  # rank 0 is SIGKILLed once (marker file), after the step-5 checkpoint
     cfg.train.num_workers, cfg.train.max_failures = 2, 1
     cfg.train.storage_path = s3("vlm/ddp")
     res = train_vlm(cfg, log=QUIET)
-    run = Path(res["run_dir"])
-    assert (run / ".failed_once").exists()
+    run = locate(res["run_dir"])
+    assert str(run) == cfg.train.out and (run / ".failed_once").exists() and (run / "config.yaml").exists()
     rows = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]  # restarted after step 5's checkpoint
     assert rows[5]["loss"] == pytest.approx(rows[7]["loss"], abs=1e-6)  # exact resume under DDP
     assert rows[6]["loss"] == pytest.approx(rows[8]["loss"], abs=1e-6)
     m = res["metrics"]
-    assert m["final"]["step"] == 10 and m["world_size"] == 2 and res["export"]
+    assert m["final"]["step"] == 10 and m["world_size"] == 2 and res["export"] == str(run / "export")
     assert m["epochs"][0]["zero_label_pct"] == 0.0 and m["epochs"][0]["avg_label_tokens"] > 0
     assert set(m["final"]["eval_buckets"]) == {"0", "1", "2", "3"}
     gold = (run / "golden" / "step_000010.jsonl").read_text().splitlines()
@@ -91,8 +94,9 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
     assert st["step"] == 10 and len(st["rng"]) == 2 and {"optimizer", "scheduler", "data_position", "config"} <= set(st)
 
     from lumo_ray.cli import main
-    code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / "abl"), "--n", "16"])
-    rep = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    abl = locate(s3("vlm/abl"))
+    code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(abl), "--n", "16"])
+    rep = json.loads((abl / "ablation.json").read_text())
     assert code == (0 if rep["pass"] else 1) and rep["n"] == 16
 
     # A fresh run directory on the same storage_path: Ray Train restores step 10 from the object store.
@@ -126,14 +130,22 @@ def test_real_llava_images_train_and_evaluate(real_data, tmp_path):
     assert rep["n"] == 8 and all(v > 0 for v in rep["mean_loss"].values())
 
 
-def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local):
+def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local, s3):
+    """The sweep directory on an object store: each trial stages its run directory and uploads it."""
     from trainers.tune_vlm import run_sweep
+    from lumo_ray.storage import locate
     cfg = small_cfg(synth, tmp_path / "unused", steps=6)
-    cfg.sweep.out, cfg.sweep.max_steps, cfg.sweep.ablation_n = str(tmp_path / "sweep"), 6, 16
+    cfg.sweep.out, cfg.sweep.max_steps, cfg.sweep.ablation_n = s3("vlm/sweep"), 6, 16
+    cfg.llm.text_warmup_steps = 3  # runs once in the driver; the trials download it from the sweep directory
     rep = run_sweep(cfg, log=QUIET)
-    out = Path(rep["out"])
+    out = locate(rep["out"])
+    assert str(out) == cfg.sweep.out
     assert len(rep["rows"]) == 4 and all(r["score"] is not None for r in rep["rows"])
     dirs = {r["trial_dir"] for r in rep["rows"]}
-    assert len(dirs) == 4 and all((Path(d) / "export" / "model.safetensors").exists() for d in dirs)
+    assert len(dirs) == 4 and all((locate(d) / "export" / "model.safetensors").exists() for d in dirs)
+    assert all((locate(d) / "ablation.json").exists() for d in dirs)
+    warm = str(out / "shared" / "llm_text_warm")
+    assert (locate(warm) / "config.json").exists()
+    assert all(yaml.safe_load((locate(d) / "config.yaml").read_text())["vlm"]["llm"]["model"] == warm for d in dirs)
     assert (out / "results.csv").read_text().count("\n") == 5 and (out / "results.md").exists()
     assert (out / "best_config.yaml").exists() and rep["best"]["score"] == min(r["score"] for r in rep["rows"])

@@ -178,7 +178,7 @@ def resolve_resume(t: TrainConfig, run_dir: Path, ctx) -> Optional[Path]:
     return None
 
 
-def launch(worker_fn: Callable, cfg: LumoConfig, t: TrainConfig, run_dir: Path, name: str,
+def launch(worker_fn: Callable, cfg: LumoConfig, t: TrainConfig, run_dir: str | Path, name: str,
            address: Optional[str] = None):
     """Run worker_fn({'cfg': cfg}) on Ray Train workers (DDP); returns the Ray Train Result."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -190,7 +190,7 @@ def launch(worker_fn: Callable, cfg: LumoConfig, t: TrainConfig, run_dir: Path, 
 
     init_ray(address)
     # train.storage_path may be an object-store URI: hand Ray the filesystem and the bare path.
-    store = locate(t.storage_path or Path(run_dir) / "ray")
+    store = locate(t.storage_path) if t.storage_path else locate(run_dir) / "ray"
     trainer = TorchTrainer(
         worker_fn, train_loop_config={"cfg": cfg},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -251,8 +251,11 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     """Base LM training on one worker (rank ctx.rank of ctx.world_size)."""
     from lumo_ray.models.base_lm import build_base_lm, count_params
 
+    from lumo_ray.storage import RunDir
+
     c, t = cfg.lm, cfg.lm.train
-    run_dir = Path(c.out)
+    run = RunDir(c.out)  # a URI run directory is staged locally and pushed at the end
+    run_dir = run.local
     torch.set_num_threads(t.threads)
     seed_all(t.seed)
     tok = load_lm_tokenizer(c.tokenizer)
@@ -348,8 +351,11 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         m.save_pretrained(str(export))
         tok.save_pretrained(str(export))
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
-                   "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(export)}
+                   "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(run.loc / "export")}
         write_json(run_dir / "metrics.json", metrics)
+        run.push()
+    if run.remote:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return metrics
 
 
@@ -359,13 +365,14 @@ def _lm_worker(config: dict) -> None:
 
 def run_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     """`lumo train lm`: Ray Train DDP job; returns metrics.json of the run directory."""
-    from lumo_ray.storage import local_run_dir, resolve
+    from lumo_ray.storage import locate, resolve
 
-    run_dir = local_run_dir(cfg.lm.out, "lm.out", "lm.train.storage_path")
-    cfg.lm.out = str(run_dir)
-    cfg.lm.inputs = [resolve(p) for p in cfg.lm.inputs]  # absolute paths or URIs: workers run elsewhere
-    dump_config(cfg, run_dir)
-    launch(_lm_worker, cfg, cfg.lm.train, run_dir, "lm", address)
-    m = json.loads((run_dir / "metrics.json").read_text())
+    cfg.lm.out = resolve(cfg.lm.out)  # absolute paths or URIs: workers run elsewhere
+    cfg.lm.inputs = [resolve(p) for p in cfg.lm.inputs]
+    if cfg.lm.train.storage_path:
+        cfg.lm.train.storage_path = resolve(cfg.lm.train.storage_path)
+    dump_config(cfg, cfg.lm.out)
+    launch(_lm_worker, cfg, cfg.lm.train, cfg.lm.out, "lm", address)
+    m = json.loads((locate(cfg.lm.out) / "metrics.json").read_text())
     log(f"base LM: eval loss {m['eval_loss']:.4f}, perplexity {m['perplexity']:.2f}; export {m['export']}")
     return m

@@ -11,12 +11,14 @@ resumed run sees exactly the sequences the uninterrupted run would have.
 
 Storage: `token_lm.shards` may be a local path or an object-store URI, and so may
 `train.storage_path` (where Ray Train persists the reported checkpoints; a run launched again on it
-resumes from the latest). The run directory `token_lm.out` (config.yaml, metrics.json, export/, the
-rank-0 staging copy of checkpoints/) is a local or shared-FS path.
+resumes from the latest; default `<out>/ray`). The run directory `token_lm.out` (config.yaml,
+metrics.json, export/, rank 0's copy of checkpoints/) may be a URI too: rank 0 works in a local
+staging directory and uploads everything but checkpoints/ when the run ends (storage.RunDir).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -28,7 +30,7 @@ from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.data.sequences import SequenceBuilder, collate
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.models.token_lm import export, target_losses, vocab_params, warm_start
-from lumo_ray.storage import local_run_dir, resolve
+from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.token_space import TokenSpace
 
 from .lm import (CKPT_STATE, RayContext, launch, make_scheduler, micro_batch, resolve_resume, rng_state,
@@ -94,7 +96,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
                   ts: Optional[TokenSpace] = None) -> dict:
     """Train on one worker. hook(step, model) -> dict|None runs on rank 0 after each step (Tune)."""
     c, t = cfg.token_lm, cfg.token_lm.train
-    run_dir = Path(c.out)
+    run = RunDir(c.out)  # a URI run directory is staged locally and pushed at the end
+    run_dir = run.local
     torch.set_num_threads(t.threads)
     seed_all(t.seed)
     say = log if ctx.rank == 0 else (lambda *a, **k: None)
@@ -196,8 +199,12 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
                    "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_loss"},
                    "trainable": ws.counts, "token_space_hash": ts.hash, "steps": step, "seconds": secs,
-                   "tokens_per_s": ntok * ctx.world_size / max(secs, 1e-9), "export": str(out)}
+                   "tokens_per_s": ntok * ctx.world_size / max(secs, 1e-9),
+                   "export": str(run.loc / "export") if run.remote else str(out)}
         write_json(run_dir / "metrics.json", metrics)
+        run.push()
+    if run.remote:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return metrics
 
 
@@ -205,18 +212,18 @@ def _worker(config: dict) -> None:
     token_lm_loop(config["cfg"], RayContext())
 
 
-def prepare_run(cfg: LumoConfig) -> Path:
-    """Absolute paths or URIs (workers may run elsewhere) and the config copy in the run directory."""
+def prepare_run(cfg: LumoConfig) -> str:
+    """Absolute paths or URIs (workers may run elsewhere) and the config copy in the run directory;
+    returns the run directory (path or URI)."""
     c = cfg.token_lm
-    run_dir = local_run_dir(c.out, "token_lm.out", "token_lm.train.storage_path")
-    c.out = str(run_dir)
+    c.out = run_dir = resolve(c.out)
     c.shards = resolve(c.shards) if c.shards else c.shards
     for k in ("storage_path", "resume"):
         v = getattr(c.train, k)
         if v and v != "auto":
             setattr(c.train, k, resolve(v))
-    if c.base != "tiny" and Path(c.base).exists():
-        c.base = str(Path(c.base).resolve())
+    if c.base != "tiny" and (is_uri(c.base) or Path(c.base).exists()):
+        c.base = resolve(c.base)
     dump_config(cfg, run_dir)
     return run_dir
 
@@ -227,7 +234,7 @@ def run_token_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> d
     # Refuse mismatched shards on the driver before any worker starts.
     ShardDataset(cfg.token_lm.shards, "train", expected=run_token_space(cfg))
     launch(_worker, cfg, cfg.token_lm.train, run_dir, "token_lm", address)
-    m = json.loads((run_dir / "metrics.json").read_text())
+    m = json.loads((locate(run_dir) / "metrics.json").read_text())
     log(f"token LM: eval loss {m.get('eval_loss', float('nan')):.4f} per task "
         + ", ".join(f"{k} {v:.3f}" for k, v in m["eval"].items()) + f"; export {m['export']}")
     return m

@@ -12,11 +12,12 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from lumo_ray.config import LumoConfig, dump_config
-from lumo_ray.storage import local_run_dir, locate, ray_storage, resolve
+from lumo_ray.storage import RunDir, locate, ray_storage, resolve
 from lumo_ray.token_space import TokenSpace
 
 AXES = ("instruction", "delimiters", "new_row_lr", "init_scale", "max_audio_tokens", "modality_dropout")
@@ -109,10 +110,11 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     from .token_lm import prepare_run, run_token_space
 
     ps = cfg.token_lm.prompt_study
-    out = local_run_dir(ps.out, "token_lm.prompt_study.out", "token_lm.prompt_study.storage_path")
-    storage = resolve(ps.storage_path or out)
+    stage = RunDir(ps.out)  # a URI study directory: results are written locally, then pushed
+    out = stage.local
+    storage = resolve(ps.storage_path) if ps.storage_path else str(stage)
     cfg = copy.deepcopy(cfg)
-    cfg.token_lm.out = str(out / "base_run")
+    cfg.token_lm.out = str(stage.loc / "base_run")
     prepare_run(cfg)  # absolute shard / base paths for the trial workers
     dump_config(cfg, out)
     ts = run_token_space(cfg)
@@ -143,7 +145,11 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
                      "error": str(r.error)[:200] if r.error else "",
                      "dir": str(locate(storage) / "study" / Path(r.path).name)})
     rows.sort(key=lambda x: -(x["objective"] if x["objective"] == x["objective"] else -1e9))
-    return write_results(rows, cfg, out, log)
+    res = write_results(rows, cfg, out, log)
+    stage.push()
+    if stage.remote:
+        shutil.rmtree(out, ignore_errors=True)
+    return {**res, "out": str(stage)}
 
 
 def write_results(rows: list[dict], cfg: LumoConfig, out: Path, log=print) -> dict:

@@ -1,8 +1,8 @@
 """`lumo tune vlm`: Ray Tune grid over learning rate x vision LayerNorm (stage 1.1 LR sweep).
 
 Each trial is a Tune *function trainable* that runs the VLM loop in-process on 1 worker (passing a
-TorchTrainer to Tuner is deprecated) in its own directory <out>/trials/<name>, then runs the
-ablation on its export. Score = eval loss - 0.1 x (delta_shuffled + delta_zero); lower is better.
+TorchTrainer to Tuner is deprecated) in its own directory <out>/trials/<name> (a URI `out` is staged
+locally by each trial and uploaded when it ends), then runs the ablation on its export. Score = eval loss - 0.1 x (delta_shuffled + delta_zero); lower is better.
 The tiny LLM's text warm-up runs once in the driver and every trial reuses it.
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ import copy
 import csv
 import io
 import json
-from pathlib import Path
+import shutil
 from typing import Callable, Optional
 
 import yaml
 
 from lumo_ray.config import LumoConfig, _build, to_dict
 from lumo_ray.config_vlm import VLMConfig
-from lumo_ray.storage import local_run_dir, ray_storage
+from lumo_ray.storage import RunDir, locate, ray_storage
 
 from .vlm import Hooks, prepare_run, run_loop
 
@@ -37,12 +37,20 @@ def trial_fn(config: dict) -> None:
     torch.set_num_threads(1)
     cfg = _build(VLMConfig, config["vlm"], "trial config", prefix="vlm.")
     cfg.train.lr, cfg.vision.layernorm = float(config["lr"]), bool(config["layernorm"])
-    run = Path(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm)
-    cfg.train.out = str(run)
-    cfg, run = prepare_run(cfg, run, log=lambda *_: None)
+    sweep = RunDir(config["sweep_dir"])
+    stage = RunDir(locate(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm))
+    cfg.train.out = str(stage)
+    cfg, run = prepare_run(cfg, stage.local, log=lambda *_: None)
+    if sweep.remote:  # a URI sweep directory: train on a local copy of the shared text warm-up
+        sweep.pull("shared")
+        cfg.llm.model = sweep.localize(cfg.llm.model)
     final = run_loop(cfg, run, Hooks(), log=lambda *_: None)  # one tune.report per trial, below
     rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed)
     write_ablation(rep, run)
+    stage.push()
+    if stage.remote:
+        shutil.rmtree(stage.local, ignore_errors=True)
+        shutil.rmtree(sweep.local, ignore_errors=True)
     score = final["eval_loss"] - 0.1 * (rep["delta"]["shuffled"] + rep["delta"]["zero"])
     tune.report({"score": score, "eval_loss": final["eval_loss"], "d_shuffled": rep["delta"]["shuffled"],
                  "d_zero": rep["delta"]["zero"], "d_noise": rep["delta"]["noise"],
@@ -57,19 +65,21 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
 
     vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
     sw = vcfg.sweep
-    out = local_run_dir(sw.out, "vlm.sweep.out", "vlm.sweep.storage_path")
-    out.mkdir(parents=True, exist_ok=True)
+    stage = RunDir(sw.out)  # a URI sweep directory is written in a local staging copy, then pushed
+    out = stage.local
     vcfg.train.max_steps = sw.max_steps
     vcfg.train.checkpoint_every = sw.max_steps
     vcfg.train.eval_every = 0
-    vcfg, _ = prepare_run(vcfg, out / "shared", log)  # text warm-up once, shared by the trials
+    # text warm-up once, shared by the trials
+    vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(stage.loc / "shared") if stage.remote else None)
+    stage.push()
     init_ray(address)
     trainable = tune.with_resources(trial_fn, {"cpu": sw.cpus_per_trial})
-    space = {"vlm": to_dict(vcfg), "sweep_dir": str(out), "ablation_n": sw.ablation_n,
+    space = {"vlm": to_dict(vcfg), "sweep_dir": str(stage), "ablation_n": sw.ablation_n,
              "lr": tune.grid_search(list(sw.lrs)), "layernorm": tune.grid_search(list(sw.layernorm))}
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(metric="score", mode="min", max_concurrent_trials=sw.max_concurrent),
-                       run_config=tune.RunConfig(**ray_storage(sw.storage_path or out / "ray"), name="tune", verbose=0))
+                       run_config=tune.RunConfig(**ray_storage(sw.storage_path or stage.loc / "ray"), name="tune", verbose=0))
     grid = tuner.fit()
     rows = []
     for r in grid:
@@ -81,7 +91,7 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
         rows.append({"lr": r.config["lr"], "layernorm": r.config["layernorm"], "score": m["score"],
                      "eval_loss": m["eval_loss"], "d_shuffled": m["d_shuffled"], "d_zero": m["d_zero"],
                      "d_noise": m["d_noise"], "ablation_pass": bool(m["ablation_pass"]),
-                     "trial_dir": str(out / "trials" / trial_name(r.config["lr"], r.config["layernorm"]))})
+                     "trial_dir": str(stage.loc / "trials" / trial_name(r.config["lr"], r.config["layernorm"]))})
     rows.sort(key=lambda r: (r["score"] is None, r["score"] if r["score"] is not None else 0.0))
     cols = ["lr", "layernorm", "score", "eval_loss", "d_shuffled", "d_zero", "d_noise", "ablation_pass", "trial_dir"]
     buf = io.StringIO()
@@ -102,4 +112,7 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
         bcfg.train.lr, bcfg.vision.layernorm = float(best["lr"]), bool(best["layernorm"])
         (out / "best_config.yaml").write_text(yaml.safe_dump({"vlm": to_dict(bcfg)}, sort_keys=False))
     (out / "results.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1) + "\n")
-    return {"rows": rows, "best": best, "table_md": table, "out": str(out)}
+    stage.push()
+    if stage.remote:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"rows": rows, "best": best, "table_md": table, "out": str(stage)}

@@ -28,10 +28,13 @@ import torch
 
 from lumo_ray.config import LumoConfig, _build, dump_config, to_dict
 from lumo_ray.config_vlm import VLMConfig
-from lumo_ray.storage import download_dir, is_uri, latest_ray_checkpoint, local_run_dir, ray_storage, resolve
+from lumo_ray.storage import RunDir, download_dir, is_uri, latest_ray_checkpoint, locate, ray_storage, resolve
 from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length_stats, prepare_data, to_device
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
+
+
+HOLD_S = 300  # train.hold_at_step: long enough for a test to kill a node, short enough to end a forgotten run
 
 
 class Hooks:
@@ -44,12 +47,15 @@ class Hooks:
     def report(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
         pass
 
+    def sync(self) -> None:
+        """Make the run directory durable where it lives (an object-store URI: upload what changed)."""
+
     def load_checkpoint(self, fn: Callable[[str], Any]) -> Any:
         return None
 
 
 class RayTrainHooks(Hooks):
-    def __init__(self, storage: str | None = None):
+    def __init__(self, storage: str | None = None, run: Optional[RunDir] = None):
         import ray.train
         import ray.train.torch
 
@@ -57,11 +63,18 @@ class RayTrainHooks(Hooks):
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.storage = storage  # the run's Ray storage_path (local path or URI)
+        self.run = run  # the run directory: rank 0 uploads it when it is a URI
 
     def report(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
         import ray.train
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+        if ckpt_dir:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.run is not None and self.rank == 0:
+            self.run.push()
 
     def load_checkpoint(self, fn):
         import ray.train
@@ -82,10 +95,11 @@ class RayTrainHooks(Hooks):
 # Run directory
 # ------------------------------------------------------------------------------------------------
 
-def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> tuple[VLMConfig, Path]:
+def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] = print,
+                name: Optional[str] = None) -> tuple[VLMConfig, Path]:
     """Written once by the driver before workers start: the persisted eval split, the tiny LLM's
-    text warm-up (when configured; the returned config then points llm.model at it) and the
-    resolved config copy."""
+    text warm-up (when configured; the returned config then points llm.model at it, named inside
+    `name`, the run's path or URI, when the run directory is a staging copy) and the resolved config copy."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
@@ -95,7 +109,8 @@ def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] 
     if cfg.llm.text_warmup_steps > 0 and cfg.llm.model == "tiny":
         builder = SequenceBuilder(text, vlm_tokens(text), cfg.resampler.latents, cfg.data)
         warm = text_warmup(cfg, text, [builder.text_in_span(s) for s in data.train], run / "llm_text_warm", log)
-        cfg.llm.model, cfg.llm.text_warmup_steps = str(warm), 0
+        cfg.llm.model = str(locate(name) / warm.relative_to(run).as_posix()) if name else str(warm)
+        cfg.llm.text_warmup_steps = 0
     dump_config(LumoConfig(vlm=cfg), run)
     return cfg, run
 
@@ -227,8 +242,15 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
             marker = run / ".failed_once"
             if not marker.exists():
                 marker.write_text(f"killed at step {step}\n")
+                hooks.sync()  # the restarted worker may stage a fresh copy of a URI run directory
                 # A real crash, not an exception: the worker process dies (SIGKILL) mid-run.
                 os.kill(os.getpid(), signal.SIGKILL)
+        if t.hold_at_step is not None and step == t.hold_at_step and rank == 0:
+            marker = run / ".held_once"
+            if not marker.exists():
+                marker.write_text(f"held at step {step}\n")
+                hooks.sync()
+                time.sleep(HOLD_S)  # the other ranks wait in their next collective
 
         t0 = time.perf_counter()
         batches = [to_device(collate([data.train[i] for i in idx], data.images, model.tokens.pad), device)
@@ -313,7 +335,14 @@ def train_func(config: dict) -> None:
     """The TorchTrainer worker entry point."""
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = _build(VLMConfig, config["vlm"], "train_loop_config", prefix="vlm.")
-    run_loop(cfg, config["run_dir"], RayTrainHooks(config["storage"]), bench=None)
+    run = RunDir(config["run_dir"])  # a URI run directory: this worker's staging copy
+    run.pull()
+    cfg.llm.model = run.localize(cfg.llm.model)
+    hooks = RayTrainHooks(config["storage"], run)  # logs and golden captions reach a URI with each checkpoint
+    run_loop(cfg, run.local, hooks, bench=None)
+    hooks.sync()
+    if run.remote:
+        shutil.rmtree(run.local, ignore_errors=True)
 
 
 def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
@@ -327,26 +356,29 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     if vcfg.data.path:  # Ray Train workers run in their own working directory: hand them absolute paths
         vcfg.data.path = str(Path(vcfg.data.path).resolve())
     t = vcfg.train
-    run = local_run_dir(t.out, "vlm.train.out", "vlm.train.storage_path")
+    stage = RunDir(t.out)  # a URI run directory is written in a local staging copy, then pushed
     if t.resume_from:
         t.resume_from = resolve(t.resume_from)
-    vcfg, run = prepare_run(vcfg, run, log)
-    storage = resolve(t.storage_path or run / "ray")
+    vcfg, _ = prepare_run(vcfg, stage.local, log, name=str(stage) if stage.remote else None)
+    stage.push()
+    storage = resolve(t.storage_path) if t.storage_path else str(stage.loc / "ray")
     init_ray(address)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"vlm": to_dict(vcfg), "run_dir": str(run), "storage": storage, "threads": t.cpus_per_worker},
+        train_loop_config={"vlm": to_dict(vcfg), "run_dir": str(stage), "storage": storage, "threads": t.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(**ray_storage(storage), name="train",
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
-    metrics_path = run / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if stage.remote:
+        shutil.rmtree(stage.local, ignore_errors=True)
+    run = stage.loc
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     out = {"run_dir": str(run), "metrics": metrics,
            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-           "export": str(run / "export") if (run / "export").exists() else None}
+           "export": str(run / "export") if (run / "export").is_dir() else None}
     fin = metrics.get("final", {})
     log(f"[vlm] done: step {fin.get('step')}, eval loss {fin.get('eval_loss')}, run dir {run}")
     return out

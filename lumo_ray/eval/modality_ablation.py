@@ -127,12 +127,13 @@ def run_modality_ablation(run_dir: str | Path, out_dir: str | Path, cfg=None, sh
     from ..codecs.text import build_text_adapter
     from ..config import LumoConfig, load_config
     from ..models.token_lm import load_token_lm
+    from ..storage import fetch_run
 
-    run = Path(run_dir)
+    run = fetch_run(run_dir)  # a path, or a URI downloaded once
     cfg = cfg or load_config(LumoConfig, run / "config.yaml")
     model, ts, _ = load_token_lm(run / "export")
     encode = build_text_adapter(cfg.uti.text).encode if cfg.token_lm.seq.instruction in ("fixed", "templates") else None
     rep = modality_ablation(model, ts, shards or cfg.token_lm.shards, cfg.token_lm.seq, cfg.token_lm.ablation, encode)
-    rep["run"] = str(run)
+    rep["run"] = str(run_dir)
     write_report(rep, out_dir)
     return rep

@@ -64,15 +64,16 @@ def run_text_invariance(run_dir: str | Path, base: str, out_dir: str | Path, cfg
     from ..codecs.text import build_text_adapter
     from ..config import LumoConfig, load_config
     from ..models.token_lm import load_causal_lm, load_token_lm
+    from ..storage import fetch_run
 
-    run = Path(run_dir)
+    run = fetch_run(run_dir)  # a path, or a URI downloaded once
     cfg = cfg or load_config(LumoConfig, run / "config.yaml")
     model, ts, meta = load_token_lm(run / "export")
     base_model = load_causal_lm(base, ts.text_vocab, seed=int(meta.get("seed", cfg.token_lm.train.seed)))
     encode = build_text_adapter(cfg.uti.text).encode
     rep = text_invariance(model, base_model, ts, prompts or cfg.token_lm.invariance.prompts, encode,
                           meta.get("freeze", cfg.token_lm.freeze))
-    rep.update({"run": str(run), "base": base})
+    rep.update({"run": str(run_dir), "base": base})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")

@@ -31,11 +31,16 @@ class WarmStart:
 
 
 def load_causal_lm(base: str, text_vocab: int, seed: int = 0) -> torch.nn.Module:
-    """'tiny' -> random-init tiny Qwen3 preset with `text_vocab` rows; else a local dir or hub id."""
+    """'tiny' -> random-init tiny Qwen3 preset with `text_vocab` rows; else a local dir, an object-store
+    URI of an export directory (downloaded once per process), or a hub id."""
     if base == "tiny":
         return build_base_lm("tiny", text_vocab, seed=seed)
     from transformers import AutoModelForCausalLM
 
+    from ..storage import fetch_run, is_uri
+
+    if is_uri(base):
+        base = str(fetch_run(base))
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
