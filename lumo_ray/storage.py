@@ -269,9 +269,10 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
     return dst
 
 
-# Files a run directory mirror leaves alone: checkpoints reach the object store through Ray Train's
-# storage_path, and `ray/` is that storage when it defaults to the run directory.
-MIRROR_SKIP = ("checkpoints/", "ray/")
+# Files a run directory mirror leaves alone: checkpoints (the LM trainers' `checkpoints/`, the VLM
+# trainer's `ckpt_tmp/`) reach the object store through Ray Train's storage_path, and `ray/` is that
+# storage when it defaults to the run directory.
+MIRROR_SKIP = ("checkpoints/", "ckpt_tmp/", "ray/")
 
 
 class RunDir:
@@ -318,7 +319,10 @@ class RunDir:
                     continue
                 dst = self.local / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(f.read_bytes())
+                # whole files only: processes sharing a read cache (fetch_run) may pull at once
+                part = dst.with_name(f"{dst.name}.{os.getpid()}.part")
+                part.write_bytes(f.read_bytes())
+                os.replace(part, dst)
                 st = dst.stat()
                 self._pushed[rel] = (st.st_size, st.st_mtime_ns)
         return self.local / under if under else self.local
@@ -329,7 +333,7 @@ class RunDir:
             return
         for f in sorted(self.local.rglob("*")):
             rel = f.relative_to(self.local).as_posix()
-            if not f.is_file() or rel.startswith(MIRROR_SKIP) or ".tmp" in f.name:
+            if not f.is_file() or rel.startswith(MIRROR_SKIP) or f.name.endswith((".tmp", ".part")):
                 continue
             st = f.stat()
             if self._pushed.get(rel) != (st.st_size, st.st_mtime_ns):

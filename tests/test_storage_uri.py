@@ -226,3 +226,28 @@ def test_run_directories_on_s3_train_evaluate_and_generate(data, s3):
     staged = {hashlib.sha256(str(x).encode()).hexdigest()[:16] for x in (lm, tlm, inv, abl, gen)}
     left = [d.name for d in (Path(tempfile.gettempdir()) / "lumo-runs").glob("*-*") if d.name.split("-")[0] in staged]
     assert left == []
+
+
+def test_run_dir_mirror_uploads_changes_and_leaves_checkpoints_to_ray(s3):
+    from lumo_ray.storage import RunDir, fetch_run
+    run = RunDir(s3("mirror/run"))
+    assert run.remote and run.local.is_dir() and str(os.getpid()) in run.local.name
+    for rel in ("metrics.json", "export/model.bin", "checkpoints/step-1/state.pt", "ckpt_tmp/s/state.pt",
+                "ray/train/x", "index.json.tmp"):
+        (run.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run.local / rel).write_text(rel)
+    run.push()
+    assert sorted(p.path[len(run.loc.path) + 1:] for p in run.loc.glob("*")) == ["export/model.bin", "metrics.json"]
+    (run.local / "metrics.json").write_text("changed")
+    (run.local / "export" / "model.bin").write_text("EXPORT/MODEL.BIN")  # same size: the mtime tells
+    os.utime(run.local / "export" / "model.bin", ns=(1, 1))
+    run.push()
+    assert (run.loc / "metrics.json").read_text() == "changed"
+    assert (run.loc / "export" / "model.bin").read_text() == "EXPORT/MODEL.BIN"
+    assert run.localize(str(run.loc / "export" / "model.bin")) == str(run.local / "export" / "model.bin")
+    assert run.localize(s3("elsewhere/model.bin")) == s3("elsewhere/model.bin")
+    got = fetch_run(str(run.loc), "export")
+    assert got.name == "export" and (got / "model.bin").read_text() == "EXPORT/MODEL.BIN"
+    assert not list(got.parent.rglob("*.part")) and not (got.parent / "checkpoints").exists()
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        fetch_run(s3("mirror/missing"))

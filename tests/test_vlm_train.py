@@ -89,6 +89,7 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
     import torch
     last = latest_checkpoint(cfg.train.storage_path)
     assert last.startswith("s3://lumo/vlm/ddp/train/checkpoint_") and not (run / "ray").exists()
+    assert not (run / "ckpt_tmp").exists()  # checkpoints reach the bucket through storage_path only
     with local_checkpoint(last) as d:
         st = torch.load(Path(d) / "state.pt", weights_only=False)
     assert st["step"] == 10 and len(st["rng"]) == 2 and {"optimizer", "scheduler", "data_position", "config"} <= set(st)
