@@ -64,7 +64,7 @@ def cmd_tokenizer_train(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(_load(args), Path(args.out), address=args.address)
+    return run_demo(_load(args), Path(args.out), address=args.address, config=args.config, sets=args.set)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,11 +134,13 @@ def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
             report.bar_chart("VLM ablation: mean caption loss", m["ablation_mean_loss"])}
 
 
-def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
-    """Stage 0 + 3.3: base LM, token LM warm start (new_rows), modality ablation, text invariance, prompt study."""
+def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str | None = None,
+             sets: list[str] | None = None) -> dict:
+    """Stage 0 + 3.3: base LM, token LM warm start (new_rows), modality ablation, text invariance, prompt study.
+    The demo's training budget (demo_lm.DEMO_TRAINING) applies on top of `config`; `sets` (--set) win."""
     from .demo_lm import build_synth_shards, run_lm_demo
     shards, manifest, lcfg = build_synth_shards(out / "data", cfg.demo.lm_images, cfg.demo.lm_audio,
-                                                seed=cfg.demo.seed, log=log)
+                                                seed=cfg.demo.seed, config=config, overrides=sets, log=log)
     res = run_lm_demo(out, shards, manifest, lcfg, log=log)
     st = res["stages"]
     flat = {f"{k}_pass": v["pass"] for k, v in st.items()}
@@ -180,7 +182,10 @@ def _r(v, n: int = 4):
     return round(v, n) if isinstance(v, float) else v
 
 
-def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) -> int:
+def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, config: str | None = None,
+             sets: list[str] | None = None) -> int:
+    """`lumo demo`. cfg: the loaded config; config / sets: the --config file and --set items it came
+    from, which the lm stage re-applies over its own training budget."""
     out = Path(out).resolve()  # Ray workers do not share the driver's working directory
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out)
@@ -189,7 +194,7 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print) 
         ("audit", lambda d: stage_audit(cfg, d, log)),
         ("data", lambda d: stage_data(cfg, d, log, address)),
         ("vlm", lambda d: stage_vlm(cfg, d, log, address)),
-        ("lm", lambda d: stage_lm(cfg, d, log, address)),
+        ("lm", lambda d: stage_lm(cfg, d, log, address, config, sets)),
         ("generate", lambda d: stage_generate(cfg, d, log, *_needs(ctx, "lm", "_run", "_shards"))),
     ]
     ctx: dict[str, dict] = {}

@@ -16,9 +16,12 @@ DEMO_TRAINING = ["lm.train.steps=400", "token_lm.train.steps=300", "token_lm.new
 
 
 def build_synth_shards(out: Path, n_images: int = 48, n_audio: int = 48, seed: int = 0,
-                       overrides: list[str] | None = None, log=print) -> tuple[Path, Path, LumoConfig]:
+                       overrides: list[str] | None = None, log=print,
+                       config: str | Path | None = None) -> tuple[Path, Path, LumoConfig]:
     """write_synth -> normalize (llava_pretrain, audiocaps) -> one manifest -> tokenize. Reuses a
-    finished build in `out` (index.json present). Returns (shards_dir, manifest, cfg)."""
+    finished build in `out` (index.json present). Returns (shards_dir, manifest, cfg): `config`
+    (a YAML file; default the tiny preset) with the demo's data settings and DEMO_TRAINING on top,
+    then `overrides`."""
     from pipelines.normalize import run_normalize
     from pipelines.tokenize import run_tokenize
 
@@ -26,7 +29,7 @@ def build_synth_shards(out: Path, n_images: int = 48, n_audio: int = 48, seed: i
     from .data.synth import write_synth
 
     # a large eval share: the ablation slice is drawn from eval, and synth sets are small
-    cfg = load_config(LumoConfig, None, ["data.normalize.eval_permille=250", "data.tokenize.shard_size=32",
+    cfg = load_config(LumoConfig, config, ["data.normalize.eval_permille=250", "data.tokenize.shard_size=32",
                                          "data.tokenize.batch_size=16"] + DEMO_TRAINING + list(overrides or []))
     out = Path(out)
     shards, manifest = out / "shards", out / "manifest.jsonl"

@@ -150,3 +150,18 @@ def test_ray_train_ddp_two_workers(data, tmp_path):
     assert m["steps"] == 2 and m["token_space_hash"] == ts.hash and set(m["eval"]) >= {"i2t", "a2t"}
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "token_space.json").exists()
+
+
+def test_demo_lm_config_is_the_users_config_plus_the_demo_budget_then_set(data, tmp_path):
+    """`lumo demo --config F --set K=V`: the lm stage builds its config from F, the demo's training
+    budget (DEMO_TRAINING) on top, and the --set items last."""
+    from lumo_ray.demo_lm import DEMO_TRAINING
+    shards, _, _ = data
+    root = shards.parent  # the finished build is reused: only the config is made
+    f = tmp_path / "user.yaml"
+    f.write_text("token_lm:\n  seq:\n    layouts: both\n  new_row_lr: 0.05\n")
+    _, _, cfg = build_synth_shards(root, 12, 12, config=f, overrides=["data.normalize.eval_permille=400",
+                                                                       "token_lm.train.steps=7"], **QUIET)
+    assert cfg.token_lm.seq.layouts == "both"  # from the file
+    assert "token_lm.new_row_lr=0.003" in DEMO_TRAINING and cfg.token_lm.new_row_lr == 0.003  # demo budget
+    assert cfg.lm.train.steps == 400 and cfg.token_lm.train.steps == 7  # demo budget, then --set
