@@ -15,7 +15,10 @@ def run_config(run: str, config, sets):
 
     if config:
         return load_config(LumoConfig, config, sets)
-    with local_file(locate(run) / "config.yaml") as p:
+    f = locate(run) / "config.yaml"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no config.yaml (not a run directory; or pass --config)")
+    with local_file(f) as p:
         return load_config(LumoConfig, p, sets)
 
 

@@ -30,11 +30,13 @@ def export_of(run: Path) -> Path:
 
 def cmd_eval_vlm_ablation(args) -> int:
     from .eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation
-    from .storage import fetch_run, locate, output_dir
-    run = fetch_run(args.run)  # a URI run is downloaded once
+    from .storage import fetch_run, local_file, locate, output_dir
+    run = fetch_run(args.run)  # a path, or the local cache of a URI
     export = export_of(run)
-    split = run / "splits.json" if (run / "splits.json").exists() else export.parent / "splits.json"
-    rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed)
+    # the split the run saved: in the run directory, or beside the export directory given as --run
+    split_loc = locate(args.run) / "splits.json" if export != run else locate(args.run).parent / "splits.json"
+    with local_file(split_loc) as split:
+        rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed)
     with output_dir(args.out) as out:
         p = write_ablation(rep, out)
     print(ablation_table(rep))

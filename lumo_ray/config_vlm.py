@@ -49,7 +49,8 @@ class ProjectorConfig:
 class LLMConfig:
     model: str = "tiny"
     """'tiny' (random-init Qwen3 preset) or a Qwen3 hub id / local dir (Qwen/Qwen3-8B-Base), loaded
-    only from local files / the user's HF cache."""
+    only from local files / the user's HF cache, or an object-store URI of a saved model directory
+    (a text warm-up in a URI run directory is named that way)."""
     tokenizer: str = "tiny"
     """Text tokenizer (same meaning as uti.text.tokenizer): 'tiny', 'qwen3', a hub id or a dir."""
     seed: int = 0

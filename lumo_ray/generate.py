@@ -58,16 +58,18 @@ class Run:
     hash_match: bool
     """The export's token-space hash equals the one the run config's adapters build."""
     config_hash: str
+    name: str = ""
+    """Where the run is (its path or URI; `dir` is the local copy it was loaded from)."""
 
 
 def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[LumoConfig] = None) -> Run:
     """Load export/ (model + token space) and the adapters of config.yaml. A token-space mismatch is
     recorded in `hash_match` (the gate reports it; `require_same_space` refuses it)."""
     from .models.token_lm import load_token_lm
-    from .storage import fetch_run
+    from .storage import fetch_run, locate
     from .uti import build_adapters, build_token_space
 
-    d = fetch_run(run_dir)  # a path, or a URI downloaded once
+    d = fetch_run(run_dir)  # a path, or the local cache of a URI
     if cfg is None:
         if not (d / "config.yaml").exists():
             raise FileNotFoundError(f"{d}: no config.yaml (not a token-LM run directory)")
@@ -78,12 +80,12 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[Lu
     built = build_token_space(cfg.uti, adapters)
     encode = adapters.text.encode if adapters.text is not None else None
     builder = SequenceBuilder(ts, cfg.token_lm.seq, encode)
-    return Run(d, cfg, model, ts, adapters, builder, built.hash == ts.hash, built.hash)
+    return Run(d, cfg, model, ts, adapters, builder, built.hash == ts.hash, built.hash, str(locate(run_dir)))
 
 
 def require_same_space(run: Run) -> None:
     if not run.hash_match:
-        raise TokenSpaceError(f"{run.dir}: export token-space hash {run.ts.hash} differs from the hash "
+        raise TokenSpaceError(f"{run.name or run.dir}: export token-space hash {run.ts.hash} differs from the hash "
                               f"{run.config_hash} the run's config.yaml builds: its adapters cannot decode this model")
 
 

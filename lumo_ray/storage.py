@@ -241,14 +241,16 @@ def where(loc: Loc) -> Union[Path, str]:
 
 @contextlib.contextmanager
 def local_file(p: PathLike) -> Iterator[Path]:
-    """A local path holding this file's bytes: itself when local, else a temporary download."""
+    """A local path holding this file's bytes: itself when local, else a temporary download (a path
+    that does not exist when the object does not)."""
     loc = locate(p)
     if loc.is_local:
         yield loc.local
         return
     with tempfile.TemporaryDirectory(prefix="lumo-dl-") as d:
         dst = Path(d) / loc.name
-        dst.write_bytes(loc.read_bytes())
+        if loc.exists():
+            dst.write_bytes(loc.read_bytes())
         yield dst
 
 
@@ -275,6 +277,14 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
 MIRROR_SKIP = ("checkpoints/", "ckpt_tmp/", "ray/")
 
 
+PULLED = ".lumo-pulled.json"  # in a staging copy: remote (size, mtime) of each file last pulled
+
+
+def runs_root() -> Path:
+    """Where URI run directories are staged and cached: per user, under the temp directory."""
+    return Path(tempfile.gettempdir()) / f"lumo-runs-{getattr(os, 'getuid', lambda: 0)()}"
+
+
 class RunDir:
     """A run directory that may be an object-store URI. Work happens in `local`: the directory itself
     when it is a path, else a staging directory private to this process (workers on other nodes
@@ -288,9 +298,11 @@ class RunDir:
             self.local = self.loc.local
         else:
             # Per process by default: two ranks on one node must not write one staging copy at once.
-            # shared=True (read-only consumers) reuses one cache per URI.
+            # shared=True (read-only consumers, fetch_run) keeps one cache per URI.
             key = hashlib.sha256(str(self.loc).encode()).hexdigest()[:16]
-            self.local = Path(tempfile.gettempdir()) / "lumo-runs" / (key if shared else f"{key}-{os.getpid()}")
+            self.local = runs_root() / (key if shared else f"{key}-{os.getpid()}")
+            if not shared:  # a crashed process with a recycled pid may have left one: start empty
+                shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True, exist_ok=True)
         self._pushed: dict[str, tuple[int, int]] = {}
 
@@ -301,31 +313,45 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.loc)
 
-    def localize(self, p: str) -> str:
-        """A URI inside this run directory as the same file in `local`; anything else unchanged."""
-        if not (self.remote and is_uri(p)):
-            return p
-        loc, base = locate(p), self.loc.path.rstrip("/") + "/"
-        same_store = loc._uri is not None and loc._uri[:2] == self.loc._uri[:2]
-        return str(self.local / loc.path[len(base):]) if same_store and loc.path.startswith(base) else p
-
     def pull(self, under: str = "") -> Path:
-        """Copy the URI's files (below `under`, MIRROR_SKIP excepted) into `local`; returns local/under."""
-        if self.remote:
-            src = self.loc / under if under else self.loc
-            for f in src.glob("*"):
-                rel = f.path[len(self.loc.path) + 1:]
-                if rel.startswith(MIRROR_SKIP):
-                    continue
-                dst = self.local / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                # whole files only: processes sharing a read cache (fetch_run) may pull at once
-                part = dst.with_name(f"{dst.name}.{os.getpid()}.part")
-                part.write_bytes(f.read_bytes())
-                os.replace(part, dst)
-                st = dst.stat()
-                self._pushed[rel] = (st.st_size, st.st_mtime_ns)
-        return self.local / under if under else self.local
+        """Make `local` (below `under`) hold the URI's files, MIRROR_SKIP excepted: download what is
+        new or changed since the last pull, delete what the URI no longer has; returns local/under."""
+        if not self.remote:
+            return self.local / under if under else self.local
+        import json
+
+        src = self.loc / under if under else self.loc
+        base = self.loc.path.rstrip("/") + "/"
+        sel = pafs.FileSelector(src.path, recursive=True, allow_not_found=True)
+        remote = {i.path[len(base):]: [int(i.size), i.mtime_ns] for i in self.loc.fs.get_file_info(sel)
+                  if i.type == pafs.FileType.File and i.path.startswith(base)}
+        remote = {r: v for r, v in remote.items() if not r.startswith(MIRROR_SKIP)}
+        state_file = self.local / PULLED
+        try:
+            seen = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            seen = {}
+        root = self.local / under if under else self.local
+        for f in [f for f in root.rglob("*") if f.is_file()] if root.exists() else []:
+            rel = f.relative_to(self.local).as_posix()
+            if rel != PULLED and rel not in remote and not f.name.endswith(".part"):
+                f.unlink(missing_ok=True)  # gone from the URI (e.g. a re-export with other files)
+        for rel, info in sorted(remote.items()):
+            dst = self.local / rel
+            if info[1] is not None and seen.get(rel) == info and dst.exists():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            # whole files only: processes sharing a read cache (fetch_run) may pull at once
+            part = dst.with_name(f"{dst.name}.{os.getpid()}.part")
+            part.write_bytes((self.loc / rel).read_bytes())
+            os.replace(part, dst)
+            st = dst.stat()
+            self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+            seen[rel] = info
+        tmp = state_file.with_name(f"{PULLED}.{os.getpid()}.part")
+        tmp.write_text(json.dumps(seen))
+        os.replace(tmp, state_file)
+        return root
 
     def push(self) -> None:
         """Upload the files of `local` that are new or changed since the last push or pull."""
@@ -333,7 +359,8 @@ class RunDir:
             return
         for f in sorted(self.local.rglob("*")):
             rel = f.relative_to(self.local).as_posix()
-            if not f.is_file() or rel.startswith(MIRROR_SKIP) or f.name.endswith((".tmp", ".part")):
+            if (not f.is_file() or rel.startswith(MIRROR_SKIP) or rel == PULLED
+                    or f.name.endswith((".tmp", ".part"))):
                 continue
             st = f.stat()
             if self._pushed.get(rel) != (st.st_size, st.st_mtime_ns):
@@ -343,7 +370,8 @@ class RunDir:
 
 def fetch_run(p: PathLike, under: str = "") -> Path:
     """A local directory holding the run directory (or its `under` subdirectory) at `p`: itself, or a
-    cached download of the URI, for commands that read a run (eval, generate, a base LM export)."""
+    per-user cache of the URI (`runs_root()/<hash>`) brought up to date with it, for commands that
+    read a run (eval, generate, a base LM or warm-up export)."""
     loc = locate(p)
     if loc.is_local:
         return loc.local / under if under else loc.local
@@ -355,12 +383,15 @@ def fetch_run(p: PathLike, under: str = "") -> Path:
 
 @contextlib.contextmanager
 def output_dir(p: PathLike) -> Iterator[Path]:
-    """A local directory to write a command's outputs into; a URI gets them uploaded on success."""
+    """A local directory to write a command's outputs into; a URI gets them uploaded on success
+    and its staging copy removed either way."""
     run = RunDir(p)
-    yield run.local
-    run.push()
-    if run.remote:
-        shutil.rmtree(run.local, ignore_errors=True)
+    try:
+        yield run.local
+        run.push()
+    finally:
+        if run.remote:
+            shutil.rmtree(run.local, ignore_errors=True)
 
 
 def ray_storage(p: PathLike) -> dict:

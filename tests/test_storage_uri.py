@@ -6,9 +6,7 @@ token LM, eval reports, generations) live on s3."""
 import hashlib
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from lumo_ray.data.manifest import read_manifest, write_manifest
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.data.shards import load_index
 from lumo_ray.data.synth import write_synth
-from lumo_ray.storage import locate
+from lumo_ray.storage import locate, runs_root
 from pipelines.normalize import run_normalize
 from pipelines.tokenize import run_tokenize
 from trainers.lm import LocalContext
@@ -224,12 +222,14 @@ def test_run_directories_on_s3_train_evaluate_and_generate(data, s3):
     assert rc == 0 and len(rows) == 1 and rows[0]["ok"] and gen.glob("*.wav")
 
     staged = {hashlib.sha256(str(x).encode()).hexdigest()[:16] for x in (lm, tlm, inv, abl, gen)}
-    left = [d.name for d in (Path(tempfile.gettempdir()) / "lumo-runs").glob("*-*") if d.name.split("-")[0] in staged]
+    assert runs_root().is_dir()  # the read cache of --run / --base is there
+    left = [d.name for d in runs_root().glob("*-*") if d.name.split("-")[0] in staged]
     assert left == []
 
 
 def test_run_dir_mirror_uploads_changes_and_leaves_checkpoints_to_ray(s3):
-    from lumo_ray.storage import RunDir, fetch_run
+    from lumo_ray.storage import RunDir, fetch_run, runs_root
+    assert runs_root().name == f"lumo-runs-{os.getuid()}"
     run = RunDir(s3("mirror/run"))
     assert run.remote and run.local.is_dir() and str(os.getpid()) in run.local.name
     for rel in ("metrics.json", "export/model.bin", "checkpoints/step-1/state.pt", "ckpt_tmp/s/state.pt",
@@ -244,10 +244,21 @@ def test_run_dir_mirror_uploads_changes_and_leaves_checkpoints_to_ray(s3):
     run.push()
     assert (run.loc / "metrics.json").read_text() == "changed"
     assert (run.loc / "export" / "model.bin").read_text() == "EXPORT/MODEL.BIN"
-    assert run.localize(str(run.loc / "export" / "model.bin")) == str(run.local / "export" / "model.bin")
-    assert run.localize(s3("elsewhere/model.bin")) == s3("elsewhere/model.bin")
     got = fetch_run(str(run.loc), "export")
     assert got.name == "export" and (got / "model.bin").read_text() == "EXPORT/MODEL.BIN"
     assert not list(got.parent.rglob("*.part")) and not (got.parent / "checkpoints").exists()
+    # the cache follows the URI: unchanged files are not downloaded again, removed ones disappear
+    os.utime(got / "model.bin", ns=(5, 5))
+    (run.loc / "export" / "model.bin").unlink()
+    (run.loc / "export" / "shard-1.bin").write_text("new")
+    again = fetch_run(str(run.loc), "export")
+    assert again == got and sorted(p.name for p in again.iterdir()) == ["shard-1.bin"]
+    (run.loc / "export" / "shard-2.bin").write_text("two")
+    os.utime(again / "shard-1.bin", ns=(5, 5))
+    fetch_run(str(run.loc), "export")
+    assert (again / "shard-1.bin").stat().st_mtime_ns == 5 and (again / "shard-2.bin").read_text() == "two"
+    # a recycled pid's leftovers are not uploaded with the next run
+    (run.local / "stale.wav").write_text("old")
+    assert not (RunDir(str(run.loc)).local / "stale.wav").exists()
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         fetch_run(s3("mirror/missing"))

@@ -6,14 +6,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.demo_lm import build_synth_shards
-from lumo_ray.storage import locate
+from lumo_ray.storage import locate, runs_root
 from trainers.tune_prompts import run_prompt_study
 
 
@@ -41,4 +40,4 @@ def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local, s3):
         score = json.loads((locate(r["dir"]) / "score.json").read_text())
         assert score["objective"] == float(r["objective"]) and (locate(r["dir"]) / "config.yaml").exists()
     key = hashlib.sha256(str(out).encode()).hexdigest()[:16]
-    assert not list((Path(tempfile.gettempdir()) / "lumo-runs").glob(f"{key}-*"))  # the driver's staging copy is gone
+    assert runs_root().is_dir() and not list(runs_root().glob(f"{key}-*"))  # the driver's staging copy is gone

@@ -148,5 +148,13 @@ def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local, s3)
     warm = str(out / "shared" / "llm_text_warm")
     assert (locate(warm) / "config.json").exists()
     assert all(yaml.safe_load((locate(d) / "config.yaml").read_text())["vlm"]["llm"]["model"] == warm for d in dirs)
+    # An export names the warm-up by URI, so it loads after the sweep, from the run or its export/
+    from lumo_ray.cli import main
+    best = locate(rep["best"]["trial_dir"])
+    assert json.loads((best / "export" / "config.json").read_text())["frozen"]["llm"]["model"] == warm
+    for run in (best, best / "export"):
+        code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / run.name), "--n", "8"])
+        rep_run = json.loads((tmp_path / run.name / "ablation.json").read_text())
+        assert code == (0 if rep_run["pass"] else 1) and rep_run["n"] == 8
     assert (out / "results.csv").read_text().count("\n") == 5 and (out / "results.md").exists()
     assert (out / "best_config.yaml").exists() and rep["best"]["score"] == min(r["score"] for r in rep["rows"])

@@ -145,14 +145,17 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
                      "error": str(r.error)[:200] if r.error else "",
                      "dir": str(locate(storage) / "study" / Path(r.path).name)})
     rows.sort(key=lambda x: -(x["objective"] if x["objective"] == x["objective"] else -1e9))
-    res = write_results(rows, cfg, out, log)
+    res = write_results(rows, cfg, out, log, name=str(stage))
     stage.push()
     if stage.remote:
         shutil.rmtree(out, ignore_errors=True)
     return {**res, "out": str(stage)}
 
 
-def write_results(rows: list[dict], cfg: LumoConfig, out: Path, log=print) -> dict:
+def write_results(rows: list[dict], cfg: LumoConfig, out: Path, log=print, name: str = "") -> dict:
+    """results.csv / .md, best.json, best_config.yaml into `out`; `name` (the study's path or URI) is
+    what the log line names."""
+    name = name or str(out)
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -176,7 +179,7 @@ def write_results(rows: list[dict], cfg: LumoConfig, out: Path, log=print) -> di
     if best:
         dump_config(apply_choices(cfg, {k: best[k] for k in AXES}), out, "best_config.yaml")
         log(f"prompt study best: {best['trial']} objective {best['objective']:.4f} ("
-            + ", ".join(f"{k}={best[k]}" for k in AXES) + f"); results in {out}/results.md")
+            + ", ".join(f"{k}={best[k]}" for k in AXES) + f"); results in {name} (results.md)")
     else:
-        log(f"prompt study: no trial passed text invariance; results in {out}/results.md")
+        log(f"prompt study: no trial passed text invariance; results in {name} (results.md)")
     return res

@@ -37,20 +37,15 @@ def trial_fn(config: dict) -> None:
     torch.set_num_threads(1)
     cfg = _build(VLMConfig, config["vlm"], "trial config", prefix="vlm.")
     cfg.train.lr, cfg.vision.layernorm = float(config["lr"]), bool(config["layernorm"])
-    sweep = RunDir(config["sweep_dir"])
     stage = RunDir(locate(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm))
     cfg.train.out = str(stage)
-    cfg, run = prepare_run(cfg, stage.local, log=lambda *_: None)
-    if sweep.remote:  # a URI sweep directory: train on a local copy of the shared text warm-up
-        sweep.pull("shared")
-        cfg.llm.model = sweep.localize(cfg.llm.model)
+    cfg, run = prepare_run(cfg, stage.local, log=lambda *_: None)  # llm.model: the shared warm-up, path or URI
     final = run_loop(cfg, run, Hooks(), log=lambda *_: None)  # one tune.report per trial, below
     rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed)
     write_ablation(rep, run)
     stage.push()
     if stage.remote:
         shutil.rmtree(stage.local, ignore_errors=True)
-        shutil.rmtree(sweep.local, ignore_errors=True)
     score = final["eval_loss"] - 0.1 * (rep["delta"]["shuffled"] + rep["delta"]["zero"])
     tune.report({"score": score, "eval_loss": final["eval_loss"], "d_shuffled": rep["delta"]["shuffled"],
                  "d_zero": rep["delta"]["zero"], "d_noise": rep["delta"]["noise"],

@@ -68,9 +68,11 @@ class RayTrainHooks(Hooks):
     def report(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
         import ray.train
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
         if ckpt_dir:
+            # logs first: a restart resumes from this checkpoint and continues the logs it pulls
+            # (rows written twice are harmless: read_jsonl_last keeps the last per step)
             self.sync()
+        ray.train.report(metrics, checkpoint=ckpt)
 
     def sync(self) -> None:
         if self.run is not None and self.rank == 0:
@@ -337,7 +339,6 @@ def train_func(config: dict) -> None:
     cfg = _build(VLMConfig, config["vlm"], "train_loop_config", prefix="vlm.")
     run = RunDir(config["run_dir"])  # a URI run directory: this worker's staging copy
     run.pull()
-    cfg.llm.model = run.localize(cfg.llm.model)
     hooks = RayTrainHooks(config["storage"], run)  # logs and golden captions reach a URI with each checkpoint
     run_loop(cfg, run.local, hooks, bench=None)
     hooks.sync()

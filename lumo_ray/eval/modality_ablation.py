@@ -129,7 +129,7 @@ def run_modality_ablation(run_dir: str | Path, out_dir: str | Path, cfg=None, sh
     from ..models.token_lm import load_token_lm
     from ..storage import fetch_run
 
-    run = fetch_run(run_dir)  # a path, or a URI downloaded once
+    run = fetch_run(run_dir)  # a path, or the local cache of a URI
     cfg = cfg or load_config(LumoConfig, run / "config.yaml")
     model, ts, _ = load_token_lm(run / "export")
     encode = build_text_adapter(cfg.uti.text).encode if cfg.token_lm.seq.instruction in ("fixed", "templates") else None

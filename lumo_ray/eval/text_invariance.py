@@ -66,7 +66,7 @@ def run_text_invariance(run_dir: str | Path, base: str, out_dir: str | Path, cfg
     from ..models.token_lm import load_causal_lm, load_token_lm
     from ..storage import fetch_run
 
-    run = fetch_run(run_dir)  # a path, or a URI downloaded once
+    run = fetch_run(run_dir)  # a path, or the local cache of a URI
     cfg = cfg or load_config(LumoConfig, run / "config.yaml")
     model, ts, meta = load_token_lm(run / "export")
     base_model = load_causal_lm(base, ts.text_vocab, seed=int(meta.get("seed", cfg.token_lm.train.seed)))

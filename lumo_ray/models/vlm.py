@@ -225,8 +225,12 @@ def _llm(cfg: VLMConfig, n_text: int) -> nn.Module:
     if cfg.llm.model == "tiny":
         torch.manual_seed(cfg.llm.seed)
         return Qwen3ForCausalLM(tiny_qwen3_config(pad_to(n_text + 3)))
-    # real checkpoints only from local files / the user's cache: never a download at run time
-    return Qwen3ForCausalLM.from_pretrained(cfg.llm.model, local_files_only=True)
+    from ..storage import fetch_run, is_uri
+
+    # real checkpoints only from local files / the user's cache / the run's object store (a text
+    # warm-up in a URI run directory): never a hub download at run time
+    path = str(fetch_run(cfg.llm.model)) if is_uri(cfg.llm.model) else cfg.llm.model
+    return Qwen3ForCausalLM.from_pretrained(path, local_files_only=True)
 
 
 def build_vlm(cfg: VLMConfig, text: Any, seed: int = 0) -> VLM:
