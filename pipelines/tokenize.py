@@ -73,7 +73,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     ts = SampleTokenizer(cfg.uti).ts
     (out / "token_space.json").write_text(json.dumps(ts.to_json(), indent=2) + "\n")  # as TokenSpace.save
     (out / "token_space.sha256").write_text(ts.hash + "\n")
-    cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash)
+    cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash, tcfg.batch_size)
     plan = plan_shards(records, tcfg.shard_size)
     keys = sorted(plan)
     digests = {k: shard_input_digest(plan[k], cfg_digest) for k in keys}

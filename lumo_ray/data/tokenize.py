@@ -130,9 +130,12 @@ class SampleTokenizer:
         return encode_sample(rec["id"], arrays, meta, self.dtype)
 
 
-def tokenize_config_digest(cfg: UTIConfig, shard_size: int, ts_hash: str) -> str:
-    """Digest of everything that decides shard bytes (not actors, devices or batch size)."""
-    ident = {"token_space": ts_hash, "shard_size": shard_size,
+def tokenize_config_digest(cfg: UTIConfig, shard_size: int, ts_hash: str, batch_size: int) -> str:
+    """Digest of the settings that decide shard bytes: a finished shard made with other ones is redone.
+    The batch size is one: batched encodes are not bitwise batch-invariant (padding, kernels), so a
+    model batch is the unit of determinism. Not included: actors (tested not to matter) and the
+    device / thread count, which can move low-order floats: resume on the same kind of machine."""
+    ident = {"token_space": ts_hash, "shard_size": shard_size, "batch_size": batch_size,
              "audio": {k: v for k, v in to_dict(cfg.audio).items() if k in ("max_seconds", "channel_policy", "min_seconds")},
              "image": {"resolution": cfg.image.resolution}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
