@@ -277,9 +277,6 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
 MIRROR_SKIP = ("checkpoints/", "ckpt_tmp/", "ray/")
 
 
-PULLED = ".lumo-pulled.json"  # in a staging copy: remote (size, mtime) of each file last pulled
-
-
 def runs_root() -> Path:
     """Where URI run directories are staged and cached: per user, under the temp directory."""
     return Path(tempfile.gettempdir()) / f"lumo-runs-{getattr(os, 'getuid', lambda: 0)()}"
@@ -304,6 +301,10 @@ class RunDir:
             if not shared:  # a crashed process with a recycled pid may have left one: start empty
                 shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True, exist_ok=True)
+        # beside the copy, not in it: remote (size, mtime) of each file last pulled
+        self._state = self.local.with_name(self.local.name + ".pulled.json")
+        if self.remote and not shared:
+            self._state.unlink(missing_ok=True)
         self._pushed: dict[str, tuple[int, int]] = {}
 
     @property
@@ -312,6 +313,12 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.loc)
+
+    def discard(self) -> None:
+        """Remove the staging copy of a URI run directory (a path is left alone)."""
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+            self._state.unlink(missing_ok=True)
 
     def pull(self, under: str = "") -> Path:
         """Make `local` (below `under`) hold the URI's files, MIRROR_SKIP excepted: download what is
@@ -326,15 +333,14 @@ class RunDir:
         remote = {i.path[len(base):]: [int(i.size), i.mtime_ns] for i in self.loc.fs.get_file_info(sel)
                   if i.type == pafs.FileType.File and i.path.startswith(base)}
         remote = {r: v for r, v in remote.items() if not r.startswith(MIRROR_SKIP)}
-        state_file = self.local / PULLED
         try:
-            seen = json.loads(state_file.read_text())
+            seen = json.loads(self._state.read_text())
         except (OSError, ValueError):
             seen = {}
         root = self.local / under if under else self.local
         for f in [f for f in root.rglob("*") if f.is_file()] if root.exists() else []:
             rel = f.relative_to(self.local).as_posix()
-            if rel != PULLED and rel not in remote and not f.name.endswith(".part"):
+            if rel not in remote and not f.name.endswith(".part"):
                 f.unlink(missing_ok=True)  # gone from the URI (e.g. a re-export with other files)
         for rel, info in sorted(remote.items()):
             dst = self.local / rel
@@ -348,9 +354,9 @@ class RunDir:
             st = dst.stat()
             self._pushed[rel] = (st.st_size, st.st_mtime_ns)
             seen[rel] = info
-        tmp = state_file.with_name(f"{PULLED}.{os.getpid()}.part")
+        tmp = self._state.with_name(f"{self._state.name}.{os.getpid()}.part")
         tmp.write_text(json.dumps(seen))
-        os.replace(tmp, state_file)
+        os.replace(tmp, self._state)
         return root
 
     def push(self) -> None:
@@ -359,8 +365,7 @@ class RunDir:
             return
         for f in sorted(self.local.rglob("*")):
             rel = f.relative_to(self.local).as_posix()
-            if (not f.is_file() or rel.startswith(MIRROR_SKIP) or rel == PULLED
-                    or f.name.endswith((".tmp", ".part"))):
+            if not f.is_file() or rel.startswith(MIRROR_SKIP) or f.name.endswith((".tmp", ".part")):
                 continue
             st = f.stat()
             if self._pushed.get(rel) != (st.st_size, st.st_mtime_ns):
@@ -390,8 +395,7 @@ def output_dir(p: PathLike) -> Iterator[Path]:
         yield run.local
         run.push()
     finally:
-        if run.remote:
-            shutil.rmtree(run.local, ignore_errors=True)
+        run.discard()
 
 
 def ray_storage(p: PathLike) -> dict:

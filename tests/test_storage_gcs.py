@@ -167,3 +167,27 @@ def test_reader_reads_gs_shards_like_local(data):
         b = list(ShardDataset(data["uri"], split, seed=3, rank=0, world_size=2))
         assert a and [s["json"]["id"] for s in a] == [s["json"]["id"] for s in b]
         assert all((x["text"] == y["text"]).all() for x, y in zip(a, b))
+
+
+def test_run_dir_mirror_on_gs(gcs, tmp_path):
+    """A run directory on gs:// (prefixes written without directory markers): the staging copy is
+    uploaded without checkpoints, the read cache fetches it back and follows a removed file."""
+    import os
+
+    from lumo_ray.storage import RunDir, fetch_run, output_dir
+    run = RunDir(gcs("runs/r1"))
+    for rel in ("metrics.json", "export/config.json", "export/model.safetensors", "checkpoints/step-1/state.pt"):
+        (run.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run.local / rel).write_text(rel)
+    run.push()
+    assert sorted(tree(run.loc)) == ["export/config.json", "export/model.safetensors", "metrics.json"]
+    got = fetch_run(str(run.loc / "export"))
+    assert sorted(p.name for p in got.iterdir()) == ["config.json", "model.safetensors"]
+    (run.loc / "export" / "model.safetensors").unlink()
+    assert sorted(p.name for p in fetch_run(str(run.loc / "export")).iterdir()) == ["config.json"]
+    with output_dir(gcs("reports/a")) as out:
+        (out / "report.json").write_text("{}")
+    assert tree(gcs("reports/a")) == {"report.json": b"{}"} and not out.exists()
+    assert str(os.getpid()) in run.local.name
+    run.discard()
+    assert not run.local.exists() and not list(run.local.parent.glob(run.local.name + "*"))

@@ -354,8 +354,7 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
                    "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(run.loc / "export")}
         write_json(run_dir / "metrics.json", metrics)
         run.push()
-    if run.remote:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run.discard()
     return metrics
 
 

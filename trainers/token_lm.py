@@ -18,7 +18,6 @@ staging directory and uploads everything but checkpoints/ when the run ends (sto
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -203,8 +202,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
                    "export": str(run.loc / "export") if run.remote else str(out)}
         write_json(run_dir / "metrics.json", metrics)
         run.push()
-    if run.remote:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run.discard()
     return metrics
 
 

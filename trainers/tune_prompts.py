@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -147,8 +146,7 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     rows.sort(key=lambda x: -(x["objective"] if x["objective"] == x["objective"] else -1e9))
     res = write_results(rows, cfg, out, log, name=str(stage))
     stage.push()
-    if stage.remote:
-        shutil.rmtree(out, ignore_errors=True)
+    stage.discard()
     return {**res, "out": str(stage)}
 
 

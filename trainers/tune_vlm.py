@@ -11,7 +11,6 @@ import copy
 import csv
 import io
 import json
-import shutil
 from typing import Callable, Optional
 
 import yaml
@@ -44,8 +43,7 @@ def trial_fn(config: dict) -> None:
     rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed)
     write_ablation(rep, run)
     stage.push()
-    if stage.remote:
-        shutil.rmtree(stage.local, ignore_errors=True)
+    stage.discard()
     score = final["eval_loss"] - 0.1 * (rep["delta"]["shuffled"] + rep["delta"]["zero"])
     tune.report({"score": score, "eval_loss": final["eval_loss"], "d_shuffled": rep["delta"]["shuffled"],
                  "d_zero": rep["delta"]["zero"], "d_noise": rep["delta"]["noise"],
@@ -108,6 +106,5 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
         (out / "best_config.yaml").write_text(yaml.safe_dump({"vlm": to_dict(bcfg)}, sort_keys=False))
     (out / "results.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1) + "\n")
     stage.push()
-    if stage.remote:
-        shutil.rmtree(out, ignore_errors=True)
+    stage.discard()
     return {"rows": rows, "best": best, "table_md": table, "out": str(stage)}

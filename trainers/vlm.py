@@ -342,8 +342,7 @@ def train_func(config: dict) -> None:
     hooks = RayTrainHooks(config["storage"], run)  # logs and golden captions reach a URI with each checkpoint
     run_loop(cfg, run.local, hooks, bench=None)
     hooks.sync()
-    if run.remote:
-        shutil.rmtree(run.local, ignore_errors=True)
+    run.discard()
 
 
 def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
@@ -373,8 +372,7 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
-    if stage.remote:
-        shutil.rmtree(stage.local, ignore_errors=True)
+    stage.discard()
     run = stage.loc
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     out = {"run_dir": str(run), "metrics": metrics,
