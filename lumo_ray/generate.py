@@ -58,7 +58,7 @@ class Run:
     hash_match: bool
     """The export's token-space hash equals the one the run config's adapters build."""
     config_hash: str
-    name: str = ""
+    name: str
     """Where the run is (its path or URI; `dir` is the local copy it was loaded from)."""
 
 
@@ -85,7 +85,7 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[Lu
 
 def require_same_space(run: Run) -> None:
     if not run.hash_match:
-        raise TokenSpaceError(f"{run.name or run.dir}: export token-space hash {run.ts.hash} differs from the hash "
+        raise TokenSpaceError(f"{run.name}: export token-space hash {run.ts.hash} differs from the hash "
                               f"{run.config_hash} the run's config.yaml builds: its adapters cannot decode this model")
 
 

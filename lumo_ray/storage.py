@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -119,13 +120,16 @@ class Loc:
     def size(self) -> int:
         return int(self._info().size)
 
-    def glob(self, pattern: str = "*") -> list["Loc"]:
-        """Files below this directory whose relative path matches `pattern` (fnmatch: `*` spans '/')."""
+    def files(self) -> dict[str, pafs.FileInfo]:
+        """Every file below this directory: relative path -> its FileInfo (size, mtime)."""
         sel = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
         base = self.path.rstrip("/") + "/"
-        rels = sorted(i.path[len(base):] for i in self.fs.get_file_info(sel)
-                      if i.type == pafs.FileType.File and i.path.startswith(base))
-        return [self / r for r in rels if fnmatch.fnmatchcase(r, pattern)]
+        return {i.path[len(base):]: i for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File and i.path.startswith(base)}
+
+    def glob(self, pattern: str = "*") -> list["Loc"]:
+        """Files below this directory whose relative path matches `pattern` (fnmatch: `*` spans '/')."""
+        return [self / r for r in sorted(self.files()) if fnmatch.fnmatchcase(r, pattern)]
 
     # -- reading --------------------------------------------------------------------------------
     def open_read(self) -> BinaryIO:
@@ -320,25 +324,17 @@ class RunDir:
             shutil.rmtree(self.local, ignore_errors=True)
             self._state.unlink(missing_ok=True)
 
-    def pull(self, under: str = "") -> Path:
-        """Make `local` (below `under`) hold the URI's files, MIRROR_SKIP excepted: download what is
-        new or changed since the last pull, delete what the URI no longer has; returns local/under."""
+    def pull(self) -> Path:
+        """Make `local` hold the URI's files, MIRROR_SKIP excepted: download what is new or changed
+        since the last pull, delete what the URI no longer has; returns `local`."""
         if not self.remote:
-            return self.local / under if under else self.local
-        import json
-
-        src = self.loc / under if under else self.loc
-        base = self.loc.path.rstrip("/") + "/"
-        sel = pafs.FileSelector(src.path, recursive=True, allow_not_found=True)
-        remote = {i.path[len(base):]: [int(i.size), i.mtime_ns] for i in self.loc.fs.get_file_info(sel)
-                  if i.type == pafs.FileType.File and i.path.startswith(base)}
-        remote = {r: v for r, v in remote.items() if not r.startswith(MIRROR_SKIP)}
+            return self.local
+        remote = {r: [int(i.size), i.mtime_ns] for r, i in self.loc.files().items() if not r.startswith(MIRROR_SKIP)}
         try:
             seen = json.loads(self._state.read_text())
         except (OSError, ValueError):
             seen = {}
-        root = self.local / under if under else self.local
-        for f in [f for f in root.rglob("*") if f.is_file()] if root.exists() else []:
+        for f in [f for f in self.local.rglob("*") if f.is_file()]:
             rel = f.relative_to(self.local).as_posix()
             if rel not in remote and not f.name.endswith(".part"):
                 f.unlink(missing_ok=True)  # gone from the URI (e.g. a re-export with other files)
@@ -357,7 +353,7 @@ class RunDir:
         tmp = self._state.with_name(f"{self._state.name}.{os.getpid()}.part")
         tmp.write_text(json.dumps(seen))
         os.replace(tmp, self._state)
-        return root
+        return self.local
 
     def push(self) -> None:
         """Upload the files of `local` that are new or changed since the last push or pull."""
@@ -373,17 +369,16 @@ class RunDir:
                 self._pushed[rel] = (st.st_size, st.st_mtime_ns)
 
 
-def fetch_run(p: PathLike, under: str = "") -> Path:
-    """A local directory holding the run directory (or its `under` subdirectory) at `p`: itself, or a
-    per-user cache of the URI (`runs_root()/<hash>`) brought up to date with it, for commands that
-    read a run (eval, generate, a base LM or warm-up export)."""
+def fetch_run(p: PathLike) -> Path:
+    """A local directory holding the run directory at `p`: itself, or a per-user cache of the URI
+    (`runs_root()/<hash>`) brought up to date with it, for commands that read a run (eval, generate,
+    a base LM or warm-up export)."""
     loc = locate(p)
     if loc.is_local:
-        return loc.local / under if under else loc.local
-    target = loc / under if under else loc
-    if not target.is_dir():
-        raise FileNotFoundError(f"{target}: no such run directory on the object store")
-    return RunDir(p, shared=True).pull(under)
+        return loc.local
+    if not loc.is_dir():
+        raise FileNotFoundError(f"{loc}: no such run directory on the object store")
+    return RunDir(p, shared=True).pull()
 
 
 @contextlib.contextmanager

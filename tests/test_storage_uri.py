@@ -244,18 +244,18 @@ def test_run_dir_mirror_uploads_changes_and_leaves_checkpoints_to_ray(s3):
     run.push()
     assert (run.loc / "metrics.json").read_text() == "changed"
     assert (run.loc / "export" / "model.bin").read_text() == "EXPORT/MODEL.BIN"
-    got = fetch_run(str(run.loc), "export")
+    got = fetch_run(str(run.loc)) / "export"
     assert got.name == "export" and (got / "model.bin").read_text() == "EXPORT/MODEL.BIN"
     assert not list(got.parent.rglob("*.part")) and not (got.parent / "checkpoints").exists()
     # the cache follows the URI: unchanged files are not downloaded again, removed ones disappear
     os.utime(got / "model.bin", ns=(5, 5))
     (run.loc / "export" / "model.bin").unlink()
     (run.loc / "export" / "shard-1.bin").write_text("new")
-    again = fetch_run(str(run.loc), "export")
+    again = fetch_run(str(run.loc)) / "export"
     assert again == got and sorted(p.name for p in again.iterdir()) == ["shard-1.bin"]
     (run.loc / "export" / "shard-2.bin").write_text("two")
     os.utime(again / "shard-1.bin", ns=(5, 5))
-    fetch_run(str(run.loc), "export")
+    fetch_run(str(run.loc))
     assert (again / "shard-1.bin").stat().st_mtime_ns == 5 and (again / "shard-2.bin").read_text() == "two"
     # a recycled pid's leftovers are not uploaded with the next run
     (run.local / "stale.wav").write_text("old")

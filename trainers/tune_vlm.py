@@ -64,7 +64,7 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
     vcfg.train.checkpoint_every = sw.max_steps
     vcfg.train.eval_every = 0
     # text warm-up once, shared by the trials
-    vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(stage.loc / "shared") if stage.remote else None)
+    vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(stage.loc / "shared"))
     stage.push()
     init_ray(address)
     trainable = tune.with_resources(trial_fn, {"cpu": sw.cpus_per_trial})

@@ -101,7 +101,8 @@ def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] 
                 name: Optional[str] = None) -> tuple[VLMConfig, Path]:
     """Written once by the driver before workers start: the persisted eval split, the tiny LLM's
     text warm-up (when configured; the returned config then points llm.model at it, named inside
-    `name`, the run's path or URI, when the run directory is a staging copy) and the resolved config copy."""
+    `name`: where the run lives, its path or the URI `run_dir` is a staging copy of; default
+    `run_dir`) and the resolved config copy."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
@@ -111,7 +112,7 @@ def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] 
     if cfg.llm.text_warmup_steps > 0 and cfg.llm.model == "tiny":
         builder = SequenceBuilder(text, vlm_tokens(text), cfg.resampler.latents, cfg.data)
         warm = text_warmup(cfg, text, [builder.text_in_span(s) for s in data.train], run / "llm_text_warm", log)
-        cfg.llm.model = str(locate(name) / warm.relative_to(run).as_posix()) if name else str(warm)
+        cfg.llm.model = str(locate(name or run) / warm.relative_to(run).as_posix())
         cfg.llm.text_warmup_steps = 0
     dump_config(LumoConfig(vlm=cfg), run)
     return cfg, run
@@ -359,7 +360,7 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     stage = RunDir(t.out)  # a URI run directory is written in a local staging copy, then pushed
     if t.resume_from:
         t.resume_from = resolve(t.resume_from)
-    vcfg, _ = prepare_run(vcfg, stage.local, log, name=str(stage) if stage.remote else None)
+    vcfg, _ = prepare_run(vcfg, stage.local, log, name=str(stage))
     stage.push()
     storage = resolve(t.storage_path) if t.storage_path else str(stage.loc / "ray")
     init_ray(address)

@@ -283,10 +283,10 @@ def run_prompt_gate(run: Run, out_dir: str | Path, n: int = 256, shards: Optiona
     """`lumo gate prompts`: the run's export on its shards' eval split -> report.json / report.md."""
     shards = shards or run.cfg.token_lm.shards
     if not shards:
-        raise ValueError(f"{run.name or run.dir}: no shards (set token_lm.shards in the run config or pass --shards)")
+        raise ValueError(f"{run.name}: no shards (set token_lm.shards in the run config or pass --shards)")
     with torch_threads(1):
         rep = prompt_ablation(run.model, run.builder, prompt_slice(shards, run.ts, n, seed, split), seed)
-    rep.update(gate="prompt_ablation", run=run.name or str(run.dir), shards=str(shards), split=split)
+    rep.update(gate="prompt_ablation", run=run.name, shards=str(shards), split=split)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
