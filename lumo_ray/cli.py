@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_data.add_commands(sub, _common)
     cli_gen.add_commands(sub, _common)
     cli_cluster.add_commands(sub, _common)
+    from . import cli_codec; cli_codec.add_commands(sub, _common)  # noqa: E702  (`lumo codec train-vq`)
     groups = {name: sub.add_parser(name, help=h).add_subparsers(dest="sub", required=True) for name, h in
               [("train", "Ray Train jobs"), ("eval", "evaluations and ablations"), ("tune", "Ray Tune studies")]}
     cli_vlm.add_commands(groups, _common)

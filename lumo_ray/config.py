@@ -206,6 +206,67 @@ class DemoConfig:
 
 
 @dataclass
+class CodecTrainConfig:
+    """`lumo codec train-vq`: train the tiny VQ image codec (the `uti.image` 'tiny' preset's
+    architecture) on Ray Train, deterministic for a seed. The shipped preset weights
+    (lumo_ray/codecs/assets/vq_tiny/) come from this command with these defaults."""
+    seed: int = 0
+    """Init (the data-dependent k-means fit of this seed), data order and dead-code restarts."""
+    resolution: int = 32
+    """Training image size (the preset's resolution; the codec is convolutional)."""
+    codebook_size: Optional[int] = None
+    """Codebook size (default: the preset's, 256)."""
+    steps: int = 2000
+    """Optimizer steps."""
+    batch: int = 32
+    """Images per step."""
+    lr: float = 2e-3
+    """Peak Adam learning rate (linear warmup, cosine decay to lr * min_lr_ratio)."""
+    min_lr_ratio: float = 0.05
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    beta: float = 0.25
+    """VQ commitment weight: loss = L1 + MSE (pixels in [-1, 1]) + |sg(z) - e|^2 + beta |z - sg(e)|^2."""
+    restart_every: int = 100
+    """Every this many steps, codes unused since the last restart move onto random encoder latents
+    of the current batch (dead-code restarts keep the codebook used); 0 disables."""
+    synth_images: int = 4096
+    """Training images drawn like lumo_ray.data.synth (shapes, colours, counts, positions,
+    backgrounds), prepared to `resolution` like the image adapter does."""
+    synth_seed: int = 1000
+    """Seed of the synthetic training images (disjoint from the demo's seeds 0-2 and eval_seed)."""
+    procedural_images: int = 1024
+    """Generic procedural images (random shapes / gradients in random colours) for generality."""
+    procedural_seed: int = 1000
+    """Seed of the procedural training images (the init fit uses the `seed` stream)."""
+    eval_images: int = 64
+    """Held-out synthetic eval images (PSNR / SSIM in metrics.json)."""
+    eval_seed: int = 2000
+    """Seed of the synthetic eval images."""
+    real_data: str = "../shared/data/real"
+    """Folder with real images (llava_pretrain/images/*.png): reported, no floor; '' skips."""
+    max_real_images: int = 8
+    """Real images evaluated."""
+    log_every: int = 100
+    """Steps between progress lines."""
+    threads: int = 1
+    """torch intra-op threads (1: byte-identical weights for a seed)."""
+    out: str = "runs/codec_vq"
+    """Run directory: model.safetensors, metrics.json, config.yaml."""
+    num_workers: int = 1
+    """Ray Train workers (the tiny codec trains on exactly one)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved for the worker."""
+    use_gpu: bool = False
+    """Train on a GPU worker (weights then differ from the CPU run's)."""
+    max_failures: int = 0
+    """Ray Train FailureConfig."""
+    storage_path: str = ""
+    """Ray Train storage ('' = <out>/ray)."""
+
+
+@dataclass
 class LumoConfig:
     """The whole program's config; each command reads the sections it needs."""
     uti: UTIConfig = field(default_factory=UTIConfig)
@@ -215,6 +276,7 @@ class LumoConfig:
     vlm: VLMConfig = field(default_factory=VLMConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     token_lm: TokenLMConfig = field(default_factory=TokenLMConfig)
+    codec: CodecTrainConfig = field(default_factory=CodecTrainConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ paths) and sizes, never paths, devices or dtypes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,6 +18,13 @@ TEXT_PRESETS = ("tiny",)
 AUDIO_PRESETS = ("tiny-24k", "tiny-48k", "full-24k", "full-48k")
 IMAGE_VQ_PRESETS = ("tiny", "full")
 IMAGE_SEED_PRESETS = ("tiny",)
+
+# The vq 'tiny' preset's trained weights, shipped in the package (produced by `lumo codec train-vq`,
+# see docs/stage3_uti.md "Tiny image codec"). They serve (seed 0, the preset codebook of 256); any
+# other seed or codebook size builds the untrained data-dependent init (the training starting point).
+TINY_VQ_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vq_tiny" / "model.safetensors"
+TINY_VQ_TRAINED_SEED, TINY_VQ_TRAINED_CODEBOOK = 0, 256
+_DIGESTS: dict[tuple, str] = {}
 
 
 class MediaError(ValueError):
@@ -110,11 +118,42 @@ def model_identity(model: str, seed: int, presets: tuple[str, ...]) -> str:
     return model
 
 
-def image_model_identity(cfg: Any) -> str:
-    """Identity of an ImageConfig's model. SEED-2 'real' weights come from several local paths
-    (quantizer, eva_clip, unclip), so their identity is a digest over the digests of each."""
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file's bytes (cached per path, size and mtime)."""
     import hashlib
 
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def uses_tiny_vq_weights(cfg: Any) -> bool:
+    """Whether an ImageConfig selects the shipped trained tiny VQ weights."""
+    return (cfg.kind == "vq" and cfg.model == "tiny" and cfg.seed == TINY_VQ_TRAINED_SEED
+            and cfg.codebook_size in (None, TINY_VQ_TRAINED_CODEBOOK))
+
+
+def image_model_identity(cfg: Any) -> str:
+    """Identity of an ImageConfig's model. The trained tiny VQ preset is named by the sha256 of its
+    shipped weights file ('tiny@sha256:<hex>': one changed weight is another token space); its other
+    seeds / codebook sizes are the untrained init ('tiny-init@seed<N>'). SEED-2 'real' weights come
+    from several local paths (quantizer, eva_clip, unclip), so their identity is a digest over the
+    digests of each."""
+    import hashlib
+
+    if uses_tiny_vq_weights(cfg):
+        if not TINY_VQ_WEIGHTS.is_file():
+            raise FileNotFoundError(f"the tiny VQ preset's weights are missing: {TINY_VQ_WEIGHTS} (reinstall the "
+                                    f"package, or rebuild them with `lumo codec train-vq`, docs/stage3_uti.md)")
+        return "tiny@sha256:" + file_sha256(TINY_VQ_WEIGHTS)
+    if cfg.kind == "vq" and cfg.model == "tiny":
+        return f"tiny-init@seed{cfg.seed}"
     if cfg.kind == "seed" and cfg.model == "real":
         parts = [f"{k}={model_identity(v, 0, ())}" for k, v in sorted(cfg.seed_weights.items())]
         return "seed2-weights:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -2,12 +2,14 @@
 
 Deterministic encode (nearest codebook entry per latent cell, row-major grid order) and a
 deterministic pixel decoder, so reconstruction PSNR/SSIM are real numbers. Presets are built from
-configs with random weights (no network): 'tiny' (f4, codebook 256, fast on CPU) and 'full' (the
-taming-transformers VQ-GAN f16 / 16384 architecture, for benchmarks). Anything else is loaded
-with VQModel.from_pretrained (a local directory, or a hub id already in the local cache).
+configs (no network): 'tiny' (f4, codebook 256, fast on CPU) and 'full' (the taming-transformers
+VQ-GAN f16 / 16384 architecture, random weights, for benchmarks). Anything else is loaded with
+VQModel.from_pretrained (a local directory, or a hub id already in the local cache).
 
-The tiny preset gets a data-dependent init (no training) so that its codes carry local colour and
-shape like a trained tokenizer's: see `_fit_tiny`.
+The tiny preset (seed 0, codebook 256) loads TRAINED weights shipped in the package
+(codecs/assets/vq_tiny/model.safetensors, made by `lumo codec train-vq`, lumo_ray/codecs/vq_train.py;
+its identity is their sha256). Other seeds / codebook sizes build the untrained data-dependent init
+that training starts from (`_fit_tiny`: local, colour-faithful codes, but a random decoder).
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ import torch
 
 from ..config import ImageConfig, RuntimeConfig
 from ..runtime import torch_threads
-from .base import IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity
+from . import base
+from .base import IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity, uses_tiny_vq_weights
 
 # diffusers VQModel kwargs. Downsampling factor = 2 ** (len(block_out_channels) - 1).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
-    # encoder features: 32 channels, projected (PCA) to 4-d codebook vectors; no mid-block attention
-    # (global mixing would make every cell depend on the whole image)
-    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=32, vq_embed_dim=4,
+    # 240k parameters (0.96 MB in float32): encoder features of 16 channels, projected (PCA init) to
+    # 4-d codebook vectors; no mid-block attention (global mixing would make every cell depend on the
+    # whole image)
+    "tiny": dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, vq_embed_dim=4,
                  norm_num_groups=8, num_vq_embeddings=256, mid_block_add_attention=False),
     # taming-transformers VQ-GAN f16-16384: ch=128, ch_mult=(1,1,2,2,4), 2 res blocks, z=embed=256
     "full": dict(block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=256,
@@ -38,7 +42,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 FIT_CELLS = 16384         # latent cells k-means runs on (a seeded subsample when there are more)
 FIT_IMAGES = (32, 256)    # generic procedural images fitted on: enough for 2 x FIT_CELLS cells, within these bounds
 KMEANS_ITERS = 20         # fixed Lloyd iterations: the result never depends on a tolerance test
-_FITTED: dict[tuple, dict] = {}  # (preset, seed, codebook, resolution) -> state_dict: one fit per process
+_FITTED: dict[tuple, dict] = {}  # (preset, seed, codebook, resolution) or weights digest -> state_dict: one per process
 
 
 def build_vq_adapter(cfg: ImageConfig, runtime: RuntimeConfig) -> "VQImageAdapter":
@@ -79,7 +83,9 @@ def _subfolder(ref: str) -> str | None:
     return "vqvae" if p.is_dir() and not (p / "config.json").exists() and (p / "vqvae" / "config.json").exists() else None
 
 
-def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: int) -> Any:
+def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: int, trained: bool = False) -> Any:
+    """A preset VQModel: the tiny preset's shipped trained weights (trained=True), the tiny
+    preset's data-dependent init, or 'full' with a statistics-matched random codebook."""
     from diffusers import VQModel
 
     kw = dict(PRESET_CONFIGS[name])
@@ -92,7 +98,9 @@ def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: i
         model = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * down,
                         up_block_types=("UpDecoderBlock2D",) * down, sample_size=resolution, **kw)
     model.eval()
-    if name == "tiny":
+    if name == "tiny" and trained:
+        load_weights(model, base.TINY_VQ_WEIGHTS)
+    elif name == "tiny":
         key = (name, seed, kw["num_vq_embeddings"], resolution)
         if key not in _FITTED:
             # one thread: the fit's float sums (and so the codebook) never depend on the caller's thread count
@@ -103,6 +111,37 @@ def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: i
     else:
         _init_codebook(model, seed)
     return model
+
+
+def tiny_init(seed: int, codebook_size: int | None = None, resolution: int = 32) -> Any:
+    """The tiny preset's untrained data-dependent init (the starting point of `lumo codec train-vq`)."""
+    return _build_preset("tiny", seed, codebook_size, resolution, trained=False)
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load a safetensors state dict (all keys, exact shapes) into `model`; cached per file digest."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQ weights not found: {path} (the tiny preset's shipped asset: reinstall the "
+                                f"package, or rebuild it with `lumo codec train-vq`, docs/stage3_uti.md)")
+    key = ("weights", base.file_sha256(path))
+    if key not in _FITTED:
+        _FITTED[key] = load_file(str(path))
+    model.load_state_dict(_FITTED[key], strict=True)
+
+
+def save_weights(model: Any, path: Path) -> str:
+    """Write the state dict as safetensors (no metadata: the bytes are a function of the weights);
+    returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in sorted(model.state_dict().items())}
+    save_file(sd, str(path))
+    return base.file_sha256(path)
 
 
 @torch.no_grad()
@@ -270,7 +309,8 @@ class VQImageAdapter:
         (the 'full' preset's codebook is scaled from encoder outputs, whose rounding depends on it)."""
         if self._model is None:
             with torch_threads(getattr(self.runtime, "threads", torch.get_num_threads())):
-                m = _build_preset(self.cfg.model, self.cfg.seed, self.cfg.codebook_size, self.cfg.resolution) \
+                m = _build_preset(self.cfg.model, self.cfg.seed, self.cfg.codebook_size, self.cfg.resolution,
+                                  trained=uses_tiny_vq_weights(self.cfg)) \
                     if self.cfg.model in IMAGE_VQ_PRESETS else _load_pretrained(self.cfg.model)
             m = m.to(self.device)
             if self.dtype != m.dtype:  # (a float32 .to(dtype) would only trigger a diffusers warning)
@@ -373,3 +413,21 @@ class VQImageAdapter:
         img = self.model.decode(quant.to(self.dtype), force_not_quantize=True).sample[0]
         img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return img.permute(1, 2, 0).cpu().numpy()
+
+
+def reconstruction_metrics(adapter: Any, images: list[ImageInput]) -> dict:
+    """Encode -> decode each prepared image with the adapter's own path; mean PSNR / SSIM (the
+    audit's functions) against the preprocessed input, the per-image values and codebook usage."""
+    from ..eval import metrics
+
+    codes = adapter.encode_batch(images)
+    ps, ss = [], []
+    for x, c in zip(images, codes):
+        ref = (np.transpose(x.pixels, (1, 2, 0)) * 255.0).round().clip(0, 255)
+        dec = adapter.decode(c)
+        ps.append(metrics.psnr(ref, dec))
+        ss.append(metrics.ssim(ref, dec))
+    used = np.unique(np.concatenate(codes)) if codes else np.array([])
+    return {"psnr": float(np.mean(ps)) if ps else None, "ssim": float(np.mean(ss)) if ss else None,
+            "n": len(images), "psnr_per_image": ps, "ssim_per_image": ss, "codes_used": int(len(used)),
+            "codebook_size": int(adapter.codebook_size)}
