@@ -76,6 +76,24 @@ def cmd_text_invariance(args) -> int:
     return 0 if rep["pass"] else 1
 
 
+def cmd_fidelity(args) -> int:
+    from .eval.fidelity import run_fidelity
+    from .generate import load_run
+    from .storage import locate, output_dir
+
+    cfg = run_config(args.run, args.config, args.set)
+    fc = cfg.token_lm.fidelity
+    if args.n is not None:
+        fc.n = args.n
+    if args.seed is not None:
+        fc.seed = args.seed
+    run = load_run(args.run, cfg=cfg)
+    with output_dir(args.out) as out:
+        rep = run_fidelity(run, out, fc, shards=args.shards)  # prints one line per attribute
+    print(f"generation fidelity {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.md'}")
+    return 0 if rep["pass"] else 1
+
+
 def cmd_tune_prompts(args) -> int:
     from trainers.tune_prompts import run_prompt_study
 
@@ -114,6 +132,16 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--base", required=True, help="the base LM it warm-started from (HF dir or URI of one, hub id or 'tiny')")
     p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.set_defaults(func=cmd_text_invariance)
+
+    p = groups["eval"].add_parser("fidelity", help="SPEC §6 generation fidelity (t2i, t2a): an attribute probe reads "
+                                  "generated codes")
+    common(p)
+    p.add_argument("--run", required=True, help="token-LM run directory or URI (holds config.yaml and export/)")
+    p.add_argument("--out", required=True, help="report directory (path or URI)")
+    p.add_argument("--shards", help="shard directory (default: the run's token_lm.shards)")
+    p.add_argument("--n", type=int, default=None, help="eval captions per modality (default token_lm.fidelity.n)")
+    p.add_argument("--seed", type=int, default=None, help="default token_lm.fidelity.seed")
+    p.set_defaults(func=cmd_fidelity)
 
     p = groups["tune"].add_parser("prompts", help="Ray Tune study of prompts/delimiters/new-row LR/init/crop/dropout")
     common(p)

@@ -149,6 +149,37 @@ class InvarianceConfig:
 
 
 @dataclass
+class FidelityConfig:
+    """SPEC §6 generation fidelity (`lumo eval fidelity`): an attribute probe fitted on real train-split
+    codes reads codes generated for eval captions (lumo_ray.eval.fidelity)."""
+    n: int = 64
+    """Eval captions per modality (all when fewer), chosen by seed."""
+    seed: int = 0
+    """Seed of the eval selection, the caption swap, the sampling and the bootstrap."""
+    split: str = "eval"
+    """Shard split whose captions are generated for and whose real codes give the probe's ceiling."""
+    temperature: float = 1.0
+    """Sampling temperature. 1.0 with top_k 0 are the defaults of `lumo generate`: the gate measures the
+    generations users get, and sharpening would hide a model that spreads mass over wrong codes."""
+    top_k: int = 0
+    """Top-k filter while sampling (0: off)."""
+    batch_size: int = 64
+    """Prompts per generation batch (the sampled ids depend on it: part of the determinism key)."""
+    probe_min: float = 0.80
+    """A gated attribute needs the probe to read real eval codes at least this well (else the gate fails:
+    the probe cannot read it)."""
+    fraction: float = 0.5
+    """Generated accuracy must reach chance + fraction x (ceiling - chance)."""
+    max_p: float = 0.01
+    """Paired one-sided sign test generated vs swapped: p must be below this when n makes it attainable."""
+    gated: dict[str, list[str]] = field(default_factory=lambda: {"image": ["colour"], "audio": ["pitch"]})
+    """Attributes that gate per modality; the others (image shape / count / position, audio count /
+    length) are reported."""
+    samples: int = 4
+    """Generated samples per modality saved (PNG / WAV) into the report with their captions."""
+
+
+@dataclass
 class PromptStudyConfig:
     """`lumo tune prompts`: a Ray Tune study of sequence/prompt choices (each list is a search axis)."""
     instruction: list[str] = field(default_factory=lambda: ["none", "fixed", "templates"])
@@ -196,6 +227,7 @@ class TokenLMConfig:
     seq: SequenceConfig = field(default_factory=SequenceConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     prompt_study: PromptStudyConfig = field(default_factory=PromptStudyConfig)
     out: str = "runs/token_lm"
     """Run directory: config, metrics.json, checkpoints/, export/ (HF dir + token_space.json); a path or

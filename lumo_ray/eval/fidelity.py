@@ -1,0 +1,594 @@
+"""Generation fidelity of a token LM (SPEC §6, t2x): does a generated image / clip show what its
+caption asks for?
+
+Synthetic captions name attributes (lumo_ray.data.synth): images "two red circles on the left"
+(count, colour, shape, position), audio "three short high beeps" (count, length, pitch). An
+attribute probe is fitted on the REAL train-split codes of the run's shards and then reads:
+
+- real eval-split codes of n seeded eval samples: the probe's accuracy there is the ceiling;
+- codes generated for those samples' captions (t2i / t2a, constrained decoding);
+- codes generated for swapped captions: each sample gets another eval sample's caption, chosen so
+  the gated attributes differ where possible, and is scored against its ORIGINAL attributes (the
+  floor: a model that ignores the caption scores here as it does on its own captions).
+
+Chance is the majority-class rate of the scored eval labels (the accuracy of always guessing the
+most frequent value; never below 1/k).
+
+Gate (FidelityConfig.gated, default image colour and audio pitch): the probe must read real eval
+codes at >= probe_min (0.80), else the gate fails saying the probe cannot read the attribute; then
+generated accuracy >= chance + fraction x (ceiling - chance) and > swapped accuracy, with a paired
+one-sided exact sign test (per sample: generated correct vs swapped correct) at p < max_p (0.01),
+required whenever n makes it attainable (0.5^n < max_p, i.e. n >= 7 at 0.01). The report also holds
+n, the mean per-sample gap generated - swapped with a seeded bootstrap 95% CI and the win rate
+(share of samples where only the generated code is read right). Other attributes are reported.
+
+Probe choice (why): per attribute, a multinomial logistic regression (weak L2, fitted with L-BFGS
+in float64 from zeros under one torch thread: deterministic, and no scikit-learn needed) over bags of
+codes. Bags need no trained representation of the codec, so the probe works for any codebook
+(random-init or trained): a colour or a pitch shows up as the codes its patches / frames quantize
+to. Position and count need where the codes sit, so there is a second, larger feature set: images
+add bags per coarse spatial block (the grid is g x g tokens in row-major order; 2x2 and 3x3 blocks),
+audio (interleaved by codebook: position p is codebook p mod K) adds bags per codebook over 4 time
+bins. Which set an attribute uses (whole-span bags alone, or with the regional ones) is chosen by
+3-fold cross-validation on the train split: on the tiny synthetic sets colour reads better from the
+whole-grid bag (the regional bags dilute the few object codes), position needs the blocks. Each bag
+is normalized to frequencies and square-rooted (Hellinger: a few frequent background codes do not
+drown the rare object codes), then centred on the train mean. Audio codes are cropped exactly as the
+model's t2a target is (the centred crop to the generated length), so real and generated clips cover
+the same span. A linear probe is deliberately weak: what it reads in generated codes is there in
+the codes, not invented by a flexible classifier. Fitted probes are cached in-process by a digest
+of their training data (the same shards are probed once per process).
+
+No Ray here: plain NumPy / PyTorch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..config_lm import FidelityConfig
+from ..data import synth
+from ..data.sequences import crop_audio
+from ..runtime import torch_threads
+from ..token_space import TokenSpace
+
+ATTRIBUTES = {"image": ("colour", "shape", "count", "position"), "audio": ("pitch", "count", "length")}
+CLASSES = {
+    "image": {"colour": tuple(synth.COLOURS), "shape": synth.SHAPES, "count": (1, 2, 3, 4),
+              "position": synth.POSITIONS},
+    "audio": {"pitch": tuple(synth.PITCHES), "count": (1, 2, 3, 4), "length": tuple(synth.LENGTHS)},
+}
+TASK = {"image": "t2i", "audio": "t2a"}
+IMAGE_GRIDS = (1, 2, 3)
+"""Spatial bags: whole grid, 2x2 and 3x3 blocks."""
+AUDIO_BINS = (1, 4)
+"""Temporal bags per codebook: whole clip and 4 time bins."""
+L2 = 1e-3
+"""L2 weight of the probes (features are square-rooted frequencies, so weights are large: a weak
+penalty; on the tiny synthetic sets 1e-4..1e-2 read the same within noise)."""
+MAX_ITER = 100
+CV_FOLDS = 3
+BOOTSTRAP = 1000
+
+
+class CaptionError(ValueError):
+    """A caption outside the synthetic vocabulary (the fidelity gate is for synthetic data)."""
+
+
+def _alt(words) -> str:
+    return "|".join(re.escape(w) for w in words)
+
+
+_IMAGE_RE = re.compile(rf"^({_alt(synth.COUNT_WORDS)}) ({_alt(synth.COLOURS)}) ({_alt(synth.SHAPES)})(s?) "
+                       rf"({_alt(synth.POSITION_WORDS.values())})$")
+_AUDIO_RE = re.compile(rf"^({_alt(synth.COUNT_WORDS)}) ({_alt(synth.LENGTHS)}) ({_alt(synth.PITCHES)}) beep(s?)$")
+_POSITION_OF = {v: k for k, v in synth.POSITION_WORDS.items()}
+
+
+def parse_caption(modality: str, caption: str, sid: str = "?") -> dict:
+    """Attributes of a synthetic caption: image {colour, shape, count, position}, audio {pitch, count,
+    length}. Raises CaptionError naming the sample for anything else (number agreement included)."""
+    text = " ".join(str(caption).strip().lower().rstrip(".").split())
+    if modality == "image":
+        m = _IMAGE_RE.match(text)
+        if m:
+            count = synth.COUNT_WORDS.index(m.group(1)) + 1
+            if (m.group(4) == "s") == (count > 1):
+                return {"colour": m.group(2), "shape": m.group(3), "count": count, "position": _POSITION_OF[m.group(5)]}
+    elif modality == "audio":
+        m = _AUDIO_RE.match(text)
+        if m:
+            count = synth.COUNT_WORDS.index(m.group(1)) + 1
+            if (m.group(4) == "s") == (count > 1):
+                return {"pitch": m.group(3), "count": count, "length": m.group(2)}
+    else:
+        raise ValueError(f"unknown modality {modality!r}: image or audio")
+    raise CaptionError(f"sample {sid}: {modality} caption {caption!r} is not a synthetic caption "
+                       f"(e.g. {synth.image_caption('circle', 'red', 2, 'left')!r} / "
+                       f"{synth.audio_caption(3, 'short', 'high')!r}); the fidelity gate needs synthetic data")
+
+
+# -- items: samples with parsed attributes ------------------------------------------------------
+
+@dataclass
+class Item:
+    id: str
+    caption: str
+    attrs: dict
+    ids: np.ndarray
+    """The sample's media span (global ids, uncropped)."""
+
+
+def to_items(samples: list[dict], modality: str, decode: Callable[[list[int]], str]) -> list[Item]:
+    out = []
+    for s in samples:
+        sid = str(s["json"].get("id", "?"))
+        cap = decode(np.asarray(s["text"], np.int64).tolist())
+        out.append(Item(sid, cap, parse_caption(modality, cap, sid), np.asarray(s[modality], np.int64)))
+    return out
+
+
+def load_items(shards, ts: TokenSpace, split: str, decode: Callable[[list[int]], str]) -> dict[str, list[Item]]:
+    """Every sample of a split holding image / audio, sorted by id."""
+    from ..data.shard_reader import ShardDataset
+
+    samples = list(ShardDataset(shards, split, shuffle=False, expected=ts))
+    return {m: to_items(sorted((s for s in samples if m in s), key=lambda s: str(s["json"]["id"])), m, decode)
+            for m in ATTRIBUTES}
+
+
+def select_eval(items: list[Item], n: int, seed: int, modality: str) -> list[Item]:
+    """Up to n items chosen by seed (order kept)."""
+    idx = np.random.default_rng([seed, len(modality), 5]).permutation(len(items))[:n]
+    return [items[i] for i in sorted(idx)]
+
+
+# -- features -----------------------------------------------------------------------------------
+
+def _media_body(ts: TokenSpace, ids: np.ndarray) -> np.ndarray:
+    """A span's media ids: up to the first special id (a generated span ends with its end token)."""
+    g = np.asarray(ids, np.int64)
+    sp = ts.range("SPECIAL")
+    hit = np.nonzero((g >= sp.start) & (g < sp.stop))[0]
+    return g[: hit[0]] if hit.size else g
+
+
+def _bag(codes: np.ndarray, size: int) -> np.ndarray:
+    h = np.bincount(codes, minlength=size)[:size].astype(np.float64)
+    return np.sqrt(h / max(codes.size, 1))
+
+
+def _edges(n: int, b: int) -> np.ndarray:
+    return np.linspace(0, n, b + 1).round().astype(int)
+
+
+def image_features(ts: TokenSpace, ids: np.ndarray, tokens: int) -> Optional[np.ndarray]:
+    """Bags over the whole grid and its 2x2 / 3x3 blocks; None when the span is not a g x g grid of
+    image ids of the expected length."""
+    r = ts.range("IMAGE")
+    g = _media_body(ts, ids)
+    side = math.isqrt(tokens)
+    if g.size != tokens or side * side != tokens or ((g < r.start) | (g >= r.stop)).any():
+        return None
+    grid = (g - r.start).reshape(side, side)
+    feats = []
+    for b in IMAGE_GRIDS:
+        e = _edges(side, b)
+        for i in range(b):
+            for j in range(b):
+                feats.append(_bag(grid[e[i]:e[i + 1], e[j]:e[j + 1]].ravel(), r.size))
+    return np.concatenate(feats)
+
+
+def audio_features(ts: TokenSpace, ids: np.ndarray, tokens: int) -> Optional[np.ndarray]:
+    """Per codebook: bags over the whole clip (first), then over 4 time bins, after the centred crop
+    to `tokens` ids; None when the span breaks codebook phase or is empty."""
+    k = ts.num_codebooks
+    g = _media_body(ts, ids)
+    if g.size == 0 or g.size % k or ts.audio_phase_errors(g):
+        return None
+    g = crop_audio(g, k, tokens, None)
+    codes = ts.global_to_audio(g)  # [K, T]
+    size, t = ts.audio_ranges[0].size, codes.shape[1]
+    feats = []
+    for b in AUDIO_BINS:
+        e = _edges(t, b)
+        feats += [_bag(codes[c, e[i]:e[i + 1]], size) for c in range(k) for i in range(b)]
+    return np.concatenate(feats)
+
+
+def global_dims(ts: TokenSpace, modality: str) -> int:
+    """Leading feature columns that are the whole-span bags (image grid / audio clip per codebook)."""
+    return ts.range("IMAGE").size if modality == "image" else ts.num_codebooks * ts.audio_ranges[0].size
+
+
+# -- the probe ----------------------------------------------------------------------------------
+
+def _fit_softmax(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=MAX_ITER, tolerance_grad=1e-6, tolerance_change=1e-10,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+@dataclass
+class AttributeProbe:
+    classes: tuple
+    features: str
+    """'global' (whole-span bags only) or 'regions' (plus the spatial blocks / time bins)."""
+    dims: int
+    """Leading feature columns used."""
+    w: np.ndarray
+    b: np.ndarray
+    cv_accuracy: dict
+    """3-fold CV accuracy on the train split per feature set."""
+    train_n: int
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.argmax(x[:, : self.dims] @ self.w + self.b, axis=1)
+
+
+def fit_attribute(x: np.ndarray, labels: list, classes: tuple, seed: int, global_cols: int) -> AttributeProbe:
+    """Multinomial logistic regression (L2 = L2 constant); the feature set (whole-span bags, or those
+    plus the regional bags) chosen by 3-fold CV on the train split (ties: the smaller set)."""
+    y = np.array([classes.index(v) for v in labels], np.int64)
+    k = len(classes)
+    sets = {"global": global_cols, "regions": x.shape[1]}
+    with torch_threads(1):
+        xt, yt = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y)
+        folds = np.random.default_rng([seed, 17]).permutation(len(y)) % CV_FOLDS
+        cv = {}
+        for name, d in sets.items():
+            hit = 0
+            for f in range(CV_FOLDS):
+                tr, te = np.nonzero(folds != f)[0], np.nonzero(folds == f)[0]
+                w, b = _fit_softmax(xt[tr, :d], yt[tr], k, L2)
+                hit += int(((xt[te, :d] @ w + b).argmax(1) == yt[te]).sum())
+            cv[name] = hit / len(y)
+        best = max(sets, key=lambda n: (cv[n], n == "global"))
+        w, b = _fit_softmax(xt[:, : sets[best]], yt, k, L2)
+    return AttributeProbe(tuple(classes), best, sets[best], w.numpy(), b.numpy(), cv, len(y))
+
+
+@dataclass
+class ModalityProbe:
+    """Per-attribute probes of one modality over its code features."""
+    modality: str
+    ts: TokenSpace
+    tokens: int
+    """Image: tokens per image; audio: ids the clips are cropped to (the generated length)."""
+    mean: np.ndarray
+    attributes: dict[str, AttributeProbe] = field(default_factory=dict)
+
+    def features(self, spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(features centred on the train mean, readable mask): unreadable spans get zero rows."""
+        fn = image_features if self.modality == "image" else audio_features
+        rows = [fn(self.ts, s, self.tokens) for s in spans]
+        ok = np.array([r is not None for r in rows], bool)
+        x = np.zeros((len(rows), self.mean.size))
+        for i, r in enumerate(rows):
+            if r is not None:
+                x[i] = r - self.mean
+        return x, ok
+
+    def predict(self, spans: list[np.ndarray]) -> dict[str, list]:
+        """attribute -> predicted value per span (None for an unreadable span)."""
+        x, ok = self.features(spans)
+        out = {}
+        for a, p in self.attributes.items():
+            idx = p.predict(x)
+            out[a] = [p.classes[int(i)] if good else None for i, good in zip(idx, ok)]
+        return out
+
+
+_PROBES: dict[str, ModalityProbe] = {}
+
+
+def fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, seed: int = 0) -> ModalityProbe:
+    """Fit every attribute of a modality on real (train-split) items (cached by a digest of the inputs)."""
+    h = hashlib.sha256(json.dumps([modality, tokens, seed, ts.hash, L2, IMAGE_GRIDS, AUDIO_BINS]).encode())
+    for it in items:
+        h.update(json.dumps([it.id, it.attrs]).encode())
+        h.update(np.ascontiguousarray(it.ids, np.int64).tobytes())
+    key = h.hexdigest()
+    if key not in _PROBES:
+        _PROBES[key] = _fit_probe(ts, modality, items, tokens, seed)
+    return _PROBES[key]
+
+
+def _fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, seed: int) -> ModalityProbe:
+    if len(items) < 2 * CV_FOLDS:
+        raise ValueError(f"{len(items)} {modality} train samples: too few to fit the attribute probe")
+    fn = image_features if modality == "image" else audio_features
+    rows = []
+    for it in items:
+        f = fn(ts, it.ids, tokens)
+        if f is None:
+            raise ValueError(f"train sample {it.id}: {modality} span of {it.ids.size} ids is not readable")
+        rows.append(f)
+    x = np.stack(rows)
+    mean = x.mean(axis=0)
+    x = x - mean
+    probe = ModalityProbe(modality, ts, tokens, mean)
+    for a in ATTRIBUTES[modality]:
+        probe.attributes[a] = fit_attribute(x, [it.attrs[a] for it in items], CLASSES[modality][a], seed,
+                                            global_dims(ts, modality))
+    return probe
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign test: P(X >= wins) for X ~ Binomial(wins + losses, 1/2); ties dropped."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return float(sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n)
+
+
+def _bootstrap_ci(d: np.ndarray, seed: int) -> list[float]:
+    if d.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng([seed, 23])
+    means = d[rng.integers(0, d.size, (BOOTSTRAP, d.size))].mean(axis=1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def _chance(labels: list) -> float:
+    if not labels:
+        return float("nan")
+    _, counts = np.unique(np.array([str(v) for v in labels]), return_counts=True)
+    return float(counts.max() / len(labels))
+
+
+def p_attainable(n: int, max_p: float) -> bool:
+    """Whether n paired samples can reach p < max_p at all (all n discordant wins: p = 0.5^n)."""
+    return 0.5 ** n < max_p
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+def score_modality(probe: ModalityProbe, items: list[Item], generated: list[np.ndarray],
+                   swapped: list[np.ndarray], cfg: FidelityConfig, real: Optional[list[np.ndarray]] = None) -> dict:
+    """Accuracies of one modality (real eval = ceiling, generated, swapped vs the ORIGINAL attributes,
+    chance) per attribute, with the gate on cfg.gated[modality]. `real` defaults to the items' codes."""
+    m = probe.modality
+    n = len(items)
+    if not (len(generated) == len(swapped) == n):
+        raise ValueError(f"{m}: {n} items but {len(generated)} generated / {len(swapped)} swapped spans")
+    real = [it.ids for it in items] if real is None else real
+    preds = {k: probe.predict(v) for k, v in (("real", real), ("generated", generated), ("swapped", swapped))}
+    gated = list(cfg.gated.get(m, []))
+    unknown = [a for a in gated if a not in ATTRIBUTES[m]]
+    if unknown:
+        raise ValueError(f"fidelity.gated.{m}: unknown attribute(s) {unknown}; one of {ATTRIBUTES[m]}")
+    rep: dict = {"n": n, "unreadable": {k: int(sum(v is None for v in p[ATTRIBUTES[m][0]])) for k, p in preds.items()},
+                 "attributes": {}}
+    ok = n > 0
+    for a in ATTRIBUTES[m]:
+        truth = [it.attrs[a] for it in items]
+        hit = {k: np.array([pv == t for pv, t in zip(p[a], truth)], bool) for k, p in preds.items()}
+        acc = {k: float(v.mean()) if n else float("nan") for k, v in hit.items()}
+        chance = _chance(truth)
+        wins = int((hit["generated"] & ~hit["swapped"]).sum())
+        losses = int((~hit["generated"] & hit["swapped"]).sum())
+        d = hit["generated"].astype(float) - hit["swapped"].astype(float)
+        r = {"chance": chance, "ceiling": acc["real"], "generated": acc["generated"], "swapped": acc["swapped"],
+             "gated": a in gated,
+             "paired": {"gap": float(d.mean()) if n else float("nan"), "ci95": _bootstrap_ci(d, cfg.seed),
+                        "win_rate": wins / n if n else float("nan"), "wins": wins, "losses": losses,
+                        "p": sign_test_p(wins, losses)},
+             "probe": {"features": probe.attributes[a].features, "cv_accuracy": probe.attributes[a].cv_accuracy,
+                       "train_n": probe.attributes[a].train_n}}
+        if a in gated:
+            r.update(_gate(r, n, cfg))
+            ok = ok and r["pass"]
+        rep["attributes"][a] = r
+    rep["pass"] = bool(ok)
+    if n == 0:
+        rep["reason"] = f"no {m} eval samples"
+    rep["predictions"] = {k: {a: [None if v is None else str(v) for v in p[a]] for a in p} for k, p in preds.items()}
+    return rep
+
+
+def _gate(r: dict, n: int, cfg: FidelityConfig) -> dict:
+    vals = [r["chance"], r["ceiling"], r["generated"], r["swapped"], r["paired"]["p"]]
+    target = r["chance"] + cfg.fraction * (r["ceiling"] - r["chance"])
+    need_p = p_attainable(n, cfg.max_p)
+    checks = {"finite": all(math.isfinite(v) for v in vals),
+              "probe_reads": r["ceiling"] >= cfg.probe_min,
+              "above_target": r["generated"] >= target,
+              "above_swapped": r["generated"] > r["swapped"],
+              "significant": (r["paired"]["p"] < cfg.max_p) if need_p else True}
+    reasons = []
+    if not checks["finite"]:
+        reasons.append("non-finite value")
+    if not checks["probe_reads"]:
+        reasons.append(f"the probe cannot read it (real eval accuracy {r['ceiling']:.2f} < {cfg.probe_min:.2f})")
+    else:
+        if not checks["above_target"]:
+            reasons.append(f"generated {r['generated']:.2f} < target {target:.2f}")
+        if not checks["above_swapped"]:
+            reasons.append(f"generated {r['generated']:.2f} <= swapped {r['swapped']:.2f}")
+        if not checks["significant"]:
+            reasons.append(f"sign test p {r['paired']['p']:.3g} >= {cfg.max_p}")
+    return {"target": target, "p_required": need_p, "checks": checks, "pass": all(checks.values()),
+            "reason": "; ".join(reasons)}
+
+
+def score_generations(probes: dict[str, ModalityProbe], items: dict[str, list[Item]],
+                      generated: dict[str, list[np.ndarray]], swapped: dict[str, list[np.ndarray]],
+                      cfg: FidelityConfig) -> dict:
+    """The gate over given spans (generated by a model, or doctored ones in tests). Every modality with
+    gated attributes must be present and pass."""
+    rep: dict = {"gate": "generation_fidelity", "modalities": {}, "n": {}, "chance": "majority-class rate of the "
+                 "scored eval labels", "config": asdict(cfg)}
+    ok = True
+    for m in ATTRIBUTES:
+        if m not in probes:
+            if cfg.gated.get(m):
+                rep["modalities"][m] = {"n": 0, "pass": False, "reason": f"no {m} in the run or its shards"}
+                rep["n"][m] = 0
+                ok = False
+            continue
+        r = score_modality(probes[m], items[m], generated[m], swapped[m], cfg)
+        rep["modalities"][m] = r
+        rep["n"][m] = r["n"]
+        ok = ok and r["pass"]
+    rep["pass"] = bool(ok and rep["modalities"])
+    return rep
+
+
+# -- the gate on a run --------------------------------------------------------------------------
+
+def _available(run) -> list[str]:
+    from .gates import available_tasks
+
+    tasks = available_tasks(run)
+    return [m for m in ATTRIBUTES if TASK[m] in tasks]
+
+
+def _gen_options(cfg: FidelityConfig):
+    from ..generate import GenOptions
+
+    return GenOptions(seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, batch_size=cfg.batch_size)
+
+
+def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityConfig] = None,
+                 shards: Optional[str] = None, log=print) -> dict:
+    """`lumo eval fidelity`: fit probes on the shards' train split, generate for n seeded eval captions
+    and for swapped captions, score -> out_dir/report.json, report.md and samples/. cfg defaults to the
+    run config's token_lm.fidelity; shards to its token_lm.shards."""
+    from ..generate import Run, audio_frames, build_prompt, generate_spans, load_run
+    from .gates import _swap_partners
+
+    run: Run = run_or_dir if isinstance(run_or_dir, Run) else load_run(run_or_dir)
+    cfg = cfg or run.cfg.token_lm.fidelity
+    shards = shards or run.cfg.token_lm.shards
+    if not shards:
+        raise ValueError(f"{run.name}: no shards (set token_lm.shards in the run config or pass --shards)")
+    opts = _gen_options(cfg)
+    decode = run.adapters.text.decode
+    mods = _available(run)
+    train = load_items(shards, run.ts, "train", decode)
+    evals = load_items(shards, run.ts, cfg.split, decode)
+    probes, items, gen, swp, partners = {}, {}, {}, {}, {}
+    for m in mods:
+        if not train[m] or not evals[m]:
+            continue
+        tokens = (run.adapters.image.tokens_per_image if m == "image"
+                  else audio_frames(run, opts) * run.ts.num_codebooks)
+        probes[m] = fit_probe(run.ts, m, train[m], tokens, cfg.seed)
+        items[m] = select_eval(evals[m], cfg.n, cfg.seed, m)
+        keys = [[str(it.attrs[a]) for a in cfg.gated.get(m, [])] or [it.caption] for it in items[m]]
+        partners[m] = _swap_partners(keys, np.random.default_rng([cfg.seed, len(m), 29]))
+        task = TASK[m]
+        prompts = [build_prompt(run, task, caption=it.caption, sid=it.id) for it in items[m]]
+        gen[m] = generate_spans(run, task, prompts, opts)
+        swp[m] = generate_spans(run, task, [prompts[j] for j in partners[m]], opts)
+        log(f"  {m}: probe fitted on {len(train[m])} train samples; generated {len(prompts)} x 2 ({task})")
+    rep = score_generations(probes, items, gen, swp, cfg)
+    rep.update(run=run.name, shards=str(shards), split=cfg.split,
+               generation={k: v for k, v in asdict(opts).items() if k in ("seed", "temperature", "top_k", "batch_size",
+                                                                          "constrained")},
+               probe={"features": {"image": f"sqrt-frequency bags over the grid and its {IMAGE_GRIDS[1:]} blocks",
+                                   "audio": f"sqrt-frequency bags per codebook over the clip and {AUDIO_BINS[1]} time bins"},
+                      "classifier": f"multinomial logistic regression (L2 {L2}, L-BFGS, float64; feature set by 3-fold CV)",
+                      "train_n": {m: len(train[m]) for m in probes},
+                      "tokens": {m: p.tokens for m, p in probes.items()}})
+    for m, r in rep["modalities"].items():
+        if m in partners:
+            r["swap_partner"] = [items[m][j].id for j in partners[m]]
+            r["ids"] = [it.id for it in items[m]]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep["samples"] = {m: _save_samples(run, m, items[m], gen[m], rep["modalities"][m], out, cfg.samples, opts)
+                      for m in items}
+    write_report(rep, out)
+    for line in summary_lines(rep):
+        log(line)
+    return rep
+
+
+def _save_samples(run, m: str, items: list[Item], gens: list[np.ndarray], r: dict, out: Path, k: int,
+                  opts) -> list[dict]:
+    from ..generate import build_prompt, check_and_decode, save_output, task_spec
+
+    spec = task_spec(run, TASK[m], opts)
+    rows = []
+    for i, (it, g) in enumerate(list(zip(items, gens))[:k]):
+        chk, val = check_and_decode(run, spec, build_prompt(run, TASK[m], caption=it.caption, sid=it.id), g, seed=i)
+        f = save_output(run, m, val, out / "samples" / m / f"{i:03d}") if val is not None else None
+        read = {a: r["predictions"]["generated"][a][i] for a in ATTRIBUTES[m]}
+        rows.append({"id": it.id, "caption": it.caption, "file": str(f.relative_to(out)) if f else None,
+                     "read": read, "error": chk.error or None})
+    return rows
+
+
+def summary_lines(rep: dict) -> list[str]:
+    lines = []
+    for m, r in rep["modalities"].items():
+        if "attributes" not in r:
+            lines.append(f"  {m:5s} FAIL: {r['reason']}")
+            continue
+        for a, x in r["attributes"].items():
+            verdict = ("PASS" if x["pass"] else f"FAIL ({x['reason']})") if x["gated"] else "reported"
+            lines.append(f"  {m:5s} {a:8s} n={r['n']:3d} chance {x['chance']:.2f} ceiling {x['ceiling']:.2f} "
+                         f"generated {x['generated']:.2f} swapped {x['swapped']:.2f} (p {x['paired']['p']:.3g})  {verdict}")
+    return lines
+
+
+def report_md(rep: dict) -> str:
+    cfg = rep["config"]
+    lines = [f"# Generation fidelity: {'PASS' if rep['pass'] else 'FAIL'}", "",
+             f"Attribute probe fitted on real train-split codes; chance = {rep['chance']}. Gated attributes need real "
+             f"eval accuracy >= {cfg['probe_min']}, generated >= chance + {cfg['fraction']} x (ceiling - chance), "
+             f"generated > swapped, and a one-sided sign test p < {cfg['max_p']} (when n allows it).", "",
+             "| modality | attribute | n | chance | real eval (ceiling) | generated | swapped | gap (95% CI) | p | gated | pass |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in rep["modalities"].items():
+        if "attributes" not in r:
+            lines.append(f"| {m} | - | {r['n']} | - | - | - | - | - | - | - | FAIL ({r['reason']}) |")
+            continue
+        for a, x in r["attributes"].items():
+            p = x["paired"]
+            verdict = ("PASS" if x["pass"] else f"FAIL ({x['reason']})") if x["gated"] else "reported"
+            lines.append(f"| {m} | {a} | {r['n']} | {x['chance']:.3f} | {x['ceiling']:.3f} | {x['generated']:.3f} | "
+                         f"{x['swapped']:.3f} | {p['gap']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+                         f"{p['p']:.3g} | {'yes' if x['gated'] else 'no'} | {verdict} |")
+    samples = rep.get("samples") or {}
+    if samples:
+        lines += ["", "## Generated samples", ""]
+        for m, rows in samples.items():
+            for s in rows:
+                f = s["file"]
+                media = ("(not decodable)" if not f else f'<img src="{f}" width="96">' if f.endswith(".png")
+                         else f'<audio controls src="{f}"></audio>')
+                read = ", ".join(f"{a} {v}" for a, v in s["read"].items())
+                lines.append(f"- **{s['id']}** {s['caption']}: {media} (probe reads: {read})")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rep: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / "report.md").write_text(report_md(rep))
+    return out / "report.json"
