@@ -149,6 +149,8 @@ def test_x2t_only_run_fails(data, tmp_path):
     assert not rep["pass"] and rep["n"] == {"image": 16, "audio": 16}
     for m, a in GATED.items():
         assert not rep["modalities"][m]["attributes"][a]["pass"]
+    pitch = rep["modalities"]["audio"]["attributes"]["pitch"]  # read on real clips: the generations fail it
+    assert pitch["checks"]["probe_reads"] and "cannot read" not in pitch["reason"]
 
 
 def test_cli_exit_status_and_verdict(data, untrained, tmp_path, capsys):
