@@ -21,3 +21,15 @@ def test_demo_runs_all_stages(tmp_path, real_data):
     assert str(out) in p.stdout and "lumo demo finished" in p.stdout
     page = (out / "report.html").read_text()
     assert all(f"<td>{s}</td>" in page for s in stages) and "data:image/png;base64," in page and "<svg" in page
+
+
+def test_demo_uti_stage_runs_from_any_directory_on_packaged_samples(tmp_path):
+    """No ../shared beside the working directory: the real samples ship with the package."""
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "demo", "--out", str(out),
+                        "--set", "demo.skip=[audit,data,vlm,lm,mmpt,generate]"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    samples = json.loads((out / "uti" / "samples.json").read_text())
+    assert {s["modality"] for s in samples} == {"audio", "image", "text"}
+    assert sorted((out / "uti").glob("*.input.wav")) and sorted((out / "uti").glob("*.decoded.png"))
