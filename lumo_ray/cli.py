@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
 
-    from . import cli_cluster, cli_data, cli_gen, cli_lm, cli_vlm
+    from . import cli_cluster, cli_data, cli_gen, cli_lm, cli_mmpt, cli_vlm
     cli_data.add_commands(sub, _common)
     cli_gen.add_commands(sub, _common)
     cli_cluster.add_commands(sub, _common)
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
               [("train", "Ray Train jobs"), ("eval", "evaluations and ablations"), ("tune", "Ray Tune studies")]}
     cli_vlm.add_commands(groups, _common)
     cli_lm.add_commands(groups, _common)
+    cli_mmpt.add_commands(groups, _common)
     return p
 
 

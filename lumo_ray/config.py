@@ -129,8 +129,9 @@ class UTIConfig:
 @dataclass
 class AuditConfig:
     seed: int = 0
-    real_data: str = "../shared/data/real"
-    """Folder with real media (relative paths resolve against the current directory)."""
+    real_data: str = ""
+    """Folder with real media (llava_pretrain/images/*.png, audiocaps/audio/*.wav); '' = the real samples
+    shipped in the package (lumo_ray/assets/real). Relative paths resolve against the current directory."""
     max_real_audio: int = 4
     max_real_images: int = 4
 
@@ -374,8 +375,18 @@ def merge_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load `cls` from a YAML file (or defaults when path is None) and apply `--set` overrides."""
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: list[str] | None = None) -> T:
+    """Load `cls` from a YAML file (or defaults when path is None) and apply `--set` overrides.
+    `defaults` (KEY=VALUE items) sit between the dataclass defaults and the file: a command's own
+    defaults (e.g. `lumo train mmpt` trains LoRA), which the file and --set still override."""
     src = str(path) if path else "<defaults>"
     data: dict = {}
     if path:
@@ -385,6 +396,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: top level must be a mapping")
+    if defaults:
+        data = _deep_merge(merge_overrides({}, defaults), data)
     if overrides:
         src = f"{src} (with --set {' '.join(overrides)})"
     data = merge_overrides(data, overrides or [])

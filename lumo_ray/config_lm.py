@@ -97,9 +97,11 @@ class LoraConfig:
 @dataclass
 class SequenceConfig:
     """How a shard sample becomes a training sequence (lumo_ray.data.sequences)."""
-    layouts: Literal["own", "both"] = "own"
+    layouts: Literal["own", "both", "any"] = "own"
     """'own': each sample uses its manifest task (i2t, a2t, ...); 'both': x2t samples also train the
-    reverse t2x layout with probability reverse_prob."""
+    reverse t2x layout with probability reverse_prob; 'any' (stage 4, `lumo train mmpt`): each
+    sequence's task is drawn from token_lm.mmpt.task_weights and takes the next sample of that task's
+    modality, so every x2t sample also yields its t2x twin."""
     reverse_prob: float = 0.5
     """Probability of the reverse layout when layouts='both'."""
     delimiters: Literal["full", "compact"] = "full"
@@ -111,8 +113,9 @@ class SequenceConfig:
     templates: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TEMPLATES.items()})
     """Instruction templates per task."""
     max_audio_tokens: int = 150
-    """Audio spans longer than this are cropped on frame boundaries (codebook phase kept): random
-    crop in training, centred in eval."""
+    """Audio spans longer than this are cropped on frame boundaries (codebook phase kept). An input
+    span (a2t) is cropped at random in training and centred in eval; a target span (t2a) is always
+    the centred crop, the part of the clip its caption is trained to predict."""
     max_len: int = 512
     """Sequences longer than this are refused (the builder never truncates a target)."""
     modality_dropout: float = 0.0
@@ -210,6 +213,71 @@ class PromptStudyConfig:
 
 
 @dataclass
+class TaskWeights:
+    """Share of stage-4 training sequences per task (normalised over the tasks with weight > 0)."""
+    i2t: float = 0.25
+    a2t: float = 0.25
+    t2i: float = 0.25
+    t2a: float = 0.25
+
+
+@dataclass
+class MMPTStudyConfig:
+    """`lumo tune mmpt`: a Ray Tune study of the stage-4 mix and optimisation (each list is a search
+    axis). Trials start from token_lm.mmpt.init like `lumo train mmpt`; objective = mean eval loss over
+    i2t, a2t, t2i, t2a on a fixed eval slice (lower is better), with the prompt ablation (t2i, t2a) and
+    the modality ablation (image, audio) as constraints: a trial failing one is infeasible."""
+    t2x_share: list[float] = field(default_factory=lambda: [0.5, 0.6])
+    """Share of t2x sequences (split evenly between t2i and t2a; the rest evenly between i2t and a2t)."""
+    ramp_steps: list[int] = field(default_factory=lambda: [0, 20])
+    """token_lm.mmpt.ramp_steps (the blend takes as many steps again)."""
+    lora_r: list[int] = field(default_factory=lambda: [4, 8])
+    """LoRA rank (alpha = 2 r)."""
+    new_row_lr: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    lora_lr: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    """token_lm.train.lr: under freeze=lora the LoRA parameters are the ones it applies to."""
+    num_samples: int = 8
+    """Trials (random draws from the grid above)."""
+    steps: int = 80
+    """Training steps per trial."""
+    report_every: int = 40
+    """Steps between scored reports (the ASHA rungs)."""
+    grace_period: int = 1
+    reduction_factor: int = 2
+    cpus_per_trial: float = 1.0
+    """Concurrency = floor(cluster CPUs / cpus_per_trial)."""
+    n: int = 24
+    """Eval samples per modality for the objective and each constraint."""
+    out: str = "runs/tune_mmpt"
+    """Study directory (config, results.csv/md, best.json, best_config.yaml): a path or an object-store URI."""
+    storage_path: str = ""
+    """Ray Tune's storage: '' = <out>, or a shared-FS path or an object-store URI."""
+    seed: int = 0
+
+
+@dataclass
+class MMPTConfig:
+    """Stage 4 (`lumo train mmpt`): any-to-any training on i2t, a2t, t2i and t2a built from the same
+    shards. Used when token_lm.seq.layouts='any' (what `lumo train mmpt` sets by default)."""
+    init: str = ""
+    """A stage-3.3 token-LM run directory (or its export/) to start from: its extended vocabulary and
+    trained new rows are loaded as they are; '' = warm start from token_lm.base like stage 3.3."""
+    task_weights: TaskWeights = field(default_factory=TaskWeights)
+    """A task takes its samples from the stream of its modality, so audio is trained as often as the
+    weights say however few clips there are (the public trial: 0.25 each)."""
+    ramp_steps: int = 0
+    """x2t only for the first ramp_steps steps (the t2x weights are 0)."""
+    blend_steps: int = 0
+    """After the ramp the t2x weights rise linearly to their value over this many steps (0: at once)."""
+    golden_n: int = 4
+    """Golden prompts per task generated and decoded at every checkpoint into <run>/golden/step_N/
+    (0: none). A fixed, seeded set (lumo_ray.eval.gates.golden_set): the same at every checkpoint."""
+    golden_seed: int = 0
+    """Seed of the golden set and of its sampling."""
+    study: MMPTStudyConfig = field(default_factory=MMPTStudyConfig)
+
+
+@dataclass
 class TokenLMConfig:
     """Stage 3.3: warm-start a causal LM on the extended vocabulary and train it on shards."""
     base: str = "tiny"
@@ -229,6 +297,7 @@ class TokenLMConfig:
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     prompt_study: PromptStudyConfig = field(default_factory=PromptStudyConfig)
+    mmpt: MMPTConfig = field(default_factory=MMPTConfig)
     out: str = "runs/token_lm"
     """Run directory: config, metrics.json, checkpoints/, export/ (HF dir + token_space.json); a path or
     an object-store URI (staged locally, uploaded without checkpoints/, which go through storage_path)."""

@@ -27,6 +27,7 @@ import torch
 
 from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.data.sequences import SequenceBuilder, collate
+from lumo_ray.data.task_mix import MODALITY, draw_task, task_probs
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.models.token_lm import export, target_losses, vocab_params, warm_start
 from lumo_ray.storage import RunDir, is_uri, locate, resolve
@@ -49,14 +50,66 @@ def text_tokenizer(cfg: LumoConfig):
     return build_text_adapter(cfg.uti.text)
 
 
-def sample_stream(ds: ShardDataset, epoch: int, pos: int) -> Iterator[tuple[int, int, dict]]:
-    """(epoch, position, sample) forever, starting at a recorded data position."""
+def sample_stream(ds: ShardDataset, epoch: int, pos: int, modality: Optional[str] = None,
+                  ) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, position, sample) forever, starting at a recorded data position; with `modality`
+    only the samples holding it (positions still count every sample of the rank's order)."""
     while True:
         ds.set_epoch(epoch)
+        found = False
         for i, s in enumerate(ds):
+            if modality is not None and modality not in s:
+                continue
+            found = True
             if i >= pos:
                 yield epoch, i, s
+        if modality is not None and not found:
+            raise ValueError(f"the train split holds no {modality} samples for this rank, but a task that needs "
+                             f"them has a positive weight (set its token_lm.mmpt.task_weights entry to 0)")
         epoch, pos = epoch + 1, 0
+
+
+class TrainSequences:
+    """This rank's training sequences with a recorded data position, so a resumed run sees exactly
+    the sequences the uninterrupted one would have. Crop / template randomness is a function of
+    (seed, epoch, position, rank); under layouts='any' (stage 4) each sequence's task is drawn from
+    the task mix at its step and takes the next sample of that task's modality stream."""
+
+    def __init__(self, c, seed: int, builder: SequenceBuilder, ts: TokenSpace, rank: int, world: int,
+                 data: Optional[dict] = None):
+        from dataclasses import asdict
+
+        self.c, self.seed, self.builder, self.rank = c, seed, builder, rank
+        self.mixed = c.seq.layouts == "any"
+        data = data or {}
+        make = lambda: ShardDataset(c.shards, "train", seed=seed, rank=rank, world_size=world, expected=ts)  # noqa: E731
+        if self.mixed:
+            self.weights = asdict(c.mmpt.task_weights)
+            self.pos = {m: list(v) for m, v in data.get("streams", {"image": [0, 0], "audio": [0, 0]}).items()}
+            self.streams = {m: sample_stream(make(), *self.pos[m], modality=m) for m in self.pos}
+        else:
+            self.pos = [data.get("epoch", 0), data.get("pos", 0)]
+            self.stream = sample_stream(make(), *self.pos)
+
+    def next(self, step: int, j: int):
+        """The j-th sequence of this rank at optimizer step `step` (0-based)."""
+        if not self.mixed:
+            epoch, i, s = next(self.stream)
+            self.pos = [epoch, i + 1]
+            return self.builder.build(s, rng=np.random.default_rng([self.seed, epoch, i, self.rank]))
+        m = self.c.mmpt
+        task = draw_task(task_probs(self.weights, step, m.ramp_steps, m.blend_steps),
+                         np.random.default_rng([self.seed, step, j, self.rank, 4]))
+        mod = MODALITY[task]
+        epoch, i, s = next(self.streams[mod])
+        self.pos[mod] = [epoch, i + 1]
+        return self.builder.build(s, task=task, rng=np.random.default_rng([self.seed, epoch, i, self.rank,
+                                                                            1 + (mod == "audio")]))
+
+    def state(self) -> dict:
+        if self.mixed:
+            return {"streams": {k: list(v) for k, v in self.pos.items()}}
+        return {"epoch": self.pos[0], "pos": self.pos[1]}
 
 
 def load_checkpoint(ck: Path, ts: TokenSpace) -> dict:
@@ -72,14 +125,16 @@ def load_checkpoint(ck: Path, ts: TokenSpace) -> dict:
 
 def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: list[dict], ctx, batch_size: int = 16,
                    autocast: bool = False) -> dict:
-    """Token-weighted target loss per task over `samples` (eval layouts), summed over ranks."""
+    """Token-weighted target loss per task over `samples` (eval layouts: each sample in its own task,
+    and in the reverse one when the sequence config trains both directions), summed over ranks."""
     tasks = ["a2t", "i2t", "t2a", "t2i", "t"]
     tot = torch.zeros(len(tasks), 2, dtype=torch.float64)
     was = model.training
     model.eval()
+    pairs = [(s, task) for s in samples for task in builder.tasks_of(s)]  # own layout, + reverse under both/any
     with torch.no_grad():
-        for i in range(0, len(samples), batch_size):
-            seqs = [builder.build(s) for s in samples[i: i + batch_size]]
+        for i in range(0, len(pairs), batch_size):
+            seqs = [builder.build(s, task=task) for s, task in pairs[i: i + batch_size]]
             batch = collate(seqs, builder.pad_id)
             loss, n = target_losses(model, batch, autocast)
             for task, l, k in zip(batch["tasks"], loss.tolist(), n.tolist()):
@@ -105,13 +160,13 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         dump_config(cfg, run_dir)
     if not c.shards:
         raise ValueError("token_lm.shards is empty: point it at a `lumo data tokenize` output")
-    train_ds = ShardDataset(c.shards, "train", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, expected=ts)
     eval_ds = ShardDataset(c.shards, "eval", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, shuffle=False,
                            expected=ts)
     eval_samples = list(eval_ds)
     tok = text_tokenizer(cfg)
     builder = SequenceBuilder(ts, c.seq, tok.encode)
-    ws = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=say)
+    init = c.mmpt.init if c.seq.layouts == "any" else ""
+    ws = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=say, init=init)
     raw = ws.model
     vocab = vocab_params(raw)
     vocab_ids = {id(p) for p in vocab}
@@ -125,7 +180,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     per = micro_batch(t, ctx.world_size)
     autocast = t.bf16 and ctx.device.type == "cuda"
     names = {id(p): n for n, p in raw.named_parameters()}
-    step, epoch, pos = 0, 0, 0
+    step, data = 0, {}
     ck = resolve_resume(t, run_dir, ctx)
     if ck is not None:
         st = load_checkpoint(ck, ts)
@@ -136,24 +191,27 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"])
-        step, epoch, pos = st["step"], st["data"]["epoch"], st["data"]["pos"]
-        say(f"resumed from {ck} at step {step} (epoch {epoch}, position {pos})")
-    stream = sample_stream(train_ds, epoch, pos)
+        step, data = st["step"], st["data"]
+        say(f"resumed from {ck} at step {step} (data position {data})")
+    source = TrainSequences(c, t.seed, builder, ts, ctx.rank, ctx.world_size, data)
     history: list[float] = []
+    task_sums: dict[str, list[float]] = {}
+    evals: list[dict] = []  # every eval's per-task train and eval losses (metrics.json)  # per-task token-weighted train loss since the last eval
+    golden = GoldenWriter(cfg, ts, raw, builder, run_dir, say) if (
+        ctx.rank == 0 and c.seq.layouts == "any" and c.mmpt.golden_n > 0) else None
     metrics: dict = {}
     t0, ntok = time.time(), 0
     model.train()
     while step < t.steps:
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(t.grad_accum):
-            seqs = []
-            for _ in range(per):
-                epoch, i, s = next(stream)
-                pos = i + 1
-                seqs.append(builder.build(s, rng=np.random.default_rng([t.seed, epoch, i, ctx.rank])))
+        for a in range(t.grad_accum):
+            seqs = [source.next(step, a * per + j) for j in range(per)]
             batch = collate(seqs, builder.pad_id)
             loss_sum, n = target_losses(model, batch, autocast)
+            for task, ls, k in zip(batch["tasks"], loss_sum.tolist(), n.tolist()):
+                acc = task_sums.setdefault(task, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + ls, acc[1] + k
             loss = loss_sum.sum() / n.sum().clamp(min=1)
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
@@ -173,30 +231,39 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         rep: dict = {"step": step, "loss": total}
         if step % t.eval_every == 0 or last:
             ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
-            rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}})
+            rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"},
+                        **train_task_losses(task_sums, ctx)})
+            task_sums = {}
         ck_dir = None
         if (step % t.ckpt_every == 0 or last) and ctx.rank == 0:
             state = {"trainable": {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad},
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-                     "step": step, "data": {"epoch": epoch, "pos": pos}, "token_space_hash": ts.hash,
+                     "step": step, "data": source.state(), "token_space_hash": ts.hash,
                      "config": to_dict(cfg)}
             ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
+            if golden is not None:
+                golden.write(step)
         if hook is not None and ctx.rank == 0:  # after the checkpoint: an interrupted trial can resume
             rep.update(hook(step, raw) or {})
         if step % t.log_every == 0 or last:
             say(f"token-lm step {step}/{t.steps} loss {total:.4f}"
-                + (f" eval {rep['eval_loss']:.4f}" if "eval_loss" in rep else ""))
+                + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
+                                                          if k.startswith("eval_") and k != "eval_loss") + ")"
+                   if "eval_loss" in rep else ""))
         if getattr(ctx, "report_every_step", True) or last or any(
                 step % k == 0 for k in (t.log_every, t.eval_every, t.ckpt_every)):
             ctx.report(rep, ck_dir)
         if "eval_loss" in rep:
             metrics = rep
+            evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})
     if ctx.rank == 0:
         secs = time.time() - t0
         out = export(raw, ts, run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed,
                                                    "init_scale": c.init_scale}, tok.tokenizer)
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
                    "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_loss"},
+                   "train_tasks": {k[6:]: v for k, v in metrics.items() if k.startswith("train_") and k != "train_loss"},
+                   "evals": evals, "golden": golden.dirs if golden is not None else [],
                    "trainable": ws.counts, "token_space_hash": ts.hash, "steps": step, "seconds": secs,
                    "tokens_per_s": ntok * ctx.world_size / max(secs, 1e-9),
                    "export": str(run.loc / "export") if run.remote else str(out)}
@@ -204,6 +271,37 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         run.push()
     run.discard()
     return metrics
+
+
+def train_task_losses(sums: dict[str, list[float]], ctx) -> dict:
+    """Token-weighted train loss per task over the steps since the last eval, summed over ranks."""
+    tasks = ["a2t", "i2t", "t2a", "t2i", "t"]
+    tot = torch.tensor([sums.get(k, [0.0, 0.0]) for k in tasks], dtype=torch.float64)
+    tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
+    return {f"train_{k}": float(tot[i, 0] / tot[i, 1]) for i, k in enumerate(tasks) if tot[i, 1] > 0}
+
+
+class GoldenWriter:
+    """Rank 0's golden generations at every checkpoint: <run>/golden/step_N/ (lumo_ray.eval.golden).
+    Sampling runs under its own forked RNG, so training randomness (and resume) is untouched."""
+
+    def __init__(self, cfg: LumoConfig, ts: TokenSpace, model, builder: SequenceBuilder, run_dir: Path, log):
+        self.cfg, self.ts, self.model, self.builder, self.run_dir, self.log = cfg, ts, model, builder, run_dir, log
+        self.run = None
+        self.dirs: list[str] = []
+
+    def write(self, step: int) -> None:
+        from lumo_ray.eval.golden import write_golden
+        from lumo_ray.generate import Run
+        from lumo_ray.uti import build_adapters
+
+        if self.run is None:  # the codecs decode the generated media
+            self.run = Run(self.run_dir, self.cfg, self.model, self.ts, build_adapters(self.cfg.uti), self.builder,
+                           True, self.ts.hash, str(self.run_dir))
+        m = self.cfg.token_lm.mmpt
+        d = f"golden/step_{step}"
+        write_golden(self.run, self.run_dir / d, m.golden_n, m.golden_seed, log=self.log)
+        self.dirs.append(d)
 
 
 def _worker(config: dict) -> None:
@@ -222,6 +320,8 @@ def prepare_run(cfg: LumoConfig) -> str:
             setattr(c.train, k, resolve(v))
     if c.base != "tiny" and (is_uri(c.base) or Path(c.base).exists()):
         c.base = resolve(c.base)
+    if c.mmpt.init:
+        c.mmpt.init = resolve(c.mmpt.init)
     dump_config(cfg, run_dir)
     return run_dir
 

@@ -10,7 +10,6 @@ best_config.yaml (the full config with the best choices applied).
 from __future__ import annotations
 
 import copy
-import csv
 import json
 from pathlib import Path
 from typing import Optional
@@ -107,6 +106,7 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     from pipelines.ray_env import init_ray
 
     from .token_lm import prepare_run, run_token_space
+    from .tune_results import write_results
 
     ps = cfg.token_lm.prompt_study
     stage = RunDir(ps.out)  # a URI study directory: results are written locally, then pushed
@@ -144,40 +144,10 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
                      "error": str(r.error)[:200] if r.error else "",
                      "dir": str(locate(storage) / "study" / Path(r.path).name)})
     rows.sort(key=lambda x: -(x["objective"] if x["objective"] == x["objective"] else -1e9))
-    res = write_results(rows, cfg, out, log, name=str(stage))
+    ok = [r for r in rows if r.get("text_invariance") and r["objective"] == r["objective"] and r["objective"] > -1]
+    res = write_results(rows, ok[0] if ok else None, cfg, out, AXES, apply_choices, log=log, name=str(stage),
+                        title="Prompt study", rule="objective = min over modalities of the relative noise gap "
+                                                   "(text invariance required)", none="no trial passed text invariance")
     stage.push()
     stage.discard()
     return {**res, "out": str(stage)}
-
-
-def write_results(rows: list[dict], cfg: LumoConfig, out: Path, log=print, name: str = "") -> dict:
-    """results.csv / .md, best.json, best_config.yaml into `out`; `name` (the study's path or URI) is
-    what the log line names."""
-    name = name or str(out)
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    show = [k for k in keys if k not in ("dir", "error")]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
-    md += ["| " + " | ".join(fmt(r.get(k, "")) for k in show) + " |" for r in rows]
-    ok = [r for r in rows if r.get("text_invariance") and r["objective"] == r["objective"] and r["objective"] > -1]
-    best = ok[0] if ok else None
-    head = f"# Prompt study: {len(rows)} trials\n\nobjective = min over modalities of the relative noise gap " \
-           f"(text invariance required)\n\n"
-    head += f"**best**: {best['trial']} objective {best['objective']:.4g}: " \
-            + ", ".join(f"{k}={best[k]}" for k in AXES) + "\n\n" if best else "**no trial passed text invariance**\n\n"
-    (out / "results.md").write_text(head + "\n".join(md) + "\n")
-    res = {"pass": best is not None, "best": best, "trials": rows, "out": str(out)}
-    (out / "best.json").write_text(json.dumps({"best": best, "n_trials": len(rows)}, indent=2, default=str) + "\n")
-    if best:
-        dump_config(apply_choices(cfg, {k: best[k] for k in AXES}), out, "best_config.yaml")
-        log(f"prompt study best: {best['trial']} objective {best['objective']:.4f} ("
-            + ", ".join(f"{k}={best[k]}" for k in AXES) + f"); results in {name} (results.md)")
-    else:
-        log(f"prompt study: no trial passed text invariance; results in {name} (results.md)")
-    return res

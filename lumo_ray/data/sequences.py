@@ -7,8 +7,9 @@ Layouts ('full' delimiters; 'compact' drops the generation token and, for x2t, <
   t2a  [instr] <|text_start|> CAPTION <|text_end|> <|gen_aud|> <|aud_start|> AUD <|aud_end|>
   t    <|text_start|> TEXT <|text_end|>
 Loss only on the target span (the part after the input, including its closing token). Audio is
-cropped on frame boundaries, so position p keeps codebook p mod K: random crop in training,
-centred in eval. Boundary tokens come from the token space, never from the text tokenizer.
+cropped on frame boundaries, so position p keeps codebook p mod K: an input span at random in
+training and centred in eval, a target span (t2a) always centred (a caption cannot predict a
+random window). Boundary tokens come from the token space, never from the text tokenizer.
 """
 from __future__ import annotations
 
@@ -92,6 +93,11 @@ class SequenceBuilder:
             ids = crop_audio(ids, k, self.cfg.max_audio_tokens, rng)
         return ids
 
+    def tasks_of(self, sample: dict) -> list[str]:
+        """The layouts a sample is evaluated in: its own, plus the reverse under 'both' / 'any'."""
+        task = sample["json"]["task"]
+        return [task, REVERSE[task]] if self.cfg.layouts in ("both", "any") and task in REVERSE else [task]
+
     def task_of(self, sample: dict, rng: Optional[np.random.Generator]) -> str:
         task = sample["json"]["task"]
         if self.cfg.layouts == "both" and rng is not None and task in REVERSE and rng.random() < self.cfg.reverse_prob:
@@ -116,7 +122,9 @@ class SequenceBuilder:
             raise SequenceError(f"sample {sid}: unknown task {task!r}")
         modality = MEDIA[task]
         start, end, gen = (sp[n] for n in DELIM[modality])
-        media = self.media(sample, modality, rng) if media_override is None else np.asarray(media_override, np.int64)
+        # a target span is never a random window: the caption must be able to predict it
+        media_rng = rng if task in ("i2t", "a2t") else None
+        media = self.media(sample, modality, media_rng) if media_override is None else np.asarray(media_override, np.int64)
         if task in ("i2t", "a2t"):
             if rng is not None and self.cfg.modality_dropout > 0 and rng.random() < self.cfg.modality_dropout:
                 media = media[:0]

@@ -6,7 +6,7 @@ bottom / center. Caption e.g. "two red circles on the left"; the human prompt va
 
 Audio (AudioCaps layout: `audiocaps/audio/<audiocap_id>.wav` + `train.csv`): 2.0 s, 24 kHz mono
 16-bit PCM with 1-4 beeps of one pitch (low 330 Hz / medium 660 Hz / high 1320 Hz) and one length
-(short 0.12 s / long 0.36 s). Caption e.g. "three short high beeps".
+(short 0.12 s / long 0.36 s), centred in the clip (+-20 ms). Caption e.g. "three short high beeps".
 
 The caption is a function of the content and the content determines the caption (background,
 exact offsets and noise are nuisance). Sample i depends only on (seed, i), so a larger dataset
@@ -45,6 +45,7 @@ CLIP_SECONDS = 2.0
 PITCHES = {"low": 330.0, "medium": 660.0, "high": 1320.0}
 LENGTHS = {"short": 0.12, "long": 0.36}
 BEEP_GAP = 0.14
+ONSET_JITTER = 0.02  # seconds either side of the centred onset
 
 
 def _rng(seed: int, kind: int, i: int) -> np.random.Generator:
@@ -96,7 +97,9 @@ def make_beeps(count: int, length: str, pitch: str, rng: np.random.Generator) ->
     n = int(SAMPLE_RATE * CLIP_SECONDS)
     beep = LENGTHS[length]
     total = count * beep + (count - 1) * BEEP_GAP
-    start = rng.uniform(0.05, CLIP_SECONDS - total - 0.05)
+    # centred, with a small jitter like the images' +-2 px: a caption names no onset, so a random one
+    # would make most of a clip's codes unpredictable from its caption (t2a targets must be learnable)
+    start = (CLIP_SECONDS - total) / 2 + rng.uniform(-ONSET_JITTER, ONSET_JITTER)
     wav = rng.normal(0.0, 0.003, n)  # faint noise floor: the clip is never digital silence
     t = np.arange(int(beep * SAMPLE_RATE)) / SAMPLE_RATE
     fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.01)  # 10 ms ramps: no clicks

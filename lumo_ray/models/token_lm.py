@@ -123,10 +123,28 @@ def trainable_counts(model: torch.nn.Module, freeze: str, text_vocab: int) -> di
     return {"total": total, "trainable": trainable, "effective_trainable": effective, "freeze": freeze}
 
 
+def init_export(init: str) -> Path:
+    """The export directory of a token-LM run given as the run directory (path or URI) or its export/."""
+    from ..storage import fetch_run, is_uri
+
+    d = fetch_run(init) if is_uri(init) else Path(init)
+    for cand in (d / "export", d):
+        if (cand / "token_space.json").exists():
+            return cand
+    raise FileNotFoundError(f"{init}: neither it nor its export/ holds a token-LM export (token_space.json)")
+
+
 def warm_start(base: str, ts: TokenSpace, freeze: str = "new_rows", init_scale: float = 0.02, seed: int = 0,
-               lora=None, log=print) -> WarmStart:
-    """Load `base`, extend it to the token space and apply the freeze mode; logs trainable counts."""
-    model = extend_vocab(load_causal_lm(base, ts.text_vocab, seed), ts, init_scale, seed)
+               lora=None, log=print, init: str = "") -> WarmStart:
+    """Load `base`, extend it to the token space and apply the freeze mode; logs trainable counts.
+    init: a token-LM run (stage 4 starts from stage 3.3) whose extended vocabulary is loaded as it is,
+    after refusing another token space."""
+    if init:
+        d = init_export(init)
+        model = load_token_lm(d, expected=ts)[0].train()
+        base = f"{init} (token-LM export)"
+    else:
+        model = extend_vocab(load_causal_lm(base, ts.text_vocab, seed), ts, init_scale, seed)
     model = apply_freeze(model, freeze, ts.text_vocab, lora)
     counts = trainable_counts(model, freeze, ts.text_vocab)
     log(f"token LM warm start from {base}: vocab {ts.text_vocab} -> {ts.padded_size} rows, freeze={freeze}, "

@@ -1,0 +1,53 @@
+"""`lumo train mmpt` and `lumo tune mmpt`: stage 4 (any-to-any) commands."""
+from __future__ import annotations
+
+
+def mmpt_config(args):
+    """The config with stage 4's defaults under the file and --set (trainers.mmpt.MMPT_DEFAULTS)."""
+    from trainers.mmpt import MMPT_DEFAULTS
+
+    from .config import LumoConfig, load_config
+
+    return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [],
+                       defaults=MMPT_DEFAULTS)
+
+
+def cmd_train_mmpt(args) -> int:
+    from trainers.mmpt import run_mmpt
+
+    cfg = mmpt_config(args)
+    for k in ("shards", "base", "out"):
+        if getattr(args, k):
+            setattr(cfg.token_lm, k, getattr(args, k))
+    if args.init:
+        cfg.token_lm.mmpt.init = args.init
+    m = run_mmpt(cfg, address=args.address)
+    return 0 if m.get("eval_loss") == m.get("eval_loss") else 1
+
+
+def cmd_tune_mmpt(args) -> int:
+    from trainers.tune_mmpt import run_mmpt_study
+
+    cfg = mmpt_config(args)
+    if args.out:
+        cfg.token_lm.mmpt.study.out = args.out
+    if args.init:
+        cfg.token_lm.mmpt.init = args.init
+    res = run_mmpt_study(cfg, address=args.address)
+    return 0 if res["pass"] else 1
+
+
+def add_commands(groups: dict, common) -> None:
+    p = groups["train"].add_parser("mmpt", help="stage 4: any-to-any training on i2t/a2t/t2i/t2a (Ray Train)")
+    common(p)
+    p.add_argument("--init", help="stage-3.3 token-LM run (or its export/) to start from (default token_lm.mmpt.init)")
+    p.add_argument("--shards", help="tokenized shard directory (default token_lm.shards)")
+    p.add_argument("--base", help="base causal LM when no --init: HF dir or URI, hub id or 'tiny' (default token_lm.base)")
+    p.add_argument("--out", help="run directory, path or URI (default token_lm.out; runs/mmpt under this command)")
+    p.set_defaults(func=cmd_train_mmpt)
+
+    p = groups["tune"].add_parser("mmpt", help="Ray Tune study of the stage-4 task mix, ramp, LoRA rank, new-row and LoRA LR")
+    common(p)
+    p.add_argument("--init", help="stage-3.3 token-LM run every trial starts from (default token_lm.mmpt.init)")
+    p.add_argument("--out", help="study directory, path or URI (default token_lm.mmpt.study.out)")
+    p.set_defaults(func=cmd_tune_mmpt)

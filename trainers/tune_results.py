@@ -1,0 +1,41 @@
+"""The results of a Tune study (prompt study, stage-4 study): results.csv / .md, best.json and
+best_config.yaml in the study directory."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from lumo_ray.config import LumoConfig, dump_config
+
+
+def write_results(rows: list[dict], best: Optional[dict], cfg: LumoConfig, out: Path, axes: tuple,
+                  apply: Callable[[LumoConfig, dict], LumoConfig], log=print, name: str = "", title: str = "Study",
+                  rule: str = "", none: str = "no trial qualified") -> dict:
+    """rows: one per trial, best first; best: the chosen row or None. `name` (the study's path or URI)
+    is what the log line names; `apply` writes a choice into a config (best_config.yaml)."""
+    name = name or str(out)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    show = [k for k in keys if k not in ("dir", "error")]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
+    md += ["| " + " | ".join(fmt(r.get(k, "")) for k in show) + " |" for r in rows]
+    head = f"# {title}: {len(rows)} trials\n\n{rule}\n\n"
+    head += (f"**best**: {best['trial']} objective {best['objective']:.4g}: "
+             + ", ".join(f"{k}={best[k]}" for k in axes) + "\n\n") if best else f"**{none}**\n\n"
+    (out / "results.md").write_text(head + "\n".join(md) + "\n")
+    (out / "best.json").write_text(json.dumps({"best": best, "n_trials": len(rows)}, indent=2, default=str) + "\n")
+    if best:
+        dump_config(apply(cfg, {k: best[k] for k in axes}), out, "best_config.yaml")
+        log(f"{title.lower()} best: {best['trial']} objective {best['objective']:.4f} ("
+            + ", ".join(f"{k}={best[k]}" for k in axes) + f"); results in {name} (results.md)")
+    else:
+        log(f"{title.lower()}: {none}; results in {name} (results.md)")
+    return {"pass": best is not None, "best": best, "trials": rows, "out": str(out)}
