@@ -157,3 +157,20 @@ def test_cli_trains_on_ray_with_two_workers(data, stage33, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert rc == 0 and m["steps"] == 4 and set(m["eval"]) >= {"i2t", "a2t", "t2i", "t2a"}
     assert (out / "golden" / "step_4" / "golden.json").exists() and (out / "export" / "token_space.json").exists()
+
+
+def test_reference_stage4_config_loads_and_status_checks_it():
+    from pipelines.status import config_asks, fit_problems, local_offer
+    from trainers.mmpt import check_mmpt
+    from lumo_ray.uti import build_token_space
+
+    cfg = load_config(LumoConfig, Path(__file__).resolve().parents[1] / "configs" / "reference" / "stage4_mmpt.yaml",
+                      defaults=MMPT_DEFAULTS)
+    check_mmpt(cfg)
+    c = cfg.token_lm
+    assert c.base == "Qwen/Qwen3-8B-Base" and c.freeze == "lora" and c.lora.r == 8 and len(c.lora.target_modules) == 7
+    assert (c.train.steps, c.train.lr, c.new_row_lr) == (2000, 5e-5, 5e-4)
+    assert build_token_space(cfg.uti).total == 164021  # SPEC §3 reference layout, from declared sizes
+    asks = {a["what"]: a for a in config_asks(cfg)}
+    assert asks["token_lm.train workers"]["count"] == 8 and asks["token_lm.train workers"]["gpus"] == 1.0
+    assert any("token_lm.train workers" in p for p in fit_problems(list(asks.values()), local_offer()))

@@ -284,3 +284,24 @@ def test_report_makes_no_network_requests(rendered, tmp_path):
     blocked = render(leaky, tmp_path / "p2")
     assert [f.get("blockedReason") for f in blocked["failed"]] == ["csp"], blocked["failed"]
     assert any("Content Security Policy" in e.get("text", "") for e in blocked["log"]), blocked["log"]
+
+
+def test_golden_generations_show_as_a_grid_with_players(tmp_path):
+    """Stage 4's golden generations (real constrained generations of a tiny run, decoded by the real
+    codecs) appear as images with their prompts, audio players and generated captions."""
+    from lumo_ray.eval.golden import golden_html, write_golden
+    from lumo_ray.generate import load_run
+    from test_generate_decode import make_tiny_run
+
+    run = load_run(make_tiny_run(tmp_path / "run"))
+    g = write_golden(run, tmp_path / "golden", n=2, seed=0)
+    page = report.write_report(tmp_path, "lumo demo", [{"stage": "mmpt", "pass": True, "seconds": 1.0, "dir": "x"}],
+                               [("mmpt", golden_html(tmp_path / "golden", "golden generations, step 6"))])
+    dom = render(page, tmp_path / "profile")["dom"]
+    t2i = [r["prompt"] for r in g["rows"] if r["task"] == "t2i"]
+    imgs = {i["alt"]: i for i in dom["imgs"]}
+    assert set(t2i) <= set(imgs) and all(imgs[c]["nw"] == run.adapters.image.image_size for c in t2i)
+    assert len(dom["audio"]) == 2 and all(a["error"] is None and a["duration"] > 0.1 for a in dom["audio"])
+    texts = [r["text"] for r in g["rows"] if r["task"] in ("i2t", "a2t")]
+    assert len(texts) == 4 and all(t.strip()[:10] in dom["text"] for t in texts if t.strip())
+    assert "golden generations, step 6" in dom["text"] and all(c in dom["text"] for c in t2i)
