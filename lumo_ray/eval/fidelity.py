@@ -23,21 +23,27 @@ n, the mean per-sample gap generated - swapped with a seeded bootstrap 95% CI an
 (share of samples where only the generated code is read right). Other attributes are reported.
 
 Probe choice (why): per attribute, a multinomial logistic regression (weak L2, fitted with L-BFGS
-in float64 from zeros under one torch thread: deterministic, and no scikit-learn needed) over bags of
-codes. Bags need no trained representation of the codec, so the probe works for any codebook
-(random-init or trained): a colour or a pitch shows up as the codes its patches / frames quantize
-to. Position and count need where the codes sit, so there is a second, larger feature set: images
-add bags per coarse spatial block (the grid is g x g tokens in row-major order; 2x2 and 3x3 blocks),
-audio (interleaved by codebook: position p is codebook p mod K) adds bags per codebook over 4 time
-bins. Which set an attribute uses (whole-span bags alone, or with the regional ones) is chosen by
-3-fold cross-validation on the train split: on the tiny synthetic sets colour reads better from the
-whole-grid bag (the regional bags dilute the few object codes), position needs the blocks. Each bag
-is normalized to frequencies and square-rooted (Hellinger: a few frequent background codes do not
-drown the rare object codes), then centred on the train mean. Audio codes are cropped exactly as the
-model's t2a target is (the centred crop to the generated length), so real and generated clips cover
-the same span. A linear probe is deliberately weak: what it reads in generated codes is there in
-the codes, not invented by a flexible classifier. Fitted probes are cached in-process by a digest
-of their training data (the same shards are probed once per process).
+in float64 from zeros under one torch thread: deterministic, and no scikit-learn needed) on one of a
+few candidate feature sets, chosen per attribute by 3-fold cross-validation on the train split:
+
+- codes: a bag of the span's codes (global ids mapped to local codes through the token-space
+  ranges). Needs nothing of the codec, so it works for any codebook; for audio (EnCodec) it reads
+  pitch and length.
+- codes+blocks / codes+bins: plus bags per coarse region, for position and count. Images: the grid
+  is g x g tokens in row-major order, bags per 2x2 and 3x3 block. Audio is interleaved by codebook
+  (position p holds codebook p mod K): bags per codebook, whole clip and 4 time bins.
+- pixels / pixels+blocks (images): colour histograms (RGB at 6 levels) of the image the run's codec
+  decodes from the codes, whole and per block. Still a function of the codes alone (the decoder is
+  fixed), and exactly what a user sees. Needed because a trained VQ spreads one colour over many
+  codes that also encode edges and background: on the test shards the code bags read colour at
+  ~0.6, the decoded colours at 1.0 (with the earlier random-init VQ, code bags read 0.73).
+
+Each bag is normalized to frequencies and square-rooted (Hellinger: a few frequent background codes
+or colours do not drown the rare object ones), then centred on the train mean. Audio codes are
+cropped exactly as the model's t2a target is (the centred crop to the generated length), so real
+and generated clips cover the same span. A linear probe is deliberately weak: what it reads in
+generated codes is there, not invented by a flexible classifier. Fitted probes are cached
+in-process by a digest of their training data (the same shards are probed once per process).
 
 No Ray here: plain NumPy / PyTorch.
 """
@@ -71,6 +77,8 @@ IMAGE_GRIDS = (1, 2, 3)
 """Spatial bags: whole grid, 2x2 and 3x3 blocks."""
 AUDIO_BINS = (1, 4)
 """Temporal bags per codebook: whole clip and 4 time bins."""
+PIXEL_LEVELS = 6
+"""Image pixel features: RGB quantized to 6 levels per channel (216 colour bins)."""
 L2 = 1e-3
 """L2 weight of the probes (features are square-rooted frequencies, so weights are large: a weak
 penalty; on the tiny synthetic sets 1e-4..1e-2 read the same within noise)."""
@@ -170,21 +178,41 @@ def _edges(n: int, b: int) -> np.ndarray:
     return np.linspace(0, n, b + 1).round().astype(int)
 
 
-def image_features(ts: TokenSpace, ids: np.ndarray, tokens: int) -> Optional[np.ndarray]:
-    """Bags over the whole grid and its 2x2 / 3x3 blocks; None when the span is not a g x g grid of
-    image ids of the expected length."""
+def _block_bags(grid: np.ndarray, size: int) -> list[np.ndarray]:
+    """Bags of a 2-D array of symbols over the whole array, then its 2x2 and 3x3 blocks."""
+    h, w = grid.shape
+    out = []
+    for b in IMAGE_GRIDS:
+        eh, ew = _edges(h, b), _edges(w, b)
+        out += [_bag(grid[eh[i]:eh[i + 1], ew[j]:ew[j + 1]].ravel(), size) for i in range(b) for j in range(b)]
+    return out
+
+
+def pixel_features(img: np.ndarray) -> np.ndarray:
+    """Colour histograms (RGB quantized to PIXEL_LEVELS^3 bins) of a decoded image, whole + blocks."""
+    q = np.asarray(img, np.int64)[..., :3] * PIXEL_LEVELS // 256
+    sym = (q[..., 0] * PIXEL_LEVELS + q[..., 1]) * PIXEL_LEVELS + q[..., 2]
+    return np.concatenate(_block_bags(sym, PIXEL_LEVELS ** 3))
+
+
+def image_features(ts: TokenSpace, ids: np.ndarray, tokens: int,
+                   decode: Optional[Callable] = None) -> Optional[np.ndarray]:
+    """Code bags over the whole grid and its 2x2 / 3x3 blocks, then (with `decode`, the codec's
+    codes -> image) the colour histograms of the decoded image; None when the span is not a g x g
+    grid of image ids of the expected length, or does not decode."""
     r = ts.range("IMAGE")
     g = _media_body(ts, ids)
     side = math.isqrt(tokens)
     if g.size != tokens or side * side != tokens or ((g < r.start) | (g >= r.stop)).any():
         return None
-    grid = (g - r.start).reshape(side, side)
-    feats = []
-    for b in IMAGE_GRIDS:
-        e = _edges(side, b)
-        for i in range(b):
-            for j in range(b):
-                feats.append(_bag(grid[e[i]:e[i + 1], e[j]:e[j + 1]].ravel(), r.size))
+    feats = _block_bags((g - r.start).reshape(side, side), r.size)
+    if decode is not None:
+        try:
+            with torch_threads(1):
+                img = decode(g - r.start, seed=0)
+        except Exception:  # an undecodable span is unreadable (scored wrong), not a crash
+            return None
+        feats.append(pixel_features(img))
     return np.concatenate(feats)
 
 
@@ -205,9 +233,17 @@ def audio_features(ts: TokenSpace, ids: np.ndarray, tokens: int) -> Optional[np.
     return np.concatenate(feats)
 
 
-def global_dims(ts: TokenSpace, modality: str) -> int:
-    """Leading feature columns that are the whole-span bags (image grid / audio clip per codebook)."""
-    return ts.range("IMAGE").size if modality == "image" else ts.num_codebooks * ts.audio_ranges[0].size
+def feature_sets(ts: TokenSpace, modality: str, pixels: bool) -> dict[str, np.ndarray]:
+    """Candidate feature sets (column indices), simplest first; each attribute picks one by CV."""
+    if modality == "audio":
+        whole = ts.num_codebooks * ts.audio_ranges[0].size
+        return {"codes": np.arange(whole), "codes+bins": np.arange(whole * sum(AUDIO_BINS))}
+    size, blocks = ts.range("IMAGE").size, sum(b * b for b in IMAGE_GRIDS)
+    sets = {"codes": np.arange(size), "codes+blocks": np.arange(size * blocks)}
+    if pixels:
+        o, p = size * blocks, PIXEL_LEVELS ** 3
+        sets.update({"pixels": np.arange(o, o + p), "pixels+blocks": np.arange(o, o + p * blocks)})
+    return sets
 
 
 # -- the probe ----------------------------------------------------------------------------------
@@ -232,38 +268,40 @@ def _fit_softmax(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> tuple[t
 class AttributeProbe:
     classes: tuple
     features: str
-    """'global' (whole-span bags only) or 'regions' (plus the spatial blocks / time bins)."""
-    dims: int
-    """Leading feature columns used."""
+    """The feature set used (a key of feature_sets)."""
+    cols: np.ndarray
+    """Its feature columns."""
     w: np.ndarray
     b: np.ndarray
     cv_accuracy: dict
-    """3-fold CV accuracy on the train split per feature set."""
+    """3-fold CV accuracy on the train split per candidate feature set."""
     train_n: int
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.argmax(x[:, : self.dims] @ self.w + self.b, axis=1)
+        return np.argmax(x[:, self.cols] @ self.w + self.b, axis=1)
 
 
-def fit_attribute(x: np.ndarray, labels: list, classes: tuple, seed: int, global_cols: int) -> AttributeProbe:
-    """Multinomial logistic regression (L2 = L2 constant); the feature set (whole-span bags, or those
-    plus the regional bags) chosen by 3-fold CV on the train split (ties: the smaller set)."""
+def fit_attribute(x: np.ndarray, labels: list, classes: tuple, seed: int,
+                  sets: dict[str, np.ndarray]) -> AttributeProbe:
+    """Multinomial logistic regression (L2 = L2 constant) on the feature set with the best 3-fold CV
+    accuracy on the train split (ties: the earlier, simpler set)."""
     y = np.array([classes.index(v) for v in labels], np.int64)
     k = len(classes)
-    sets = {"global": global_cols, "regions": x.shape[1]}
+    order = {n: i for i, n in enumerate(sets)}
     with torch_threads(1):
         xt, yt = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y)
         folds = np.random.default_rng([seed, 17]).permutation(len(y)) % CV_FOLDS
         cv = {}
-        for name, d in sets.items():
+        for name, cols in sets.items():
+            xs = xt[:, torch.as_tensor(cols)]
             hit = 0
             for f in range(CV_FOLDS):
                 tr, te = np.nonzero(folds != f)[0], np.nonzero(folds == f)[0]
-                w, b = _fit_softmax(xt[tr, :d], yt[tr], k, L2)
-                hit += int(((xt[te, :d] @ w + b).argmax(1) == yt[te]).sum())
+                w, b = _fit_softmax(xs[tr], yt[tr], k, L2)
+                hit += int(((xs[te] @ w + b).argmax(1) == yt[te]).sum())
             cv[name] = hit / len(y)
-        best = max(sets, key=lambda n: (cv[n], n == "global"))
-        w, b = _fit_softmax(xt[:, : sets[best]], yt, k, L2)
+        best = max(sets, key=lambda n: (cv[n], -order[n]))
+        w, b = _fit_softmax(xt[:, torch.as_tensor(sets[best])], yt, k, L2)
     return AttributeProbe(tuple(classes), best, sets[best], w.numpy(), b.numpy(), cv, len(y))
 
 
@@ -275,12 +313,13 @@ class ModalityProbe:
     tokens: int
     """Image: tokens per image; audio: ids the clips are cropped to (the generated length)."""
     mean: np.ndarray
+    decode: Optional[Callable] = None
+    """Image: the codec's decoder (codes -> uint8 image) for the pixel feature sets."""
     attributes: dict[str, AttributeProbe] = field(default_factory=dict)
 
     def features(self, spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(features centred on the train mean, readable mask): unreadable spans get zero rows."""
-        fn = image_features if self.modality == "image" else audio_features
-        rows = [fn(self.ts, s, self.tokens) for s in spans]
+        rows = [_features(self.ts, self.modality, s, self.tokens, self.decode) for s in spans]
         ok = np.array([r is not None for r in rows], bool)
         x = np.zeros((len(rows), self.mean.size))
         for i, r in enumerate(rows):
@@ -298,38 +337,49 @@ class ModalityProbe:
         return out
 
 
+def _features(ts: TokenSpace, modality: str, ids: np.ndarray, tokens: int,
+              decode: Optional[Callable]) -> Optional[np.ndarray]:
+    if modality == "image":
+        return image_features(ts, ids, tokens, decode)
+    return audio_features(ts, ids, tokens)
+
+
 _PROBES: dict[str, ModalityProbe] = {}
 
 
-def fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, seed: int = 0) -> ModalityProbe:
-    """Fit every attribute of a modality on real (train-split) items (cached by a digest of the inputs)."""
-    h = hashlib.sha256(json.dumps([modality, tokens, seed, ts.hash, L2, IMAGE_GRIDS, AUDIO_BINS]).encode())
+def fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, seed: int = 0,
+              decode: Optional[Callable] = None) -> ModalityProbe:
+    """Fit every attribute of a modality on real (train-split) items. decode (images): the codec's
+    codes -> image, which adds the pixel feature sets. Cached by a digest of the inputs (the token
+    space hash names the codec)."""
+    h = hashlib.sha256(json.dumps([modality, tokens, seed, ts.hash, L2, IMAGE_GRIDS, AUDIO_BINS, PIXEL_LEVELS,
+                                   decode is not None]).encode())
     for it in items:
         h.update(json.dumps([it.id, it.attrs]).encode())
         h.update(np.ascontiguousarray(it.ids, np.int64).tobytes())
     key = h.hexdigest()
     if key not in _PROBES:
-        _PROBES[key] = _fit_probe(ts, modality, items, tokens, seed)
+        _PROBES[key] = _fit_probe(ts, modality, items, tokens, seed, decode)
     return _PROBES[key]
 
 
-def _fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, seed: int) -> ModalityProbe:
+def _fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, seed: int,
+               decode: Optional[Callable]) -> ModalityProbe:
     if len(items) < 2 * CV_FOLDS:
         raise ValueError(f"{len(items)} {modality} train samples: too few to fit the attribute probe")
-    fn = image_features if modality == "image" else audio_features
     rows = []
     for it in items:
-        f = fn(ts, it.ids, tokens)
+        f = _features(ts, modality, it.ids, tokens, decode)
         if f is None:
             raise ValueError(f"train sample {it.id}: {modality} span of {it.ids.size} ids is not readable")
         rows.append(f)
     x = np.stack(rows)
     mean = x.mean(axis=0)
     x = x - mean
-    probe = ModalityProbe(modality, ts, tokens, mean)
+    probe = ModalityProbe(modality, ts, tokens, mean, decode)
+    sets = feature_sets(ts, modality, decode is not None)
     for a in ATTRIBUTES[modality]:
-        probe.attributes[a] = fit_attribute(x, [it.attrs[a] for it in items], CLASSES[modality][a], seed,
-                                            global_dims(ts, modality))
+        probe.attributes[a] = fit_attribute(x, [it.attrs[a] for it in items], CLASSES[modality][a], seed, sets)
     return probe
 
 
@@ -495,7 +545,8 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
             continue
         tokens = (run.adapters.image.tokens_per_image if m == "image"
                   else audio_frames(run, opts) * run.ts.num_codebooks)
-        probes[m] = fit_probe(run.ts, m, train[m], tokens, cfg.seed)
+        probes[m] = fit_probe(run.ts, m, train[m], tokens, cfg.seed,
+                              run.adapters.image.decode if m == "image" else None)
         items[m] = select_eval(evals[m], cfg.n, cfg.seed, m)
         keys = [[str(it.attrs[a]) for a in cfg.gated.get(m, [])] or [it.caption] for it in items[m]]
         partners[m] = _swap_partners(keys, np.random.default_rng([cfg.seed, len(m), 29]))
@@ -508,8 +559,9 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
     rep.update(run=run.name, shards=str(shards), split=cfg.split,
                generation={k: v for k, v in asdict(opts).items() if k in ("seed", "temperature", "top_k", "batch_size",
                                                                           "constrained")},
-               probe={"features": {"image": f"sqrt-frequency bags over the grid and its {IMAGE_GRIDS[1:]} blocks",
-                                   "audio": f"sqrt-frequency bags per codebook over the clip and {AUDIO_BINS[1]} time bins"},
+               probe={"features": {"image": "sqrt-frequency bags of the codes, or of the decoded image's colours "
+                                            f"({PIXEL_LEVELS}^3 bins), over the whole grid (+ its 2x2 and 3x3 blocks)",
+                                   "audio": f"sqrt-frequency bags per codebook over the clip (+ {AUDIO_BINS[1]} time bins)"},
                       "classifier": f"multinomial logistic regression (L2 {L2}, L-BFGS, float64; feature set by 3-fold CV)",
                       "train_n": {m: len(train[m]) for m in probes},
                       "tokens": {m: p.tokens for m, p in probes.items()}})
