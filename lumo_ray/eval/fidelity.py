@@ -557,8 +557,7 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
         log(f"  {m}: probe fitted on {len(train[m])} train samples; generated {len(prompts)} x 2 ({task})")
     rep = score_generations(probes, items, gen, swp, cfg)
     rep.update(run=run.name, shards=str(shards), split=cfg.split,
-               generation={k: v for k, v in asdict(opts).items() if k in ("seed", "temperature", "top_k", "batch_size",
-                                                                          "constrained")},
+               generation={k: getattr(opts, k) for k in ("seed", "temperature", "top_k", "batch_size", "constrained")},
                probe={"features": {"image": "sqrt-frequency bags of the codes, or of the decoded image's colours "
                                             f"({PIXEL_LEVELS}^3 bins), over the whole grid (+ its 2x2 and 3x3 blocks)",
                                    "audio": f"sqrt-frequency bags per codebook over the clip (+ {AUDIO_BINS[1]} time bins)"},
