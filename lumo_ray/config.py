@@ -229,6 +229,9 @@ class CodecTrainConfig:
     """Linear warmup steps."""
     beta: float = 0.25
     """VQ commitment weight: loss = L1 + MSE (pixels in [-1, 1]) + |sg(z) - e|^2 + beta |z - sg(e)|^2."""
+    fg_weight: float = 4.0
+    """Extra L1 / MSE weight on foreground pixels (those far from the image's median colour): small
+    shapes are a few percent of the pixels, so an unweighted loss hardly sees their colour."""
     restart_every: int = 100
     """Every this many steps, codes unused since the last restart move onto random encoder latents
     of the current batch (dead-code restarts keep the codebook used); 0 disables."""

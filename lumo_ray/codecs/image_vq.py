@@ -27,10 +27,10 @@ from .base import IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity
 
 # diffusers VQModel kwargs. Downsampling factor = 2 ** (len(block_out_channels) - 1).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
-    # 240k parameters (0.96 MB in float32): encoder features of 16 channels, projected (PCA init) to
-    # 4-d codebook vectors; no mid-block attention (global mixing would make every cell depend on the
+    # 241k parameters (0.97 MB in float32): encoder features of 16 channels, projected (PCA init) to
+    # 8-d codebook vectors; no mid-block attention (global mixing would make every cell depend on the
     # whole image)
-    "tiny": dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, vq_embed_dim=4,
+    "tiny": dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, vq_embed_dim=8,
                  norm_num_groups=8, num_vq_embeddings=256, mid_block_add_attention=False),
     # taming-transformers VQ-GAN f16-16384: ch=128, ch_mult=(1,1,2,2,4), 2 res blocks, z=embed=256
     "full": dict(block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=256,

@@ -4,7 +4,9 @@
 SkipInit encoder, PCA quant_conv, k-means codebook) and trains every weight on synthetic shape
 images (drawn like lumo_ray.data.synth) plus generic procedural images:
 
-    loss = L1(x, x^) + MSE(x, x^) + |sg(z) - e|^2 + beta |z - sg(e)|^2     (pixels in [-1, 1])
+    loss = w.L1(x, x^) + w.MSE(x, x^) + |sg(z) - e|^2 + beta |z - sg(e)|^2     (pixels in [-1, 1])
+
+(w: per-pixel weights, 1 + fg_weight on foreground pixels, see `foreground_weights`)
 
 with the straight-through estimator, and dead-code restarts (codes unused since the last restart
 move onto random encoder latents of the current batch). One thread, a seeded data order and seeded
@@ -74,7 +76,19 @@ def _lr(step: int, c: CodecTrainConfig) -> float:
     return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
-def vq_step_loss(model: Any, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+def foreground_weights(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, H, W]: 1 + fg_weight where a pixel differs from its image's
+    per-channel median (the background) by more than 0.3 summed over channels (pixels in [-1, 1]).
+    Small shapes are a few percent of the pixels: unweighted, the loss hardly sees their colour."""
+    if fg_weight <= 0:
+        return torch.ones_like(x[:, :1])
+    bg = x.flatten(2).median(dim=2).values[:, :, None, None]
+    fg = ((x - bg).abs().sum(1, keepdim=True) > 0.3).to(x.dtype)
+    return 1.0 + fg_weight * fg
+
+
+def vq_step_loss(model: Any, x: torch.Tensor, beta: float, fg_weight: float = 0.0
+                 ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """One forward pass: (loss, parts, code indices [B*g*g], encoder latents [B*g*g, D])."""
     z = model.quant_conv(model.encoder(x))  # [B, D, g, g]
     b, d, g, _ = z.shape
@@ -86,7 +100,8 @@ def vq_step_loss(model: Any, x: torch.Tensor, beta: float) -> tuple[torch.Tensor
     vq = F.mse_loss(zq, zf.detach()) + beta * F.mse_loss(zf, zq.detach())
     zst = (zf + (zq - zf).detach()).reshape(b, g, g, d).permute(0, 3, 1, 2)
     xr = model.decoder(model.post_quant_conv(zst))
-    l1, mse = F.l1_loss(xr, x), F.mse_loss(xr, x)
+    w = foreground_weights(x, fg_weight)
+    l1, mse = (w * (xr - x).abs()).mean(), (w * (xr - x) ** 2).mean()
     loss = l1 + mse + vq
     return loss, {"l1": l1.item(), "mse": mse.item(), "vq": vq.item()}, idx, zf.detach()
 
@@ -146,7 +161,7 @@ def _train(c: CodecTrainConfig, log: Callable, report: Callable | None, out_dir:
         pos += c.batch
         for gr in opt.param_groups:
             gr["lr"] = _lr(step - 1, c)
-        loss, lp, idx, zf = vq_step_loss(model, x, c.beta)
+        loss, lp, idx, zf = vq_step_loss(model, x, c.beta, c.fg_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
