@@ -1,4 +1,5 @@
-"""`lumo uti audit` (SPEC §6): passes on the tiny preset, fails against a baseline that claims better quality."""
+"""`lumo uti audit` (SPEC §6): passes on the tiny preset (with the trained tiny VQ codec's reconstruction
+floors), fails against a baseline that claims better quality or with a doctored decoder."""
 import json
 import subprocess
 import sys
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lumo_ray.eval.audit import compare_to_baseline
+from lumo_ray.eval.audit import (TINY_VQ_PSNR_FLOOR, TINY_VQ_SSIM_FLOOR, compare_to_baseline,
+                                  tiny_vq_floor_check)
 
 
 def audit(out: Path, real: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -32,6 +34,30 @@ def test_audit_passes_on_tiny_preset(baseline_run):
     assert any(k.startswith("real:") for k in rep["per_input"]) and "gen:sine_sweep" in rep["per_input"]
     assert all(rep["metrics"][k] is not None for k in ("audio_snr_db", "audio_log_mel_l1", "image_psnr", "image_ssim"))
     assert (out / "recon.wav").exists() and (out / "recon.png").exists()
+    # the trained tiny VQ preset is gated on synthetic reconstruction; real images are reported (no floor)
+    assert rep["checks"]["image_tiny_synth_psnr_floor"] is True and rep["checks"]["image_tiny_synth_ssim_floor"] is True
+    assert rep["metrics"]["image_synth_psnr"] >= TINY_VQ_PSNR_FLOOR and rep["metrics"]["image_synth_ssim"] >= TINY_VQ_SSIM_FLOOR
+    assert rep["metrics"]["image_real_psnr"] is not None and rep["metrics"]["image_real_ssim"] is not None
+    assert rep["details"]["image_tiny_synth"]["psnr_floor"] == 22.0 and rep["details"]["image_tiny_synth"]["ssim_floor"] == 0.70
+
+
+def test_tiny_vq_floor_fails_a_doctored_decoder():
+    """Beside the passing shipped weights, a zeroed or random decoder fails the floors."""
+    import torch
+
+    from lumo_ray.codecs.image_vq import build_vq_adapter
+    from lumo_ray.config import ImageConfig, RuntimeConfig
+
+    good = tiny_vq_floor_check(build_vq_adapter(ImageConfig(), RuntimeConfig()), n=8)
+    assert good["psnr_pass"] and good["ssim_pass"], good
+    for doctor in ("zero", "random"):
+        a = build_vq_adapter(ImageConfig(), RuntimeConfig())
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in a.model.decoder.parameters():
+                p.copy_(torch.zeros_like(p) if doctor == "zero" else 0.1 * torch.randn(p.shape, generator=g))
+        bad = tiny_vq_floor_check(a, n=8)
+        assert not bad["psnr_pass"] and bad["psnr"] < 15.0, (doctor, bad)
 
 
 def test_audit_against_own_baseline_passes_and_doctored_fails(baseline_run, tmp_path, real_data):

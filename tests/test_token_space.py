@@ -160,3 +160,32 @@ def test_seed_real_weights_identity_is_a_content_digest(tmp_path):
     c = ImageConfig(kind="seed", model="real", seed_weights=weights(tmp_path / "c", b"two"))
     assert image_model_identity(a) == image_model_identity(b) != image_model_identity(c)
     assert str(tmp_path) not in image_model_identity(a)
+
+
+def test_tiny_vq_identity_is_the_weights_digest_and_one_weight_changes_the_hash(tmp_path, monkeypatch):
+    """The trained tiny VQ preset is named by the sha256 of its shipped weights: a copy with one
+    weight changed is another token space (and the untrained init of another seed is another one)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lumo_ray.codecs import base
+
+    sets = ["uti.image.kind=vq", "uti.image.model=tiny", "uti.image.resolution=32", "uti.image.seed=0",
+            "uti.image.codebook_size=256", "uti.image.tokens_per_image=64"]
+    a = ref_space(*sets)
+    digest = hashlib.sha256(base.TINY_VQ_WEIGHTS.read_bytes()).hexdigest()
+    assert a.adapters["image"]["model"] == f"tiny@sha256:{digest}"
+    assert ref_space(*sets).hash == a.hash
+    sd = load_file(str(base.TINY_VQ_WEIGHTS))
+    key = sorted(sd)[0]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] += torch.tensor(1e-3, dtype=sd[key].dtype)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(base, "TINY_VQ_WEIGHTS", tmp_path / "model.safetensors")
+    b = ref_space(*sets)
+    assert b.adapters["image"]["model"].startswith("tiny@sha256:") and b.hash != a.hash
+    monkeypatch.undo()
+    c = ref_space(*sets[:3], "uti.image.seed=1", *sets[4:])
+    assert c.adapters["image"]["model"] == "tiny-init@seed1" and c.hash != a.hash

@@ -170,7 +170,7 @@ def _fit_tiny(model: Any, seed: int, resolution: int) -> None:
        whole image into every cell; without them a cell's latent depends on its neighbourhood only;
     2. quant_conv = PCA of the encoder features over a generic procedural image set (flat and
        gradient backgrounds, random rectangles / ellipses / triangles in random colours), so the
-       4-d codebook space keeps the directions the features vary most in; post_quant_conv maps
+       codebook space keeps the directions the features vary most in; post_quant_conv maps
        back (the transpose);
     3. codebook = seeded k-means (k-means++ init, fixed iterations) of those projected latents.
     Statistics in float64; every step is a function of (seed, resolution, codebook size)."""
