@@ -197,8 +197,9 @@ class DemoConfig:
     lm_images: int = 1024
     """Synthetic images of the token-LM stage (with 48 the token LM memorised its ~36 training
     images and the image modality ablation failed; see docs/stage3_token_lm.md)."""
-    lm_audio: int = 128
-    """Synthetic clips of the token-LM stage."""
+    lm_audio: int = 384
+    """Synthetic clips of the token-LM and stage-4 stages (with 128, ~96 training clips, stage 4 learned
+    that a t2a prompt is there but not which one; docs/stage4_mmpt.md)."""
     gate_n: int = 64
     """Golden prompts per task of the decode-compliance gate."""
     seed: int = 0

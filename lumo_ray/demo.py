@@ -22,10 +22,8 @@ from .runtime import torch_threads
 
 
 def _real_data(cfg: LumoConfig) -> Path:
-    p = Path(cfg.audit.real_data)
-    if not p.exists():
-        raise FileNotFoundError(f"real data folder {p} not found (set --set audit.real_data=PATH)")
-    return p
+    from .packaged import real_data_dir
+    return real_data_dir(cfg.audit.real_data)
 
 
 def stage_uti(cfg: LumoConfig, out: Path, log) -> dict:
@@ -153,22 +151,70 @@ def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str |
                    f"{html.escape(json.dumps({a: b for a, b in v.items() if a != 'pass'}, default=str)[:300])}</li>"
                    for k, v in st.items())
     return {"pass": res["pass"], **flat, "_run": str(out / "token_lm"), "_shards": str(shards),
+            "_base": str(out / "lm" / "export"),
             "_html": f"<ul>{rows}</ul>" + report.bar_chart("token LM modality ablation: loss gap (nats)", bars, width=640)}
 
 
+def stage_mmpt(cfg: LumoConfig, out: Path, log, address: str | None, init_run: str, shards: str, base: str,
+               config: str | None = None, sets: list[str] | None = None) -> dict:
+    """Stage 4: any-to-any training from the stage-3.3 run (2 DDP workers), golden generations at every
+    checkpoint, the modality ablation (reading still works) and generation fidelity on the stage-4 run."""
+    from .demo_lm import DEMO_DATA
+    from .demo_mmpt import mmpt_demo_config, run_mmpt_demo
+    from .eval.golden import golden_html
+    mcfg = mmpt_demo_config(DEMO_DATA, config, sets)
+    res = run_mmpt_demo(out, Path(shards), Path(init_run), Path(base), mcfg, log=log, address=address)
+    st = res["stages"]
+    tr = st.get("train", {})
+    curves: dict[str, list] = {}
+    for e in tr.get("evals", []):
+        for k, v in e.items():
+            if k.startswith("eval_") and k != "eval_loss":
+                curves.setdefault(f"eval {k[5:]}", []).append((e["step"], v))
+    losses = "".join(f"<tr><td>{t}</td><td>{tr.get('train', {}).get(t, '-')}</td><td>{v}</td></tr>"
+                     for t, v in tr.get("eval", {}).items())
+    fid = st.get("fidelity", {}).get("attributes", {})
+    fid_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{_r(v.get(c), 3)}</td>" for c in ("chance", "ceiling", "generated", "swapped"))
+        + f"<td>{'gated: ' + ('PASS' if v.get('pass') else 'FAIL') if v.get('gated') else 'reported'}</td></tr>"
+        for k, v in fid.items())
+    grids = "".join(golden_html(out / "mmpt" / g, f"golden generations, {g.split('/')[-1].replace('_', ' ')}")
+                    for g in tr.get("golden", [])[-2:])
+    verdicts = "".join(f"<li>{'PASS' if v['pass'] else 'FAIL'} {html.escape(k)}"
+                       + (f": {html.escape(v['error'])}" if "error" in v else "") + "</li>" for k, v in st.items())
+    return {"pass": res["pass"], **{f"{k}_pass": v["pass"] for k, v in st.items()},
+            "_run": res["run"], "_shards": shards,
+            "_html": f"<ul>{verdicts}</ul><p>Text invariance does not apply: stage 4 trains beyond the new rows "
+                     f"(freeze={mcfg.token_lm.freeze}), so text logits change by design.</p>"
+                     f"<table><tr><th>task</th><th>train loss (last interval)</th><th>eval loss</th></tr>{losses}</table>"
+                     + report.line_chart("stage-4 eval loss per task", curves)
+                     + (f"<table><tr><th>attribute</th><th>chance</th><th>real eval (ceiling)</th><th>generated</th>"
+                        f"<th>swapped caption</th><th>verdict</th></tr>{fid_rows}</table>" if fid_rows else "")
+                     + grids}
+
+
 def stage_generate(cfg: LumoConfig, out: Path, log, run_dir: str, shards: str) -> dict:
-    """Stage 3.4: constrained generation from the token LM, the decode-compliance and prompt-ablation gates."""
+    """Stage 3.4 on the stage-4 run: constrained generation, the decode-compliance and prompt-ablation gates."""
     from .eval.gates import run_decode_gate, run_prompt_gate
     from .generate import generate, load_run
     run = load_run(run_dir)
     files = []
-    for task, prompt in (("t2i", "two red circles on the left"), ("t2a", "three short high beeps")):
-        rows = generate(run, task, out / task, prompt=prompt, n=2, log=log)
-        files += [Path(r["path"]) for r in rows if r.get("path")]
+    for task, prompt in (("t2i", "two red circles on the left"), ("t2i", "one blue square in the center"),
+                         ("t2a", "three short high beeps"), ("t2a", "one long low beep")):
+        rows = generate(run, task, out / task / prompt.replace(" ", "_"), prompt=prompt, n=2, log=log)
+        files += [Path(r["file"]) for r in rows if r.get("file")]
     dec = run_decode_gate(run, out / "gate_decode", n=cfg.demo.gate_n, log=log)
     pr = run_prompt_gate(run, out / "gate_prompts", shards=shards, log=log)
+    rows = "".join(f"<tr><td>{t}</td><td>{r['n']}</td><td>{_r(r.get('swapped', {}).get('win'), 2)}</td>"
+                   f"<td>{_r(r.get('empty', {}).get('win'), 2)}</td><td>{'PASS' if r['pass'] else 'FAIL'}</td></tr>"
+                   for t, r in pr["tasks"].items())
     return {"pass": dec["pass"] and pr["pass"], "decode_gate": dec["pass"], "prompt_gate": pr["pass"],
-            "_html": f"<p>decode gate {'PASS' if dec['pass'] else 'FAIL'}, prompt gate {'PASS' if pr['pass'] else 'FAIL'}</p>"
+            **{f"{t}_win_swapped": _r(r.get("swapped", {}).get("win"), 3) for t, r in pr["tasks"].items()},
+            "_html": f"<p>decode compliance {'PASS' if dec['pass'] else 'FAIL'} ({cfg.demo.gate_n} golden prompts per task); "
+                     f"prompt ablation {'PASS' if pr['pass'] else 'FAIL'} (win rate of the true caption's target loss: "
+                     f"&ge; {pr['thresholds']['win_swapped']} vs a swapped caption, &ge; {pr['thresholds']['win_empty']} vs none)</p>"
+                     f"<table><tr><th>task</th><th>n</th><th>win vs swapped</th><th>win vs empty</th><th>verdict</th></tr>{rows}</table>"
+                     "<p>Generated for fixed captions (file names say the caption):</p>"
                      + report.media_block(sorted(files))}
 
 
@@ -195,7 +241,9 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
         ("data", lambda d: stage_data(cfg, d, log, address)),
         ("vlm", lambda d: stage_vlm(cfg, d, log, address)),
         ("lm", lambda d: stage_lm(cfg, d, log, address, config, sets)),
-        ("generate", lambda d: stage_generate(cfg, d, log, *_needs(ctx, "lm", "_run", "_shards"))),
+        ("mmpt", lambda d: stage_mmpt(cfg, d, log, address, *_needs(ctx, "lm", "_run", "_shards", "_base"),
+                                      config=config, sets=sets)),
+        ("generate", lambda d: stage_generate(cfg, d, log, *_needs(ctx, "mmpt", "_run", "_shards"))),
     ]
     ctx: dict[str, dict] = {}
     unknown = set(cfg.demo.skip) - {n for n, _ in stages}

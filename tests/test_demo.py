@@ -9,7 +9,7 @@ def test_demo_runs_all_stages(tmp_path, real_data):
     p = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "demo", "--out", str(out),
                         "--set", f"audit.real_data={real_data}", "--set", "demo.images=12", "--set", "demo.audio=12",
                         # the training stages have their own tests; `lumo demo` runs them all
-                        "--set", "demo.skip=[vlm,lm,generate]"],
+                        "--set", "demo.skip=[vlm,lm,mmpt,generate]"],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())

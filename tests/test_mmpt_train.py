@@ -174,3 +174,24 @@ def test_reference_stage4_config_loads_and_status_checks_it():
     asks = {a["what"]: a for a in config_asks(cfg)}
     assert asks["token_lm.train workers"]["count"] == 8 and asks["token_lm.train workers"]["gpus"] == 1.0
     assert any("token_lm.train workers" in p for p in fit_problems(list(asks.values()), local_offer()))
+
+
+def test_two_trial_mmpt_study_writes_its_table_and_constraints(data, stage33, tmp_path):
+    import csv
+
+    from trainers.tune_mmpt import INFEASIBLE, run_mmpt_study
+
+    shards, _ = data
+    cfg = make_cfg(shards, tmp_path / "unused", f"token_lm.mmpt.init={stage33}", "token_lm.mmpt.study.num_samples=2",
+                   "token_lm.mmpt.study.steps=4", "token_lm.mmpt.study.report_every=2", "token_lm.mmpt.study.n=4",
+                   "token_lm.ablation.n=4", f"token_lm.mmpt.study.out={tmp_path / 'study'}")
+    res = run_mmpt_study(cfg, log=lambda *a: None)
+    rows = list(csv.DictReader((tmp_path / "study" / "results.csv").open()))
+    assert len(rows) == 2 and all(r["error"] == "" for r in rows)
+    for r in rows:  # objective = mean per-task eval loss, + INFEASIBLE when a gate constraint fails
+        mean = sum(float(r[f"eval_{t}"]) for t in ("i2t", "a2t", "t2i", "t2a")) / 4
+        feasible = r["prompt_gate"] == "True" and r["modality_gate"] == "True"
+        assert (r["feasible"] == "True") == feasible
+        assert float(r["objective"]) == pytest.approx(mean + (0 if feasible else INFEASIBLE))
+    text = (tmp_path / "study" / "results.md").read_text()
+    assert "objective = mean eval loss" in text and res["pass"] == (res["best"] is not None)
