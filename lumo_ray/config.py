@@ -194,9 +194,10 @@ class DemoConfig:
     """Synthetic clips (beep patterns) the demo generates."""
     vlm_images: int = 256
     """Synthetic images of the VLM stage (its eval set needs 64)."""
-    lm_images: int = 1024
-    """Synthetic images of the token-LM stage (with 48 the token LM memorised its ~36 training
-    images and the image modality ablation failed; see docs/stage3_token_lm.md)."""
+    lm_images: int = 2048
+    """Synthetic images of the token-LM and stage-4 stages (with 48 the token LM memorised its ~36
+    training images and the image modality ablation failed, docs/stage3_token_lm.md; with 1024 stage 4's
+    t2i eval loss turned up after 1000 steps and generated colour stopped at 0.61, docs/stage4_mmpt.md)."""
     lm_audio: int = 384
     """Synthetic clips of the token-LM and stage-4 stages (with 128, ~96 training clips, stage 4 learned
     that a t2a prompt is there but not which one; docs/stage4_mmpt.md)."""

@@ -155,6 +155,11 @@ def test_x2t_only_run_fails(data, tmp_path):
         assert not rep["modalities"][m]["attributes"][a]["pass"]
     pitch = rep["modalities"]["audio"]["attributes"]["pitch"]  # read on real clips: the generations fail it
     assert pitch["checks"]["probe_reads"] and "cannot read" not in pitch["reason"]
+    # the same stage-3.3-style run fails the prompt gate: it never learned media from a caption
+    from lumo_ray.eval.gates import run_prompt_gate
+
+    pr = run_prompt_gate(load_run(tmp_path), tmp_path / "prompts", n=32, log=lambda *a: None)
+    assert not pr["pass"] and not (pr["tasks"]["t2i"]["pass"] and pr["tasks"]["t2a"]["pass"])
 
 
 def test_cli_exit_status_and_verdict(data, untrained, tmp_path, capsys):
