@@ -21,6 +21,24 @@ DEMO_TRAINING = ["lm.train.steps=400", "token_lm.train.steps=500", "token_lm.new
 DEMO_DATA = ["data.normalize.eval_permille=250", "data.tokenize.shard_size=32", "data.tokenize.batch_size=16"]
 
 
+def step_runner(steps: dict, tag: str, log):
+    """stage(name, fn): runs one step of a demo stage, records {pass, seconds, ...} under steps[name]
+    and logs it; an exception is a failed step with its reason, and the steps after it still run."""
+    def stage(name: str, fn) -> dict:
+        t0 = time.time()
+        log(f"[{tag}] {name}")
+        try:
+            res = fn()
+        except Exception as e:  # a failed step is a failed gate, reported with its reason
+            res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
+        res["seconds"] = round(time.time() - t0, 1)
+        steps[name] = res
+        log(f"[{tag}] {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']} s)"
+            + (f" {res['error']}" if "error" in res else ""))
+        return res
+    return stage
+
+
 def build_synth_shards(out: Path, n_images: int = 48, n_audio: int = 48, seed: int = 0,
                        overrides: list[str] | None = None, log=print,
                        config: str | Path | None = None) -> tuple[Path, Path, LumoConfig]:
@@ -64,19 +82,7 @@ def run_lm_demo(out_dir: Path, shards_dir: Path, manifest: Path, cfg: LumoConfig
     out = Path(out_dir).resolve()
     cfg = copy.deepcopy(cfg)
     stages: dict = {}
-
-    def stage(name: str, fn) -> dict:
-        t0 = time.time()
-        log(f"[lm demo] {name}")
-        try:
-            res = fn()
-        except Exception as e:  # a failed stage is a failed gate, reported with its reason
-            res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
-        res["seconds"] = round(time.time() - t0, 1)
-        stages[name] = res
-        log(f"[lm demo] {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']} s)"
-            + (f" {res['error']}" if "error" in res else ""))
-        return res
+    stage = step_runner(stages, "lm demo", log)
 
     cfg.lm.inputs, cfg.lm.out = [str(Path(manifest).resolve())], str(out / "lm")
     base = out / "lm" / "export"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 from .config import LumoConfig, load_config
@@ -46,6 +45,7 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
     {"pass", "run", "stages": {name: {...}}}."""
     from trainers.mmpt import run_mmpt
 
+    from .demo_lm import step_runner
     from .eval.fidelity import run_fidelity
     from .eval.modality_ablation import run_modality_ablation
 
@@ -54,19 +54,7 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
     c = cfg.token_lm
     c.shards, c.base, c.out, c.mmpt.init = str(shards), str(base), str(out / "mmpt"), str(init_run)
     stages: dict = {}
-
-    def stage(name: str, fn) -> dict:
-        t0 = time.time()
-        log(f"[mmpt demo] {name}")
-        try:
-            res = fn()
-        except Exception as e:  # a failed stage is a failed gate, reported with its reason
-            res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
-        res["seconds"] = round(time.time() - t0, 1)
-        stages[name] = res
-        log(f"[mmpt demo] {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']} s)"
-            + (f" {res['error']}" if "error" in res else ""))
-        return res
+    stage = step_runner(stages, "mmpt demo", log)
 
     def train() -> dict:
         m = run_mmpt(cfg, address=address, log=log)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from lumo_ray.config import LumoConfig, dump_config
-from lumo_ray.storage import RunDir, locate, ray_storage, resolve
+from lumo_ray.storage import RunDir, locate, resolve
 from lumo_ray.token_space import TokenSpace
 
 AXES = ("t2x_share", "ramp_steps", "lora_r", "new_row_lr", "lora_lr")
@@ -119,16 +119,11 @@ def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
 
 def run_mmpt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     """Run the study; returns {'best': {...}, 'trials': [...], 'out': path, 'pass': bool}."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
-
     from pipelines.ray_env import init_ray
 
     from .mmpt import check_mmpt
     from .token_lm import prepare_run, run_token_space
-    from .tune_results import write_results
+    from .tune_study import fit_study, write_results
 
     check_mmpt(cfg)
     st = cfg.token_lm.mmpt.study
@@ -143,23 +138,9 @@ def run_mmpt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) ->
     dump_config(cfg, out)
     ts = run_token_space(cfg)
     init_ray(address)
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    conc = max(1, int(cpus // st.cpus_per_trial))
-    space = {k: tune.choice(list(getattr(st, k))) for k in AXES}
-    rungs = max(1, -(-st.steps // st.report_every))
-    log(f"mmpt study: {st.num_samples} trials, {conc} at a time, {rungs} reports each, out {out}")
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, cfg=cfg, ts_json=ts.to_json()), {"cpu": st.cpus_per_trial}),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=st.num_samples,
-                                    max_concurrent_trials=conc,
-                                    search_alg=BasicVariantGenerator(random_state=st.seed),
-                                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=rungs,
-                                                            grace_period=min(st.grace_period, rungs),
-                                                            reduction_factor=st.reduction_factor)),
-        run_config=tune.RunConfig(**ray_storage(storage), name="study", verbose=0))
+    grid = fit_study(_trial, cfg, ts.to_json(), st, AXES, storage, "min", "mmpt study", out, log)
     rows = []
-    for r in tuner.fit():
+    for r in grid:
         m = r.metrics or {}
         rows.append({"trial": Path(r.path).name, **{k: r.config.get(k) for k in AXES},
                      "objective": m.get("objective", float("nan")), "feasible": m.get("feasible", False),

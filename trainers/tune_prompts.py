@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from lumo_ray.config import LumoConfig, dump_config
-from lumo_ray.storage import RunDir, locate, ray_storage, resolve
+from lumo_ray.storage import RunDir, locate, resolve
 from lumo_ray.token_space import TokenSpace
 
 AXES = ("instruction", "delimiters", "new_row_lr", "init_scale", "max_audio_tokens", "modality_dropout")
@@ -98,15 +98,10 @@ def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
 
 def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     """Run the study; returns {'best': {...}, 'trials': [...], 'out': path, 'pass': bool}."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
-
     from pipelines.ray_env import init_ray
 
     from .token_lm import prepare_run, run_token_space
-    from .tune_results import write_results
+    from .tune_study import fit_study, write_results
 
     ps = cfg.token_lm.prompt_study
     stage = RunDir(ps.out)  # a URI study directory: results are written locally, then pushed
@@ -118,22 +113,7 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     dump_config(cfg, out)
     ts = run_token_space(cfg)
     init_ray(address)
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    conc = max(1, int(cpus // ps.cpus_per_trial))
-    space = {k: tune.choice(list(getattr(ps, k))) for k in AXES}
-    rungs = max(1, -(-ps.steps // ps.report_every))
-    log(f"prompt study: {ps.num_samples} trials, {conc} at a time, {rungs} reports each, out {out}")
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, cfg=cfg, ts_json=ts.to_json()), {"cpu": ps.cpus_per_trial}),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=ps.num_samples,
-                                    max_concurrent_trials=conc,
-                                    search_alg=BasicVariantGenerator(random_state=ps.seed),
-                                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=rungs,
-                                                            grace_period=min(ps.grace_period, rungs),
-                                                            reduction_factor=ps.reduction_factor)),
-        run_config=tune.RunConfig(**ray_storage(storage), name="study", verbose=0))
-    grid = tuner.fit()
+    grid = fit_study(_trial, cfg, ts.to_json(), ps, AXES, storage, "max", "prompt study", out, log)
     rows = []
     for r in grid:
         m = r.metrics or {}

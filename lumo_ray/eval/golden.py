@@ -66,7 +66,7 @@ def golden_html(golden_dir: str | Path, title: str = "") -> str:
         elif p.suffix == ".png":
             media = f'<img src="{data_uri(p)}" width="96" height="96" style="image-rendering:pixelated" alt="{cap}">'
         elif p.suffix == ".wav":
-            media = f'<audio controls src="{data_uri(p)}"></audio>'
+            media = f'<audio controls style="width:196px" src="{data_uri(p)}"></audio>'
         else:
             media = f"<q>{html.escape(str(r.get('text') or ''))}</q>"
         cells.append(f'<figure class="golden" data-task="{r["task"]}" style="display:inline-block;margin:4px;'

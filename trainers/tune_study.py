@@ -1,13 +1,42 @@
-"""The results of a Tune study (prompt study, stage-4 study): results.csv / .md, best.json and
-best_config.yaml in the study directory."""
+"""What the token-LM Tune studies (prompt study, stage-4 study) share: the Tuner over a function
+trainable with ASHA on its report rungs (`fit_study`), and the results (`write_results`: results.csv /
+.md, best.json and best_config.yaml in the study directory)."""
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.storage import ray_storage
+
+
+def fit_study(trial: Callable, cfg: LumoConfig, ts_json: dict, st: Any, axes: tuple, storage: str, mode: str,
+              title: str, out: Path, log=print):
+    """Run `trial(choice, cfg, ts_json)` on Ray Tune over the axes of the study config `st` (num_samples
+    random draws, seeded; ASHA on the report_every rungs; concurrency = cluster CPUs / cpus_per_trial);
+    returns the ResultGrid."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    conc = max(1, int(cpus // st.cpus_per_trial))
+    rungs = max(1, -(-st.steps // st.report_every))
+    log(f"{title}: {st.num_samples} trials, {conc} at a time, {rungs} reports each, out {out}")
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trial, cfg=cfg, ts_json=ts_json), {"cpu": st.cpus_per_trial}),
+        param_space={k: tune.choice(list(getattr(st, k))) for k in axes},
+        tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=st.num_samples,
+                                    max_concurrent_trials=conc,
+                                    search_alg=BasicVariantGenerator(random_state=st.seed),
+                                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=rungs,
+                                                            grace_period=min(st.grace_period, rungs),
+                                                            reduction_factor=st.reduction_factor)),
+        run_config=tune.RunConfig(**ray_storage(storage), name="study", verbose=0))
+    return tuner.fit()
 
 
 def write_results(rows: list[dict], best: Optional[dict], cfg: LumoConfig, out: Path, axes: tuple,
