@@ -250,8 +250,9 @@ class CodecTrainConfig:
     """Held-out synthetic eval images (PSNR / SSIM in metrics.json)."""
     eval_seed: int = 2000
     """Seed of the synthetic eval images."""
-    real_data: str = "../shared/data/real"
-    """Folder with real images (llava_pretrain/images/*.png): reported, no floor; '' skips."""
+    real_data: str = ""
+    """Folder with real images (llava_pretrain/images/*.png), reported with no floor; '' = the real samples
+    shipped in the package (lumo_ray/assets/real), as audit.real_data. max_real_images=0 skips them."""
     max_real_images: int = 8
     """Real images evaluated."""
     log_every: int = 100

@@ -27,6 +27,7 @@ def _worker(config: dict) -> None:
 
 def run_codec_vq(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     """Train on Ray Train; returns the run's metrics.json (model.safetensors beside it)."""
+    from lumo_ray.packaged import real_data_dir
     from lumo_ray.storage import locate, resolve
 
     c = cfg.codec
@@ -36,8 +37,8 @@ def run_codec_vq(cfg: LumoConfig, address: Optional[str] = None, log=print) -> d
     if not locate(c.out).is_local:
         raise ValueError(f"codec.out={c.out!r}: give a local or shared-FS directory")
     c.out = resolve(c.out)  # absolute: the worker runs in another directory
-    if c.real_data:
-        c.real_data = resolve(c.real_data) if Path(c.real_data).exists() else ""
+    if c.max_real_images > 0:  # absolute, and a missing folder is an error rather than no real images
+        c.real_data = str(real_data_dir(c.real_data).resolve())
     if c.storage_path:
         c.storage_path = resolve(c.storage_path)
     dump_config(cfg, c.out)
