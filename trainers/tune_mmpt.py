@@ -12,7 +12,6 @@ and best_config.yaml (the full config with the best choices applied).
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -84,37 +83,19 @@ def study_slices(cfg: LumoConfig, ts: TokenSpace) -> dict:
 
 
 def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
-    from ray import tune
-    from transformers.utils import logging as hf_logging
-
     from lumo_ray.codecs.text import build_text_adapter
     from lumo_ray.data.sequences import SequenceBuilder
 
-    from .lm import LocalContext
-    from .token_lm import token_lm_loop
+    from .tune_study import train_trial, trial_config
 
-    hf_logging.disable_progress_bar()  # trial output reaches the driver: keep it to reports
     ts = TokenSpace.from_json(ts_json)
-    cfg = apply_choices(cfg, choice)
-    st, c = cfg.token_lm.mmpt.study, cfg.token_lm
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    c.out = str(trial_dir / "run")
-    c.train.steps, c.train.eval_every, c.train.ckpt_every = st.steps, st.steps, st.steps
-    c.train.log_every, c.train.resume, c.mmpt.golden_n = 10 ** 9, "", 0
-    dump_config(cfg, trial_dir)
+    st = cfg.token_lm.mmpt.study
+    cfg, trial_dir = trial_config(cfg, choice, apply_choices, st)
+    cfg.token_lm.mmpt.golden_n = 0  # trials are scored, not looked at
     encode = build_text_adapter(cfg.uti.text).encode
-    builder = SequenceBuilder(ts, c.seq, encode)
+    builder = SequenceBuilder(ts, cfg.token_lm.seq, encode)
     slices = study_slices(cfg, ts)
-
-    def hook(step: int, model) -> Optional[dict]:
-        if step % st.report_every and step != st.steps:
-            return None
-        m = {"step": step, **score(model, ts, cfg, slices, builder, encode)}
-        (trial_dir / "score.json").write_text(json.dumps(m, indent=2) + "\n")
-        tune.report(m)
-        return m
-
-    token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts)
+    train_trial(cfg, ts, st, trial_dir, lambda model: score(model, ts, cfg, slices, builder, encode))
 
 
 def run_mmpt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:

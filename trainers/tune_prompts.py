@@ -10,7 +10,6 @@ best_config.yaml (the full config with the best choices applied).
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -60,40 +59,21 @@ def score(model, base, ts: TokenSpace, cfg: LumoConfig, slice_: dict, encode) ->
 
 
 def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
-    from ray import tune
-
     from lumo_ray.codecs.text import build_text_adapter
     from lumo_ray.eval.modality_ablation import ablation_slice
     from lumo_ray.models.token_lm import load_causal_lm
 
-    from .lm import LocalContext
-    from .token_lm import token_lm_loop
+    from .tune_study import train_trial, trial_config
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # trial output reaches the driver: keep it to reports
     ts = TokenSpace.from_json(ts_json)
-    cfg = apply_choices(cfg, choice)
-    ps, c = cfg.token_lm.prompt_study, cfg.token_lm
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    c.out = str(trial_dir / "run")
-    c.train.steps, c.train.eval_every, c.train.ckpt_every = ps.steps, ps.steps, ps.steps
-    c.train.log_every, c.train.resume = 10 ** 9, ""
+    ps = cfg.token_lm.prompt_study
+    cfg, trial_dir = trial_config(cfg, choice, apply_choices, ps)
+    c = cfg.token_lm
     c.ablation.n = ps.ablation_n
-    dump_config(cfg, trial_dir)
     encode = build_text_adapter(cfg.uti.text).encode
     base = load_causal_lm(c.base, ts.text_vocab, seed=c.train.seed)
     slice_ = ablation_slice(c.shards, ts, c.ablation)
-
-    def hook(step: int, model) -> Optional[dict]:
-        if step % ps.report_every and step != ps.steps:
-            return None
-        m = {"step": step, **score(model, base, ts, cfg, slice_, encode)}
-        (trial_dir / "score.json").write_text(json.dumps(m, indent=2) + "\n")
-        tune.report(m)
-        return m
-
-    token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts)
+    train_trial(cfg, ts, ps, trial_dir, lambda model: score(model, base, ts, cfg, slice_, encode))
 
 
 def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:

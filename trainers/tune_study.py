@@ -12,6 +12,44 @@ from lumo_ray.config import LumoConfig, dump_config
 from lumo_ray.storage import ray_storage
 
 
+def trial_config(cfg: LumoConfig, choice: dict, apply: Callable[[LumoConfig, dict], LumoConfig], st: Any
+                 ) -> tuple[LumoConfig, Path]:
+    """Inside a trial: the config with its choices applied, training `st.steps` into the trial's own
+    directory (one eval and checkpoint at the end, no progress lines, never resuming), written there."""
+    from ray import tune
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # trial output reaches the driver: keep it to reports
+    cfg = apply(cfg, choice)
+    c = cfg.token_lm
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    c.out = str(trial_dir / "run")
+    c.train.steps, c.train.eval_every, c.train.ckpt_every = st.steps, st.steps, st.steps
+    c.train.log_every, c.train.resume = 10 ** 9, ""
+    return cfg, trial_dir
+
+
+def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, score: Callable[[Any], dict]) -> None:
+    """Train the trial's run in-process; every `st.report_every` steps (and at the end) score(model) is
+    written to score.json and reported to Tune."""
+    from ray import tune
+
+    from .lm import LocalContext
+    from .token_lm import token_lm_loop
+
+    dump_config(cfg, trial_dir)
+
+    def hook(step: int, model) -> Optional[dict]:
+        if step % st.report_every and step != st.steps:
+            return None
+        m = {"step": step, **score(model)}
+        (trial_dir / "score.json").write_text(json.dumps(m, indent=2) + "\n")
+        tune.report(m)
+        return m
+
+    token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts)
+
+
 def fit_study(trial: Callable, cfg: LumoConfig, ts_json: dict, st: Any, axes: tuple, storage: str, mode: str,
               title: str, out: Path, log=print):
     """Run `trial(choice, cfg, ts_json)` on Ray Tune over the axes of the study config `st` (num_samples
