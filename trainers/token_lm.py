@@ -50,6 +50,9 @@ def text_tokenizer(cfg: LumoConfig):
     return build_text_adapter(cfg.uti.text)
 
 
+LOSS_TASKS = ("a2t", "i2t", "t2a", "t2i", "t")  # the order of the per-task loss sums (all-reduced as one tensor)
+
+
 def sample_stream(ds: ShardDataset, epoch: int, pos: int, modality: Optional[str] = None,
                   ) -> Iterator[tuple[int, int, dict]]:
     """(epoch, position, sample) forever, starting at a recorded data position; with `modality`
@@ -127,8 +130,7 @@ def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: li
                    autocast: bool = False) -> dict:
     """Token-weighted target loss per task over `samples` (eval layouts: each sample in its own task,
     and in the reverse one when the sequence config trains both directions), summed over ranks."""
-    tasks = ["a2t", "i2t", "t2a", "t2i", "t"]
-    tot = torch.zeros(len(tasks), 2, dtype=torch.float64)
+    tot = torch.zeros(len(LOSS_TASKS), 2, dtype=torch.float64)
     was = model.training
     model.eval()
     pairs = [(s, task) for s in samples for task in builder.tasks_of(s)]  # own layout, + reverse under both/any
@@ -138,10 +140,10 @@ def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: li
             batch = collate(seqs, builder.pad_id)
             loss, n = target_losses(model, batch, autocast)
             for task, l, k in zip(batch["tasks"], loss.tolist(), n.tolist()):
-                tot[tasks.index(task)] += torch.tensor([l, k], dtype=torch.float64)
+                tot[LOSS_TASKS.index(task)] += torch.tensor([l, k], dtype=torch.float64)
     tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
     model.train(was)
-    out = {t: float(tot[i, 0] / tot[i, 1]) for i, t in enumerate(tasks) if tot[i, 1] > 0}
+    out = {t: float(tot[i, 0] / tot[i, 1]) for i, t in enumerate(LOSS_TASKS) if tot[i, 1] > 0}
     out["all"] = float(tot[:, 0].sum() / max(1.0, float(tot[:, 1].sum())))
     return out
 
@@ -275,10 +277,9 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
 
 def train_task_losses(sums: dict[str, list[float]], ctx) -> dict:
     """Token-weighted train loss per task over the steps since the last eval, summed over ranks."""
-    tasks = ["a2t", "i2t", "t2a", "t2i", "t"]
-    tot = torch.tensor([sums.get(k, [0.0, 0.0]) for k in tasks], dtype=torch.float64)
+    tot = torch.tensor([sums.get(k, [0.0, 0.0]) for k in LOSS_TASKS], dtype=torch.float64)
     tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
-    return {f"train_{k}": float(tot[i, 0] / tot[i, 1]) for i, k in enumerate(tasks) if tot[i, 1] > 0}
+    return {f"train_{k}": float(tot[i, 0] / tot[i, 1]) for i, k in enumerate(LOSS_TASKS) if tot[i, 1] > 0}
 
 
 class GoldenWriter:
