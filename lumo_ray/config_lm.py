@@ -74,8 +74,12 @@ class LMConfig:
     """manifest.jsonl files (text.prompt + text.caption) or text files (one text per line)."""
     eval_fraction: float = 0.1
     """Share of the texts held out for eval loss / perplexity (by a hash of the text)."""
-    seq_len: int = 64
-    """Tokens per packed training sequence."""
+    seq_len: int = 128
+    """Tokens per packed training sequence. A base LM for the token LM should see blocks at least as
+    long as the token LM's x2t sequences (64 image ids + delimiters + caption ~ 80 tokens in the tiny
+    program): a token LM trained on new rows only reads media through the base's frozen attention,
+    which learned nothing about positions past seq_len (at 64 the demo's image reading was weak and
+    the noise gap seed-dependent; docs/stage3_token_lm.md)."""
     out: str = "runs/lm"
     """Run directory: config, metrics.json, checkpoints, export/ (the HF directory); a path or an
     object-store URI (staged locally, uploaded without checkpoints/, which go through storage_path)."""
