@@ -50,11 +50,23 @@ def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, score: Calla
     token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts)
 
 
+def study_points(st: Any, axes: tuple) -> tuple[list[dict], int]:
+    """num_samples distinct points of the grid over the axes, in a seeded order (random draws repeat
+    points: 8 draws from a 32-point grid ran one twice), and the grid's size."""
+    import itertools
+
+    import numpy as np
+
+    grid = list(itertools.product(*(list(getattr(st, k)) for k in axes)))
+    order = np.random.default_rng(st.seed).permutation(len(grid))[: st.num_samples]
+    return [dict(zip(axes, grid[int(i)])) for i in order], len(grid)
+
+
 def fit_study(trial: Callable, cfg: LumoConfig, ts_json: dict, st: Any, axes: tuple, storage: str, mode: str,
               title: str, out: Path, log=print):
-    """Run `trial(choice, cfg, ts_json)` on Ray Tune over the axes of the study config `st` (num_samples
-    random draws, seeded; ASHA on the report_every rungs; concurrency = cluster CPUs / cpus_per_trial);
-    returns the ResultGrid."""
+    """Run `trial(choice, cfg, ts_json)` on Ray Tune over the axes of the study config `st`
+    (study_points: num_samples distinct grid points, seeded; ASHA on the report_every rungs;
+    concurrency = cluster CPUs / cpus_per_trial); returns the ResultGrid."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -63,13 +75,14 @@ def fit_study(trial: Callable, cfg: LumoConfig, ts_json: dict, st: Any, axes: tu
     cpus = float(ray.cluster_resources().get("CPU", 1))
     conc = max(1, int(cpus // st.cpus_per_trial))
     rungs = max(1, -(-st.steps // st.report_every))
-    log(f"{title}: {st.num_samples} trials, {conc} at a time, {rungs} reports each, out {out}")
+    points, size = study_points(st, axes)
+    log(f"{title}: {len(points)} trials (of a {size}-point grid), {conc} at a time, {rungs} reports each, out {out}")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial, cfg=cfg, ts_json=ts_json), {"cpu": st.cpus_per_trial}),
         param_space={k: tune.choice(list(getattr(st, k))) for k in axes},
-        tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=st.num_samples,
+        tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=len(points),
                                     max_concurrent_trials=conc,
-                                    search_alg=BasicVariantGenerator(random_state=st.seed),
+                                    search_alg=BasicVariantGenerator(points_to_evaluate=points, random_state=st.seed),
                                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=rungs,
                                                             grace_period=min(st.grace_period, rungs),
                                                             reduction_factor=st.reduction_factor)),
