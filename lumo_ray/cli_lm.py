@@ -55,7 +55,7 @@ def cmd_modality_ablation(args) -> int:
     for m, r in rep["modalities"].items():
         if "loss" in r:
             print(f"  {m:5s} n={rep['n'][m]:3d} correct {r['loss']['correct']:.3f}  "
-                  + "  ".join(f"{k} {r[k]['gap']:+.3f} (win {r[k]['win']:.2f})" for k in ("shuffle", "noise", "const"))
+                  + "  ".join(f"{k} {r[k]['gap']:+.3f} (win {r[k]['win']:.2f}, p {r[k]['p']:.1g})" for k in ("shuffle", "noise", "const"))
                   + f"  {'PASS' if r['pass'] else 'FAIL'}")
         else:
             print(f"  {m:5s} FAIL: {r['reason']}")

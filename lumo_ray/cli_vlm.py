@@ -36,7 +36,8 @@ def cmd_eval_vlm_ablation(args) -> int:
     # the split the run saved: in the run directory, or beside the export directory given as --run
     split_loc = locate(args.run) / "splits.json" if export != run else locate(args.run).parent / "splits.json"
     with local_file(split_loc) as split:
-        rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed)
+        rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed,
+                                   allow_small_n=args.allow_small_n)
     with output_dir(args.out) as out:
         p = write_ablation(rep, out)
     print(ablation_table(rep))
@@ -63,6 +64,8 @@ def add_commands(groups: dict, common) -> None:
     e.add_argument("--out", required=True, help="report directory (path or URI)")
     e.add_argument("--n", type=int, default=128, help="held-out samples (64-256; all of eval when fewer)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--allow-small-n", action="store_true",
+                   help="run on fewer than 64 samples; the report then does not gate (exit 1)")
     e.set_defaults(func=cmd_eval_vlm_ablation)
     s = groups["tune"].add_parser("vlm", help="Ray Tune sweep: learning rate x vision LayerNorm")
     common(s)

@@ -123,23 +123,27 @@ def test_other_token_space_refused_for_shards_and_checkpoints(data, straight, tm
     assert ts.hash in str(e2.value) and other_ts.hash in str(e2.value)
 
 
-def test_modality_ablation_report_and_cli(data, straight):
+def test_untrained_rows_fail_modality_ablation_report_and_cli(data, straight):
+    """6 steps from a random-init base: the new rows have not learned to read media, so the gate fails
+    for both modalities and the CLI exits 1 (the demo's trained 3.3 run is the passing side,
+    docs/stage3_token_lm.md)."""
     shards, _, ts = data
     cfg, _, out = straight
     model, _, _ = load_token_lm(out / "export")
     rep = modality_ablation(model, ts, shards, cfg.token_lm.seq, cfg.token_lm.ablation,
                             build_text_adapter(cfg.uti.text).encode)
+    assert not rep["pass"]
     for m in ("image", "audio"):
         r = rep["modalities"][m]
-        assert rep["n"][m] >= 2 and set(r) >= {"loss", "shuffle", "noise", "const", "pass"}
-        assert 0 <= r["noise"]["win"] <= 1 and r["pass"] == (
-            r["shuffle"]["gap"] >= 0.10 and r["shuffle"]["win"] >= 0.80 and r["noise"]["gap"] >= 0.15
-            and r["noise"]["win"] >= 0.85)
+        assert rep["n"][m] >= 2 and set(r) >= {"loss", "shuffle", "noise", "const", "pass"} and not r["pass"]
+        assert set(r["shuffle"]) >= {"n", "gap", "ci95", "win", "p"} and r["shuffle"]["n"] == rep["n"][m]
+        assert abs(r["shuffle"]["gap"]) < 0.10, r["shuffle"]
     again = modality_ablation(model, ts, shards, cfg.token_lm.seq, cfg.token_lm.ablation,
                               build_text_adapter(cfg.uti.text).encode)
     assert again == rep  # fixed seeded slice
     rc = main(["eval", "modality-ablation", "--run", str(out), "--out", str(out / "abl")])
-    assert rc == (0 if rep["pass"] else 1) and (out / "abl" / "report.md").exists()
+    md = (out / "abl" / "report.md").read_text()
+    assert rc == 1 and "95% CI" in md and "p=" in md and "FAIL" in md
 
 
 def test_ray_train_ddp_two_workers(data, tmp_path):

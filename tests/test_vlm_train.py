@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lumo_ray.cli import main
 from lumo_ray.config_vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
 from trainers.vlm import Hooks, latest_checkpoint, local_checkpoint, prepare_run, run_loop, train_vlm
@@ -94,11 +95,10 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
         st = torch.load(Path(d) / "state.pt", weights_only=False)
     assert st["step"] == 10 and len(st["rng"]) == 2 and {"optimizer", "scheduler", "data_position", "config"} <= set(st)
 
-    from lumo_ray.cli import main
     abl = locate(s3("vlm/abl"))
-    code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(abl), "--n", "16"])
+    code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(abl), "--n", "16", "--allow-small-n"])
     rep = json.loads((abl / "ablation.json").read_text())
-    assert code == (0 if rep["pass"] else 1) and rep["n"] == 16
+    assert code == 1 and rep["n"] == 16 and not rep["gating"]  # under 64 samples the report does not gate
 
     # A fresh run directory on the same storage_path: Ray Train restores step 10 from the object store.
     more = small_cfg(synth, tmp_path / "ddp_more", steps=12)
@@ -107,16 +107,35 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
     assert sorted(losses(Path(res2["run_dir"]))) == [11, 12] and res2["metrics"]["final"]["step"] == 12
 
 
-def test_trained_tiny_vlm_passes_ablation(synth, tmp_path):
-    cfg = small_cfg(synth, tmp_path / "gate", steps=120)
+def _gate_run(synth, out: Path, steps: int):
+    """A tiny VLM with a 64-sample held-out set (the gate's minimum); `steps` of connector training."""
+    cfg = small_cfg(synth, out, steps=steps)
     cfg.llm.text_warmup_steps = 150
-    cfg.train.global_batch_size, cfg.train.checkpoint_every, cfg.train.warmup_steps = 16, 120, 10
+    cfg.data.eval_size = 64
+    cfg.train.global_batch_size, cfg.train.checkpoint_every, cfg.train.warmup_steps = 16, steps, min(10, steps)
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
     run_loop(cfg, run, Hooks(), log=QUIET)
+    return run
+
+
+def test_trained_tiny_vlm_passes_ablation(synth, tmp_path):
     from lumo_ray.eval.vlm_ablation import ablation_from_export
+    run = _gate_run(synth, tmp_path / "gate", 120)
     rep = ablation_from_export(run / "export", run / "splits.json", n=128, seed=0)
-    assert rep["pass"], rep["mean_loss"]
-    assert all(rep["delta"][m] > 0 for m in ("shuffled", "zero", "noise"))
+    assert rep["n"] == 64 and rep["gating"]
+    assert rep["pass"], (rep["mean_loss"], rep["stats"])
+    assert all(rep["stats"][m]["gap"] > 0 and rep["stats"][m]["p"] < 0.01 for m in rep["stats"])
+
+
+def test_untrained_connector_fails_ablation(synth, tmp_path):
+    """The same setup with one connector step: the image is not read, so the gate fails (its shuffled
+    comparison most of all), and the CLI exits 1."""
+    from lumo_ray.eval.vlm_ablation import ablation_from_export
+    run = _gate_run(synth, tmp_path / "untrained", 1)
+    rep = ablation_from_export(run / "export", run / "splits.json", n=128, seed=0)
+    assert rep["n"] == 64 and rep["gating"] and not rep["pass"]
+    assert not rep["checks"]["shuffled"], rep["stats"]["shuffled"]
+    assert main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / "abl")]) == 1
 
 
 def test_real_llava_images_train_and_evaluate(real_data, tmp_path):
@@ -127,8 +146,8 @@ def test_real_llava_images_train_and_evaluate(real_data, tmp_path):
     final = run_loop(cfg, run, Hooks(), log=QUIET)
     assert final["step"] == 3 and final["eval_loss"] > 0
     from lumo_ray.eval.vlm_ablation import ablation_from_export
-    rep = ablation_from_export(run / "export", run / "splits.json", n=8, seed=0)
-    assert rep["n"] == 8 and all(v > 0 for v in rep["mean_loss"].values())
+    rep = ablation_from_export(run / "export", run / "splits.json", n=8, seed=0, allow_small_n=True)
+    assert rep["n"] == 8 and all(v > 0 for v in rep["mean_loss"].values()) and not rep["gating"]
 
 
 def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local, s3):
@@ -149,12 +168,12 @@ def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local, s3)
     assert (locate(warm) / "config.json").exists()
     assert all(yaml.safe_load((locate(d) / "config.yaml").read_text())["vlm"]["llm"]["model"] == warm for d in dirs)
     # An export names the warm-up by URI, so it loads after the sweep, from the run or its export/
-    from lumo_ray.cli import main
     best = locate(rep["best"]["trial_dir"])
     assert json.loads((best / "export" / "config.json").read_text())["frozen"]["llm"]["model"] == warm
     for run in (best, best / "export"):
-        code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / run.name), "--n", "8"])
+        code = main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / run.name), "--n", "8",
+                     "--allow-small-n"])
         rep_run = json.loads((tmp_path / run.name / "ablation.json").read_text())
-        assert code == (0 if rep_run["pass"] else 1) and rep_run["n"] == 8
+        assert code == 1 and rep_run["n"] == 8 and not rep_run["gating"]
     assert (out / "results.csv").read_text().count("\n") == 5 and (out / "results.md").exists()
     assert (out / "best_config.yaml").exists() and rep["best"]["score"] == min(r["score"] for r in rep["rows"])

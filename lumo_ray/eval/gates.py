@@ -19,6 +19,7 @@ from ..data import synth
 from ..generate import (TARGET, GenOptions, Run, SpanCheck, build_prompt, check_and_decode, generate_spans,
                         save_output, task_spec)
 from ..runtime import torch_threads
+from .stats import MAX_P, cell, paired, passes
 
 GOLDEN_TASKS = ("t2i", "t2a", "i2t", "a2t")
 
@@ -236,9 +237,10 @@ def prompt_ablation(model, builder, samples: dict[str, list[dict]], seed: int = 
                     min_win_swapped: float = MIN_WIN_SWAPPED, min_win_empty: float = MIN_WIN_EMPTY) -> dict:
     """SPEC §6 prompt ablation. samples: {'t2i': [...], 't2a': [...]} shard samples holding the task's
     media. Per task: target-span loss (mean nats per target token) with the true caption, a caption
-    swapped from another sample, and no caption; gaps, win rates (true strictly lower) and pass."""
+    swapped from another sample, and no caption; per comparison n, gap with 95% CI, win rate (true
+    strictly lower) and sign-test p (lumo_ray/eval/stats.py); pass needs the win rates and p < 0.01."""
     model.eval()
-    rep: dict = {"tasks": {}, "thresholds": {"win_swapped": min_win_swapped, "win_empty": min_win_empty},
+    rep: dict = {"tasks": {}, "thresholds": {"win_swapped": min_win_swapped, "win_empty": min_win_empty, "p": MAX_P},
                  "seed": seed}
     ok = True
     ts_start = builder.sp["<|text_start|>"]
@@ -255,10 +257,9 @@ def prompt_ablation(model, builder, samples: dict[str, list[dict]], seed: int = 
         empty = [_without_caption(q, ts_start, len(c)) for q, c in zip(true, caps)]
         lt, ls, le = (_seq_losses(model, v, builder.pad_id, batch_size) for v in (true, swapped, empty))
         r = {"n": len(ss), "loss": {"true": float(lt.mean()), "swapped": float(ls.mean()), "empty": float(le.mean())},
-             "swapped": {"gap": float((ls - lt).mean()), "win": float((ls > lt).mean())},
-             "empty": {"gap": float((le - lt).mean()), "win": float((le > lt).mean())},
+             "swapped": paired(ls - lt, seed), "empty": paired(le - lt, seed),
              "same_caption_swaps": int(sum(caps[i] == caps[j] for i, j in enumerate(partners)))}
-        r["pass"] = bool(r["swapped"]["win"] >= min_win_swapped and r["empty"]["win"] >= min_win_empty)
+        r["pass"] = passes(r["swapped"], None, min_win_swapped) and passes(r["empty"], None, min_win_empty)
         ok = ok and r["pass"]
         rep["tasks"][task] = r
     rep["pass"] = ok
@@ -292,16 +293,18 @@ def run_prompt_gate(run: Run, out_dir: str | Path, n: int = 256, shards: Optiona
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     lines = [f"# Prompt ablation: {'PASS' if rep['pass'] else 'FAIL'}", "",
              f"win rate thresholds: vs swapped >= {rep['thresholds']['win_swapped']}, vs empty >= "
-             f"{rep['thresholds']['win_empty']}", "",
-             "| task | n | loss true | swapped gap (win) | empty gap (win) | pass |", "|---|---|---|---|---|---|"]
+             f"{rep['thresholds']['win_empty']}, one-sided sign-test p < {rep['thresholds']['p']} each", "",
+             "Each cell: mean loss gap (nats per target token) [bootstrap 95% CI] (win rate, p).", "",
+             "| task | n | loss true | swapped gap | empty gap | pass |", "|---|---|---|---|---|---|"]
     for t, r in rep["tasks"].items():
         if "loss" not in r:
             lines.append(f"| {t} | {r['n']} | - | - | - | FAIL ({r['reason']}) |")
             log(f"  {t} FAIL: {r['reason']}")
             continue
-        lines.append(f"| {t} | {r['n']} | {r['loss']['true']:.3f} | {r['swapped']['gap']:+.3f} ({r['swapped']['win']:.2f}) "
-                     f"| {r['empty']['gap']:+.3f} ({r['empty']['win']:.2f}) | {'PASS' if r['pass'] else 'FAIL'} |")
-        log(f"  {t} n={r['n']} true {r['loss']['true']:.3f}  swapped {r['swapped']['gap']:+.3f} (win {r['swapped']['win']:.2f})"
-            f"  empty {r['empty']['gap']:+.3f} (win {r['empty']['win']:.2f})  {'PASS' if r['pass'] else 'FAIL'}")
+        lines.append(f"| {t} | {r['n']} | {r['loss']['true']:.3f} | {cell(r['swapped'])} | {cell(r['empty'])} "
+                     f"| {'PASS' if r['pass'] else 'FAIL'} |")
+        log(f"  {t} n={r['n']} true {r['loss']['true']:.3f}  swapped {r['swapped']['gap']:+.3f} (win {r['swapped']['win']:.2f}, "
+            f"p {r['swapped']['p']:.1g})  empty {r['empty']['gap']:+.3f} (win {r['empty']['win']:.2f}, p {r['empty']['p']:.1g})"
+            f"  {'PASS' if r['pass'] else 'FAIL'}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return rep

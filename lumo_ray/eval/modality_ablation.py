@@ -3,7 +3,8 @@
 On a fixed seeded eval slice, per modality (image: i2t, audio: a2t layouts), the caption loss with
 the correct media span is compared with the span shuffled (another sample's media), replaced by
 random in-range ids (noise; audio keeps codebook phase) and by a constant span (const, reported).
-Pass: shuffle gap >= 0.10 nats with win rate >= 0.80, noise gap >= 0.15 with win >= 0.85.
+Pass: shuffle gap >= 0.10 nats with win rate >= 0.80, noise gap >= 0.15 with win >= 0.85, each with a
+one-sided sign test p < 0.01 (lumo_ray/eval/stats.py); a non-finite loss fails.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..data.sequences import SequenceBuilder, collate, const_like, noise_like
 from ..data.shard_reader import ShardDataset
 from ..models.token_lm import target_losses
 from ..token_space import TokenSpace
+from .stats import MAX_P, cell, paired, passes
 
 X2T = {"image": "i2t", "audio": "a2t"}
 
@@ -74,7 +76,7 @@ def modality_ablation(model: torch.nn.Module, ts: TokenSpace, shards: str | Path
     slice_ = slice_ if slice_ is not None else ablation_slice(shards, ts, cfg)
     report: dict = {"modalities": {}, "n": {}, "thresholds": {
         "shuffle": {"gap": cfg.min_shuffle_gap, "win": cfg.min_shuffle_win},
-        "noise": {"gap": cfg.min_noise_gap, "win": cfg.min_noise_win}}, "seed": cfg.seed, "split": cfg.split}
+        "noise": {"gap": cfg.min_noise_gap, "win": cfg.min_noise_win}, "p": MAX_P}, "seed": cfg.seed, "split": cfg.split}
     ok = True
     for m in cfg.modalities:
         samples = slice_.get(m, [])
@@ -94,10 +96,10 @@ def modality_ablation(model: torch.nn.Module, ts: TokenSpace, shards: str | Path
         base = losses["correct"]
         r: dict = {"loss": {k: float(v.mean()) for k, v in losses.items()}}
         for k in ("shuffle", "noise", "const"):
-            d = losses[k] - base
-            r[k] = {"gap": float(d.mean()), "win": float((d > 0).mean()), "rel_gap": float(d.mean() / max(base.mean(), 1e-9))}
-        r["pass"] = bool(r["shuffle"]["gap"] >= cfg.min_shuffle_gap and r["shuffle"]["win"] >= cfg.min_shuffle_win
-                         and r["noise"]["gap"] >= cfg.min_noise_gap and r["noise"]["win"] >= cfg.min_noise_win)
+            r[k] = paired(losses[k] - base, cfg.seed)
+            r[k]["rel_gap"] = r[k]["gap"] / max(float(base.mean()), 1e-9)
+        r["pass"] = (passes(r["shuffle"], cfg.min_shuffle_gap, cfg.min_shuffle_win)
+                     and passes(r["noise"], cfg.min_noise_gap, cfg.min_noise_win))
         ok = ok and r["pass"]
         report["modalities"][m] = r
     report["pass"] = ok
@@ -109,13 +111,17 @@ def write_report(report: dict, out_dir: str | Path, title: str = "Modality ablat
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# {title}: {'PASS' if report['pass'] else 'FAIL'}", "",
-             "| modality | n | correct | shuffle gap (win) | noise gap (win) | const gap (win) | pass |",
+             f"Each cell: mean gap (nats per caption token) [bootstrap 95% CI] (win rate, one-sided sign-test p). "
+             f"Pass: shuffle gap >= {report['thresholds']['shuffle']['gap']} (win >= {report['thresholds']['shuffle']['win']}), "
+             f"noise gap >= {report['thresholds']['noise']['gap']} (win >= {report['thresholds']['noise']['win']}), "
+             f"p < {report['thresholds'].get('p', MAX_P)} each; const is reported.", "",
+             "| modality | n | correct | shuffle gap | noise gap | const gap | pass |",
              "|---|---|---|---|---|---|---|"]
     for m, r in report["modalities"].items():
         if "loss" not in r:
             lines.append(f"| {m} | {report['n'][m]} | - | - | - | - | FAIL ({r['reason']}) |")
             continue
-        cells = [f"{r[k]['gap']:+.3f} ({r[k]['win']:.2f})" for k in ("shuffle", "noise", "const")]
+        cells = [cell(r[k]) for k in ("shuffle", "noise", "const")]
         lines.append(f"| {m} | {report['n'][m]} | {r['loss']['correct']:.3f} | " + " | ".join(cells)
                      + f" | {'PASS' if r['pass'] else 'FAIL'} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")

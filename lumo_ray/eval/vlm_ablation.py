@@ -1,6 +1,10 @@
 """VLM evaluation: token-weighted caption loss (per bucket), golden caption dumps, and the
 visual-token ablation gate (SPEC §6): correct vs shuffled image vs zeroed visual tokens vs
-Gaussian noise matched to the projected embeddings' mean/std, teacher-forced.
+Gaussian noise matched to the projected embeddings' mean/std, teacher-forced. The gate is the SPEC's
+order, correct < shuffled < zeroed and correct < noise, each comparison paired per sample with a
+positive mean gap, win rate >= min_win_rate and a one-sided sign test p < 0.01 (eval/stats.py), on
+a held-out set of at least MIN_N samples (fewer is an error unless allow_small_n, which marks the
+report as not gating: it then never passes).
 
 Distributed-aware without Ray: when torch.distributed is initialised, eval samples are sharded
 over ranks and the (loss sum, token count) pairs are all-reduced, so the result is the same loss
@@ -16,6 +20,12 @@ import numpy as np
 import torch
 
 from ..data.vlm_data import ImageStore, VLMSample, collate, to_device
+from .stats import MAX_P, paired, passes
+
+MIN_N = 64  # SPEC: a fixed held-out set of 64-256
+# the gated comparisons: (name, worse condition, better condition)
+ORDER = (("shuffled", "shuffled", "correct"), ("zero", "zero", "correct"), ("noise", "noise", "correct"),
+         ("zero_vs_shuffled", "zero", "shuffled"))
 
 
 def _dist() -> tuple[int, int]:
@@ -89,15 +99,18 @@ def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 @torch.no_grad()
 def run_ablation(model, samples: Sequence[VLMSample], images: ImageStore, n: int = 128, seed: int = 0,
-                 batch_size: int = 32, min_win_rate: float = 0.5,
+                 batch_size: int = 32, min_win_rate: float = 0.5, allow_small_n: bool = False,
                  device: torch.device = torch.device("cpu")) -> dict:
-    """Per-sample mean caption loss under the four visual conditions; pass when mean loss(correct)
-    < each other mode and correct wins on at least `min_win_rate` of the samples against each."""
+    """Per-sample mean caption loss under the four visual conditions and the gated comparisons in
+    ORDER (module docstring)."""
     model.eval()
     rng = np.random.default_rng([seed, 3])
     pool = sorted(samples, key=lambda s: s.id)
     pick = sorted(rng.permutation(len(pool))[: min(n, len(pool))].tolist())
     chosen = [pool[i] for i in pick]
+    if len(chosen) < MIN_N and not allow_small_n:
+        raise ValueError(f"VLM ablation: {len(chosen)} held-out samples (n={n}, {len(pool)} in eval) < {MIN_N}, "
+                         f"the SPEC's minimum; use more eval data or --allow-small-n (the report then does not gate)")
     if any(len(s.image_paths) == 0 for s in chosen):
         raise ValueError("ablation samples must have images")
     shuf = _derangement(len(chosen), rng)
@@ -125,11 +138,14 @@ def run_ablation(model, samples: Sequence[VLMSample], images: ImageStore, n: int
     mean = {m: float(a.mean()) for m, a in arr.items()}
     deltas = {m: mean[m] - mean["correct"] for m in MODES[1:]}
     wins = {m: float((arr["correct"] < arr[m]).mean()) for m in MODES[1:]}
-    ok = all(deltas[m] > 0 and wins[m] >= min_win_rate for m in MODES[1:])
+    stats = {name: paired(arr[worse] - arr[better], seed) for name, worse, better in ORDER}
+    checks = {name: passes(st, None, min_win_rate) and st["gap"] > 0 for name, st in stats.items()}
+    gating = len(chosen) >= MIN_N
     return {"n": len(chosen), "seed": seed, "mean_loss": mean, "delta": deltas, "win_rate": wins,
-            "min_win_rate": min_win_rate, "noise_stats": {"mean": mu, "std": sd},
+            "min_win_rate": min_win_rate, "max_p": MAX_P, "min_n": MIN_N, "gating": gating, "stats": stats,
+            "checks": checks, "noise_stats": {"mean": mu, "std": sd},
             "order_shuffled_lt_zero": mean["shuffled"] < mean["zero"],
-            "ids": [s.id for s in chosen], "pass": bool(ok)}
+            "ids": [s.id for s in chosen], "pass": bool(gating and all(checks.values()))}
 
 
 def write_ablation(report: dict, out_dir: str | Path) -> Path:
@@ -141,20 +157,23 @@ def write_ablation(report: dict, out_dir: str | Path) -> Path:
 
 
 def ablation_table(rep: dict) -> str:
+    """Mean loss per condition, then each gated comparison: n, mean gap [bootstrap 95% CI], win rate, p."""
     lines = [f"VLM ablation on {rep['n']} held-out samples (seed {rep['seed']}):",
-             f"  {'mode':9s} {'loss':>8s} {'delta':>8s} {'win':>6s}"]
-    for m in MODES:
-        d = rep["delta"].get(m)
-        w = rep["win_rate"].get(m)
-        lines.append(f"  {m:9s} {rep['mean_loss'][m]:8.4f} {'' if d is None else f'{d:+8.4f}':>8s} "
-                     f"{'' if w is None else f'{w:6.2f}':>6s}")
-    lines.append(f"  {'PASS' if rep['pass'] else 'FAIL'} (correct < shuffled, zero, noise; win rate >= "
-                 f"{rep['min_win_rate']})")
+             f"  {'mode':9s} {'loss':>8s}"]
+    lines += [f"  {m:9s} {rep['mean_loss'][m]:8.4f}" for m in MODES]
+    lines.append(f"  {'comparison':20s} {'gap':>8s} {'95% CI':>19s} {'win':>5s} {'p':>8s}")
+    for name, st in rep.get("stats", {}).items():
+        lo, hi = st["ci95"]
+        lines.append(f"  {name:20s} {st['gap']:+8.4f} [{lo:+8.4f},{hi:+8.4f}] {st['win']:5.2f} {st['p']:8.1g}"
+                     f"  {'ok' if rep['checks'][name] else 'FAIL'}")
+    note = "" if rep.get("gating", True) else f"; NOT GATING: n < {rep.get('min_n', MIN_N)}"
+    lines.append(f"  {'PASS' if rep['pass'] else 'FAIL'} (correct < shuffled < zero, correct < noise: gap > 0, "
+                 f"win rate >= {rep['min_win_rate']}, p < {rep.get('max_p', MAX_P)}{note})")
     return "\n".join(lines)
 
 
 def ablation_from_export(export_dir: str | Path, split_path: Optional[str | Path], n: int, seed: int,
-                         data_path: Optional[str] = None) -> dict:
+                         data_path: Optional[str] = None, allow_small_n: bool = False) -> dict:
     """Load an exported VLM, rebuild its eval split (from the run's splits.json) and run the gate."""
     from ..data.vlm_data import prepare_data
     from ..models.vlm import load_export
@@ -164,4 +183,4 @@ def ablation_from_export(export_dir: str | Path, split_path: Optional[str | Path
         cfg.data.path = data_path
     data = prepare_data(cfg.data, text, model.tokens, model.n_visual, cfg.vision.image_size, split_path)
     return run_ablation(model, data.eval, data.images, n=n, seed=seed, batch_size=cfg.ablation.batch_size,
-                        min_win_rate=cfg.ablation.min_win_rate)
+                        min_win_rate=cfg.ablation.min_win_rate, allow_small_n=allow_small_n)
