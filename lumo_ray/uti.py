@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .codecs.base import AUDIO_PRESETS, TEXT_PRESETS, image_model_identity, model_identity
+from .codecs.base import (AUDIO_PRESETS, IMAGE_SEED_PRESETS, IMAGE_VQ_PRESETS, TEXT_PRESETS, image_model_identity,
+                          model_identity, uses_tiny_vq_weights)
+from .config import AudioConfig, ImageConfig, RuntimeConfig, TextConfig, UTIConfig
 from .runtime import torch_threads
-from .config import AudioConfig, ImageConfig, TextConfig, UTIConfig
 from .token_space import AUDIO_SERIALIZATION, TokenSpace, TokenSpaceError
 
 
@@ -47,12 +48,21 @@ def _need(value: Optional[int], what: str) -> int:
     return value
 
 
+# A preset's identity is a digest of what it encodes with (codecs.base.state_digest), so even when the
+# config says not to load it, a preset is built (offline, seconds) to name it; declared sizes are for
+# real checkpoints that are not at hand.
+
 def declared_text_identity(c: TextConfig) -> dict:
+    if c.tokenizer in TEXT_PRESETS:
+        from .codecs.text import build_text_adapter
+        return build_text_adapter(c).identity()
     return {"kind": "hf_tokenizer", "name": model_identity(c.tokenizer, 0, TEXT_PRESETS),
             "vocab_size": _need(c.vocab_size, "text.vocab_size")}
 
 
-def declared_audio_identity(c: AudioConfig) -> dict:
+def declared_audio_identity(c: AudioConfig, runtime: Optional[RuntimeConfig] = None) -> dict:
+    if c.model in AUDIO_PRESETS:
+        return _build_adapters(UTIConfig(audio=c, runtime=runtime or RuntimeConfig()), ("audio",)).audio.identity()
     return {"kind": "encodec", "model": model_identity(c.model, c.seed, AUDIO_PRESETS),
             "sample_rate": _need(c.sample_rate, "audio.sample_rate"),
             "channels": _need(c.channels, "audio.channels"), "bandwidth": float(c.bandwidth),
@@ -61,7 +71,10 @@ def declared_audio_identity(c: AudioConfig) -> dict:
             "serialization": AUDIO_SERIALIZATION}
 
 
-def declared_image_identity(c: ImageConfig) -> dict:
+def declared_image_identity(c: ImageConfig, runtime: Optional[RuntimeConfig] = None) -> dict:
+    presets = IMAGE_VQ_PRESETS if c.kind == "vq" else IMAGE_SEED_PRESETS
+    if c.model in presets and not uses_tiny_vq_weights(c):  # random / data-dependent init (shipped weights: file digest)
+        return _build_adapters(UTIConfig(image=c, runtime=runtime or RuntimeConfig()), ("image",)).image.identity()
     return {"kind": c.kind, "model": image_model_identity(c),
             "codebook_size": _need(c.codebook_size, "image.codebook_size"),
             "tokens_per_image": _need(c.tokens_per_image, "image.tokens_per_image"),
@@ -90,14 +103,14 @@ def build_token_space(cfg: UTIConfig, adapters: Adapters | None = None) -> Token
             ident["image"] = adapters.image.identity()
             _check_declared("image", {k: ident["image"][k] for k in ("codebook_size", "tokens_per_image")}, cfg.image)
         else:
-            ident["image"] = declared_image_identity(cfg.image)
+            ident["image"] = declared_image_identity(cfg.image, cfg.runtime)
     if cfg.audio.kind != "none":
         if adapters.audio is not None:
             ident["audio"] = adapters.audio.identity()
             _check_declared("audio", {k: ident["audio"][k] for k in
                                           ("sample_rate", "channels", "num_codebooks", "codebook_size")}, cfg.audio)
         else:
-            ident["audio"] = declared_audio_identity(cfg.audio)
+            ident["audio"] = declared_audio_identity(cfg.audio, cfg.runtime)
     ts_cfg = cfg.token_space
     return TokenSpace.from_sizes(
         text_vocab=ident["text"]["vocab_size"], specials=ts_cfg.specials, special_slots=ts_cfg.special_slots,

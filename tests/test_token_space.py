@@ -188,4 +188,33 @@ def test_tiny_vq_identity_is_the_weights_digest_and_one_weight_changes_the_hash(
     assert b.adapters["image"]["model"].startswith("tiny@sha256:") and b.hash != a.hash
     monkeypatch.undo()
     c = ref_space(*sets[:3], "uti.image.seed=1", *sets[4:])
-    assert c.adapters["image"]["model"] == "tiny-init@seed1" and c.hash != a.hash
+    assert c.adapters["image"]["model"].startswith("tiny-init@sha256:") and c.hash != a.hash
+
+
+def test_every_preset_identity_is_a_weights_digest_and_one_changed_weight_is_refused():
+    """Presets (the random-init audio codec, an untrained VQ init, the bundled tokenizer) are named by
+    what they encode with, so changing how one initialises changes the hash; the refusal names the adapter."""
+    import torch
+
+    from lumo_ray.uti import build_adapters
+
+    cfg = load_config(LumoConfig, None, ["uti.image.seed=1"]).uti  # tiny audio, untrained tiny VQ, tiny text
+    adapters = build_adapters(cfg)
+    a = build_token_space(cfg, adapters)
+    assert a.adapters["audio"]["model"].startswith("tiny-24k@sha256:")
+    assert a.adapters["image"]["model"].startswith("tiny-init@sha256:")
+    assert a.adapters["text"]["name"].startswith("tiny@sha256:")
+    assert build_token_space(cfg).hash == a.hash  # the declared path builds a preset to name it the same way
+    for which in ("audio", "image"):
+        model = getattr(adapters, which).model
+        p = next(iter(model.parameters()))
+        orig = p.detach().clone()
+        with torch.no_grad():
+            p.view(-1)[0] += 1e-3
+        b = build_token_space(cfg, adapters)
+        assert b.hash != a.hash
+        with pytest.raises(TokenSpaceMismatch, match=f"first differing field: adapters.{which}.model"):
+            a.ensure_same(b)
+        with torch.no_grad():
+            p.copy_(orig)
+    assert build_token_space(cfg, adapters).hash == a.hash

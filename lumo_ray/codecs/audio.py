@@ -43,7 +43,7 @@ import torch
 
 from ..config import AudioConfig, RuntimeConfig
 from ..token_space import AUDIO_SERIALIZATION
-from .base import AUDIO_PRESETS, AudioClip, AudioCodes, MediaError, model_identity
+from .base import AUDIO_PRESETS, AudioClip, AudioCodes, MediaError, model_identity, state_digest
 
 # Extra source seconds read / resampled beyond max_seconds, so the resampler's filter sees real
 # signal at the cut (checked: the kept samples are bit-identical to resampling the whole file).
@@ -204,7 +204,10 @@ class EncodecAdapter:
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> dict:
-        return {"kind": "encodec", "model": model_identity(self.cfg.model, self.cfg.seed, AUDIO_PRESETS),
+        # a preset is its weights: one changed init is another token space (a checkpoint or hub id: its files / id)
+        model = (f"{self.cfg.model}@{state_digest(self.model)}" if self.cfg.model in AUDIO_PRESETS
+                 else model_identity(self.cfg.model, self.cfg.seed, AUDIO_PRESETS))
+        return {"kind": "encodec", "model": model,
                 "sample_rate": self.sample_rate, "channels": self.channels, "bandwidth": self.bandwidth,
                 "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
                 "serialization": AUDIO_SERIALIZATION}

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# Preset names of the offline random-init models (identity = name + seed).
+# Preset names of the offline models (identity = name @ a digest of the built weights, state_digest).
 TEXT_PRESETS = ("tiny",)
 AUDIO_PRESETS = ("tiny-24k", "tiny-48k", "full-24k", "full-48k")
 IMAGE_VQ_PRESETS = ("tiny", "full")
@@ -97,6 +97,21 @@ class ImageAdapter(Protocol):
     def decode(self, codes: np.ndarray, seed: int = 0) -> np.ndarray: ...  # uint8 [H, W, 3]
 
 
+def state_digest(module: Any) -> str:
+    """'sha256:<hex>' over a torch module's state dict (names, dtypes, shapes, bytes): the identity of a
+    preset's weights, so changing how a preset initialises (one weight) changes the token space."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
 def model_identity(model: str, seed: int, presets: tuple[str, ...]) -> str:
     """The identity string of a model reference: preset name + seed, a hub id as is, or a digest of
     the weight files of a local directory (never the path itself)."""
@@ -142,7 +157,9 @@ def uses_tiny_vq_weights(cfg: Any) -> bool:
 def image_model_identity(cfg: Any) -> str:
     """Identity of an ImageConfig's model. The trained tiny VQ preset is named by the sha256 of its
     shipped weights file ('tiny@sha256:<hex>': one changed weight is another token space); its other
-    seeds / codebook sizes are the untrained init ('tiny-init@seed<N>'). SEED-2 'real' weights come
+    seeds / codebook sizes are the untrained init ('tiny-init@seed<N>' here; the adapter, and
+    uti.declared_image_identity, name a built untrained preset by its weights instead:
+    'tiny-init@sha256:<state digest>'). SEED-2 'real' weights come
     from several local paths (quantizer, eva_clip, unclip), so their identity is a digest over the
     digests of each."""
     import hashlib

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ImageConfig, RuntimeConfig
-from .base import ImageInput, MediaError, image_model_identity
+from .base import ImageInput, MediaError, image_model_identity, state_digest
 from .seed import CLIP_MEAN, CLIP_STD, REAL, SeedArch, SeedQuantizer, load_seed_weights, tiny_arch
 from .seed import unclip as unclip_mod
 
@@ -82,6 +82,7 @@ class SeedImageAdapter:
         self.batch_size = max(1, int(runtime.batch_size))
         if cfg.resolution != arch.image_size:
             raise ValueError(f"image.resolution {cfg.resolution} != SEED encoder input size {arch.image_size}")
+        self.random_init = weights is None
         if weights is None:  # offline preset: random init from the seed, same modules as the real one
             with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
                 torch.manual_seed(cfg.seed)
@@ -106,7 +107,10 @@ class SeedImageAdapter:
 
     # -- identity ---------------------------------------------------------------------------
     def identity(self) -> dict:
-        return {"kind": "seed", "model": image_model_identity(self.cfg),
+        model = image_model_identity(self.cfg)
+        if self.random_init:  # the offline preset: named by its encoder's weights
+            model = f"{self.cfg.model}@{state_digest(self.model)}"
+        return {"kind": "seed", "model": model,
                 "codebook_size": self.codebook_size, "tokens_per_image": self.tokens_per_image,
                 "resolution": self.cfg.resolution}
 

@@ -23,7 +23,8 @@ import torch
 from ..config import ImageConfig, RuntimeConfig
 from ..runtime import torch_threads
 from . import base
-from .base import IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity, uses_tiny_vq_weights
+from .base import (IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity, state_digest,
+                   uses_tiny_vq_weights)
 
 # diffusers VQModel kwargs. Downsampling factor = 2 ** (len(block_out_channels) - 1).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
@@ -321,7 +322,11 @@ class VQImageAdapter:
         return self._model
 
     def identity(self) -> dict:
-        return {"kind": "vq", "model": image_model_identity(self.cfg),
+        model = image_model_identity(self.cfg)
+        if self.cfg.model in IMAGE_VQ_PRESETS and not uses_tiny_vq_weights(self.cfg):
+            # an untrained preset (data-dependent init): named by its weights
+            model = f"{model.split('@')[0]}@{state_digest(self.model)}"
+        return {"kind": "vq", "model": model,
                 "codebook_size": self.codebook_size, "tokens_per_image": self.tokens_per_image,
                 "resolution": self.image_size}
 

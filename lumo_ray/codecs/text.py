@@ -82,7 +82,16 @@ def build_text_adapter(cfg: TextConfig) -> HFTextAdapter:
     else:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    if cfg.tokenizer in TEXT_PRESETS:  # a preset is named by what it encodes with, not by its name alone
+        name = f"{cfg.tokenizer}@{tokenizer_digest(tok)}"
     return HFTextAdapter(tok, name)
+
+
+def tokenizer_digest(tok: Any) -> str:
+    """'sha256:<hex>' of a fast tokenizer's full serialization (vocab, merges, normalizer, specials)."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 def _load_dir(path: Path) -> Any:
