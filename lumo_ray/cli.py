@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -46,7 +45,11 @@ def cmd_uti_audit(args) -> int:
     for k, v in rep["metrics"].items():
         print(f"  {k:18s} {v if v is None else round(v, 4)}")
     for k, r in rep["regression"].items():
-        print(f"  regression {k}: run {r['run']:.4f} {r['rule']} -> {'PASS' if r['pass'] else 'FAIL'}")
+        run = "missing" if r["run"] is None else f"{r['run']:.4f}"
+        print(f"  regression {k}: run {run} {r['rule']} -> {'PASS' if r['pass'] else 'FAIL'}")
+    for line in rep["details"].get("non_finite", []):
+        print(f"  non-finite: {line}")
+    print(f"  baseline: {rep['details']['baseline']}")
     print(f"audit {'PASS' if rep['pass'] else 'FAIL'}: {Path(args.out) / 'report.json'}")
     return 0 if rep["pass"] else 1
 
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = uti.add_parser("audit", help="the UTI audit gate (exit 1 when it fails)")
     _common(a)
     a.add_argument("--out", required=True)
-    a.add_argument("--baseline", help="baseline.json from an earlier run: apply the regression rules")
+    a.add_argument("--baseline", help="baseline.json from an earlier run to apply the regression rules to "
+                   "(default: the baseline committed for this configuration; 'none' skips regression)")
     a.add_argument("--write-baseline", action="store_true", help="store this run's metrics as baseline.json")
     a.set_defaults(func=cmd_uti_audit)
 

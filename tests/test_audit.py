@@ -1,13 +1,15 @@
 """`lumo uti audit` (SPEC §6): passes on the tiny preset (with the trained tiny VQ codec's reconstruction
 floors), fails against a baseline that claims better quality or with a doctored decoder."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from lumo_ray.eval.audit import (TINY_VQ_PSNR_FLOOR, TINY_VQ_SSIM_FLOOR, compare_to_baseline,
+from lumo_ray.eval.audit import (RULES, TINY_VQ_PSNR_FLOOR, TINY_VQ_SSIM_FLOOR, compare_to_baseline,
                                   tiny_vq_floor_check)
 
 
@@ -99,3 +101,60 @@ def test_audit_seed_images_and_48k_stereo_audio(tmp_path, real_data):
     assert rep["checks"]["audio_decode_rate_channels_length"] is True
     ts = json.loads((tmp_path / "token_space.json").read_text())
     assert ts["adapters"]["audio"]["channels"] == 2 and ts["adapters"]["image"]["kind"] == "seed"
+
+
+# -- gates that cannot be fooled: the committed baseline, non-finite and silent decoders, missing metrics
+
+def _audit_cli(out: Path, *extra: str) -> tuple[int, dict]:
+    """`lumo uti audit` in-process on the packaged real samples (so decoders can be doctored)."""
+    from lumo_ray.cli import main
+    rc = main(["uti", "audit", "--out", str(out), *extra])
+    return rc, json.loads((out / "report.json").read_text())
+
+
+def test_audit_applies_the_committed_baseline_by_default(tmp_path):
+    from lumo_ray.eval.audit import committed_baseline
+    rc, rep = _audit_cli(tmp_path / "default")
+    assert rc == 0, rep["checks"]
+    assert rep["baseline"] == str(committed_baseline(rep["token_space_hash"]))
+    assert set(rep["regression"]) == set(RULES) and all(r["pass"] for r in rep["regression"].values())
+    assert rep["checks"]["baseline_regression"] and rep["details"]["baseline"].startswith("applied: committed")
+    rc, rep = _audit_cli(tmp_path / "skip", "--baseline", "none")
+    assert rc == 0 and rep["baseline"] is None and rep["regression"] == {}
+    assert rep["details"]["baseline"].startswith("skipped (--baseline none)")
+
+
+def test_audit_fails_a_nan_audio_decoder_naming_the_input(tmp_path, monkeypatch):
+    from lumo_ray.codecs.audio import EncodecAdapter
+    real = EncodecAdapter.decode
+
+    def nan_decode(self, codes):
+        wav = real(self, codes)
+        wav[:, ::7] = np.nan
+        return wav
+    monkeypatch.setattr(EncodecAdapter, "decode", nan_decode)
+    rc, rep = _audit_cli(tmp_path / "nan")
+    assert rc == 1 and not rep["pass"] and not rep["checks"]["finite_decodes_and_metrics"]
+    assert any(x.startswith("gen:sine_sweep: decoded audio has") for x in rep["details"]["non_finite"])
+    assert math.isnan(rep["metrics"]["audio_log_mel_l1"])  # not dropped from the mean
+    assert not rep["regression"]["audio_log_mel_l1"]["pass"]
+
+
+def test_audit_fails_a_silent_audio_and_black_image_decoder(tmp_path, monkeypatch):
+    """Silence and black images are finite and well-shaped: the committed baseline is what catches them."""
+    from lumo_ray.codecs.audio import EncodecAdapter
+    from lumo_ray.codecs.image_vq import VQImageAdapter
+    a_real, i_real = EncodecAdapter.decode, VQImageAdapter.decode
+    monkeypatch.setattr(EncodecAdapter, "decode", lambda self, codes: np.zeros_like(a_real(self, codes)))
+    monkeypatch.setattr(VQImageAdapter, "decode", lambda self, codes, seed=0: np.zeros_like(i_real(self, codes, seed)))
+    rc, rep = _audit_cli(tmp_path / "silent")
+    assert rc == 1 and not rep["checks"]["baseline_regression"]
+    assert not rep["regression"]["audio_log_mel_l1"]["pass"] and not rep["regression"]["image_psnr"]["pass"]
+
+
+def test_a_metric_the_baseline_has_and_the_run_lacks_fails():
+    base = {"audio_snr_db": 10.0, "audio_log_mel_l1": 2.0, "image_psnr": 20.0, "image_ssim": 0.5}
+    res = compare_to_baseline({"audio_snr_db": 10.0, "audio_log_mel_l1": 2.0, "image_ssim": 0.5}, base)
+    assert not res["image_psnr"]["pass"] and res["image_psnr"]["rule"] == "missing in this run"
+    assert not compare_to_baseline(dict(base, image_psnr=float("nan")), base)["image_psnr"]["pass"]
+    assert compare_to_baseline(base, {"image_psnr": 20.0}).keys() == {"image_psnr"}  # baseline lacks: skipped

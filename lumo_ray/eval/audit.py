@@ -1,6 +1,13 @@
 """UTI audit (SPEC §6): determinism (in-process and across processes), ranges, audio phase, shapes,
 decode checks, reconstruction metrics on aligned signals, and baseline regression.
 
+Nothing non-finite is dropped: a decoded sample with NaN / inf fails the decode check naming the
+input, and a metric mean over inputs is NaN (a FAIL) when any input's metric is. Regression runs
+against `--baseline FILE`, or by default against the baseline committed for the configuration
+(lumo_ray/assets/audit_baselines/<token-space hash>.json, applied when the audit inputs encode to
+the same ids as when it was written); `--baseline none` skips it and the report says so. A metric
+the baseline has and the run lacks fails.
+
 With the trained tiny VQ image preset (uti.image = vq / tiny / seed 0 / codebook 256, the shipped
 weights) the audit also gates its reconstruction of held-out synthetic shape images (drawn like
 lumo_ray.data.synth, seed SYNTH_EVAL_SEED) at the preset resolution: PSNR >= TINY_VQ_PSNR_FLOOR dB
@@ -20,6 +27,7 @@ from PIL import Image
 
 from ..codecs.base import uses_tiny_vq_weights
 from ..config import LumoConfig, dump_config, load_config
+from ..packaged import ASSETS
 from ..runtime import torch_threads
 from ..uti import Adapters, build_adapters, build_token_space
 from . import metrics
@@ -39,6 +47,8 @@ TINY_VQ_SSIM_FLOOR = 0.70    # mean SSIM (7x7 window on luma)
 TINY_VQ_RESOLUTION = 32      # the floors hold at the preset resolution
 SYNTH_EVAL_SEED = 2000       # held out: training draws seed 1000, the demo seeds 0-2
 SYNTH_EVAL_IMAGES = 32
+# committed baselines, one per token space: a `--write-baseline` run's baseline.json saved as <hash>.json
+BASELINES = ASSETS / "audit_baselines"
 
 
 def tiny_vq_floor_check(adapter: Any, n: int = SYNTH_EVAL_IMAGES, seed: int = SYNTH_EVAL_SEED) -> dict:
@@ -113,13 +123,27 @@ def token_hashes(cfg: LumoConfig) -> dict[str, str]:
     return out
 
 
-def _finite_mean(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(np.mean(xs)) if xs else None
+def _mean(xs: list[float | None]) -> float | None:
+    """Mean over the inputs that have the metric (None: undefined, e.g. SNR of a silent input); NaN when
+    any of them is non-finite, never dropped."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return float(np.mean(xs)) if all(math.isfinite(x) for x in xs) else float("nan")
+
+
+def inputs_digest(hashes: dict[str, str]) -> str:
+    """Digest of the audit inputs as encoded (names -> id hashes, with the token-space hash)."""
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def committed_baseline(ts_hash: str) -> Path:
+    return BASELINES / f"{ts_hash}.json"
 
 
 def run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None = None,
               write_baseline: bool = False, log=print) -> dict:
+    """baseline: a baseline.json path, None = the committed one for this configuration, 'none' = skip."""
     with torch_threads(cfg.uti.runtime.threads):
         return _run_audit(cfg, out_dir, baseline, write_baseline, log)
 
@@ -137,6 +161,7 @@ def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write
     details: dict[str, Any] = {}
     per_input: dict[str, dict] = {}
     m: dict[str, list] = {k: [] for k in RULES}
+    non_finite: list[str] = []  # "input: what" for every non-finite decode or metric
     extra: dict[str, float | None] = {}  # reported metrics outside the regression rules
 
     if adapters.text is not None:
@@ -163,6 +188,8 @@ def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write
             wav = a.decode(c)
             ok = wav.shape == (a.channels, frames * a.samples_per_frame) and wav.dtype == np.float32
             dec_ok &= bool(ok)
+            if not np.isfinite(wav).all():
+                non_finite.append(f"{name}: decoded audio has {int((~np.isfinite(wav)).sum())} non-finite samples")
             ref, est = metrics.align_audio(clip.wav, a.sample_rate, wav, a.sample_rate, 16000)
             silent = float(np.max(np.abs(ref))) == 0.0
             snr = None if silent else metrics.snr_db(ref, est)
@@ -196,14 +223,16 @@ def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write
                 m["image_psnr"].append(rec["psnr"])
                 m["image_ssim"].append(rec["ssim"])
             per_input[name] = rec
+            if not np.isfinite(np.asarray(dec, np.float64)).all():
+                non_finite.append(f"{name}: decoded image has non-finite pixels")
         Image.fromarray(dec).save(out / "recon.png")
         checks["image_decode_size"] = bool(size_ok)
         if im.deterministic_decode:
             checks["image_decode_repeatable"] = np.array_equal(im.decode(c1[0], seed=0), im.decode(c1[0], seed=0))
             details["image_decode"] = "deterministic"
             real = [v for k, v in per_input.items() if k.startswith("real:") and "psnr" in v]
-            extra["image_real_psnr"] = _finite_mean([v["psnr"] for v in real])
-            extra["image_real_ssim"] = _finite_mean([v["ssim"] for v in real])
+            extra["image_real_psnr"] = _mean([v["psnr"] for v in real])
+            extra["image_real_ssim"] = _mean([v["ssim"] for v in real])
         if uses_tiny_vq_weights(cfg.uti.image):
             fl = tiny_vq_floor_check(im)
             extra.update(image_synth_psnr=fl["psnr"], image_synth_ssim=fl["ssim"])
@@ -234,33 +263,63 @@ def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write
         details["cross_process_differences"] = diff
     checks["token_space_hash_stable"] = here["token_space"] == ts.hash
 
-    summary = {**{k: _finite_mean(v) for k, v in m.items()}, **extra}
+    summary = {**{k: _mean(v) for k, v in m.items()}, **extra}
+    for name, rec in per_input.items():
+        non_finite += [f"{name}: {k} = {rec[k]}" for k in ("snr_db", "log_mel_l1", "psnr", "ssim")
+                       if rec.get(k) is not None and not math.isfinite(rec[k])]
+    non_finite += [f"{k} = {v}" for k, v in extra.items() if v is not None and not math.isfinite(v)]
+    checks["finite_decodes_and_metrics"] = not non_finite
+    details["non_finite"] = non_finite
+    digest = inputs_digest(here)
+    base_path, base_note = _pick_baseline(baseline, ts.hash)
+    base = json.loads(Path(base_path).read_text()) if base_path else None
+    if base is not None and baseline is None and base.get("inputs_sha256") != digest:
+        base_path, base = None, None  # the committed baseline measured other inputs
+        base_note = f"committed baseline for token space {ts.hash[:12]} measured other inputs (audit.real_data); not applied"
     regression: dict[str, Any] = {}
-    if baseline:
-        base = json.loads(Path(baseline).read_text())
+    if base is not None:
         regression = compare_to_baseline(summary, base.get("metrics", {}))
         checks["baseline_regression"] = all(r["pass"] for r in regression.values())
         if base.get("token_space_hash") and base["token_space_hash"] != ts.hash:
             checks["baseline_token_space_hash"] = False
             details["baseline_hash_mismatch"] = {"baseline": base["token_space_hash"], "run": ts.hash}
+    details["baseline"] = base_note
+    log(f"[audit] baseline: {base_note}")
 
     report = {"pass": all(checks.values()), "token_space_hash": ts.hash, "checks": checks,
               "metrics": summary, "per_input": per_input, "regression": regression, "details": details,
-              "baseline": str(baseline) if baseline else None}
+              "baseline": str(base_path) if base_path else None, "inputs_sha256": digest}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     if write_baseline:
         (out / "baseline.json").write_text(json.dumps(
-            {"token_space_hash": ts.hash, "metrics": summary}, indent=2) + "\n")
+            {"token_space_hash": ts.hash, "inputs_sha256": digest, "metrics": summary}, indent=2) + "\n")
     return report
 
 
+def _pick_baseline(baseline: str | None, ts_hash: str) -> tuple[str | None, str]:
+    """(path or None, what the report says about it)."""
+    if baseline is not None and str(baseline).lower() == "none":
+        return None, "skipped (--baseline none): reconstruction regression not gated"
+    if baseline:
+        return str(baseline), f"applied: {baseline}"
+    committed = committed_baseline(ts_hash)
+    if committed.exists():
+        return str(committed), f"applied: committed baseline {committed.name}"
+    return None, (f"none committed for token space {ts_hash[:12]}: reconstruction regression not gated "
+                  "(pass --baseline FILE from an earlier `--write-baseline` run)")
+
+
 def compare_to_baseline(run: dict, base: dict) -> dict:
-    """Apply the SPEC §6 regression rules metric by metric (metrics absent from either side are skipped)."""
+    """Apply the SPEC §6 regression rules metric by metric. A metric the baseline lacks is skipped; one
+    the baseline has and the run lacks (or has as NaN) fails."""
     res = {}
     for k, (direction, kind, tol) in RULES.items():
-        if run.get(k) is None or base.get(k) is None:
+        if base.get(k) is None:
             continue
         b = base[k]
+        if run.get(k) is None:
+            res[k] = {"run": None, "baseline": b, "bound": None, "rule": "missing in this run", "pass": False}
+            continue
         bound = (b - tol if kind == "abs" else b * tol) if direction == "min" else (b + tol if kind == "abs" else b * tol)
         ok = run[k] >= bound if direction == "min" else run[k] <= bound
         res[k] = {"run": run[k], "baseline": b, "bound": bound, "rule": f"{'>=' if direction == 'min' else '<='} {bound:.6g}",
