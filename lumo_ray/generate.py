@@ -112,7 +112,8 @@ def task_spec(run: Run, task: str, opts: GenOptions) -> SpanSpec:
         return span_spec(run.ts, "audio", audio_frames(run, opts) * run.ts.num_codebooks, sp["<|aud_start|>"])
     if task in ("i2t", "a2t"):
         start = (sp["<|img_end|>"] if task == "i2t" else sp["<|aud_end|>"]) if compact else sp["<|text_start|>"]
-        return span_spec(run.ts, "text", opts.max_text_tokens, start)
+        eos = getattr(run.adapters.text, "eos_id", None)
+        return span_spec(run.ts, "text", opts.max_text_tokens, start, () if eos is None else (eos,))
     raise ValueError(f"unknown task {task!r}: one of {TASKS}")
 
 
@@ -182,7 +183,7 @@ def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOpti
             mask[i, n - len(p):] = 1
         proc = SpanConstraint(run.ts, spec, n, pad, vocab, enabled=opts.constrained)
         sample = not opts.greedy
-        kw: dict = dict(do_sample=sample, max_new_tokens=spec.max_new_tokens, eos_token_id=spec.end_id,
+        kw: dict = dict(do_sample=sample, max_new_tokens=spec.max_new_tokens, eos_token_id=spec.terminators,
                         pad_token_id=pad, logits_processor=LogitsProcessorList([proc]))
         if sample:
             kw.update(temperature=opts.temperature, top_k=int(opts.top_k), top_p=opts.top_p)  # top_k=0: off (None = HF's 50)
@@ -190,13 +191,13 @@ def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOpti
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
             seqs = run.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
         for row in seqs[:, n:].cpu().numpy():
-            out.append(_strip(row, spec.end_id, pad))
+            out.append(_strip(row, spec.terminators, pad))
     return out
 
 
-def _strip(row: np.ndarray, end_id: int, pad: int) -> np.ndarray:
-    """Keep up to and including the first end token; without one, drop trailing pads."""
-    hit = np.nonzero(row == end_id)[0]
+def _strip(row: np.ndarray, terminators: list[int], pad: int) -> np.ndarray:
+    """Keep up to and including the first terminator (end or stop token); without one, drop trailing pads."""
+    hit = np.nonzero(np.isin(row, terminators))[0]
     if hit.size:
         return row[: hit[0] + 1].astype(np.int64)
     k = len(row)
@@ -210,10 +211,11 @@ def _strip(row: np.ndarray, end_id: int, pad: int) -> np.ndarray:
 @dataclass
 class SpanCheck:
     well_formed: bool
-    """Prompt ends with the opening token, the span is closed by the end token, no stray specials."""
+    """Prompt ends with the opening token, the span is closed by the end token (not by a stop token
+    such as the text EOS, not left open), nothing after it, no stray specials."""
     length: int
     exact_length: bool
-    """Media: exactly the spec's length; text: 1..max tokens."""
+    """Media: exactly the spec's length; text: 1..max-1 tokens (a text span at the cap was cut by it)."""
     out_of_range: int
     """Ids of the span outside the modality's ids."""
     phase_errors: int
@@ -230,10 +232,11 @@ class SpanCheck:
 def check_span(ts: TokenSpace, spec: SpanSpec, prompt_last: int, gen: np.ndarray) -> tuple[SpanCheck, np.ndarray]:
     """Check one generated span (ids after the prompt). Returns the check and the span body."""
     g = np.asarray(gen, np.int64)
-    hit = np.nonzero(g == spec.end_id)[0]
-    closed = bool(hit.size)
-    body = g[: hit[0]] if closed else g
-    trailing = g[hit[0] + 1:] if closed else g[:0]
+    hit = np.nonzero(np.isin(g, spec.terminators))[0]
+    ended = bool(hit.size)
+    closed = ended and int(g[hit[0]]) == spec.end_id  # ended by a stop token (text EOS): not closed
+    body = g[: hit[0]] if ended else g
+    trailing = g[hit[0] + 1:] if ended else g[:0]
     mod = spec.modality
     if mod == "audio":
         a0, a1 = ts.audio_ranges[0].start, ts.audio_ranges[-1].stop
@@ -244,8 +247,15 @@ def check_span(ts: TokenSpace, spec: SpanSpec, prompt_last: int, gen: np.ndarray
     specials = ts.range("SPECIAL")
     stray = int(((body >= specials.start) & (body < specials.stop)).sum())
     well = bool(prompt_last == spec.start_id and closed and body.size > 0 and stray == 0 and trailing.size == 0)
-    exact = body.size == spec.length if mod != "text" else 1 <= body.size <= spec.length
-    return SpanCheck(well, int(body.size), bool(exact), oor, phase), body
+    exact = body.size == spec.length if mod != "text" else 1 <= body.size < spec.length
+    why = []
+    if ended and not closed:
+        why.append(f"ended by stop token {int(g[hit[0]])}, not the end token {spec.end_id}")
+    elif not ended:
+        why.append("no end token")
+    if mod == "text" and body.size >= spec.length:
+        why.append(f"ran to the {spec.length}-token cap")
+    return SpanCheck(well, int(body.size), bool(exact), oor, phase, error="; ".join(why)), body
 
 
 def decode_span(run: Run, modality: str, body: np.ndarray, seed: int = 0) -> Any:
@@ -270,7 +280,7 @@ def check_and_decode(run: Run, spec: SpanSpec, prompt: np.ndarray, gen: np.ndarr
         out = decode_span(run, spec.modality, body, seed)
         chk.decoded = True
     except Exception as e:  # a decode failure is a measured outcome, not a crash
-        chk.error = f"{type(e).__name__}: {e}"
+        chk.error = "; ".join(x for x in (chk.error, f"{type(e).__name__}: {e}") if x)
     return chk, out
 
 

@@ -167,6 +167,32 @@ def test_gate_checker_fails_on_doctored_outputs(run):
             assert c[0].phase_errors == 2 and c[0].out_of_range == 0 and not c[0].decoded
 
 
+def test_text_span_that_overruns_its_end_fails_the_gate(run):
+    """A caption must close with <|text_end|>: one that ends with the tokenizer's EOS (generation stops
+    there) or runs on to the token cap is not compliant, even though every id is a TEXT id."""
+    opts = GenOptions(seed=1, max_text_tokens=12)
+    spec = task_spec(run, "i2t", opts)
+    eos, end = run.adapters.text.eos_id, spec.end_id
+    assert spec.stop_ids == (eos,)
+    prompts = [g["prompt"] for g in golden_set(run, "i2t", 1, seed=0)]
+    words = np.asarray(run.adapters.text.encode("one blue circle in the center"), np.int64)
+    cases = {"closed": (np.r_[words, end], True),
+             "ended_by_eos": (np.r_[words, eos], False),  # the issue's '... center medium<|endoftext|>'
+             "through_eos_to_cap": (np.r_[np.resize(np.r_[words, eos], 12), end], False),
+             "at_the_cap": (np.r_[np.resize(words, 12), end], False)}
+    for what, (g, ok) in cases.items():
+        checks, _ = check_generations(run, "i2t", prompts, [g], opts)
+        assert summarize(checks, "text")["pass"] == ok, (what, checks[0])
+    c, _ = check_generations(run, "i2t", prompts, [cases["ended_by_eos"][0]], opts)
+    assert not c[0].well_formed and "stop token" in c[0].error
+    c, _ = check_generations(run, "i2t", prompts, [cases["at_the_cap"][0]], opts)
+    assert c[0].well_formed and not c[0].exact_length and "cap" in c[0].error
+    # generation itself stops at EOS: an untrained model's spans never carry anything after a terminator
+    for g in generate_spans(run, "i2t", prompts * 4, GenOptions(seed=3, max_text_tokens=12, constrained=False)):
+        hits = np.nonzero(np.isin(g, [end, eos]))[0]
+        assert hits.size <= 1 and (hits.size == 0 or hits[0] == len(g) - 1)
+
+
 def test_token_space_mismatch_fails_gate_and_refuses_generation(run, tmp_path):
     cfg = load_config(LumoConfig, run.dir / "config.yaml", ["uti.image.seed=1"])  # another image codec identity
     other = load_run(run.dir, cfg=cfg)

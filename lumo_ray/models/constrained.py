@@ -6,7 +6,9 @@ may only emit:
   audio  s < N: an id of codebook s mod K (N = frames x K, so phase is right by construction);
          s == N: <|aud_end|>
   text   s == 0: a TEXT id; 0 < s < N: a TEXT id or <|text_end|>; s == N: <|text_end|>
-and once a row has emitted its end token only the pad token (generation stops there anyway).
+and once a row has emitted its end token only the pad token (generation stops there anyway). A text
+span also stops at the text tokenizer's EOS (`stop_ids`): the constraint does not hide a model that
+ends its caption with EOS instead of <|text_end|>, the decode check counts that span as not closed.
 Media ids, specials other than the end token and padded embedding rows are never allowed in text.
 `SpanConstraint(..., enabled=False)` leaves the scores alone, to measure what the constraint prevents.
 """
@@ -33,20 +35,26 @@ class SpanSpec:
     """The token the prompt must end with (the span's opening delimiter)."""
     end_id: int
     """The token that closes the span."""
+    stop_ids: tuple[int, ...] = ()
+    """Other ids that end a row without closing the span (text: the tokenizer's EOS)."""
+
+    @property
+    def terminators(self) -> list[int]:
+        return [self.end_id, *self.stop_ids]
 
     @property
     def max_new_tokens(self) -> int:
         return self.length + 1
 
 
-def span_spec(ts: TokenSpace, modality: str, length: int, start_id: int) -> SpanSpec:
+def span_spec(ts: TokenSpace, modality: str, length: int, start_id: int, stop_ids: tuple[int, ...] = ()) -> SpanSpec:
     if modality not in END:
         raise ValueError(f"unknown span modality {modality!r}: image, audio or text")
     if length < 1:
         raise ValueError(f"{modality} span length must be >= 1, got {length}")
     if modality == "audio" and length % ts.num_codebooks:
         raise TokenSpaceError(f"audio span length {length} is not a multiple of {ts.num_codebooks} codebooks")
-    return SpanSpec(modality, int(length), int(start_id), ts.special_id(END[modality]))
+    return SpanSpec(modality, int(length), int(start_id), ts.special_id(END[modality]), tuple(int(i) for i in stop_ids))
 
 
 class SpanConstraint(LogitsProcessor):
@@ -97,7 +105,8 @@ class SpanConstraint(LogitsProcessor):
             return scores
         step = input_ids.shape[1] - self.prompt_len
         gen = input_ids[:, self.prompt_len:]
-        finished = (gen == self.spec.end_id).any(1).tolist() if step > 0 else [False] * input_ids.shape[0]
+        stops = torch.as_tensor(self.spec.terminators, device=gen.device)
+        finished = torch.isin(gen, stops).any(1).tolist() if step > 0 else [False] * input_ids.shape[0]
         rows = torch.stack([self.allowed(step, f) for f in finished]).to(scores.device)
         if rows.shape[1] < scores.shape[1]:
             rows = torch.nn.functional.pad(rows, (0, scores.shape[1] - rows.shape[1]), value=False)
