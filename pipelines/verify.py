@@ -59,6 +59,19 @@ def _check(ok: bool, summary: str, **details) -> dict:
     return {"pass": bool(ok), "summary": summary, **details}
 
 
+def spot_check_choice(results: list[dict], n: int, seed: int, modalities: list[str]) -> dict[str, dict[str, list]]:
+    """{shard: {sample id: [modality, ...]}}: per modality n records drawn by seed (all when fewer) from
+    the shards without problems (check_shard results: ids and lengths are parallel lists)."""
+    out: dict[str, dict[str, list]] = {}
+    for k, m in enumerate(modalities):
+        cands = sorted((r["shard"], str(ident[0])) for r in results if not r["problems"]
+                       for ident, lengths in zip(r["ids"], r["lengths"]) if m in lengths[1])
+        for i in sorted(np.random.default_rng([seed, 5, k]).permutation(len(cands))[:n]):
+            shard, sid = cands[i]
+            out.setdefault(shard, {}).setdefault(sid, []).append(m)
+    return out
+
+
 def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifest: str | None = None,
                baseline: str | None = None, write_baseline: bool = False, address: str | None = None,
                log=print) -> dict:
@@ -131,26 +144,22 @@ def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifes
     else:
         checks["retokenize"] = _check(False, "no manifest given (and no source.json beside the shards)")
 
-    # 3. Decode spot checks (the first N audio and N image spans, from shards that read cleanly).
+    # 3. Decode spot checks: N audio and N image spans chosen by vcfg.seed over every record of the
+    #    shards that read cleanly (not the first N, which would always be the same few sources).
     dec_probs, n_dec = [], 0
-    want = vcfg.decode_spot_checks
-    got = {"audio": 0, "image": 0}
-    broken = {r["shard"] for r in results if r["problems"]}
-    for s in index["shards"]:
-        if all(v >= want for v in got.values()):
-            break
-        if str(shards_dir / s["name"]) in broken:
-            continue
-        for smp in iter_tar(shards_dir / s["name"]):
-            for m in ("audio", "image"):
-                if m not in smp or got[m] >= want or getattr(tok.adapters, m) is None:
-                    continue
-                got[m] += 1
+    chosen = spot_check_choice(results, vcfg.decode_spot_checks, vcfg.seed,
+                               [m for m in ("audio", "image") if getattr(tok.adapters, m) is not None])
+    paths = {str(shards_dir / s["name"]): shards_dir / s["name"] for s in index["shards"]}
+    for shard, picks in sorted(chosen.items()):
+        for smp in iter_tar(paths[shard]):
+            sid = (smp.get("json") or {}).get("id", smp["__key__"])
+            for m in picks.get(sid, ()):
                 n_dec += 1
                 problem = _decode_problem(tok, ts, smp, m, vcfg.seed)
                 if problem:
-                    dec_probs.append(f"{smp['json']['id']}: {problem}")
-    checks["decode"] = _check(not dec_probs, f"{n_dec} decoded, {len(dec_probs)} failed", problems=dec_probs)
+                    dec_probs.append(f"{sid}: {problem}")
+    checks["decode"] = _check(not dec_probs, f"{n_dec} decoded, {len(dec_probs)} failed", problems=dec_probs,
+                              ids=sorted({sid for p in chosen.values() for sid in p})[:MAX_LISTED])
 
     # 4. Length statistics and drift.
     stats = length_stats([tuple(x) for r in results for x in r["lengths"]])

@@ -270,3 +270,24 @@ def test_killed_run_restarts_to_identical_output(shards, manifest, tmp_path):
     ref = tmp_path / "ref"
     run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), ref, log=quiet)
     assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_decode_spot_checks_are_a_seeded_choice_and_ungrouped_records_are_checked():
+    from lumo_ray.data.verify import leakage
+    from pipelines.verify import spot_check_choice
+
+    results = [{"shard": f"s{k}", "problems": [] if k != 3 else ["s3: unreadable"],
+                "ids": [(f"id{k}-{i}", None, "train") for i in range(10)],
+                "lengths": [("i2t", {"image": 64, "text": 5}) if i % 2 else ("a2t", {"audio": 300, "text": 4})
+                            for i in range(10)]} for k in range(5)]
+    a = spot_check_choice(results, 4, seed=0, modalities=["audio", "image"])
+    picks = [(s, sid, m) for s, p in a.items() for sid, ms in p.items() for m in ms]
+    assert sorted(m for _, _, m in picks) == ["audio"] * 4 + ["image"] * 4
+    assert "s3" not in a  # a shard with problems is not decoded
+    first = [("s0", f"id0-{i}") for i in range(8)]
+    assert {(s, sid) for s, sid, _ in picks} != set(first)  # not simply the first records
+    assert spot_check_choice(results, 4, seed=0, modalities=["audio", "image"]) == a
+    assert spot_check_choice(results, 4, seed=1, modalities=["audio", "image"]) != a
+    # a record without a group is its own group: the same ungrouped record in both splits is reported as a group too
+    leak = leakage([("x", None, "train"), ("x", None, "eval"), ("y", "g", "train"), ("z", "g", "eval")])
+    assert leak["groups_in_both"] == ["g", "id:x"] and leak["ids_in_both"] == ["x"]

@@ -90,16 +90,18 @@ def check_shard(path: PathLike, ts_json: dict, expected_sha: str, expected_sampl
 
 
 def leakage(ids: list[tuple]) -> dict:
+    """Ids and groups in both splits, and duplicate ids. A record without a group is its own group
+    (named 'id:<id>'), so no record is left out of the group check."""
     by_split: dict[str, dict[str, set]] = defaultdict(lambda: {"ids": set(), "groups": set()})
     for sid, group, split in ids:
         by_split[split]["ids"].add(sid)
-        by_split[split]["groups"].add(group)
+        by_split[split]["groups"].add(group if group is not None else f"id:{sid}")
     tr, ev = by_split.get("train", {"ids": set(), "groups": set()}), by_split.get("eval", {"ids": set(), "groups": set()})
     seen, dup = set(), set()
     for sid, _, _ in ids:
         (dup if sid in seen else seen).add(sid)
     return {"ids_in_both": sorted(tr["ids"] & ev["ids"])[:MAX_LISTED],
-            "groups_in_both": sorted(g for g in tr["groups"] & ev["groups"] if g is not None)[:MAX_LISTED],
+            "groups_in_both": sorted(tr["groups"] & ev["groups"])[:MAX_LISTED],
             "duplicate_ids": sorted(dup)[:MAX_LISTED]}
 
 
