@@ -45,7 +45,7 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
     {"pass", "run", "stages": {name: {...}}}."""
     from trainers.mmpt import run_mmpt
 
-    from .demo_lm import step_runner
+    from .demo_lm import TOKEN_LM_MIN_GAIN, step_runner, token_lm_verdict
     from .eval.fidelity import run_fidelity
     from .eval.modality_ablation import run_modality_ablation
 
@@ -58,8 +58,10 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
 
     def train() -> dict:
         m = run_mmpt(cfg, address=address, log=log)
-        ok = all(v == v for v in m["eval"].values()) and m["eval_loss"] == m["eval_loss"]
-        return {"pass": ok, "eval": {k: round(v, 4) for k, v in m["eval"].items()},
+        start = m["eval_at_start"]
+        return {"pass": token_lm_verdict(m), "eval_at_start": {k[5:] if k != "eval_loss" else "all": round(v, 4) for k, v in start.items()},
+                "rule": f"every task's eval loss below its warm start; all tasks >= {TOKEN_LM_MIN_GAIN} below",
+                "eval": {k: round(v, 4) for k, v in m["eval"].items()},
                 "train": {k: round(v, 4) for k, v in m.get("train_tasks", {}).items()},
                 "trainable": m["trainable"], "golden": m.get("golden", []), "evals": m.get("evals", [])}
 

@@ -99,6 +99,7 @@ def test_all_four_tasks_trained_and_logged_with_golden_generations(straight):
     cfg, m, out = straight
     assert set(m["eval"]) >= {"i2t", "a2t", "t2i", "t2a"} and set(m["train_tasks"]) >= {"i2t", "a2t", "t2i", "t2a"}
     assert [e["step"] for e in m["evals"]] == [3, 6] and all("eval_t2a" in e and "train_i2t" in e for e in m["evals"])
+    assert set(m["eval_at_start"]) == {"eval_loss", "eval_i2t", "eval_a2t", "eval_t2i", "eval_t2a"}  # the warm start
     assert m["golden"] == ["golden/step_3", "golden/step_6"]
     g = json.loads((out / "golden" / "step_6" / "golden.json").read_text())
     tasks = {r["task"] for r in g["rows"]}

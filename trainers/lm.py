@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -247,6 +246,14 @@ def pack(texts: list[str], tok, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
 
 
+def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vocab: int) -> float:
+    """Perplexity on the eval targets of a unigram model of the train tokens (add-one smoothed): what
+    an LM scores that learned word frequencies and nothing about order (the demo's yardstick)."""
+    counts = torch.bincount(train_blocks[:, 1:].reshape(-1), minlength=vocab).double() + 1.0
+    logp = torch.log(counts / counts.sum())
+    return float(torch.exp(-logp[eval_blocks[:, 1:].reshape(-1)].mean()))
+
+
 def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     """Base LM training on one worker (rank ctx.rank of ctx.world_size)."""
     from lumo_ray.models.base_lm import build_base_lm, count_params
@@ -351,6 +358,7 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         m.save_pretrained(str(export))
         tok.save_pretrained(str(export))
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
+                   "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tok)),
                    "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(run.loc / "export")}
         write_json(run_dir / "metrics.json", metrics)
         run.push()

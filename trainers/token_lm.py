@@ -202,6 +202,11 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     golden = GoldenWriter(cfg, ts, raw, builder, run_dir, say) if (
         ctx.rank == 0 and c.seq.layouts == "any" and c.mmpt.golden_n > 0) else None
     metrics: dict = {}
+    start: dict = {}
+    if step == 0:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
+        ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
+        start = {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
+        say(f"token-lm warm start: eval {ev['all']:.4f}")
     t0, ntok = time.time(), 0
     model.train()
     while step < t.steps:
@@ -265,7 +270,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
                    "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_loss"},
                    "train_tasks": {k[6:]: v for k, v in metrics.items() if k.startswith("train_") and k != "train_loss"},
-                   "evals": evals, "golden": golden.dirs if golden is not None else [],
+                   "evals": evals, "eval_at_start": start, "golden": golden.dirs if golden is not None else [],
                    "trainable": ws.counts, "token_space_hash": ts.hash, "steps": step, "seconds": secs,
                    "tokens_per_s": ntok * ctx.world_size / max(secs, 1e-9),
                    "export": str(run.loc / "export") if run.remote else str(out)}
