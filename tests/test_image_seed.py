@@ -69,7 +69,8 @@ def test_adapter_interface_and_identity(adapter, cfg):
     assert adapter.codebook_size == 8192 and adapter.tokens_per_image == 32
     assert adapter.image_size == RES and adapter.deterministic_decode is False
     ident = adapter.identity()
-    assert ident == {"kind": "seed", "model": "tiny@seed0", "codebook_size": 8192, "tokens_per_image": 32,
+    assert ident["model"].startswith("tiny@sha256:")
+    assert ident == {"kind": "seed", "model": ident["model"], "codebook_size": 8192, "tokens_per_image": 32,
                      "resolution": RES}
     declared = ImageConfig(kind="seed", model="tiny", resolution=RES, seed=0, codebook_size=8192,
                            tokens_per_image=32, load=False)

@@ -51,7 +51,8 @@ def test_encode_adds_no_specials_and_never_emits_them(tiny):
 
 
 def test_tiny_identity_equals_declared(tiny):
-    assert tiny.identity() == {"kind": "hf_tokenizer", "name": "tiny@seed0", "vocab_size": 512}
+    ident = tiny.identity()
+    assert ident["name"].startswith("tiny@sha256:") and ident["vocab_size"] == 512  # named by its serialization
     assert tiny.identity() == declared_text_identity(TextConfig(tokenizer="tiny", vocab_size=512))
 
 
