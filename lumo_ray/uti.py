@@ -1,7 +1,7 @@
 """Unified Token Interface: build the adapters from a config and the token space from their sizes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .codecs.base import (AUDIO_PRESETS, IMAGE_SEED_PRESETS, IMAGE_VQ_PRESETS, TEXT_PRESETS, image_model_identity,
@@ -55,13 +55,14 @@ def _need(value: Optional[int], what: str) -> int:
 def declared_text_identity(c: TextConfig) -> dict:
     if c.tokenizer in TEXT_PRESETS:
         from .codecs.text import build_text_adapter
-        return build_text_adapter(c).identity()
+        return build_text_adapter(replace(c, load=True)).identity()
     return {"kind": "hf_tokenizer", "name": model_identity(c.tokenizer, 0, TEXT_PRESETS),
             "vocab_size": _need(c.vocab_size, "text.vocab_size")}
 
 
 def declared_audio_identity(c: AudioConfig, runtime: Optional[RuntimeConfig] = None) -> dict:
     if c.model in AUDIO_PRESETS:
+        c = replace(c, load=True)
         return _build_adapters(UTIConfig(audio=c, runtime=runtime or RuntimeConfig()), ("audio",)).audio.identity()
     return {"kind": "encodec", "model": model_identity(c.model, c.seed, AUDIO_PRESETS),
             "sample_rate": _need(c.sample_rate, "audio.sample_rate"),
@@ -74,6 +75,7 @@ def declared_audio_identity(c: AudioConfig, runtime: Optional[RuntimeConfig] = N
 def declared_image_identity(c: ImageConfig, runtime: Optional[RuntimeConfig] = None) -> dict:
     presets = IMAGE_VQ_PRESETS if c.kind == "vq" else IMAGE_SEED_PRESETS
     if c.model in presets and not uses_tiny_vq_weights(c):  # random / data-dependent init (shipped weights: file digest)
+        c = replace(c, load=True)
         return _build_adapters(UTIConfig(image=c, runtime=runtime or RuntimeConfig()), ("image",)).image.identity()
     return {"kind": c.kind, "model": image_model_identity(c),
             "codebook_size": _need(c.codebook_size, "image.codebook_size"),

@@ -78,7 +78,8 @@ def test_adapter_interface_and_identity(adapter, cfg):
 
 
 def test_token_space_with_seed_has_8192_image_ids(adapter, cfg, images):
-    uti = UTIConfig(text=TextConfig(load=False, vocab_size=1000), audio=AudioConfig(kind="none"), image=cfg)
+    uti = UTIConfig(text=TextConfig(tokenizer="some-org/tokenizer-1000", load=False, vocab_size=1000),
+                    audio=AudioConfig(kind="none"), image=cfg)  # a declared (not loaded) tokenizer of 1000 ids
     ts = build_token_space(uti, Adapters(image=adapter))
     img = ts.range("IMAGE")
     assert img.size == 8192 and img.start == 1000 + 64
