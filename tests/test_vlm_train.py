@@ -107,31 +107,38 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
     assert sorted(losses(Path(res2["run_dir"]))) == [11, 12] and res2["metrics"]["final"]["step"] == 12
 
 
+@pytest.fixture(scope="module")
+def gate_synth(tmp_path_factory) -> str:
+    """The demo's VLM data size: 256 images, 64 of them held out (the gate's minimum n)."""
+    return write_synth(tmp_path_factory.mktemp("vgate"), 256, 0, seed=0)["llava_pretrain_dir"]
+
+
 def _gate_run(synth, out: Path, steps: int):
-    """A tiny VLM with a 64-sample held-out set (the gate's minimum); `steps` of connector training."""
-    cfg = small_cfg(synth, out, steps=steps)
-    cfg.llm.text_warmup_steps = 150
-    cfg.data.eval_size = 64
-    cfg.train.global_batch_size, cfg.train.checkpoint_every, cfg.train.warmup_steps = 16, steps, min(10, steps)
+    """The demo's VLM settings (lumo_ray/demo_vlm.py) in-process, with `steps` of connector training."""
+    from lumo_ray.demo_vlm import demo_config
+    cfg = demo_config(out, Path(synth))
+    cfg.train.out = str(out)
+    cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.eval_every = steps, steps, 0
+    cfg.train.warmup_steps, cfg.train.log_every = min(cfg.train.warmup_steps, steps), 10 ** 6
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
     run_loop(cfg, run, Hooks(), log=QUIET)
     return run
 
 
-def test_trained_tiny_vlm_passes_ablation(synth, tmp_path):
+def test_trained_tiny_vlm_passes_ablation(gate_synth, tmp_path):
     from lumo_ray.eval.vlm_ablation import ablation_from_export
-    run = _gate_run(synth, tmp_path / "gate", 120)
+    run = _gate_run(gate_synth, tmp_path / "gate", 200)
     rep = ablation_from_export(run / "export", run / "splits.json", n=128, seed=0)
     assert rep["n"] == 64 and rep["gating"]
     assert rep["pass"], (rep["mean_loss"], rep["stats"])
     assert all(rep["stats"][m]["gap"] > 0 and rep["stats"][m]["p"] < 0.01 for m in rep["stats"])
 
 
-def test_untrained_connector_fails_ablation(synth, tmp_path):
+def test_untrained_connector_fails_ablation(gate_synth, tmp_path):
     """The same setup with one connector step: the image is not read, so the gate fails (its shuffled
     comparison most of all), and the CLI exits 1."""
     from lumo_ray.eval.vlm_ablation import ablation_from_export
-    run = _gate_run(synth, tmp_path / "untrained", 1)
+    run = _gate_run(gate_synth, tmp_path / "untrained", 1)
     rep = ablation_from_export(run / "export", run / "splits.json", n=128, seed=0)
     assert rep["n"] == 64 and rep["gating"] and not rep["pass"]
     assert not rep["checks"]["shuffled"], rep["stats"]["shuffled"]
