@@ -235,7 +235,8 @@ def train_bpe(input_path: str, vocab_size: int, out_dir: str) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 def real_captions(real_dir: str | Path) -> list[str]:
-    """Prompts and captions of shared/data/real in its four raw formats, in a fixed order."""
+    """Prompts and captions of a folder of real samples in the four raw dataset formats (the layout of
+    lumo_ray/assets/real, with the LLaVA sample json), in a fixed order."""
     r = Path(real_dir)
     out: list[str] = []
     for rec in json.loads((r / "llava_pretrain" / "blip_laion_cc_sbu_sample.json").read_text()):
@@ -339,7 +340,7 @@ This is the end of the text.
 
 
 def build_tiny_tokenizer(real_dir: str | Path | None = None, vocab_size: int = TINY_VOCAB) -> Path:
-    """Rebuild lumo_ray/assets/tiny_tokenizer. With `real_dir` (shared/data/real), first rewrite the
+    """Rebuild lumo_ray/assets/tiny_tokenizer. With `real_dir` (a folder of real samples), first rewrite the
     corpus from its captions + the synthetic templates + generic English; without it, retrain from
     the committed corpus (same corpus -> byte-identical tokenizer)."""
     if real_dir is not None:
@@ -349,7 +350,7 @@ def build_tiny_tokenizer(real_dir: str | Path | None = None, vocab_size: int = T
     return train_bpe(str(TINY_CORPUS), vocab_size, str(TINY_TOKENIZER_DIR))
 
 
-if __name__ == "__main__":  # python -m lumo_ray.codecs.text [shared/data/real]
+if __name__ == "__main__":  # python -m lumo_ray.codecs.text [REAL_SAMPLES_DIR]
     import sys
 
     print(build_tiny_tokenizer(sys.argv[1] if len(sys.argv) > 1 else None))

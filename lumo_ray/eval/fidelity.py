@@ -65,7 +65,7 @@ from ..data import synth
 from ..data.sequences import crop_audio
 from ..runtime import torch_threads
 from ..token_space import TokenSpace
-from .stats import bootstrap_ci, p_attainable, sign_test_p  # noqa: F401 (sign_test_p: shared statistics)
+from .stats import bootstrap_ci, p_attainable, sign_test_p
 
 ATTRIBUTES = {"image": ("colour", "shape", "count", "position"), "audio": ("pitch", "count", "length")}
 CLASSES = {
