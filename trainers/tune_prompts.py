@@ -5,7 +5,8 @@ directory) and, every `report_every` steps, scores it: objective = the smaller o
 relative noise gaps ((loss_noise - loss_correct) / loss_correct) on a fixed eval slice, shuffle gaps
 reported beside it; a trial whose text invariance fails scores -1. ASHA stops weak trials early;
 concurrency = cluster CPUs / cpus_per_trial. Writes results.csv, results.md, best.json and
-best_config.yaml (the full config with the best choices applied).
+best_config.yaml (the full config with the best choices applied). The study passes when its best
+trial also passes the modality ablation (text invariance alone holds by construction for new_rows).
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
         m = r.metrics or {}
         rows.append({"trial": Path(r.path).name, **{k: r.config.get(k) for k in AXES},
                      "objective": m.get("objective", float("nan")), "reports": m.get("training_iteration", 0),
-                     "text_invariance": m.get("text_invariance"),
+                     "text_invariance": m.get("text_invariance"), "ablation_pass": m.get("ablation_pass"),
                      **{k: v for k, v in m.items() if k.startswith(("noise_rel_gap_", "shuffle_gap_", "shuffle_win_"))},
                      "error": str(r.error)[:200] if r.error else "",
                      "dir": str(locate(storage) / "study" / Path(r.path).name)})
@@ -108,6 +109,13 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     res = write_results(rows, ok[0] if ok else None, cfg, out, AXES, apply_choices, log=log, name=str(stage),
                         title="Prompt study", rule="objective = min over modalities of the relative noise gap "
                                                    "(text invariance required)", none="no trial passed text invariance")
+    # the study passes when its best trial's model reads its media (the modality ablation, on the
+    # trial's ablation_n eval samples); naming a best config alone is no verdict
+    reads = bool(res["best"] and res["best"].get("ablation_pass"))
+    if res["best"] and not reads:
+        log(f"prompt study FAIL: the best trial ({res['best']['trial']}) fails the modality ablation")
+    with open(out / "results.md", "a") as fh:
+        fh.write(f"\n**verdict**: {'PASS' if reads else 'FAIL'} (the best trial must pass the modality ablation)\n")
     stage.push()
     stage.discard()
-    return {**res, "out": str(stage)}
+    return {**res, "pass": reads, "out": str(stage)}
