@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from .codecs.base import (AUDIO_PRESETS, IMAGE_SEED_PRESETS, IMAGE_VQ_PRESETS, TEXT_PRESETS, image_model_identity,
                           model_identity, uses_tiny_vq_weights)
-from .config import AudioConfig, ImageConfig, RuntimeConfig, TextConfig, UTIConfig
+from .config import RuntimeConfig, UTIConfig
 from .runtime import torch_threads
 from .token_space import AUDIO_SERIALIZATION, TokenSpace, TokenSpaceError
 
@@ -48,71 +48,63 @@ def _need(value: Optional[int], what: str) -> int:
     return value
 
 
+# Sizes a config may declare for each modality; a loaded (or built) adapter must agree with them.
+_SIZES = {"text": ("vocab_size",), "image": ("codebook_size", "tokens_per_image"),
+          "audio": ("sample_rate", "channels", "num_codebooks", "codebook_size")}
+
+
+def _is_preset(section: str, c: Any) -> bool:
+    if section == "text":
+        return c.tokenizer in TEXT_PRESETS
+    if section == "audio":
+        return c.model in AUDIO_PRESETS
+    presets = IMAGE_VQ_PRESETS if c.kind == "vq" else IMAGE_SEED_PRESETS
+    return c.model in presets and not uses_tiny_vq_weights(c)  # shipped weights: named by the file digest
+
+
+def _identity(section: str, adapter: Any, c: Any) -> dict:
+    ident = adapter.identity()
+    for k in _SIZES[section]:
+        if getattr(c, k, None) is not None and getattr(c, k) != ident[k]:
+            raise TokenSpaceError(f"{section}.{k} is declared as {getattr(c, k)} but the loaded adapter has {ident[k]}")
+    return ident
+
+
 # A preset's identity is a digest of what it encodes with (codecs.base.state_digest), so even when the
 # config says not to load it, a preset is built (offline, seconds) to name it; declared sizes are for
 # real checkpoints that are not at hand.
 
-def declared_text_identity(c: TextConfig) -> dict:
-    if c.tokenizer in TEXT_PRESETS:
-        from .codecs.text import build_text_adapter
-        return build_text_adapter(replace(c, load=True)).identity()
-    return {"kind": "hf_tokenizer", "name": model_identity(c.tokenizer, 0, TEXT_PRESETS),
-            "vocab_size": _need(c.vocab_size, "text.vocab_size")}
-
-
-def declared_audio_identity(c: AudioConfig, runtime: Optional[RuntimeConfig] = None) -> dict:
-    if c.model in AUDIO_PRESETS:
-        c = replace(c, load=True)
-        return _build_adapters(UTIConfig(audio=c, runtime=runtime or RuntimeConfig()), ("audio",)).audio.identity()
-    return {"kind": "encodec", "model": model_identity(c.model, c.seed, AUDIO_PRESETS),
-            "sample_rate": _need(c.sample_rate, "audio.sample_rate"),
-            "channels": _need(c.channels, "audio.channels"), "bandwidth": float(c.bandwidth),
-            "num_codebooks": _need(c.num_codebooks, "audio.num_codebooks"),
-            "codebook_size": _need(c.codebook_size, "audio.codebook_size"),
-            "serialization": AUDIO_SERIALIZATION}
-
-
-def declared_image_identity(c: ImageConfig, runtime: Optional[RuntimeConfig] = None) -> dict:
-    presets = IMAGE_VQ_PRESETS if c.kind == "vq" else IMAGE_SEED_PRESETS
-    if c.model in presets and not uses_tiny_vq_weights(c):  # random / data-dependent init (shipped weights: file digest)
-        c = replace(c, load=True)
-        return _build_adapters(UTIConfig(image=c, runtime=runtime or RuntimeConfig()), ("image",)).image.identity()
+def declared_identity(section: str, c: Any, runtime: Optional[RuntimeConfig] = None) -> dict:
+    """The identity of one modality's adapter that the config does not load."""
+    if _is_preset(section, c):
+        uti = UTIConfig(runtime=runtime or RuntimeConfig(), **{section: replace(c, load=True)})
+        return _identity(section, getattr(_build_adapters(uti, (section,)), section), c)
+    if section == "text":
+        return {"kind": "hf_tokenizer", "name": model_identity(c.tokenizer, 0, TEXT_PRESETS),
+                "vocab_size": _need(c.vocab_size, "text.vocab_size")}
+    if section == "audio":
+        return {"kind": "encodec", "model": model_identity(c.model, c.seed, AUDIO_PRESETS),
+                "sample_rate": _need(c.sample_rate, "audio.sample_rate"),
+                "channels": _need(c.channels, "audio.channels"), "bandwidth": float(c.bandwidth),
+                "num_codebooks": _need(c.num_codebooks, "audio.num_codebooks"),
+                "codebook_size": _need(c.codebook_size, "audio.codebook_size"),
+                "serialization": AUDIO_SERIALIZATION}
     return {"kind": c.kind, "model": image_model_identity(c),
             "codebook_size": _need(c.codebook_size, "image.codebook_size"),
             "tokens_per_image": _need(c.tokens_per_image, "image.tokens_per_image"),
             "resolution": c.resolution}
 
 
-def _check_declared(section: str, actual: dict, cfg_obj: Any) -> None:
-    """Sizes declared in the config must agree with the loaded adapter."""
-    for k, v in actual.items():
-        if getattr(cfg_obj, k, None) is not None and getattr(cfg_obj, k) != v:
-            raise TokenSpaceError(
-                f"{section}.{k} is declared as {getattr(cfg_obj, k)} but the loaded adapter has {v}")
-
-
 def build_token_space(cfg: UTIConfig, adapters: Adapters | None = None) -> TokenSpace:
     """Lay out the token space from loaded adapters, or from declared sizes where not loaded."""
     adapters = adapters or Adapters()
     ident: dict[str, dict] = {}
-    if adapters.text is not None:
-        ident["text"] = adapters.text.identity()
-        _check_declared("text", {"vocab_size": ident["text"]["vocab_size"]}, cfg.text)
-    else:
-        ident["text"] = declared_text_identity(cfg.text)
-    if cfg.image.kind != "none":
-        if adapters.image is not None:
-            ident["image"] = adapters.image.identity()
-            _check_declared("image", {k: ident["image"][k] for k in ("codebook_size", "tokens_per_image")}, cfg.image)
-        else:
-            ident["image"] = declared_image_identity(cfg.image, cfg.runtime)
-    if cfg.audio.kind != "none":
-        if adapters.audio is not None:
-            ident["audio"] = adapters.audio.identity()
-            _check_declared("audio", {k: ident["audio"][k] for k in
-                                          ("sample_rate", "channels", "num_codebooks", "codebook_size")}, cfg.audio)
-        else:
-            ident["audio"] = declared_audio_identity(cfg.audio, cfg.runtime)
+    for section in ("text", "image", "audio"):
+        c = getattr(cfg, section)
+        if section != "text" and c.kind == "none":
+            continue
+        a = getattr(adapters, section)
+        ident[section] = _identity(section, a, c) if a is not None else declared_identity(section, c, cfg.runtime)
     ts_cfg = cfg.token_space
     return TokenSpace.from_sizes(
         text_vocab=ident["text"]["vocab_size"], specials=ts_cfg.specials, special_slots=ts_cfg.special_slots,

@@ -18,7 +18,7 @@ from lumo_ray.codecs.audio import PRESET_CONFIGS, EncodecAdapter, build_audio_ad
 from lumo_ray.codecs.base import AudioClip, AudioCodes, MediaError
 from lumo_ray.config import AudioConfig, RuntimeConfig
 from lumo_ray.token_space import AUDIO_SERIALIZATION
-from lumo_ray.uti import declared_audio_identity
+from lumo_ray.uti import declared_identity
 
 CPU = RuntimeConfig(device="cpu")
 
@@ -124,7 +124,7 @@ def test_identity_equals_declared_identity(model, bw, a24, a48):
                           "codebook_size", "serialization"}
     declared = AudioConfig(model=model, bandwidth=bw, sample_rate=a.sample_rate, channels=a.channels,
                            num_codebooks=a.num_codebooks, codebook_size=a.codebook_size)
-    assert ident == declared_audio_identity(declared)
+    assert ident == declared_identity("audio", declared)
     assert ident["model"].startswith(f"{model}@sha256:") and ident["serialization"] == AUDIO_SERIALIZATION
     assert isinstance(ident["bandwidth"], float)
 

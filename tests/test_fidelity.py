@@ -13,8 +13,8 @@ from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.config_lm import FidelityConfig
 from lumo_ray.data import synth
 from lumo_ray.demo_lm import build_synth_shards
-from lumo_ray.eval.fidelity import (ATTRIBUTES, CaptionError, fit_probe, load_items, p_attainable, parse_caption,
-                                    run_fidelity, score_generations, select_eval, sign_test_p)
+from lumo_ray.eval.fidelity import (ATTRIBUTES, CaptionError, fit_probe, load_items, parse_caption,
+                                    run_fidelity, score_generations, select_eval)
 from lumo_ray.eval.gates import _swap_partners
 from lumo_ray.generate import load_run
 from lumo_ray.uti import build_adapters, load_token_space
@@ -56,14 +56,6 @@ def test_parse_caption_covers_the_synthetic_vocabulary_and_refuses_the_rest():
                    ("image", "a dog on a sofa"), ("audio", "three short high beep"), ("audio", "two red circles")):
         with pytest.raises(CaptionError, match="sample s-7"):
             parse_caption(m, bad, "s-7")
-
-
-def test_sign_test_is_the_exact_binomial_tail():
-    assert sign_test_p(7, 0) == pytest.approx(0.5 ** 7)
-    assert sign_test_p(0, 0) == 1.0
-    assert sign_test_p(8, 2) == pytest.approx((45 + 10 + 1) / 1024)
-    assert sign_test_p(3, 3) == pytest.approx(42 / 64)
-    assert not p_attainable(6, 0.01) and p_attainable(7, 0.01)
 
 
 def _oracle_setup(data, n=64):

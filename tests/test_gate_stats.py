@@ -5,12 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from lumo_ray.eval.stats import bootstrap_ci, paired, passes, sign_test_p
+from lumo_ray.eval.stats import bootstrap_ci, p_attainable, paired, passes, sign_test_p
 
 
 def test_sign_test_and_bootstrap():
     assert sign_test_p(7, 0) == pytest.approx(0.5 ** 7) and sign_test_p(0, 0) == 1.0
     assert sign_test_p(8, 2) == pytest.approx((45 + 10 + 1) / 1024)
+    assert sign_test_p(3, 3) == pytest.approx(42 / 64)  # as many losses as wins: no evidence
+    assert not p_attainable(6, 0.01) and p_attainable(7, 0.01)  # 6 samples can never reach p < 0.01
     d = np.random.default_rng(0).normal(0.3, 0.1, 64)
     lo, hi = bootstrap_ci(d, seed=0)
     assert lo < d.mean() < hi and bootstrap_ci(d, seed=0) == [lo, hi]  # seeded: same CI twice

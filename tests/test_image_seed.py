@@ -12,7 +12,7 @@ from lumo_ray.codecs.image_seed import build_seed_adapter
 from lumo_ray.codecs.seed import (REAL, CheckpointError, SeedQuantizer, load_seed_weights, save_seed_weights,
                                   tiny_arch)
 from lumo_ray.config import AudioConfig, ImageConfig, RuntimeConfig, TextConfig, UTIConfig
-from lumo_ray.uti import Adapters, build_token_space, declared_image_identity
+from lumo_ray.uti import Adapters, build_token_space, declared_identity
 
 RES = 32
 
@@ -74,7 +74,7 @@ def test_adapter_interface_and_identity(adapter, cfg):
                      "resolution": RES}
     declared = ImageConfig(kind="seed", model="tiny", resolution=RES, seed=0, codebook_size=8192,
                            tokens_per_image=32, load=False)
-    assert ident == declared_image_identity(declared)
+    assert ident == declared_identity("image", declared)
 
 
 def test_token_space_with_seed_has_8192_image_ids(adapter, cfg, images):

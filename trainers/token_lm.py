@@ -149,8 +149,10 @@ def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: li
 
 
 def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = None,
-                  ts: Optional[TokenSpace] = None) -> dict:
-    """Train on one worker. hook(step, model) -> dict|None runs on rank 0 after each step (Tune)."""
+                  ts: Optional[TokenSpace] = None, eval_start: bool = True) -> dict:
+    """Train on one worker. hook(step, model) -> dict|None runs on rank 0 after each step (Tune).
+    eval_start: evaluate the warm start before step 1 (the training verdict's baseline; Tune trials,
+    scored by their hook, skip it)."""
     c, t = cfg.token_lm, cfg.token_lm.train
     run = RunDir(c.out)  # a URI run directory is staged locally and pushed at the end
     run_dir = run.local
@@ -203,7 +205,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         ctx.rank == 0 and c.seq.layouts == "any" and c.mmpt.golden_n > 0) else None
     metrics: dict = {}
     start: dict = {}
-    if step == 0:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
+    if step == 0 and eval_start:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
         ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
         start = {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
         say(f"token-lm warm start: eval {ev['all']:.4f}")

@@ -47,7 +47,7 @@ def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, score: Calla
         tune.report(m)
         return m
 
-    token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts)
+    token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts, eval_start=False)
 
 
 def study_points(st: Any, axes: tuple) -> tuple[list[dict], int]:

@@ -158,7 +158,7 @@ def image_model_identity(cfg: Any) -> str:
     """Identity of an ImageConfig's model. The trained tiny VQ preset is named by the sha256 of its
     shipped weights file ('tiny@sha256:<hex>': one changed weight is another token space); its other
     seeds / codebook sizes are the untrained init ('tiny-init@seed<N>' here; the adapter, and
-    uti.declared_image_identity, name a built untrained preset by its weights instead:
+    uti.declared_identity, name a built untrained preset by its weights instead:
     'tiny-init@sha256:<state digest>'). SEED-2 'real' weights come
     from several local paths (quantizer, eva_clip, unclip), so their identity is a digest over the
     digests of each."""
