@@ -109,8 +109,9 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
 
 @pytest.fixture(scope="module")
 def gate_synth(tmp_path_factory) -> str:
-    """The demo's VLM data size: 256 images, 64 of them held out (the gate's minimum n)."""
-    return write_synth(tmp_path_factory.mktemp("vgate"), 256, 0, seed=0)["llava_pretrain_dir"]
+    """The demo's VLM data size: 448 images, 224 of them held out (lumo_ray/demo_vlm.py)."""
+    from lumo_ray.config import DemoConfig
+    return write_synth(tmp_path_factory.mktemp("vgate"), DemoConfig().vlm_images, 0, seed=0)["llava_pretrain_dir"]
 
 
 def _gate_run(synth, out: Path, steps: int):
@@ -128,8 +129,8 @@ def _gate_run(synth, out: Path, steps: int):
 def test_trained_tiny_vlm_passes_ablation(gate_synth, tmp_path):
     from lumo_ray.eval.vlm_ablation import ablation_from_export
     run = _gate_run(gate_synth, tmp_path / "gate", 200)
-    rep = ablation_from_export(run / "export", run / "splits.json", n=128, seed=0)
-    assert rep["n"] == 64 and rep["gating"]
+    rep = ablation_from_export(run / "export", run / "splits.json", n=256, seed=0)
+    assert rep["n"] == 224 and rep["gating"]
     assert rep["pass"], (rep["mean_loss"], rep["stats"])
     assert all(rep["stats"][m]["gap"] > 0 and rep["stats"][m]["p"] < 0.01 for m in rep["stats"])
 
@@ -139,8 +140,8 @@ def test_untrained_connector_fails_ablation(gate_synth, tmp_path):
     comparison most of all), and the CLI exits 1."""
     from lumo_ray.eval.vlm_ablation import ablation_from_export
     run = _gate_run(gate_synth, tmp_path / "untrained", 1)
-    rep = ablation_from_export(run / "export", run / "splits.json", n=128, seed=0)
-    assert rep["n"] == 64 and rep["gating"] and not rep["pass"]
+    rep = ablation_from_export(run / "export", run / "splits.json", n=256, seed=0)
+    assert rep["n"] == 224 and rep["gating"] and not rep["pass"]
     assert not rep["checks"]["shuffled"], rep["stats"]["shuffled"]
     assert main(["eval", "vlm-ablation", "--run", str(run), "--out", str(tmp_path / "abl")]) == 1
 
