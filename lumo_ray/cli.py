@@ -20,6 +20,8 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
                    help="override a config key, e.g. --set uti.audio.bandwidth=3.0 (repeatable)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, or a new local one)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error (also LUMO_DEBUG=1)")
 
 
 # -- uti -----------------------------------------------------------------------------------------
@@ -72,21 +74,25 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lumo", description="LumoOmni discrete-token multimodal program on Ray")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also LUMO_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="run the program end to end on the embedded tiny default")
+    d = sub.add_parser("demo", help="run the program end to end on the embedded tiny default",
+                       description="Every stage on the embedded tiny default (about 12 minutes on 2 CPU cores): "
+                                   "token space, UTI audit, data, VLM, base LM + token LM, stage 4, generation "
+                                   "gates; writes summary.json and report.html; exits 1 when any gate fails.")
     _common(d)
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.set_defaults(func=cmd_demo)
 
     uti = sub.add_parser("uti", help="Unified Token Interface").add_subparsers(dest="sub", required=True)
     b = uti.add_parser("build", help="build token_space.json and print the layout")
     _common(b)
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="directory for token_space.json and config.yaml")
     b.set_defaults(func=cmd_uti_build)
     a = uti.add_parser("audit", help="the UTI audit gate (exit 1 when it fails)")
     _common(a)
-    a.add_argument("--out", required=True)
+    a.add_argument("--out", required=True, help="report directory (report.json, report.md)")
     a.add_argument("--baseline", help="baseline.json from an earlier run to apply the regression rules to "
                    "(default: the baseline committed for this configuration; 'none' skips regression)")
     a.add_argument("--write-baseline", action="store_true", help="store this run's metrics as baseline.json")
@@ -96,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = tok.add_parser("train", help="train a byte-level BPE into a Hugging Face tokenizer directory")
     _common(t, config=False)
     t.add_argument("--input", required=True, help="manifest.jsonl or a text file (one text per line)")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--out", required=True)
+    t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size of the BPE (specials included)")
+    t.add_argument("--out", required=True, help="tokenizer directory to write")
     t.set_defaults(func=cmd_tokenizer_train)
 
     from . import cli_cluster, cli_data, cli_gen, cli_lm, cli_mmpt, cli_vlm
@@ -114,15 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import is_user_error, one_line
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' per-load "Loading weights" / "Writing model shards" bars: one console event per
+    # stage is ours to print (inherited by the workers of a local Ray this process starts)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported before main() (in-process callers): its switch was read
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     if getattr(args, "address", None):
         os.environ["RAY_ADDRESS"] = args.address
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("LUMO_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the console; the traceback on request
+        if debug:
+            raise
+        if isinstance(e, ConfigError):
+            print(f"error: config: {one_line(e)}", file=sys.stderr)
+            return 2
+        if is_user_error(e):
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"error: {type(e).__name__}: {one_line(e)} (rerun with --debug or LUMO_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

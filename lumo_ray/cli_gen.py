@@ -8,10 +8,12 @@ def _run(args):
     from .cli_lm import run_config
     from .generate import load_run
 
-    cfg = None
+    cfg, source = None, ""
     if getattr(args, "config", None) or getattr(args, "set", None):
         cfg = run_config(args.run, args.config, args.set)
-    return load_run(args.run, cfg=cfg)  # a URI run is downloaded once (export/, config.yaml)
+        source = " + ".join([f"--config {args.config}" if args.config else "the run's config.yaml"]
+                            + [f"--set {s}" for s in args.set or []])
+    return load_run(args.run, cfg=cfg, cfg_source=source)  # a URI run is downloaded once (export/, config.yaml)
 
 
 def _opts(args):
@@ -23,12 +25,22 @@ def _opts(args):
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
-
     if (args.prompt is None) == (args.input is None):
         print("give exactly one of --prompt TEXT (t2i, t2a) or --input FILE (i2t, a2t)", file=sys.stderr)
         return 2
     from .storage import locate, output_dir
+
+    if args.input is not None:  # a bad input fails in a second, before the model loads
+        from .codecs.base import MediaError
+        from .data.probe import probe_audio, probe_image
+        from .errors import UserError
+
+        media = "image" if args.task == "i2t" else "audio"
+        try:
+            (probe_image if media == "image" else probe_audio)(args.input)
+        except MediaError as e:
+            raise UserError(f"--input of {args.task}", args.input, e.reason, f"give a readable {media} file") from None
+    from .generate import generate  # torch and the model: after the input checks
 
     with output_dir(args.out) as out:
         recs = generate(_run(args), args.task, out, prompt=args.prompt, input_path=args.input, n=args.n,
@@ -62,15 +74,15 @@ def cmd_gate_prompts(args) -> int:
 
 
 def _sampling(p) -> None:
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same tokens)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of sampling")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely ids (0: no top-k filter)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--no-constraint", action="store_true", help="turn constrained decoding off (to measure it)")
     p.add_argument("--audio-frames", type=int, default=None,
                    help="generated audio code frames (default: codec clip length capped by token_lm.seq.max_audio_tokens)")
-    p.add_argument("--max-text-tokens", type=int, default=48)
+    p.add_argument("--max-text-tokens", type=int, default=48, help="cap of a generated caption's tokens")
 
 
 def add_commands(sub, common) -> None:
@@ -78,10 +90,10 @@ def add_commands(sub, common) -> None:
     g = sub.add_parser("generate", help="generate from a token-LM run (constrained decoding; media to PNG/WAV)")
     common(g)
     g.add_argument("--run", required=True, help="token-LM run directory or URI (config.yaml + export/)")
-    g.add_argument("--task", required=True, choices=["t2i", "t2a", "i2t", "a2t"])
+    g.add_argument("--task", required=True, choices=["t2i", "t2a", "i2t", "a2t"], help="direction: text to image / audio, or back")
     g.add_argument("--prompt", help="caption text (t2i, t2a)")
     g.add_argument("--input", help="image or audio file (i2t, a2t)")
-    g.add_argument("--out", required=True)
+    g.add_argument("--out", required=True, help="output directory (path or URI): generations.jsonl, PNG / WAV files")
     g.add_argument("--n", type=int, default=1, help="samples")
     _sampling(g)
     g.set_defaults(func=cmd_generate)
@@ -89,8 +101,8 @@ def add_commands(sub, common) -> None:
     gate = sub.add_parser("gate", help="generation gates (exit 1 when they fail)").add_subparsers(dest="sub", required=True)
     d = gate.add_parser("decode", help="decode compliance on a golden set of prompts per task")
     common(d)
-    d.add_argument("--run", required=True)
-    d.add_argument("--out", required=True)
+    d.add_argument("--run", required=True, help="token-LM run directory or URI")
+    d.add_argument("--out", required=True, help="report directory (path or URI)")
     d.add_argument("--n", type=int, default=64, help="golden prompts per task")
     d.add_argument("--task", action="append", choices=["t2i", "t2a", "i2t", "a2t"], help="restrict to tasks (repeatable)")
     _sampling(d)
@@ -98,9 +110,9 @@ def add_commands(sub, common) -> None:
 
     p = gate.add_parser("prompts", help="prompt ablation: target-span loss, true vs swapped vs empty prompt (t2i, t2a)")
     common(p)
-    p.add_argument("--run", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--run", required=True, help="token-LM run directory or URI")
+    p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.add_argument("--n", type=int, default=256, help="eval samples per task (all when fewer)")
     p.add_argument("--shards", default=None, help="shard directory (default: token_lm.shards of the run config)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the eval-sample choice and the swapped pairs")
     p.set_defaults(func=cmd_gate_prompts)

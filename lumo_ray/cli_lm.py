@@ -17,7 +17,8 @@ def run_config(run: str, config, sets):
         return load_config(LumoConfig, config, sets)
     f = locate(run) / "config.yaml"
     if not f.exists():
-        raise FileNotFoundError(f"{f}: no config.yaml (not a run directory; or pass --config)")
+        from .errors import UserError
+        raise UserError("run", run, "no config.yaml", "give a run directory, or pass --config")
     with local_file(f) as p:
         return load_config(LumoConfig, p, sets)
 
@@ -119,21 +120,23 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--out", help="run directory, path or URI (default token_lm.out)")
     p.set_defaults(func=cmd_train_token_lm)
 
-    p = groups["eval"].add_parser("modality-ablation", help="SPEC §6 modality ablation of a token-LM run")
+    p = groups["eval"].add_parser("modality-ablation", help="modality ablation of a token-LM run: caption loss with "
+                                  "correct vs shuffled vs noise media (exit 1 when it fails)")
     common(p)
     p.add_argument("--run", required=True, help="token-LM run directory or URI (holds config.yaml and export/)")
     p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.add_argument("--shards", help="shard directory (default: the run's token_lm.shards)")
     p.set_defaults(func=cmd_modality_ablation)
 
-    p = groups["eval"].add_parser("text-invariance", help="SPEC §6 text invariance of a new_rows token-LM run")
+    p = groups["eval"].add_parser("text-invariance", help="text invariance of a new_rows token-LM run: its text logits "
+                                  "equal the base LM's (exit 1 when not)")
     common(p)
     p.add_argument("--run", required=True, help="token-LM run directory or URI")
     p.add_argument("--base", required=True, help="the base LM it warm-started from (HF dir or URI of one, hub id or 'tiny')")
     p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.set_defaults(func=cmd_text_invariance)
 
-    p = groups["eval"].add_parser("fidelity", help="SPEC §6 generation fidelity (t2i, t2a): an attribute probe reads "
+    p = groups["eval"].add_parser("fidelity", help="generation fidelity (t2i, t2a): an attribute probe reads "
                                   "generated codes")
     common(p)
     p.add_argument("--run", required=True, help="token-LM run directory or URI (holds config.yaml and export/)")

@@ -25,14 +25,16 @@ def export_of(run: Path) -> Path:
         return run
     if (run / "export" / "config.json").exists():
         return run / "export"
-    raise FileNotFoundError(f"{run}: no export/ (train to max_steps first) and not an export directory")
+    from .errors import UserError
+    raise UserError("VLM run", run, "no export/ and not an export directory",
+                    "give a `lumo train vlm` run directory that finished its steps, or its export/")
 
 
 def cmd_eval_vlm_ablation(args) -> int:
-    from .eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation
     from .storage import fetch_run, local_file, locate, output_dir
     run = fetch_run(args.run)  # a path, or the local cache of a URI
     export = export_of(run)
+    from .eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation  # torch: after the check
     # the split the run saved: in the run directory, or beside the export directory given as --run
     split_loc = locate(args.run) / "splits.json" if export != run else locate(args.run).parent / "splits.json"
     with local_file(split_loc) as split:
@@ -63,7 +65,7 @@ def add_commands(groups: dict, common) -> None:
     e.add_argument("--run", required=True, help="a `lumo train vlm` run directory or URI (or its export/)")
     e.add_argument("--out", required=True, help="report directory (path or URI)")
     e.add_argument("--n", type=int, default=128, help="held-out samples (64-256; all of eval when fewer)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the held-out sample choice and the noise condition")
     e.add_argument("--allow-small-n", action="store_true",
                    help="run on fewer than 64 samples; the report then does not gate (exit 1)")
     e.set_defaults(func=cmd_eval_vlm_ablation)

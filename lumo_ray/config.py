@@ -192,8 +192,9 @@ class DemoConfig:
     """Synthetic images (coloured shapes) the demo generates."""
     audio: int = 48
     """Synthetic clips (beep patterns) the demo generates."""
-    vlm_images: int = 256
-    """Synthetic images of the VLM stage (its eval set needs 64)."""
+    vlm_images: int = 448
+    """Synthetic images of the VLM stage: 224 to train, 224 held out for its ablation gate
+    (lumo_ray/demo_vlm.py)."""
     lm_images: int = 2048
     """Synthetic images of the token-LM and stage-4 stages (with 48 the token LM memorised its ~36
     training images and the image modality ablation failed, docs/stage3_token_lm.md; with 1024 stage 4's
@@ -274,6 +275,19 @@ class CodecTrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Run tracking of every trainer and Tune study (lumo_ray/tracking.py)."""
+    tensorboard: bool = True
+    """TensorBoard event files under <run>/tensorboard/ (`tensorboard --logdir <run>`); Tune studies:
+    one directory per trial."""
+    mlflow_uri: str = ""
+    """'' = off; a file store (a path or file: URI) or a tracking server URL: params and metrics of
+    each run (and of each Tune trial) go there."""
+    mlflow_experiment: str = "lumo"
+    """MLflow experiment name."""
+
+
+@dataclass
 class LumoConfig:
     """The whole program's config; each command reads the sections it needs."""
     uti: UTIConfig = field(default_factory=UTIConfig)
@@ -284,6 +298,7 @@ class LumoConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     token_lm: TokenLMConfig = field(default_factory=TokenLMConfig)
     codec: CodecTrainConfig = field(default_factory=CodecTrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from PIL import Image
 from .config import LumoConfig, dump_config
 from .data.shard_reader import ShardDataset
 from .eval import report
+from .eval.gate_rows import LOOK_AT, stage_gates
 from .runtime import torch_threads
 
 
@@ -78,7 +79,7 @@ def stage_audit(cfg: LumoConfig, out: Path, log) -> dict:
     snr = {k.split("/")[-1][:14]: v["snr_db"] for k, v in rep["per_input"].items() if v.get("snr_db") is not None}
     return {"pass": rep["pass"], "failed_checks": failed,
             **{k: round(v, 4) for k, v in rep["metrics"].items() if v is not None},
-            "_html": f"<ul>{checks}</ul>" + report.bar_chart("audio SNR (dB) per input, tiny codec", snr, width=640)}
+            "_html": f"<ul>{checks}</ul>" + report.bar_chart("audio SNR per input, tiny codec", snr, width=640, unit="SNR (dB)")}
 
 
 def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
@@ -128,8 +129,8 @@ def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
     return {"pass": res["pass"], "eval_loss": _r(m.get("eval_loss")), "steps": m.get("steps"),
             **{f"loss_{k}": _r(v) for k, v in m["ablation_mean_loss"].items()},
             **{f"win_{k}": _r(v) for k, v in m["ablation_win_rate"].items()},
-            "_html": report.line_chart("VLM loss", curves) +
-            report.bar_chart("VLM ablation: mean caption loss", m["ablation_mean_loss"])}
+            "_html": report.line_chart("VLM loss", curves, ylabel="nats per caption token") +
+            report.bar_chart("VLM ablation: mean caption loss", m["ablation_mean_loss"], unit="nats / token")}
 
 
 def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str | None = None,
@@ -147,12 +148,11 @@ def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str |
         if isinstance(r, dict):
             bars.update({f"{m} {k}": v.get("gap", v.get("mean_gap")) for k, v in r.items()
                          if isinstance(v, dict) and isinstance(v.get("gap", v.get("mean_gap")), (int, float))})
-    rows = "".join(f"<li>{'PASS' if v['pass'] else 'FAIL'} {html.escape(k)}: "
-                   f"{html.escape(json.dumps({a: b for a, b in v.items() if a != 'pass'}, default=str)[:300])}</li>"
-                   for k, v in st.items())
+    # the verdicts are the gate table above this section (eval/gate_rows.py); the chart shows the gaps
     return {"pass": res["pass"], **flat, "_run": str(out / "token_lm"), "_shards": str(shards),
             "_base": str(out / "lm" / "export"),
-            "_html": f"<ul>{rows}</ul>" + report.bar_chart("token LM modality ablation: loss gap (nats)", bars, width=640)}
+            "_html": report.bar_chart("3.3 modality ablation: caption-loss gap per condition", bars, width=640,
+                                      unit="nats per caption token")}
 
 
 def stage_mmpt(cfg: LumoConfig, out: Path, log, address: str | None, init_run: str, shards: str, base: str,
@@ -187,7 +187,7 @@ def stage_mmpt(cfg: LumoConfig, out: Path, log, address: str | None, init_run: s
             "_html": f"<ul>{verdicts}</ul><p>Text invariance does not apply: stage 4 trains beyond the new rows "
                      f"(freeze={mcfg.token_lm.freeze}), so text logits change by design.</p>"
                      f"<table><tr><th>task</th><th>train loss (last interval)</th><th>eval loss</th></tr>{losses}</table>"
-                     + report.line_chart("stage-4 eval loss per task", curves)
+                     + report.line_chart("stage-4 eval loss per task", curves, ylabel="nats per target token")
                      + (f"<table><tr><th>attribute</th><th>chance</th><th>real eval (ceiling)</th><th>generated</th>"
                         f"<th>swapped caption</th><th>verdict</th></tr>{fid_rows}</table>" if fid_rows else "")
                      + grids}
@@ -250,7 +250,7 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
     if unknown:
         raise ValueError(f"demo.skip names unknown stages {sorted(unknown)}; stages: {[n for n, _ in stages]}")
     stages = [(n, f) for n, f in stages if n not in cfg.demo.skip]
-    rows, sections, t_all = [], [], time.time()
+    rows, sections, gates, t_all = [], [], [], time.time()
     for i, (name, fn) in enumerate(stages, 1):
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
@@ -262,11 +262,16 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
             res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
         sections.append((name, res.pop("_html", "")))
+        try:  # every gate's statistic, threshold and verdict, read back from the reports the stage wrote
+            gates += [{"stage": name, **g} for g in stage_gates(name, d)]
+        except Exception as e:  # a report that does not parse must not hide the stage's own verdict
+            gates.append({"stage": name, "gate": "report", "statistic": f"{type(e).__name__}: {e}"[:200],
+                          "threshold": "-", "pass": False, "meaning": "the stage's reports could not be read", "link": ""})
         ctx[name] = {k: res.pop(k) for k in [k for k in res if k.startswith("_")]}
         rows.append(res)
         log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']}s) ===")
-        (out / "summary.json").write_text(json.dumps({"stages": rows}, indent=2) + "\n")
-    page = report.write_report(out, "lumo demo", rows, sections)
+        (out / "summary.json").write_text(json.dumps({"stages": rows, "gates": gates}, indent=2, default=str) + "\n")
+    page = report.write_report(out, "lumo demo", rows, sections, gates, LOOK_AT)
     log(f"\nlumo demo finished in {time.time() - t_all:.0f}s -> {out}  (report: {page})")
     for r in rows:
         extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("stage", "pass", "seconds", "dir"))

@@ -19,9 +19,10 @@ import torch
 from .codecs.base import AudioCodes
 from .config import LumoConfig, load_config
 from .data.sequences import IGNORE, MEDIA, SequenceBuilder, crop_audio
+from .errors import UserError
 from .models.constrained import SpanConstraint, SpanSpec, span_spec
 from .runtime import torch_threads
-from .token_space import TokenSpace, TokenSpaceError
+from .token_space import TokenSpace, TokenSpaceError, TokenSpaceMismatch, first_difference
 
 TASKS = ("t2i", "t2a", "i2t", "a2t")
 TARGET = {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}
@@ -60,9 +61,14 @@ class Run:
     config_hash: str
     name: str
     """Where the run is (its path or URI; `dir` is the local copy it was loaded from)."""
+    config_source: str = "the run's config.yaml"
+    """Where the adapters' config came from (the run's config.yaml, --config, --set items)."""
+    differs_at: Optional[str] = None
+    """The first token-space field that differs when hash_match is False."""
 
 
-def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[LumoConfig] = None) -> Run:
+def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[LumoConfig] = None,
+             cfg_source: str = "") -> Run:
     """Load export/ (model + token space) and the adapters of config.yaml. A token-space mismatch is
     recorded in `hash_match` (the gate reports it; `require_same_space` refuses it)."""
     from .models.token_lm import load_token_lm
@@ -72,7 +78,8 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[Lu
     d = fetch_run(run_dir)  # a path, or the local cache of a URI
     if cfg is None:
         if not (d / "config.yaml").exists():
-            raise FileNotFoundError(f"{d}: no config.yaml (not a token-LM run directory)")
+            raise UserError("token-LM run", run_dir, "no config.yaml", "give a `lumo train token-lm` or "
+                            "`lumo train mmpt` run directory (config.yaml + export/)")
         cfg = load_config(LumoConfig, d / "config.yaml")
     model, ts, _ = load_token_lm(d / "export")
     model = model.to(device or cfg.uti.runtime.device).eval()  # the adapters' device unless told
@@ -80,13 +87,20 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[Lu
     built = build_token_space(cfg.uti, adapters)
     encode = adapters.text.encode if adapters.text is not None else None
     builder = SequenceBuilder(ts, cfg.token_lm.seq, encode)
-    return Run(d, cfg, model, ts, adapters, builder, built.hash == ts.hash, built.hash, str(locate(run_dir)))
+    differs = first_difference(ts.identity(), built.identity()) if built.hash != ts.hash else None
+    return Run(d, cfg, model, ts, adapters, builder, built.hash == ts.hash, built.hash, str(locate(run_dir)),
+               cfg_source or "the run's config.yaml", differs)
 
 
 def require_same_space(run: Run) -> None:
     if not run.hash_match:
-        raise TokenSpaceError(f"{run.name}: export token-space hash {run.ts.hash} differs from the hash "
-                              f"{run.config_hash} the run's config.yaml builds: its adapters cannot decode this model")
+        raise TokenSpaceMismatch(
+            f"token space ({run.name}): the model's hash {run.ts.hash[:12]} (export/token_space.json) differs from "
+            f"{run.config_hash[:12]}, which {run.config_source} builds (first differing field: {run.differs_at}): "
+            f"its adapters cannot decode this model; " + (
+                "the adapters changed since the run was trained: use the lumo_ray version that trained it, or retrain"
+                if run.config_source == "the run's config.yaml" else
+                "drop the override, or decode with the run's own config.yaml"))
 
 
 # -- span specs ---------------------------------------------------------------------------------

@@ -17,3 +17,13 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def rate_eta(done: int, total: int, t0: float, start: int = 0) -> str:
+    """'12.3 steps/s, ETA 40 s' for a progress line: steps done since t0 (time.time()), of total."""
+    import time
+
+    secs = max(time.time() - t0, 1e-9)
+    rate = max(done - start, 0) / secs
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    return f"{rate:.1f} steps/s, ETA {eta:.0f} s" if eta != float("inf") else f"{rate:.1f} steps/s"

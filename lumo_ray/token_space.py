@@ -49,18 +49,18 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
             if k not in a or k not in b:
                 return f"{path}.{k}".lstrip(".")
-            d = _first_difference(a[k], b[k], f"{path}.{k}")
+            d = first_difference(a[k], b[k], f"{path}.{k}")
             if d:
                 return d
         return None
     if isinstance(a, list) and isinstance(b, list):
         for i, (x, y) in enumerate(zip(a, b)):
-            d = _first_difference(x, y, f"{path}[{i}]")
+            d = first_difference(x, y, f"{path}[{i}]")
             if d:
                 return d
         return f"{path}[{min(len(a), len(b))}]" if len(a) != len(b) else None
@@ -149,7 +149,7 @@ class TokenSpace:
         """Refuse a mismatch, naming both hashes and the first differing field."""
         if self.hash == other.hash:
             return
-        field = _first_difference(self.identity(), other.identity())
+        field = first_difference(self.identity(), other.identity())
         raise TokenSpaceMismatch(
             f"{what} mismatch: expected hash {self.hash}, got {other.hash}; "
             f"first differing field: {field}")

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Optional
 
 from lumo_ray.config import LumoConfig, NormalizeConfig, load_config
-from lumo_ray.data.normalize import NormalizeError, log, normalize_with, probe_batch
+from lumo_ray.data.normalize import NormalizeError, log, normalize_with, probe_batch, read_and_dedupe
 from pipelines.ray_env import init_ray
 
 
@@ -35,9 +36,14 @@ def _ray_probe(cfg: NormalizeConfig):
                             fn_kwargs={"min_audio_seconds": cfg.min_audio_seconds})
         out: list[dict] = []
         log(f"probing {len(rows)} records on Ray Data ({n_blocks} batches of {cfg.probe_batch_size})")
+        every, t0 = max(1, len(rows) // 10), time.time()  # a progress line per tenth, not per batch
+        shown = 0
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):  # whole blocks as they finish
             out.extend({"id": str(i), "ok": bool(k), "json": str(j)} for i, k, j in zip(b["id"], b["ok"], b["json"]))
-            log(f"  probed {len(out)}/{len(rows)}")
+            if len(out) - shown >= every or len(out) == len(rows):
+                shown, secs = len(out), time.time() - t0
+                rate = shown / max(secs, 1e-9)
+                log(f"  probed {shown}/{len(rows)} ({rate:.0f}/s, ETA {(len(rows) - shown) / max(rate, 1e-9):.0f} s)")
         return out
     return run
 
@@ -51,8 +57,9 @@ def run_normalize(source: str, input_path: str | Path, out_dir: str | Path,
     cluster, else a new local one). Returns the summary dict. Raises NormalizeError (after writing
     every file) when the error rate exceeds cfg.error_rate_ceiling."""
     cfg = cfg or NormalizeConfig()
+    read = read_and_dedupe(source, input_path)  # a missing or malformed input fails here, before Ray starts
     init_ray(address)
-    return normalize_with(_ray_probe(cfg), source, input_path, out_dir, cfg)
+    return normalize_with(_ray_probe(cfg), source, input_path, out_dir, cfg, read=read)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

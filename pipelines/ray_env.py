@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 
@@ -9,10 +10,33 @@ import ray
 def quiet_ray_data() -> None:
     """Our jobs print their own progress lines; Ray Data's per-operator logs would bury them."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled" (we did)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
+
+
+# Worker-side switches of Ray Train, inherited by the processes of a local Ray this driver starts:
+# Train's print patch re-logs every print of a worker through a handler that also prints it (every
+# rank-0 line came out twice), and its preemption watcher logs a core_worker error at each start.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def train_logging():
+    """Ray Train's own console lines ("Reporting training result", "Checkpoint successfully created",
+    worker-group start) at WARNING and above only: our trainers print their progress."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="WARNING")
+
+
+def quiet_train_worker() -> None:
+    """Inside a Ray Train worker: Train logs "Reporting training result ..." at INFO on every report
+    through a logger named after its file, which Train's own log_level filter (train_logging) misses."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -28,4 +52,56 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if addr and (src in ("--address", "RAY_ADDRESS") or reachable(addr)):
         ray.init(address=addr)
         return
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    # Ray's default (token auth on) announced as a WARNING at every start; the mode stays as Ray sets it
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls: without it the
+    # cleaner logs "Failed to query Ray Train Controller actor state" every few seconds, forever.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+
+
+def quiet_tune() -> None:
+    """Tune's console: our line per finished trial (trial_lines), not its experiment box, result tables
+    and INFO lines (the new AIR output prints its box even at verbose=0; the legacy reporter does not)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def trial_lines(log, metric: str, total: int):
+    """A Ray Tune callback that logs one line per finished (or failed) trial: its metric, reports, seconds."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def _line(self, trial, what: str) -> None:
+            self.done += 1
+            r = trial.last_result or {}
+            v = r.get(metric)
+            val = f"{v:.4g}" if isinstance(v, float) else str(v)
+            log(f"  trial {self.done}/{total} {what}: {trial.trial_id} {metric} {val} after "
+                f"{r.get('training_iteration', 0)} report(s), {r.get('time_total_s', 0.0):.0f} s")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "FAILED")
+
+    return TrialLines()
+
+
+def study_callbacks(cfg, name: str) -> list:
+    """Ray Tune's own tracking callbacks for a study: TensorBoard event files per trial (Tune writes
+    them with its default TBX logger whenever tensorboardX is installed, as it is with Ray) and, when
+    tracking.mlflow_uri is set, Ray's MLflow integration (a run per trial with its config and metrics)."""
+    if not cfg.mlflow_uri:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from lumo_ray.tracking import mlflow_uri
+
+    return [MLflowLoggerCallback(tracking_uri=mlflow_uri(cfg.mlflow_uri), experiment_name=cfg.mlflow_experiment,
+                                 tags={"lumo.study": name}, save_artifact=False)]

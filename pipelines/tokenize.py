@@ -17,7 +17,7 @@ import ray
 import yaml
 
 from lumo_ray.config import LumoConfig, to_dict
-from lumo_ray.data.manifest import ErrorRecord, read_manifest, write_errors
+from lumo_ray.data.manifest import ErrorRecord, dropped_warning, read_manifest, write_errors
 from lumo_ray.data.shards import shard_is_complete, shard_name, stats_path, write_tar
 from lumo_ray.data.tokenize import (SampleTokenizer, plan_shards, plan_units, shard_input_digest,
                                     tokenize_config_digest)
@@ -64,10 +64,10 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     out = locate(out_dir)
     tcfg = cfg.data.tokenize
     actors = actors or tcfg.actors
+    records, read_errors = read_manifest(manifest)  # a missing manifest fails before anything is written
     dump_config_at(cfg, out)
     for name in ("index.json", "index.json.tmp"):  # index.json is present only when this run completes
         (out / name).unlink(missing_ok=True)
-    records, read_errors = read_manifest(manifest)
     # Where the records came from (verify re-tokenizes from it); kept out of index.json, which is location-free.
     (out / "source.json").write_text(json.dumps({"manifest": str(locate(manifest))}) + "\n")
     ts = SampleTokenizer(cfg.uti).ts
@@ -99,9 +99,10 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
                 units.append({"shard": sid, "unit": u, "records": json.dumps([r.to_dict() for r in chunk])})
         expected = Counter(u["shard"] for u in units)
         ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = ds.map_batches(UnitLoader, fn_constructor_args=(blob,), batch_size=1, concurrency=tcfg.loaders,
-                            num_cpus=tcfg.num_cpus_per_loader)
-        ds = ds.map_batches(UnitTokenizer, fn_constructor_args=(blob,), batch_size=1, concurrency=actors,
+        ds = ds.map_batches(UnitLoader, fn_constructor_args=(blob,), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=tcfg.loaders), num_cpus=tcfg.num_cpus_per_loader)
+        ds = ds.map_batches(UnitTokenizer, fn_constructor_args=(blob,), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=tcfg.num_gpus_per_actor or None, num_cpus=tcfg.num_cpus_per_actor)
         pending: dict[int, dict[int, list]] = {}
         t0 = time.time()
@@ -144,4 +145,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
                         "per_split": summary["per_split"]}}
     (out / "index.json").write_atomic(json.dumps(index, indent=2, sort_keys=True) + "\n")  # written last
     log(f"[tokenize] done: {n_ok} samples in {len(keys)} shards, {len(errors)} errors -> {out / 'index.json'}")
+    warn = dropped_warning([e["reason"] for e in errors], n_all, out / "errors.jsonl")
+    if warn:
+        log(f"[tokenize] {warn}")
     return summary

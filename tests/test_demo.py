@@ -23,6 +23,45 @@ def test_demo_runs_all_stages(tmp_path, real_data):
     assert all(f"<td>{s}</td>" in page for s in stages) and "data:image/png;base64," in page and "<svg" in page
 
 
+# What the console of a run must not show: Ray / Train internals, Python warnings, tracebacks. (Not
+# listed: the one core_worker.cc line per Ray Data actor pool, "constructor arguments in the object
+# store and max_restarts > 0" (ray-project/ray#53727): Ray Data passes its transformer by reference,
+# and max_restarts=0 would give up the actor pools' fault tolerance to hide it.)
+NOISE = ("Traceback", "Warning", "deprecated", "Failed to query Ray Train Controller",
+         "Reporting training result", "Checkpoint successfully created", "Loading weights", "Writing model shards")
+
+
+def _console_problems(text: str) -> list[str]:
+    """Lines printed twice in a row (a rank-0 line logged twice) and lines with NOISE in them."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", s).rstrip() for s in text.splitlines()]
+    out = [f"twice: {a}" for a, b in zip(lines, lines[1:]) if a and a == b]
+    return out + [f"noise: {s}" for s in lines if any(n.lower() in s.lower() for n in NOISE)]
+
+
+def test_demo_console_is_one_line_per_event_from_any_directory(tmp_path):
+    """The uti, audit, data and VLM stages from a working directory with no ../shared above it (the
+    real samples ship with the package): every stage passes, and the console has no repeated line, no
+    Ray / Train internals, no warning and no traceback."""
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "demo", "--out", str(out),
+                        "--set", "demo.images=12", "--set", "demo.audio=12", "--set", "demo.skip=[lm,mmpt,generate]"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    stages = {s["stage"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert set(stages) == {"uti", "audit", "data", "vlm"} and all(s["pass"] for s in stages.values())
+    problems = _console_problems(p.stdout + p.stderr)
+    assert problems == [], "\n".join(problems)
+    assert "[vlm] step 200/200" in p.stdout and "steps/s" in p.stdout  # rank 0's progress, once
+
+
+def test_console_check_catches_repeats_and_noise():
+    assert _console_problems("a\nb\na") == []
+    assert _console_problems("(RayTrainWorker pid=1) lm step 20\n(RayTrainWorker pid=1) lm step 20") != []
+    assert _console_problems("x.py:1: FutureWarning: `y` is deprecated") != []
+
+
 def test_demo_uti_stage_runs_from_any_directory_on_packaged_samples(tmp_path):
     """No ../shared beside the working directory: the real samples ship with the package."""
     out = tmp_path / "demo"

@@ -230,3 +230,14 @@ def test_cli_gate_decode_exit_status(run, tmp_path, capsys):
     args = p.parse_args(["generate", "--run", str(run.dir), "--task", "t2i", "--prompt", "one red circle",
                          "--out", str(tmp_path / "o"), "--n", "1", "--seed", "2"])
     assert args.func(args) == 0 and (tmp_path / "o" / "t2i-000.png").exists()
+
+
+def test_cli_token_space_mismatch_names_the_override(run, tmp_path, capsys):
+    from lumo_ray.cli import main
+
+    rc = main(["generate", "--run", str(run.dir), "--task", "t2a", "--prompt", "a beep", "--out", str(tmp_path / "g"),
+               "--set", "uti.audio.bandwidth=3.0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: token space ({run.dir})") and "the run's config.yaml + --set uti.audio.bandwidth=3.0" in err
+    assert "first differing field: adapters.audio.bandwidth" in err and "drop the override" in err

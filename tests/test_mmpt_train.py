@@ -198,3 +198,12 @@ def test_two_trial_mmpt_study_writes_its_table_and_constraints(data, stage33, tm
         assert float(r["objective"]) == pytest.approx(mean + (0 if feasible else INFEASIBLE))
     text = (tmp_path / "study" / "results.md").read_text()
     assert "objective = mean eval loss" in text and res["pass"] == (res["best"] is not None)
+    # each trial's TensorBoard events (Ray Tune's own logger), read back with TensorBoard's reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for r in rows:
+        ev = EventAccumulator(r["dir"])
+        ev.Reload()
+        objective = ev.Scalars("ray/tune/objective")
+        assert objective and objective[-1].value == pytest.approx(float(r["objective"]))
+        assert not (Path(r["dir"]) / "run" / "tensorboard").exists()  # no second copy from the trainer

@@ -51,7 +51,7 @@ def test_clotho_empty_captions_trip_the_ceiling_after_writing(ray_local, real_da
                  "--set", "data.normalize.error_rate_ceiling=0.9"]) == 0
 
 
-def test_each_bad_input_is_recorded_and_the_job_completes(ray_local, real_data, tmp_path):
+def test_each_bad_input_is_recorded_and_the_job_completes(ray_local, real_data, tmp_path, capsys):
     media = tmp_path / "media"
     media.mkdir()
     shutil.copy(next((real_data / "llava_pretrain" / "images").glob("*.png")), media / "good.png")
@@ -77,6 +77,9 @@ def test_each_bad_input_is_recorded_and_the_job_completes(ray_local, real_data, 
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     cfg = NormalizeConfig(error_rate_ceiling=0.9, probe_batch_size=2)
     s = run_normalize("jsonl", tmp_path / "in.jsonl", tmp_path / "out", cfg)
+    out_text = capsys.readouterr().out
+    (warn,) = [x for x in out_text.splitlines() if "WARNING" in x]
+    assert warn.startswith("[normalize] WARNING: dropped 6 of 9 records (66.7%): ") and str(tmp_path / "out" / "errors.jsonl") in warn
     errs = {e.id: e for e in read_errors(tmp_path / "out" / "errors.jsonl")}
     reasons = {i: e.reason for i, e in errs.items()}
     assert reasons == {"j:4": "missing file", "j:5": "truncated audio", "j:6": "undecodable image",

@@ -44,6 +44,9 @@ PROBE = """(async () => {
       new Promise(r => { a.addEventListener('loadedmetadata', r); a.addEventListener('error', r); })));
   const box = e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; };
   return {
+    gates: [...document.querySelectorAll('table.gates')].map(t => [...t.rows].slice(1).map(tr => ({
+      cells: [...tr.cells].map(c => c.innerText.trim()), verdictColor: getComputedStyle(tr.querySelector('td.v')).color,
+      links: [...tr.querySelectorAll('a')].map(a => a.getAttribute('href'))}))),
     rows: [...document.querySelectorAll('#stages tr')].slice(1).map(tr => ({
       cells: [...tr.cells].map(c => c.innerText.trim()), color: getComputedStyle(tr.cells[1]).color, box: box(tr)})),
     svgs: [...document.querySelectorAll('svg')].map(s => ({label: s.getAttribute('aria-label'), box: box(s),
@@ -192,8 +195,24 @@ def _build_report(out: Path) -> tuple[Path, dict]:
                  + report.bar_chart("feature ablation: eval loss", ablation)),
                 ("tokens", report.histogram("corpus words per line", lengths)),
                 ("media", report.media_block([media / "ramp.input.png", media / "beep.input.wav"]))]
-    page = report.write_report(out, "lumo demo", stages, sections)
-    return page, {"curves": curves, "ablation": ablation, "lengths": lengths}
+    gates = [{"stage": "lm", **g} for g in _ablation_gates(out)]
+    page = report.write_report(out, "lumo demo", stages, sections, gates, {"training": "the falling loss"})
+    return page, {"curves": curves, "ablation": ablation, "lengths": lengths, "gates": gates}
+
+
+def _ablation_gates(out: Path) -> list[dict]:
+    """Gate rows (eval/gate_rows) of a modality-ablation report with the real statistics: the image
+    conditions raise the loss on every sample, the audio shuffle only at chance."""
+    from lumo_ray.eval.gate_rows import modality_rows
+    from lumo_ray.eval.stats import paired
+
+    rng = np.random.default_rng(0)
+    mods = {"image": {"shuffle": paired(rng.normal(0.4, 0.1, 64)), "noise": paired(rng.normal(0.8, 0.1, 64))},
+            "audio": {"shuffle": paired(rng.normal(0.0, 0.1, 64)), "noise": paired(rng.normal(0.9, 0.1, 64))}}
+    (out / "ablation").mkdir()
+    (out / "ablation" / "report.md").write_text("# modality ablation\n")
+    thr = {"shuffle": {"gap": 0.1, "win": 0.8}, "noise": {"gap": 0.15, "win": 0.85}, "p": 0.01}
+    return modality_rows({"modalities": mods, "thresholds": thr}, "ablation/report.md", "modality ablation:")
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +231,22 @@ def test_stage_table_shows_each_stage_with_pass_or_fail(rendered):
     # pass green, fail red, as the stylesheet says; the error is shown escaped, not parsed as a tag
     assert rows["uti"]["color"] == "rgb(42, 122, 59)" and rows["data"]["color"] == "rgb(181, 68, 58)"
     assert "RuntimeError: shard 3 <missing>" in rows["data"]["cells"][3] and "samples=6" in rows["uti"]["cells"][3]
-    assert r["dom"]["headings"] == ["training", "tokens", "media"]
+    assert r["dom"]["headings"] == ["Gates", "training", "tokens", "media"]
+
+
+def test_gate_rows_show_statistic_threshold_verdict_and_meaning(rendered):
+    _, inputs, r = rendered
+    (table,) = r["dom"]["gates"]  # the summary table (no section of the page is named after stage "lm")
+    cells = {row["cells"][1]: row for row in table}
+    assert list(cells) == [g["gate"] for g in inputs["gates"]] and len(cells) == 4
+    ok, bad = cells["modality ablation: image shuffle"], cells["modality ablation: audio shuffle"]
+    assert ok["cells"][0] == "lm" and re.match(r"gap \+0\.\d{3} \[0\.\d{3}, 0\.\d{3}\], win 1\.00, p \d\.\de-\d+, n 64",
+                                                 ok["cells"][2]), ok["cells"][2]
+    assert ok["cells"][3] == "gap >= 0.1, win >= 0.8, p < 0.01" and ok["cells"][4] == "PASS"
+    assert bad["cells"][4] == "FAIL" and bad["verdictColor"] == "rgb(181, 68, 58)" and ok["verdictColor"] == "rgb(42, 122, 59)"
+    assert "reads the audio" in bad["cells"][5] and bad["links"] == ["ablation/report.md"]
+    assert "3 of 4 gates pass; failed: lm: modality ablation: audio shuffle" in r["dom"]["text"]
+    assert "What to look at: the falling loss" in r["dom"]["text"]
 
 
 def test_charts_render_with_their_data(rendered):
@@ -265,8 +299,10 @@ def test_report_makes_no_network_requests(rendered, tmp_path):
     page, _, r = rendered
     html = page.read_text()
     # every resource is inlined: no URL but data: in any attribute that loads one, no tag that fetches
-    refs = re.findall(r"""\b(?:src|href|poster|action|srcset)\s*=\s*["']?([^"'\s>]*)""", html, re.I)
+    refs = re.findall(r"""\b(?:src|poster|action|srcset)\s*=\s*["']?([^"'\s>]*)""", html, re.I)
     assert len(refs) == 2 and all(u.startswith("data:") for u in refs), [u[:40] for u in refs]
+    links = re.findall(r"""\bhref\s*=\s*["']?([^"'\s>]*)""", html, re.I)  # gate rows link their report files
+    assert links and all(":" not in u and not u.startswith("/") for u in links), links
     assert not re.search(r"<(?:script|link|iframe|object|embed)\b|@import|url\(", html, re.I)
     # everything Chromium fetched was the file itself or inlined data
     assert r["requests"][0] == page.resolve().as_uri()

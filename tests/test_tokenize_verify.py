@@ -127,7 +127,12 @@ def test_bad_samples_recorded_job_completes(manifest, tmp_path):
     with open(m, "a") as fh:
         fh.write('{"id": "broken", "task": \n')
     out = tmp_path / "shards"
-    summary = run_tokenize(m, cfg(), out, log=quiet)
+    lines: list[str] = []
+    summary = run_tokenize(m, cfg(), out, log=lines.append)
+    # under the ceiling the job exits 0, and says so: count, rate, top reasons, where they are
+    (warn,) = [s for s in lines if "WARNING" in s]
+    assert warn.startswith("[tokenize] WARNING: dropped 5 of 21 records (23.8%): ") and "(1)" in warn
+    assert warn.endswith(f"each one is in {out / 'errors.jsonl'}")
     errs = {e["id"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
     assert "not found" in errs[audio[0].id]["reason"] and "missing.wav" in errs[audio[0].id]["detail"]
     assert "trunc.wav" in errs[audio[1].id]["detail"]

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.config import LumoConfig, dump_config, to_dict
+from lumo_ray.tracking import open_tracker
 
 from trainers.lm import RayContext, launch
 
@@ -21,8 +22,14 @@ def _worker(config: dict) -> None:
     ctx = RayContext()
     if ctx.rank != 0:  # (run_codec_vq refuses num_workers != 1; kept for safety)
         return
-    train_tiny_vq(cfg.codec, log=lambda s: print(s, flush=True), report=lambda m: ctx.report(m),
-                  out_dir=Path(cfg.codec.out))
+    tracker = open_tracker(Path(cfg.codec.out), cfg.tracking, "codec", to_dict(cfg.codec))
+
+    def report(m: dict) -> None:
+        ctx.report(m)
+        tracker.log(int(m.get("step", 0)), m)
+
+    train_tiny_vq(cfg.codec, log=lambda s: print(s, flush=True), report=report, out_dir=Path(cfg.codec.out))
+    tracker.close()
 
 
 def run_codec_vq(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:

@@ -22,6 +22,8 @@ import torch
 
 from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.config_lm import TrainConfig
+from lumo_ray.runtime import rate_eta
+from lumo_ray.tracking import open_tracker
 
 CKPT_STATE = "state.pt"
 
@@ -64,6 +66,9 @@ class RayContext:
         import ray.train
         import ray.train.torch
 
+        from pipelines.ray_env import quiet_train_worker
+
+        quiet_train_worker()
         self._train = ray.train
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -183,7 +188,7 @@ def launch(worker_fn: Callable, cfg: LumoConfig, t: TrainConfig, run_dir: str | 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import init_ray, train_logging
 
     from lumo_ray.storage import locate
 
@@ -195,7 +200,8 @@ def launch(worker_fn: Callable, cfg: LumoConfig, t: TrainConfig, run_dir: str | 
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(storage_path=store.path, storage_filesystem=None if store.is_local else store.fs,
-                             name=name, failure_config=FailureConfig(max_failures=t.max_failures)))
+                             name=name, failure_config=FailureConfig(max_failures=t.max_failures),
+                             logging_config=train_logging()))
     return trainer.fit()
 
 
@@ -311,6 +317,8 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
 
     cur = order(epoch)
     history, t0, metrics = [], time.time(), {}
+    step0 = step  # a resumed run's rate counts the steps of this start
+    tracker = open_tracker(run_dir, cfg.tracking, "lm", to_dict(cfg.lm), ctx.rank)
     model.train()
     while step < t.steps:
         opt.zero_grad(set_to_none=True)
@@ -347,12 +355,16 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
             ck_dir = save_checkpoint(run_dir, step, state)
         if ctx.rank == 0 and (step % t.log_every == 0 or last):
             log(f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
-                                                              if "eval_loss" in rep else ""))
+                                                              if "eval_loss" in rep else "")
+                + f" ({rate_eta(step, t.steps, t0, step0)})")
         if getattr(ctx, "report_every_step", True) or last or any(
                 step % k == 0 for k in (t.log_every, t.eval_every, t.ckpt_every)):
             ctx.report(rep, ck_dir)
+        if tracker is not None:
+            tracker.log(step, rep)
         metrics = rep if "eval_loss" in rep else metrics
     if ctx.rank == 0:
+        tracker.close()
         export = run_dir / "export"
         m = getattr(model, "module", model)
         m.save_pretrained(str(export))

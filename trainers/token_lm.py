@@ -30,7 +30,9 @@ from lumo_ray.data.sequences import SequenceBuilder, collate
 from lumo_ray.data.task_mix import MODALITY, draw_task, task_probs
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.models.token_lm import export, target_losses, vocab_params, warm_start
+from lumo_ray.runtime import rate_eta
 from lumo_ray.storage import RunDir, is_uri, locate, resolve
+from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
 from .lm import (CKPT_STATE, RayContext, launch, make_scheduler, micro_batch, resolve_resume, rng_state,
@@ -209,7 +211,11 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
         start = {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
         say(f"token-lm warm start: eval {ev['all']:.4f}")
-    t0, ntok = time.time(), 0
+    t0, ntok, step0 = time.time(), 0, step
+    tracker = open_tracker(run_dir, cfg.tracking, "mmpt" if c.seq.layouts == "any" else "token_lm", to_dict(c),
+                           ctx.rank)
+    if tracker is not None and start:
+        tracker.log(0, start)
     model.train()
     while step < t.steps:
         opt.zero_grad(set_to_none=True)
@@ -258,14 +264,17 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             say(f"token-lm step {step}/{t.steps} loss {total:.4f}"
                 + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
                                                           if k.startswith("eval_") and k != "eval_loss") + ")"
-                   if "eval_loss" in rep else ""))
+                   if "eval_loss" in rep else "") + f" ({rate_eta(step, t.steps, t0, step0)})")
         if getattr(ctx, "report_every_step", True) or last or any(
                 step % k == 0 for k in (t.log_every, t.eval_every, t.ckpt_every)):
             ctx.report(rep, ck_dir)
+        if tracker is not None:
+            tracker.log(step, rep)
         if "eval_loss" in rep:
             metrics = rep
             evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})
     if ctx.rank == 0:
+        tracker.close()
         secs = time.time() - t0
         out = export(raw, ts, run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed,
                                                    "init_scale": c.init_scale}, tok.tokenizer)

@@ -26,6 +26,8 @@ def trial_config(cfg: LumoConfig, choice: dict, apply: Callable[[LumoConfig, dic
     c.out = str(trial_dir / "run")
     c.train.steps, c.train.eval_every, c.train.ckpt_every = st.steps, st.steps, st.steps
     c.train.log_every, c.train.resume = 10 ** 9, ""
+    # the trial's tracking is Tune's (its event files and MLflow callback, study_callbacks), not a second copy
+    cfg.tracking.tensorboard, cfg.tracking.mlflow_uri = False, ""
     return cfg, trial_dir
 
 
@@ -72,21 +74,27 @@ def fit_study(trial: Callable, cfg: LumoConfig, ts_json: dict, st: Any, axes: tu
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from pipelines.ray_env import quiet_tune, study_callbacks, trial_lines
+
     cpus = float(ray.cluster_resources().get("CPU", 1))
     conc = max(1, int(cpus // st.cpus_per_trial))
     rungs = max(1, -(-st.steps // st.report_every))
     points, size = study_points(st, axes)
     log(f"{title}: {len(points)} trials (of a {size}-point grid), {conc} at a time, {rungs} reports each, out {out}")
+    quiet_tune()
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial, cfg=cfg, ts_json=ts_json), {"cpu": st.cpus_per_trial}),
         param_space={k: tune.choice(list(getattr(st, k))) for k in axes},
+        # concurrency on the search algorithm: Tune ignores max_concurrent_trials beside a SearchGenerator
         tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=len(points),
-                                    max_concurrent_trials=conc,
-                                    search_alg=BasicVariantGenerator(points_to_evaluate=points, random_state=st.seed),
+                                    search_alg=BasicVariantGenerator(points_to_evaluate=points, random_state=st.seed,
+                                                                     max_concurrent=conc),
                                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=rungs,
                                                             grace_period=min(st.grace_period, rungs),
                                                             reduction_factor=st.reduction_factor)),
-        run_config=tune.RunConfig(**ray_storage(storage), name="study", verbose=0))
+        run_config=tune.RunConfig(**ray_storage(storage), name="study", verbose=0,
+                                  callbacks=[trial_lines(log, "objective", len(points)),
+                                             *study_callbacks(cfg.tracking, title)]))
     return tuner.fit()
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from lumo_ray.config import LumoConfig, _build, to_dict
+from lumo_ray.config import LumoConfig, TrackingConfig, _build, to_dict
 from lumo_ray.config_vlm import VLMConfig
 from lumo_ray.storage import RunDir, locate, ray_storage
 
@@ -57,9 +57,10 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
               log: Callable[[str], None] = print) -> dict:
     from ray import tune
 
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import init_ray, quiet_tune, study_callbacks, trial_lines
 
     vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
+    tracking = cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig()
     sw = vcfg.sweep
     stage = RunDir(sw.out)  # a URI sweep directory is written in a local staging copy, then pushed
     out = stage.local
@@ -70,12 +71,15 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
     vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(stage.loc / "shared"))
     stage.push()
     init_ray(address)
+    quiet_tune()
     trainable = tune.with_resources(trial_fn, {"cpu": sw.cpus_per_trial})
     space = {"vlm": to_dict(vcfg), "sweep_dir": str(stage), "ablation_n": sw.ablation_n,
              "lr": tune.grid_search(list(sw.lrs)), "layernorm": tune.grid_search(list(sw.layernorm))}
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(metric="score", mode="min", max_concurrent_trials=sw.max_concurrent),
-                       run_config=tune.RunConfig(**ray_storage(sw.storage_path or stage.loc / "ray"), name="tune", verbose=0))
+                       run_config=tune.RunConfig(**ray_storage(sw.storage_path or stage.loc / "ray"), name="tune", verbose=0,
+                                                 callbacks=[trial_lines(log, "score", len(sw.lrs) * len(sw.layernorm)),
+                                                            *study_callbacks(tracking, "vlm sweep")]))
     grid = tuner.fit()
     rows = []
     for r in grid:

@@ -26,8 +26,10 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from lumo_ray.config import LumoConfig, _build, dump_config, to_dict
+from lumo_ray.config import LumoConfig, TrackingConfig, _build, dump_config, to_dict
 from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.runtime import rate_eta
+from lumo_ray.tracking import open_tracker
 from lumo_ray.storage import RunDir, download_dir, is_uri, latest_ray_checkpoint, locate, ray_storage, resolve
 from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length_stats, prepare_data, to_device
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
@@ -161,8 +163,9 @@ def read_jsonl_last(path: Path, key: str = "step") -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[str], None] = print,
-             bench: Optional[dict] = None) -> dict:
-    """Train the connector; returns the final metrics (rank 0's view)."""
+             bench: Optional[dict] = None, tracking: Optional[TrackingConfig] = None) -> dict:
+    """Train the connector; returns the final metrics (rank 0's view). tracking: TensorBoard / MLflow
+    of rank 0 (lumo_ray/tracking.py; None: off)."""
     t, run = cfg.train, Path(run_dir)
     rank, world, device = hooks.rank, hooks.world, hooks.device
     dist = None
@@ -188,7 +191,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
     connector: torch.nn.Module = model.connector
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        connector = DDP(model.connector, broadcast_buffers=False,
+        connector = DDP(model.connector, forward_sync_buffers=False,  # the connector has no buffers to sync
                         device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -231,6 +234,8 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
 
     last_epoch_logged = -1
     step_times, data_times = [], []
+    t_run = time.time()  # progress lines: steps/s and ETA since this (re)start
+    tracker = open_tracker(run, tracking, "vlm", to_dict(cfg), rank)
     final: dict = {}
     stop = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
     for step in range(start, stop):
@@ -286,14 +291,19 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
         if rank == 0:
             _append(run / "steps.jsonl", {"step": done, "loss": loss, "lr": sched.get_last_lr()[0],
                                           "grad_norm": float(gnorm), "tokens": int(n_tok.item())})
+            if tracker is not None:
+                tracker.log(done, {"loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm)})
             if done % max(1, t.log_every) == 0 or done == 1:
-                say(f"[vlm] step {done}/{t.max_steps} loss {loss:.4f} lr {sched.get_last_lr()[0]:.2e}")
+                say(f"[vlm] step {done}/{t.max_steps} loss {loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                    f"({rate_eta(done, stop, t_run, start)})")
         is_ckpt = done == stop or (t.checkpoint_every and done % t.checkpoint_every == 0)
         if t.eval_every and done % t.eval_every == 0 and not is_ckpt:
             q = eval_loss(model, data.eval[: t.quick_eval_size], data.images, t.eval_batch_size, n_buckets,
                           device, autocast)
             if rank == 0:
                 _append(run / "evals.jsonl", {"step": done, "kind": "quick", **q})
+                if tracker is not None:
+                    tracker.log(done, {"quick_eval_loss": q["loss"]})
                 say(f"[vlm] step {done} quick eval loss {q['loss']:.4f} ({q['samples']} samples)")
         if is_ckpt:
             ev = eval_loss(model, data.eval, data.images, t.eval_batch_size, n_buckets, device, autocast)
@@ -301,6 +311,8 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
                        "eval_buckets": {b: v["loss"] for b, v in ev["buckets"].items()}}
             if rank == 0:
                 _append(run / "evals.jsonl", {"step": done, "kind": "full", **ev})
+                if tracker is not None:
+                    tracker.log(done, {"eval_loss": ev["loss"]})
                 gold = golden_captions(model, data.golden, data.images, text, device=device,
                                        max_new_tokens=cfg.data.max_seq_len - min((s.prompt_len for s in data.golden), default=0))
                 gdir = run / "golden"
@@ -318,6 +330,8 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
               "data_time_s": float(np.mean(data_times[warm])) if data_times else None}
     if bench is not None:
         bench.update(timing, step_times=step_times, data_times=data_times)
+    if tracker is not None:
+        tracker.close()
     if rank == 0 and stop == t.max_steps:
         save_export(model, cfg, run / "export", extra={"step": stop})
     if rank == 0:
@@ -336,12 +350,17 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
 
 def train_func(config: dict) -> None:
     """The TorchTrainer worker entry point."""
+    from pipelines.ray_env import quiet_train_worker
+
+    quiet_train_worker()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = _build(VLMConfig, config["vlm"], "train_loop_config", prefix="vlm.")
     run = RunDir(config["run_dir"])  # a URI run directory: this worker's staging copy
     run.pull()
     hooks = RayTrainHooks(config["storage"], run)  # logs and golden captions reach a URI with each checkpoint
-    run_loop(cfg, run.local, hooks, bench=None)
+    tracking = _build(TrackingConfig, config["tracking"], "train_loop_config", prefix="tracking.") \
+        if config.get("tracking") else None
+    run_loop(cfg, run.local, hooks, bench=None, tracking=tracking)
     hooks.sync()
     run.discard()
 
@@ -351,7 +370,7 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import init_ray, train_logging
 
     vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
     if vcfg.data.path:  # Ray Train workers run in their own working directory: hand them absolute paths
@@ -366,12 +385,13 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     init_ray(address)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"vlm": to_dict(vcfg), "run_dir": str(stage), "storage": storage, "threads": t.cpus_per_worker},
+        train_loop_config={"vlm": to_dict(vcfg), "run_dir": str(stage), "storage": storage, "threads": t.cpus_per_worker,
+                           "tracking": to_dict(cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig())},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(**ray_storage(storage), name="train",
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=train_logging()))
     result = trainer.fit()
     stage.discard()
     run = stage.loc

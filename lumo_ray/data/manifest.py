@@ -132,7 +132,8 @@ def read_manifest(path: PathLike, root: str | Path | None = None,
     records: list[Record] = []
     errors: list[ErrorRecord] = []
     if not path.exists():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        from ..errors import UserError
+        raise UserError("manifest", path, "not found", "give the manifest.jsonl that `lumo data normalize` wrote")
     # StringIO(newline=None) splits lines exactly as a text-mode file would (not str.splitlines,
     # which also breaks at U+2028 and friends that ensure_ascii=False leaves in captions).
     with io.StringIO(path.read_text(), newline=None) as fh:
@@ -186,6 +187,18 @@ def write_manifest(records: Iterable[Record], path: PathLike) -> Union[Path, str
 
 def write_errors(errors: Iterable[ErrorRecord], path: PathLike) -> Union[Path, str]:
     return write_jsonl([e.to_dict() for e in errors], path)
+
+
+def dropped_warning(reasons: list[str], total: int, errors_path: Any) -> Optional[str]:
+    """The line a job prints whenever it dropped records (under the error-rate ceiling it still exits 0):
+    the count, the rate, the top reasons and where each dropped record is described; None if none."""
+    if not reasons:
+        return None
+    from collections import Counter
+
+    top = ", ".join(f"{r} ({c})" for r, c in Counter(reasons).most_common(3))
+    return (f"WARNING: dropped {len(reasons)} of {total} records ({len(reasons) / max(total, 1):.1%}): "
+            f"{top}; each one is in {errors_path}")
 
 
 def read_errors(path: PathLike) -> list[ErrorRecord]:

@@ -17,11 +17,11 @@ import json
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from ..config import NormalizeConfig, dump_config
 from ..storage import locate
-from .manifest import ErrorRecord, Record, write_errors, write_manifest
+from .manifest import ErrorRecord, Record, dropped_warning, write_errors, write_manifest
 from .probe import probe_record
 from .readers import read_source
 from .splits import apply_splits, check_leakage
@@ -120,6 +120,9 @@ def finalize(source: str, input_path: str | Path, out_dir: str | Path, cfg: Norm
     log(f"wrote {out}/manifest.jsonl: {summary['ok']} samples "
         f"(train {summary['per_split']['train']['samples']}, eval {summary['per_split']['eval']['samples']}), "
         f"{summary['errors']} errors, error rate {summary['error_rate']:.3f}")
+    warn = dropped_warning([e.reason for e in errors], summary["total"], out / "errors.jsonl")
+    if warn:
+        log(warn)
     if not summary["leakage"]["ok"]:  # cannot happen with group splits; guard the invariant anyway
         raise NormalizeError(f"{out}: split leakage {summary['leakage']}")
     if summary["total"] == 0:
@@ -134,9 +137,12 @@ def finalize(source: str, input_path: str | Path, out_dir: str | Path, cfg: Norm
 
 
 def normalize_with(probe_rows: Callable[[list[dict]], Iterable[dict]], source: str,
-                   input_path: str | Path, out_dir: str | Path, cfg: NormalizeConfig) -> dict:
-    """The whole job with a pluggable probe executor (Ray Data in pipelines/, a loop here)."""
-    records, read_errors = read_and_dedupe(source, input_path)
+                   input_path: str | Path, out_dir: str | Path, cfg: NormalizeConfig,
+                   read: Optional[tuple[list[Record], list[ErrorRecord]]] = None) -> dict:
+    """The whole job with a pluggable probe executor (Ray Data in pipelines/, a loop here). read: the
+    result of read_and_dedupe when the caller read the metadata already (before starting Ray, so a
+    bad input fails in a second)."""
+    records, read_errors = read or read_and_dedupe(source, input_path)
     log(f"read {source} from {input_path}: {len(records)} records, {len(read_errors)} read errors")
     good, probe_errors = from_rows(probe_rows(to_rows(records)))
     log(f"probed {len(records)} records: {len(good)} ok, {len(probe_errors)} bad media")

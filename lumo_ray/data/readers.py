@@ -23,16 +23,25 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
+from ..errors import UserError
 from .manifest import ErrorRecord, Record, read_manifest
 
 Item = Union[Record, ErrorRecord]
 SOURCES = ("llava_pretrain", "audiocaps", "clotho", "wavcaps", "jsonl")
 
 
-class ReaderError(ValueError):
+class ReaderError(UserError):
     """The input as a whole cannot be read (no metadata file, wrong top-level shape)."""
+
+
+def _load_json(meta_file: Path, source: str) -> Any:
+    try:
+        return json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReaderError(f"{source} metadata", meta_file, f"not valid JSON ({e})",
+                          "give the dataset's metadata file or its folder") from None
 
 
 def _metadata_files(input_path: Path, suffix: str, source: str) -> list[Path]:
@@ -40,10 +49,11 @@ def _metadata_files(input_path: Path, suffix: str, source: str) -> list[Path]:
     if input_path.is_file():
         return [input_path]
     if not input_path.is_dir():
-        raise ReaderError(f"{source}: input not found: {input_path}")
+        raise ReaderError(f"{source} input", input_path, "not found", "give the dataset folder or its metadata file")
     files = sorted(p for p in input_path.glob(f"*{suffix}") if p.is_file())
     if not files:
-        raise ReaderError(f"{source}: no *{suffix} metadata file in {input_path}")
+        raise ReaderError(f"{source} input", input_path, f"no *{suffix} metadata file in the folder",
+                          f"give the folder that holds the *{suffix} file, or the file itself")
     return files
 
 
@@ -60,9 +70,10 @@ def read_llava_pretrain(input_path: Path) -> Iterator[Item]:
     """LLaVA-Pretrain JSON list: {id, image, conversations: [{from: human}, {from: gpt}]}."""
     src = "llava_pretrain"
     for meta_file in _metadata_files(input_path, ".json", src):
-        data = json.loads(meta_file.read_text(encoding="utf-8"))
+        data = _load_json(meta_file, src)
         if not isinstance(data, list):
-            raise ReaderError(f"{meta_file}: expected a JSON list of samples")
+            raise ReaderError(f"{src} metadata", meta_file, f"expected a JSON list of samples, got a {type(data).__name__}",
+                              "give LLaVA-Pretrain's blip_laion_cc_sbu_558k.json (a list)")
         root = meta_file.parent
         for n, e in enumerate(data):
             key = str(e.get("id", "")) if isinstance(e, dict) else ""
@@ -90,7 +101,8 @@ def _csv_rows(meta_file: Path, required: tuple[str, ...]) -> Iterator[tuple[int,
         reader = csv.DictReader(fh)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise ReaderError(f"{meta_file}: missing column(s) {', '.join(missing)}; has {reader.fieldnames}")
+            raise ReaderError("metadata", meta_file, f"missing column(s) {', '.join(missing)} (has {reader.fieldnames})",
+                              "check --source matches the file")
         for n, row in enumerate(reader, start=2):  # line 1 is the header
             yield n, row
 
@@ -143,9 +155,9 @@ def read_wavcaps(input_path: Path) -> Iterator[Item]:
     """WavCaps JSON {"data": [{id, caption, duration, audio?}]}; audio from 'audio' or audio/<id>."""
     src = "wavcaps"
     for meta_file in _metadata_files(input_path, ".json", src):
-        doc = json.loads(meta_file.read_text(encoding="utf-8"))
+        doc = _load_json(meta_file, src)
         if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-            raise ReaderError(f"{meta_file}: expected {{\"data\": [...]}}")
+            raise ReaderError(f"{src} metadata", meta_file, 'expected {"data": [...]}', "check --source matches the file")
         root = meta_file.parent
         for n, e in enumerate(doc["data"]):
             key = str(e.get("id", "")) if isinstance(e, dict) else ""
@@ -196,7 +208,7 @@ READERS: dict[str, Callable[[Path], Iterator[Item]]] = {
 def read_source(source: str, input_path: str | Path) -> tuple[list[Record], list[ErrorRecord]]:
     """Run the reader of `source` on a folder or metadata file; returns (records, errors)."""
     if source not in READERS:
-        raise ReaderError(f"unknown source {source!r} (valid: {', '.join(SOURCES)})")
+        raise ReaderError("source", source, "unknown", f"use one of {', '.join(SOURCES)}")
     records: list[Record] = []
     errors: list[ErrorRecord] = []
     for item in READERS[source](Path(input_path)):

@@ -23,7 +23,12 @@ def data_uri(path: Path) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def bar_chart(title: str, values: dict[str, float], width: int = 420, height: int = 200) -> str:
+def _ylabel(text: str, height: int) -> str:
+    return (f'<text transform="translate(10,{height / 2:.0f}) rotate(-90)" text-anchor="middle" font-size="10" '
+            f'fill="#555">{html.escape(text)}</text>') if text else ""
+
+
+def bar_chart(title: str, values: dict[str, float], width: int = 420, height: int = 200, unit: str = "") -> str:
     """Vertical bars from a zero line (negative values hang below it), with value labels.
 
     A missing or non-finite value (a NaN loss, an infinite SNR) keeps its label but draws no bar,
@@ -48,12 +53,14 @@ def bar_chart(title: str, values: dict[str, float], width: int = 420, height: in
                     f'text-anchor="middle" font-size="10">{html.escape(k)}</text><text x="{x + bw / 2:.1f}" '
                     f'y="{top - 4 if v >= 0 else zero + abs(v) * scale + 12:.1f}" text-anchor="middle" '
                     f'font-size="10">{v:.3g}</text>')
-    axis = f'<line x1="28" x2="{width - 8}" y1="{zero:.1f}" y2="{zero:.1f}" stroke="#888"/>'
+    axis = (f'<line x1="28" x2="{width - 8}" y1="{zero:.1f}" y2="{zero:.1f}" stroke="#888"/>'
+            f'<line x1="28" x2="28" y1="20" y2="{height - 40}" stroke="#888"/>')
     return (f'<figure><svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
-            f'{axis}{"".join(bars)}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
+            f'{axis}{"".join(bars)}{_ylabel(unit, height)}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
 
 
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220) -> str:
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220,
+               xlabel: str = "step", ylabel: str = "") -> str:
     """One polyline per series (a one-point series, e.g. a single eval, is drawn as a dot); non-finite points are dropped."""
     series = {k: [(x, y) for x, y in s if _finite(x) and _finite(y)] for k, s in series.items()}
     pts = [p for s in series.values() for p in s]
@@ -75,7 +82,11 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: 
         legend.append(f'<text x="{60 + 110 * i}" y="14" font-size="11" fill="{c}">{html.escape(name)}</text>')
     axes = (f'<text x="4" y="{height - 30}" font-size="10">{y0:.3g}</text><text x="4" y="30" font-size="10">{y1:.3g}</text>'
             f'<text x="50" y="{height - 10}" font-size="10">{x0:.0f}</text>'
-            f'<text x="{width - 30}" y="{height - 10}" font-size="10">{x1:.0f}</text>')
+            f'<text x="{width - 30}" y="{height - 10}" font-size="10">{x1:.0f}</text>'
+            f'<text x="{width / 2:.0f}" y="{height - 10}" text-anchor="middle" font-size="10" fill="#555">'
+            f'{html.escape(xlabel)}</text>{_ylabel(ylabel, height)}'
+            f'<line x1="48" x2="48" y1="24" y2="{height - 28}" stroke="#888"/>'
+            f'<line x1="48" x2="{width - 8}" y1="{height - 28}" y2="{height - 28}" stroke="#888"/>')
     return (f'<figure><svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
             f'{"".join(lines)}{"".join(legend)}{axes}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
 
@@ -95,9 +106,9 @@ def histogram(title: str, values: Iterable[float], bins: int = 12) -> str:
         for x in v:
             counts[(int(x) - lo) // step] += 1
         labels = [str(k) if step == 1 else f"{k}-{k + step - 1}" for k in range(lo, hi + 1, step)]
-        return bar_chart(title, {lab: float(c) for lab, c in zip(labels, counts)}, width=520)
+        return bar_chart(title, {lab: float(c) for lab, c in zip(labels, counts)}, width=520, unit="samples")
     if hi == lo:
-        return bar_chart(title, {f"{lo:.6g}": float(len(v))}, width=520)
+        return bar_chart(title, {f"{lo:.6g}": float(len(v))}, width=520, unit="samples")
     step = (hi - lo) / bins
     counts_ = [0] * bins
     for x in v:
@@ -106,7 +117,7 @@ def histogram(title: str, values: Iterable[float], bins: int = 12) -> str:
         labels = [f"{lo + i * step:.{nd}f}" for i in range(bins)]
         if len(set(labels)) == bins:
             break
-    return bar_chart(title, {lab: float(c) for lab, c in zip(labels, counts_)}, width=520)
+    return bar_chart(title, {lab: float(c) for lab, c in zip(labels, counts_)}, width=520, unit="samples")
 
 
 def media_block(files: list[Path]) -> str:
@@ -121,8 +132,27 @@ def media_block(files: list[Path]) -> str:
     return "".join(out)
 
 
-def write_report(out: Path, title: str, stages: list[dict], sections: list[tuple[str, str]]) -> Path:
-    """stages: rows with stage, pass, seconds, dir and key numbers; sections: (heading, html) pairs."""
+def gate_table(gates: list[dict], with_stage: bool = True) -> str:
+    """One row per gate: statistic, threshold, verdict, what it means, and a link to its report."""
+    if not gates:
+        return ""
+    head = ("<th>stage</th>" if with_stage else "") + ("<th>gate</th><th>statistic</th><th>threshold</th>"
+                                                        "<th>verdict</th><th>what it means</th>")
+    rows = []
+    for g in gates:
+        link = f' (<a href="{html.escape(g["link"])}">report</a>)' if g.get("link") else ""
+        rows.append(f'<tr class="{"pass" if g["pass"] else "fail"}">'
+                    + (f'<td>{html.escape(g.get("stage", ""))}</td>' if with_stage else "")
+                    + f'<td>{html.escape(g["gate"])}</td><td>{html.escape(g["statistic"])}</td>'
+                    f'<td>{html.escape(g["threshold"])}</td><td class="v">{"PASS" if g["pass"] else "FAIL"}</td>'
+                    f'<td>{html.escape(g["meaning"])}{link}</td></tr>')
+    return f'<table class="gates"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def write_report(out: Path, title: str, stages: list[dict], sections: list[tuple[str, str]],
+                 gates: list[dict] | None = None, look_at: dict[str, str] | None = None) -> Path:
+    """stages: rows with stage, pass, seconds, dir and key numbers; sections: (heading, html) pairs;
+    gates: eval/gate_rows rows with their stage; look_at: a sentence per stage heading."""
     rows = []
     for s in stages:
         extra = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("stage", "pass", "seconds", "dir", "error"))
@@ -130,14 +160,27 @@ def write_report(out: Path, title: str, stages: list[dict], sections: list[tuple
         rows.append(f'<tr class="{"pass" if s["pass"] else "fail"}"><td>{html.escape(s["stage"])}</td>'
                     f'<td>{"PASS" if s["pass"] else "FAIL"}</td><td>{s["seconds"]}</td>'
                     f'<td>{html.escape(extra)}{err}</td></tr>')
-    body = "".join(f"<section><h2>{html.escape(h)}</h2>{c}</section>" for h, c in sections if c)
+    gates, look_at = gates or [], look_at or {}
+    body = "".join(f"<section><h2>{html.escape(h)}</h2>"
+                   + (f'<p class="look"><b>What to look at:</b> {html.escape(look_at[h])}</p>' if h in look_at else "")
+                   + gate_table([g for g in gates if g.get("stage") == h], with_stage=False) + c + "</section>"
+                   for h, c in sections if c or h in look_at)
+    failed = [g for g in gates if not g["pass"]]
+    summary = (f'<p>{len(gates) - len(failed)} of {len(gates)} gates pass'
+               + (f'; failed: {html.escape(", ".join(g["stage"] + ": " + g["gate"] for g in failed))}' if failed else "")
+               + "</p>" + gate_table(gates)) if gates else ""
+    if summary:
+        summary = "<h2>Gates</h2>" + summary
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1100px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}} tr.pass td:nth-child(2){{color:#2a7a3b;font-weight:bold}}
-tr.fail td:nth-child(2){{color:#b5443a;font-weight:bold}} figure{{display:inline-block;margin:6px}} img{{image-rendering:pixelated}} .m figcaption{{font-size:10px}}
-.err{{color:#b5443a;font-size:12px}}</style></head><body><h1>{html.escape(title)}</h1>
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}} #stages tr.pass td:nth-child(2){{color:#2a7a3b;font-weight:bold}}
+#stages tr.fail td:nth-child(2){{color:#b5443a;font-weight:bold}} figure{{display:inline-block;margin:6px}} img{{image-rendering:pixelated}} .m figcaption{{font-size:10px}}
+.err{{color:#b5443a;font-size:12px}} table.gates tr.pass td.v{{color:#2a7a3b;font-weight:bold}}
+table.gates tr.fail td.v{{color:#b5443a;font-weight:bold}} table.gates tr.fail{{background:#fbeeee}} .look{{font-size:13px}}
+</style></head><body><h1>{html.escape(title)}</h1>
 <table id="stages"><tr><th>stage</th><th>result</th><th>seconds</th><th>numbers</th></tr>{"".join(rows)}</table>
+{summary}
 {body}</body></html>"""
     p = out / "report.html"
     p.write_text(page)

@@ -168,7 +168,7 @@ class VLM(nn.Module):
         am = batch["attention_mask"].long()
         pos = (am.cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=emb, attention_mask=am, position_ids=pos, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        past, nxt = out.cache, out.logits[:, -1].argmax(-1)
         done = torch.zeros_like(nxt, dtype=torch.bool)
         result: list[list[int]] = [[] for _ in range(emb.shape[0])]
         for _ in range(max_new_tokens):
@@ -181,8 +181,8 @@ class VLM(nn.Module):
             am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
             out = self.llm(input_ids=nxt[:, None], attention_mask=am, position_ids=pos,
-                           past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+                           cache=past, use_cache=True)
+            past, nxt = out.cache, out.logits[:, -1].argmax(-1)
         return result
 
 

@@ -1,0 +1,51 @@
+"""User errors: a problem with what the user gave (an input, a run directory, a config), reported by
+`lumo` as one line, `error: <what> (<path>): <why>; <what to do>`, exit 2, no traceback (`--debug` or
+LUMO_DEBUG=1 shows it). Anything else is a bug or an environment failure: one line naming the
+exception and how to see the traceback, exit 1."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+
+class UserError(ValueError):
+    """what (path): why; todo."""
+
+    def __init__(self, what: str, path: Union[str, Path, None], why: str, todo: str = ""):
+        self.what, self.path, self.why, self.todo = what, str(path) if path is not None else "", why, todo
+        where = f" ({self.path})" if self.path else ""
+        super().__init__(f"{what}{where}: {why}" + (f"; {todo}" if todo else ""))
+
+
+# Exceptions of the library that are about the user's input (their messages name the sample, field or
+# file). Matched by name along the class hierarchy, so the CLI need not import torch-heavy modules to
+# classify what it caught.
+_USER_ERROR_NAMES = {
+    "UserError", "ConfigError", "ReaderError", "ManifestError", "TokenSpaceError", "TokenSpaceMismatch",
+    "MediaError", "VLMInputError", "VLMDataError", "CheckpointError", "SequenceError", "TextDataError",
+}
+
+
+def is_user_error(e: BaseException) -> bool:
+    return any(c.__name__ in _USER_ERROR_NAMES and c.__module__.startswith("lumo_ray") for c in type(e).__mro__)
+
+
+def one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (Ray wraps worker errors in long texts)."""
+    fails = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError: {rank: the worker's exception}
+    if isinstance(fails, dict) and fails:
+        rank, err = sorted(fails.items())[0]
+        return f"rank {rank}: {type(err).__name__}: {one_line(err)}"
+    e = getattr(e, "cause", None) or e  # ray.exceptions.RayTaskError keeps the original as .cause
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def require_file(what: str, path: Union[str, Path], todo: str) -> Path:
+    """The path as a Path when it is an existing file, else a UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(what, p, "not found", todo)
+    if not p.is_file():
+        raise UserError(what, p, "is not a file", todo)
+    return p
