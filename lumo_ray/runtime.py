@@ -19,11 +19,11 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def rate_eta(done: int, total: int, t0: float, start: int = 0) -> str:
-    """'12.3 steps/s, ETA 40 s' for a progress line: steps done since t0 (time.time()), of total."""
+def rate_eta(done: int, total: int, t0: float, start: int = 0, unit: str = "steps") -> str:
+    """'12.3 steps/s, ETA 40 s' for a progress line: `done - start` units since t0 (time.time()), of total."""
     import time
 
     secs = max(time.time() - t0, 1e-9)
     rate = max(done - start, 0) / secs
     eta = (total - done) / rate if rate > 0 else float("inf")
-    return f"{rate:.1f} steps/s, ETA {eta:.0f} s" if eta != float("inf") else f"{rate:.1f} steps/s"
+    return f"{rate:.1f} {unit}/s, ETA {eta:.0f} s" if eta != float("inf") else f"{rate:.1f} {unit}/s"

@@ -73,16 +73,25 @@ def trial_lines(log, metric: str, total: int):
     from ray.tune import Callback
 
     class TrialLines(Callback):
-        def __init__(self):
-            self.done = 0
+        def __init__(self, log, metric: str, total: int):
+            self.log, self.metric, self.total, self.done = log, metric, total, 0
+
+        # Tune pickles its callbacks into the study's state (tuner.pkl): the log function may not
+        # pickle (the demo's print, once Ray Train has patched builtins.print), so it stays out of
+        # the state (the class closes over nothing), and a restored study prints with print
+        def __getstate__(self):
+            return {k: v for k, v in self.__dict__.items() if k != "log"}
+
+        def __setstate__(self, state):
+            self.__dict__.update(state, log=print)
 
         def _line(self, trial, what: str) -> None:
             self.done += 1
             r = trial.last_result or {}
-            v = r.get(metric)
+            v = r.get(self.metric)
             val = f"{v:.4g}" if isinstance(v, float) else str(v)
-            log(f"  trial {self.done}/{total} {what}: {trial.trial_id} {metric} {val} after "
-                f"{r.get('training_iteration', 0)} report(s), {r.get('time_total_s', 0.0):.0f} s")
+            self.log(f"  trial {self.done}/{self.total} {what}: {trial.trial_id} {self.metric} {val} after "
+                     f"{r.get('training_iteration', 0)} report(s), {r.get('time_total_s', 0.0):.0f} s")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._line(trial, "done")
@@ -90,7 +99,7 @@ def trial_lines(log, metric: str, total: int):
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, "FAILED")
 
-    return TrialLines()
+    return TrialLines(log, metric, total)
 
 
 def study_callbacks(cfg, name: str) -> list:

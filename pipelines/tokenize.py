@@ -21,6 +21,7 @@ from lumo_ray.data.manifest import ErrorRecord, dropped_warning, read_manifest, 
 from lumo_ray.data.shards import shard_is_complete, shard_name, stats_path, write_tar
 from lumo_ray.data.tokenize import (SampleTokenizer, plan_shards, plan_units, shard_input_digest,
                                     tokenize_config_digest)
+from lumo_ray.runtime import rate_eta
 from lumo_ray.storage import Loc, PathLike, locate
 
 from .ray_env import init_ray
@@ -105,7 +106,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=tcfg.num_gpus_per_actor or None, num_cpus=tcfg.num_cpus_per_actor)
         pending: dict[int, dict[int, list]] = {}
-        t0 = time.time()
+        t0, done_before, every = time.time(), len(stats), max(1, len(todo) // 10)
         for row in ds.iter_rows():
             sid = int(row["shard"])
             got = pending.setdefault(sid, {})
@@ -121,8 +122,11 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
                       errors=[_error(r, src.get(r["id"], "")) for r in results if "error" in r])
             stats_path(tar).write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")
             stats[key] = st
-            log(f"[tokenize] {len(stats)}/{len(keys)} shards  {key[0]}/{tar.name}: {st['samples']} samples, "
-                f"{len(st['errors'])} errors  ({time.time() - t0:.1f}s)")
+            written = len(stats) - done_before
+            if written == 1 or written % every == 0 or written == len(todo):  # a line per tenth, not per shard
+                secs = time.time() - t0
+                log(f"[tokenize] {len(stats)}/{len(keys)} shards, last {key[0]}/{tar.name}: {st['samples']} samples, "
+                    f"{len(st['errors'])} errors ({secs:.1f}s, {rate_eta(written, len(todo), t0, unit='shards')})")
 
     errors = [e.to_dict() for e in read_errors] + [e for k in keys for e in stats[k]["errors"]]
     write_errors([ErrorRecord(**e) for e in errors], out / "errors.jsonl")

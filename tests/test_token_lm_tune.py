@@ -44,3 +44,27 @@ def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local, s3):
         assert score["objective"] == float(r["objective"]) and (locate(r["dir"]) / "config.yaml").exists()
     key = hashlib.sha256(str(out).encode()).hexdigest()[:16]
     assert runs_root().is_dir() and not list(runs_root().glob(f"{key}-*"))  # the driver's staging copy is gone
+
+
+def test_trial_lines_callback_pickles_without_its_log():
+    """Tune pickles its callbacks into the study state: a log function that cannot be pickled (the
+    demo's print once Ray Train has patched builtins.print; here one holding a lock) stays out of it."""
+    import threading
+    from types import SimpleNamespace
+
+    from ray import cloudpickle
+
+    from pipelines.ray_env import trial_lines
+
+    lock, lines = threading.Lock(), []
+
+    def log(s):
+        with lock:
+            lines.append(s)
+
+    cb = trial_lines(log, "objective", 2)
+    cb.on_trial_complete(0, [], SimpleNamespace(trial_id="t1", last_result={"objective": 0.5, "training_iteration": 2,
+                                                                            "time_total_s": 3.0}))
+    assert lines == ["  trial 1/2 done: t1 objective 0.5 after 2 report(s), 3 s"]
+    back = cloudpickle.loads(cloudpickle.dumps(cb))
+    assert back.log is print and (back.done, back.metric, back.total) == (1, "objective", 2)

@@ -243,8 +243,9 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, hooks: Hooks, log: Callable[[s
         if epoch != last_epoch_logged and rank == 0:
             st = {"epoch": epoch, **length_stats(data.train)}
             _append(run / "epochs.jsonl", st)
-            say(f"[vlm] epoch {epoch}: {st['n']} samples, truncated {st['truncated_pct']:.2f}%, zero-label "
-                f"{st['zero_label_pct']:.2f}%, avg label tokens {st['avg_label_tokens']:.2f}")
+            if step == start:  # the same data every epoch: said once, every epoch's stats in epochs.jsonl
+                say(f"[vlm] epoch {epoch}: {st['n']} samples, truncated {st['truncated_pct']:.2f}%, zero-label "
+                    f"{st['zero_label_pct']:.2f}%, avg label tokens {st['avg_label_tokens']:.2f}")
         last_epoch_logged = epoch
         if t.fail_at_step is not None and step == t.fail_at_step and rank == 0:
             marker = run / ".failed_once"
