@@ -23,10 +23,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_normalize(args) -> int:
-    from lumo_ray.data.normalize import NormalizeError
+    from lumo_ray.data.normalize import NormalizeError, read_and_dedupe
+    cfg = _cfg(args).data.normalize
+    read = read_and_dedupe(args.source, args.input)  # a bad input fails here, before Ray is even imported
     from pipelines.normalize import run_normalize
     try:
-        s = run_normalize(args.source, args.input, args.out, _cfg(args).data.normalize, args.address)
+        s = run_normalize(args.source, args.input, args.out, cfg, args.address, read=read)
     except NormalizeError as e:
         print(f"[normalize] FAILED: {e}", file=sys.stderr)
         return 1
@@ -35,6 +37,11 @@ def cmd_normalize(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
+    from .errors import UserError
+    from .storage import locate
+    if not locate(args.manifest).exists():  # before Ray is imported
+        raise UserError("manifest", args.manifest, "not found",
+                        "give the manifest.jsonl that `lumo data normalize` wrote")
     from pipelines.tokenize import run_tokenize
     try:
         run_tokenize(args.manifest, _cfg(args), args.out, actors=args.actors, address=args.address)

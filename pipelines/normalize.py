@@ -49,15 +49,17 @@ def _ray_probe(cfg: NormalizeConfig):
 
 
 def run_normalize(source: str, input_path: str | Path, out_dir: str | Path,
-                  cfg: Optional[NormalizeConfig] = None, address: Optional[str] = None) -> dict:
+                  cfg: Optional[NormalizeConfig] = None, address: Optional[str] = None,
+                  read: Optional[tuple] = None) -> dict:
     """Normalize one dataset into `out_dir` (manifest.jsonl, errors.jsonl, summary.json, config.yaml).
 
     source: 'llava_pretrain' | 'audiocaps' | 'clotho' | 'wavcaps' | 'jsonl'; input_path: the dataset
     folder or its metadata file; address: a Ray cluster (default: RAY_ADDRESS, a running local
-    cluster, else a new local one). Returns the summary dict. Raises NormalizeError (after writing
-    every file) when the error rate exceeds cfg.error_rate_ceiling."""
+    cluster, else a new local one); read: read_and_dedupe's result when the caller has it. Returns
+    the summary dict. Raises NormalizeError (after writing every file) when the error rate exceeds
+    cfg.error_rate_ceiling."""
     cfg = cfg or NormalizeConfig()
-    read = read_and_dedupe(source, input_path)  # a missing or malformed input fails here, before Ray starts
+    read = read or read_and_dedupe(source, input_path)  # a missing or malformed input fails here, before Ray starts
     init_ray(address)
     return normalize_with(_ray_probe(cfg), source, input_path, out_dir, cfg, read=read)
 
