@@ -36,6 +36,12 @@ def test_train_vq_writes_weights_and_metrics(two_runs):
         assert isinstance(m[k], float), k
     assert m["steps"] == 6 and m["synth_n"] == 4 and m["real_n"] == 2
     assert m["init"]["synth_psnr"] < m["synth_psnr"]  # a few steps already train the random decoder
+    # run tracking: the reported steps as TensorBoard scalars, read back with TensorBoard's reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(out / "tensorboard"))
+    ev.Reload()
+    assert [e.step for e in ev.Scalars("loss")] == [3, 6]
     # the weights load into the preset architecture as a local VQ model
     from lumo_ray.codecs import image_vq
 

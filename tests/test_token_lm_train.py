@@ -154,6 +154,13 @@ def test_ray_train_ddp_two_workers(data, tmp_path):
     assert m["steps"] == 2 and m["token_space_hash"] == ts.hash and set(m["eval"]) >= {"i2t", "a2t"}
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "token_space.json").exists()
+    # rank 0's TensorBoard events: the warm start's eval at step 0, then each reported step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    ev.Reload()
+    evals = ev.Scalars("eval_loss")
+    assert [e.step for e in evals] == [0, 2] and evals[-1].value == pytest.approx(m["eval_loss"])
 
 
 def test_demo_lm_config_is_the_users_config_plus_the_demo_budget_then_set(data, tmp_path):

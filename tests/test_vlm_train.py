@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lumo_ray.cli import main
+from lumo_ray.config import TrackingConfig
 from lumo_ray.config_vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
 from trainers.vlm import Hooks, latest_checkpoint, local_checkpoint, prepare_run, run_loop, train_vlm
@@ -122,7 +123,7 @@ def _gate_run(synth, out: Path, steps: int):
     cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.eval_every = steps, steps, 0
     cfg.train.warmup_steps, cfg.train.log_every = min(cfg.train.warmup_steps, steps), 10 ** 6
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
-    run_loop(cfg, run, Hooks(), log=QUIET)
+    run_loop(cfg, run, Hooks(), log=QUIET, tracking=TrackingConfig())
     return run
 
 
@@ -133,6 +134,12 @@ def test_trained_tiny_vlm_passes_ablation(gate_synth, tmp_path):
     assert rep["n"] == 224 and rep["gating"]
     assert rep["pass"], (rep["mean_loss"], rep["stats"])
     assert all(rep["stats"][m]["gap"] > 0 and rep["stats"][m]["p"] < 0.01 for m in rep["stats"])
+    # run tracking: every step's loss and the final eval as TensorBoard scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(run / "tensorboard"))
+    ev.Reload()
+    assert [e.step for e in ev.Scalars("loss")] == list(range(1, 201)) and [e.step for e in ev.Scalars("eval_loss")] == [200]
 
 
 def test_untrained_connector_fails_ablation(gate_synth, tmp_path):
