@@ -468,4 +468,7 @@ def test_train_vlm_survives_losing_a_node_and_resumes_on_a_replacement(cluster, 
     where = [w["node_id"] for w in st["workers"]]
     lost = set(where) - {head, node3}
     assert len(lost) == 1 and st["nodes"][next(iter(lost))]["state"] == "DEAD", st  # node2, the one killed
-    assert st["nodes"][head]["state"] == "ALIVE" and where.count(node3) == 1 and where.count(head) >= 2, st
+    # the restarted group ran on the live nodes with the replacement in it; Ray may pack both of its workers
+    # onto the replacement (seen once in CI) or split them, so only its presence is asserted
+    assert st["nodes"][head]["state"] == "ALIVE" and node3 in where and where.count(head) >= 1, st
+    assert all(st["nodes"][w]["state"] == "ALIVE" for w in where if w != next(iter(lost))), st
