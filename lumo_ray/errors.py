@@ -40,12 +40,3 @@ def one_line(e: BaseException) -> str:
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return lines[0] if lines else type(e).__name__
 
-
-def require_file(what: str, path: Union[str, Path], todo: str) -> Path:
-    """The path as a Path when it is an existing file, else a UserError."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(what, p, "not found", todo)
-    if not p.is_file():
-        raise UserError(what, p, "is not a file", todo)
-    return p

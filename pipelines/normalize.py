@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 
 from lumo_ray.config import LumoConfig, NormalizeConfig, load_config
 from lumo_ray.data.normalize import NormalizeError, log, normalize_with, probe_batch, read_and_dedupe
+from lumo_ray.runtime import rate_eta
 from pipelines.ray_env import init_ray
 
 
@@ -41,9 +42,8 @@ def _ray_probe(cfg: NormalizeConfig):
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):  # whole blocks as they finish
             out.extend({"id": str(i), "ok": bool(k), "json": str(j)} for i, k, j in zip(b["id"], b["ok"], b["json"]))
             if len(out) - shown >= every or len(out) == len(rows):
-                shown, secs = len(out), time.time() - t0
-                rate = shown / max(secs, 1e-9)
-                log(f"  probed {shown}/{len(rows)} ({rate:.0f}/s, ETA {(len(rows) - shown) / max(rate, 1e-9):.0f} s)")
+                shown = len(out)
+                log(f"  probed {shown}/{len(rows)} ({rate_eta(shown, len(rows), t0, unit='records')})")
         return out
     return run
 
