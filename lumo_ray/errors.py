@@ -39,4 +39,3 @@ def one_line(e: BaseException) -> str:
     e = getattr(e, "cause", None) or e  # ray.exceptions.RayTaskError keeps the original as .cause
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return lines[0] if lines else type(e).__name__
-
