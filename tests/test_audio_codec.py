@@ -66,6 +66,40 @@ def test_preset_is_deterministic_for_a_seed_and_changes_with_it(a24, wavs):
     assert len(np.unique(c0)) > 10  # random codebooks are initialised, not the all-zero default
 
 
+def test_preset_weights_are_the_same_under_every_cpu_kernel_build():
+    """The preset's identity (a digest of its weights) must not depend on the machine: built under
+    PyTorch's AVX2 and scalar kernels, and with several threads, the weights are bit-identical (with
+    PyTorch's own init the scalar build gave another digest, codecs/exact_init.py)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lumo_ray.codecs.audio import _build_preset; from lumo_ray.codecs.base import state_digest; "
+            "print(state_digest(_build_preset('tiny-24k', 0)), state_digest(_build_preset('tiny-48k', 0)))")
+    seen = {}
+    for cap, threads in (("default", "1"), ("avx2", "1"), (None, "2")):
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        env.pop("ATEN_CPU_CAPABILITY", None)
+        if cap:
+            env["ATEN_CPU_CAPABILITY"] = cap
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        seen[(cap, threads)] = p.stdout.split()
+    assert len({tuple(v) for v in seen.values()}) == 1, seen
+
+
+def test_exact_init_helpers_are_exact():
+    from lumo_ray.codecs.exact_init import exact_uniform, pow2_bound, round_bits
+
+    g = torch.Generator().manual_seed(0)
+    x = exact_uniform((4096,), g, bound=pow2_bound(448))
+    assert pow2_bound(448) == 2.0 ** -4 and torch.equal(x.float().double(), x)  # exact in float32
+    assert x.abs().max() <= 2.0 ** -4 and x.std() == pytest.approx(2.0 ** -4 / 3 ** 0.5, rel=0.05)
+    y = torch.tensor([1.0, 1.0 + 1e-14, 3.14159, -0.001234567])
+    r = round_bits(y)
+    assert r[0] == r[1] and torch.allclose(r, y, rtol=2.0 ** -12) and torch.equal(round_bits(r), r)
+
+
 def test_codes_shape_dtype_range(a24, wavs):
     clip = a24.load(str(wavs[1]))
     codes = a24.encode_batch([clip])[0]

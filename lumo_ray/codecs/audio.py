@@ -85,11 +85,15 @@ def build_audio_adapter(cfg: AudioConfig, runtime: RuntimeConfig,
 def _build_preset(name: str, seed: int) -> Any:
     from transformers import EncodecConfig, EncodecModel
 
+    from .exact_init import reinit_
+
     conf = EncodecConfig(**PRESET_CONFIGS[name])
-    # fork_rng: a deterministic build without disturbing the caller's global RNG.
+    # fork_rng: building does not disturb the caller's global RNG. The weights are then redrawn so
+    # that they (and the preset's identity) are the same on every CPU (codecs/exact_init.py).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = EncodecModel(conf)
+    reinit_(model, seed)
     _init_codebooks(model, seed)
     return model
 
@@ -99,23 +103,30 @@ def _init_codebooks(model: Any, seed: int) -> None:
     """transformers initialises codebooks to zeros (every code would be 0). Draw each RVQ level's
     codebook from the per-dimension mean/std of the residual it quantizes, measured on seeded
     noise with a spread of loudness (what k-means init does with real data, minus the data), so
-    the random presets give spread-out, seed-dependent codes as a trained model does."""
+    the random presets give spread-out, seed-dependent codes as a trained model does. Measured in
+    float64 on a copy and rounded (exact_init.round_bits), so every CPU draws the same codebooks."""
+    import copy
+
+    from .exact_init import exact_uniform, round_bits, unit_uniform
+
     g = torch.Generator().manual_seed(seed)
     c = model.config
     seg = c.sampling_rate // 10
-    gains = torch.exp(torch.empty(20).uniform_(math.log(0.003), math.log(0.3), generator=g))
-    noise = torch.randn(1, c.audio_channels, 20 * seg, generator=g) * gains.repeat_interleave(seg)
+    lo, hi = math.log(0.003), math.log(0.3)
+    gains = torch.exp(lo + (exact_uniform((20,), g) + 1) / 2 * (hi - lo))
+    noise = unit_uniform((1, c.audio_channels, 20 * seg), g) * gains.repeat_interleave(seg)
     if c.normalize:  # the 48 kHz model sees unit-RMS chunks
         noise = noise / noise.pow(2).mean().sqrt()
     model.eval()
-    residual = model.encoder(noise)  # [1, D, T]
-    for layer in model.quantizer.layers:
-        book = layer.codebook
-        mu, sd = residual.mean(dim=(0, 2)), residual.std(dim=(0, 2))
-        embed = mu[None] + sd[None] * torch.randn(book.embed.shape, generator=g)
-        book.embed.copy_(embed)
-        book.embed_avg.copy_(embed)
-        residual = residual - layer.decode(layer.encode(residual))
+    m64 = copy.deepcopy(model).double()
+    residual = m64.encoder(noise)  # [1, D, T]
+    for layer, layer64 in zip(model.quantizer.layers, m64.quantizer.layers):
+        mu, sd = round_bits(residual.mean(dim=(0, 2))), round_bits(residual.std(dim=(0, 2)))
+        embed = (mu[None] + sd[None] * unit_uniform(tuple(layer.codebook.embed.shape), g)).float()
+        for book in (layer.codebook, layer64.codebook):  # the float64 copy quantizes with the float32 book
+            book.embed.copy_(embed)
+            book.embed_avg.copy_(embed)
+        residual = residual - layer64.decode(layer64.encode(residual))
 
 
 def _model_config(ref: str) -> Any:
