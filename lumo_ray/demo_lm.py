@@ -151,10 +151,12 @@ def run_lm_demo(out_dir: Path, shards_dir: Path, manifest: Path, cfg: LumoConfig
                 "best_ablation_pass": best.get("ablation_pass"), "rule": "the best trial passes the modality ablation",
                 "best": {k: best.get(k) for k in ("instruction", "delimiters", "new_row_lr")}}
 
+    # a failed verdict does not stop the steps after it (their numbers still show, the stage still
+    # fails); a step that crashed, and so wrote nothing to build on, does
     stage("base_lm", base_lm)
-    if stages["base_lm"]["pass"]:
+    if "error" not in stages["base_lm"]:
         stage("token_lm", token_lm)
-        if stages["token_lm"]["pass"]:
+        if "error" not in stages["token_lm"]:
             stage("modality_ablation", ablation)
             stage("text_invariance", invariance)
             stage("prompt_study", study)

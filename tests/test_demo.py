@@ -67,6 +67,44 @@ def test_demo_console_is_one_line_per_event_from_any_directory(tmp_path, sole_lo
     assert "[vlm] step 200/200" in p.stdout and "steps/s" in p.stdout  # rank 0's progress, once
 
 
+# The training stages shortened to a few steps (what they learn is tested in test_lm_base,
+# test_token_lm_*, test_mmpt_train; this test reads their console): small data, a couple of evals and
+# checkpoints per run, every stage-4 task from step 0, 4 golden prompts per task in the decode gate.
+SHORT_TRAINING = ["demo.lm_images=48", "demo.lm_audio=24", "demo.gate_n=4",
+                  "lm.train.steps=40", "lm.train.eval_every=20", "lm.train.ckpt_every=40", "lm.train.log_every=10",
+                  "token_lm.train.steps=20", "token_lm.train.eval_every=10", "token_lm.train.ckpt_every=10",
+                  "token_lm.train.log_every=5", "token_lm.mmpt.ramp_steps=0", "token_lm.mmpt.blend_steps=0"]
+
+
+def test_demo_training_stages_console(tmp_path, sole_local_ray):
+    """The lm, mmpt and generate stages, shortened (their verdicts may fail at this length; a failed
+    verdict does not stop the steps after it): every step runs, the console has one line per event, and
+    the generate section of report.html shows the generated media with their captions."""
+    out = tmp_path / "demo"
+    sets = [a for s in SHORT_TRAINING + ["demo.skip=[uti,audit,data,vlm]"] for a in ("--set", s)]
+    p = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "demo", "--out", str(out), *sets],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert p.returncode in (0, 1), p.stdout[-4000:] + p.stderr[-4000:]
+    lm = json.loads((out / "lm" / "lm_demo.json").read_text())["stages"]
+    mm = json.loads((out / "mmpt" / "mmpt_demo.json").read_text())["stages"]
+    assert list(lm) == ["base_lm", "token_lm", "modality_ablation", "text_invariance", "prompt_study"]
+    assert list(mm) == ["train", "modality_ablation", "fidelity"]
+    assert [k for k, v in {**lm, **mm}.items() if "error" in v] == []  # each ran to its verdict
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["lm", "mmpt", "generate"]
+    assert "error" not in summary["stages"][2]
+    problems = _console_problems(p.stdout + p.stderr)
+    assert problems == [], "\n".join(problems)
+    assert "lm step 40/40" in p.stdout and p.stdout.count("token-lm step 20/20") >= 2  # 3.3, stage 4
+    assert p.stdout.count("trial ") >= 2  # the prompt study's line per finished trial
+    page = (out / "report.html").read_text()
+    gen = page[page.index("<h2>generate</h2>"):]
+    from lumo_ray.demo import GENERATE_PROMPTS
+    for task, prompt in GENERATE_PROMPTS:  # two captioned samples per prompt, inline
+        assert gen.count(f"<figcaption>{task}: {prompt} (sample") == 2
+    assert gen.count("<img src=\"data:image/png;base64,") == 4 and gen.count("<audio controls src=\"data:audio/wav") == 4
+
+
 def test_console_check_catches_repeats_and_noise():
     assert _console_problems("a\nb\na") == []
     assert _console_problems("(RayTrainWorker pid=1) lm step 20\n(RayTrainWorker pid=1) lm step 20") != []

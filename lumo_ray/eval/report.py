@@ -120,10 +120,11 @@ def histogram(title: str, values: Iterable[float], bins: int = 12) -> str:
     return bar_chart(title, {lab: float(c) for lab, c in zip(labels, counts_)}, width=520, unit="samples")
 
 
-def media_block(files: list[Path]) -> str:
+def media_block(files: list[Path], captions: list[str] | None = None) -> str:
+    """Images and audio players inline, each captioned (by default with its file name)."""
     out = []
-    for f in files:
-        cap = html.escape(f.name)
+    for f, cap in zip(files, captions or [f.name for f in files]):
+        cap = html.escape(cap)
         if f.suffix == ".png":
             out.append(f'<figure class="m"><img src="{data_uri(f)}" width="96" height="96" alt="{cap}">'
                        f'<figcaption>{cap}</figcaption></figure>')
