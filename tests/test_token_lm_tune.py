@@ -23,7 +23,8 @@ def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local, s3):
         f"token_lm.shards={shards}", "token_lm.train.global_batch=4", "token_lm.seq.max_audio_tokens=60",
         "token_lm.prompt_study.num_samples=2", "token_lm.prompt_study.steps=4", "token_lm.prompt_study.report_every=2",
         "token_lm.prompt_study.ablation_n=4", "token_lm.prompt_study.max_audio_tokens=[40, 60]",
-        f"token_lm.prompt_study.out={s3('tune/p')}"])  # storage_path defaults to the study directory
+        f"token_lm.prompt_study.out={s3('tune/p')}",  # storage_path defaults to the study directory
+        f"tracking.mlflow_uri={tmp_path / 'mlruns'}", "tracking.mlflow_experiment=prompts"])
     res = run_prompt_study(cfg, log=lambda *a: None)
     out = locate(s3("tune/p"))
     assert res["out"] == str(out)
@@ -42,6 +43,24 @@ def test_two_trial_prompt_study(tmp_path_factory, tmp_path, ray_local, s3):
     for r in rows:
         score = json.loads((locate(r["dir"]) / "score.json").read_text())
         assert score["objective"] == float(r["objective"]) and (locate(r["dir"]) / "config.yaml").exists()
+    # each trial's TensorBoard events (Ray Tune's logger) came back with its directory, and MLflow has
+    # a run per trial with its config and the objective it reported
+    import mlflow
+    import pytest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lumo_ray.tracking import mlflow_uri
+
+    from lumo_ray.storage import download_dir
+
+    for i, r in enumerate(rows):
+        ev = EventAccumulator(str(download_dir(r["dir"], tmp_path / f"trial{i}")))
+        ev.Reload()
+        assert ev.Scalars("ray/tune/objective")[-1].value == pytest.approx(float(r["objective"]))
+    mlflow.set_tracking_uri(mlflow_uri(str(tmp_path / "mlruns")))
+    runs = mlflow.search_runs(experiment_names=["prompts"], output_format="list")
+    assert len(runs) == 2 and all("new_row_lr" in r.data.params for r in runs)
+    assert sorted(r.data.metrics["objective"] for r in runs) == pytest.approx(sorted(float(r["objective"]) for r in rows))
     key = hashlib.sha256(str(out).encode()).hexdigest()[:16]
     assert runs_root().is_dir() and not list(runs_root().glob(f"{key}-*"))  # the driver's staging copy is gone
 

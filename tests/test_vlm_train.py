@@ -192,3 +192,15 @@ def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local, s3)
         assert code == 1 and rep_run["n"] == 8 and not rep_run["gating"]
     assert (out / "results.csv").read_text().count("\n") == 5 and (out / "results.md").exists()
     assert (out / "best_config.yaml").exists() and rep["best"]["score"] == min(r["score"] for r in rep["rows"])
+    # each trial's TensorBoard events, written by Ray Tune's logger into the sweep's Tune storage
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lumo_ray.storage import download_dir
+
+    scores = []
+    tb = download_dir(f"{rep['out']}/ray/tune", tmp_path / "tune_storage")
+    for d in sorted({p.parent for p in tb.rglob("events.out.tfevents*")}):
+        ev = EventAccumulator(str(d))
+        ev.Reload()
+        scores.append(ev.Scalars("ray/tune/score")[-1].value)
+    assert sorted(scores) == pytest.approx(sorted(r["score"] for r in rep["rows"]))
