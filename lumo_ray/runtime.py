@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+from typing import Callable
 
 import torch
 
@@ -9,8 +11,8 @@ import torch
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run with exactly `n` intra-op threads, then restore. On CPU, float rounding depends on the
-    thread count, and codecs' nearest-code searches can flip on it; building presets (whose codebooks
-    are scaled from encoder outputs) and encoding both run under the configured count."""
+    thread count, and codecs' nearest-code searches can flip on it: encoding runs under the configured
+    count (the random presets are built thread-independently, codecs/exact_init.py)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -27,3 +29,32 @@ def rate_eta(done: int, total: int, t0: float, start: int = 0, unit: str = "step
     rate = max(done - start, 0) / secs
     eta = (total - done) / rate if rate > 0 else float("inf")
     return f"{rate:.1f} {unit}/s, ETA {eta:.0f} s" if eta != float("inf") else f"{rate:.1f} {unit}/s"
+
+
+class Progress:
+    """Progress of a loop that runs in this process. On a terminal (stdout a TTY and the log the
+    console: print, or `console=True` for a print wrapper): one tqdm bar redrawn in place, with count,
+    rate and ETA. Elsewhere (CI, `ray job logs`, a pipe, a caller's own log): the caller's plain line
+    at the first update, then whenever `every` more items are done (default a tenth), and at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str, log: Callable[[str], None] = print,
+                 every: int | None = None, console: bool | None = None):
+        self.total, self.log, self.last = total, log, None
+        self.every = every or max(1, total // 10)
+        self.bar = None
+        if (log is print if console is None else console) and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stdout, dynamic_ncols=True)
+
+    def update(self, done: int, line: Callable[[], str]) -> None:
+        """`done` items so far; line() builds the plain line when one is due (not on a terminal)."""
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        elif self.last is None or done - self.last >= self.every or done == self.total:
+            self.last = done
+            self.log(line())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 
 from lumo_ray.config import LumoConfig, NormalizeConfig, load_config
 from lumo_ray.data.normalize import NormalizeError, log, normalize_with, probe_batch, read_and_dedupe
-from lumo_ray.runtime import rate_eta
+from lumo_ray.runtime import Progress, rate_eta
 from pipelines.ray_env import init_ray
 
 
@@ -37,13 +37,12 @@ def _ray_probe(cfg: NormalizeConfig):
                             fn_kwargs={"min_audio_seconds": cfg.min_audio_seconds})
         out: list[dict] = []
         log(f"probing {len(rows)} records on Ray Data ({n_blocks} batches of {cfg.probe_batch_size})")
-        every, t0 = max(1, len(rows) // 10), time.time()  # a progress line per tenth, not per batch
-        shown = 0
+        t0, bar = time.time(), Progress(len(rows), "[normalize] probed", "records", log, console=True)
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):  # whole blocks as they finish
             out.extend({"id": str(i), "ok": bool(k), "json": str(j)} for i, k, j in zip(b["id"], b["ok"], b["json"]))
-            if len(out) - shown >= every or len(out) == len(rows):
-                shown = len(out)
-                log(f"  probed {shown}/{len(rows)} ({rate_eta(shown, len(rows), t0, unit='records')})")
+            n = len(out)  # plain lines: one per tenth, not per batch
+            bar.update(n, lambda: f"  probed {n}/{len(rows)} ({rate_eta(n, len(rows), t0, unit='records')})")
+        bar.close()
         return out
     return run
 

@@ -9,6 +9,8 @@ import ray
 
 def quiet_ray_data() -> None:
     """Our jobs print their own progress lines; Ray Data's per-operator logs would bury them."""
+    import ray.data  # its import configures the 'ray.data' logger (level DEBUG): set ours after it
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled" (we did)
     ctx = ray.data.DataContext.get_current()
@@ -58,7 +60,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls: without it the
     # cleaner logs "Failed to query Ray Train Controller actor state" every few seconds, forever.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+    # Ray's own INFO lines ("Started a local Ray instance ...") stay in its session logs; one line here
+    ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True,
+                   logging_level=logging.WARNING)
+    url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else "off"
+    print(f"[ray] started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, dashboard {url})")
 
 
 def quiet_tune() -> None:

@@ -21,7 +21,7 @@ from lumo_ray.data.manifest import ErrorRecord, dropped_warning, read_manifest, 
 from lumo_ray.data.shards import shard_is_complete, shard_name, stats_path, write_tar
 from lumo_ray.data.tokenize import (SampleTokenizer, plan_shards, plan_units, shard_input_digest,
                                     tokenize_config_digest)
-from lumo_ray.runtime import rate_eta
+from lumo_ray.runtime import Progress, rate_eta
 from lumo_ray.storage import Loc, PathLike, locate
 
 from .ray_env import init_ray
@@ -106,7 +106,8 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=tcfg.num_gpus_per_actor or None, num_cpus=tcfg.num_cpus_per_actor)
         pending: dict[int, dict[int, list]] = {}
-        t0, done_before, every = time.time(), len(stats), max(1, len(todo) // 10)
+        t0, done_before = time.time(), len(stats)
+        bar = Progress(len(todo), "[tokenize] shards", "shards", log)
         for row in ds.iter_rows():
             sid = int(row["shard"])
             got = pending.setdefault(sid, {})
@@ -123,10 +124,10 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
             stats_path(tar).write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")
             stats[key] = st
             written = len(stats) - done_before
-            if written == 1 or written % every == 0 or written == len(todo):  # a line per tenth, not per shard
-                secs = time.time() - t0
-                log(f"[tokenize] {len(stats)}/{len(keys)} shards, last {key[0]}/{tar.name}: {st['samples']} samples, "
-                    f"{len(st['errors'])} errors ({secs:.1f}s, {rate_eta(written, len(todo), t0, unit='shards')})")
+            bar.update(written, lambda: f"[tokenize] {len(stats)}/{len(keys)} shards, last {key[0]}/{tar.name}: "
+                       f"{st['samples']} samples, {len(st['errors'])} errors ({time.time() - t0:.1f}s, "
+                       f"{rate_eta(written, len(todo), t0, unit='shards')})")  # a line per tenth, not per shard
+        bar.close()
 
     errors = [e.to_dict() for e in read_errors] + [e for k in keys for e in stats[k]["errors"]]
     write_errors([ErrorRecord(**e) for e in errors], out / "errors.jsonl")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import time
 
 import numpy as np
 import ray
@@ -15,6 +16,7 @@ from lumo_ray.data.manifest import read_manifest
 from lumo_ray.data.shards import iter_tar, load_index, sample_key
 from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, plan_units
 from lumo_ray.data.verify import MAX_LISTED, check_shard, drift, leakage, length_stats
+from lumo_ray.runtime import Progress, rate_eta
 from lumo_ray.storage import PathLike, local_file, locate
 from lumo_ray.token_space import TokenSpace
 
@@ -92,8 +94,14 @@ def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifes
     rows = [{"path": str(shards_dir / s["name"]), "sha256": s["sha256"], "samples": s["samples"],
              "ts": json.dumps(ts_shards.to_json())} for s in index["shards"]]
     log(f"[verify] checking {len(rows)} shards, {index['totals']['samples']} records")
-    results = [json.loads(r["result"]) for r in
-               ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(_check_row).iter_rows()]
+    results, t0 = [], time.time()
+    bar = Progress(len(rows), "[verify] shards", "shards", log)
+    for r in ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(_check_row).iter_rows():
+        results.append(json.loads(r["result"]))
+        n_done = len(results)
+        bar.update(n_done, lambda: f"[verify] {n_done}/{len(rows)} shards checked "
+                                   f"({rate_eta(n_done, len(rows), t0, unit='shards')})")
+    bar.close()
     results.sort(key=lambda r: r["shard"])
     problems = [p for r in results for p in r["problems"]]
     n = sum(r["samples"] for r in results)

@@ -1,0 +1,54 @@
+"""Progress on a terminal is one bar redrawn in place (count, rate, ETA); through a pipe (CI, `ray job
+logs`) it is the caller's plain lines, a tenth apart."""
+import os
+import pty
+import subprocess
+import sys
+
+LOOP = """
+import time
+from lumo_ray.runtime import Progress
+bar = Progress(20, "[tokenize] shards", "shards")
+for i in range(1, 21):
+    time.sleep(0.01)
+    bar.update(i, lambda: f"[tokenize] {i}/20 shards")
+bar.close()
+"""
+
+
+def _run(tty: bool) -> str:
+    if not tty:
+        return subprocess.run([sys.executable, "-c", LOOP], capture_output=True, text=True, timeout=60).stdout
+    import fcntl
+    import struct
+    import termios
+
+    main, sub = pty.openpty()
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    p = subprocess.Popen([sys.executable, "-c", LOOP], stdout=sub, stderr=sub)
+    os.close(sub)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(60)
+    os.close(main)
+    return out.decode(errors="replace")
+
+
+def test_a_terminal_gets_one_bar_redrawn_in_place():
+    out = _run(tty=True)
+    assert "\r" in out and "[tokenize] shards" in out and "20/20" in out
+    assert " shards/s]" in out or "s/ shards]" in out  # tqdm's rate
+    assert out.count("\n") <= 2 and "[tokenize] 2/20 shards" not in out  # no plain lines
+
+
+def test_a_pipe_gets_plain_lines_a_tenth_apart():
+    out = _run(tty=False)
+    assert out.splitlines() == [f"[tokenize] {i}/20 shards" for i in (1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 20)]
+    assert "\r" not in out
