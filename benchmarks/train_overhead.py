@@ -35,7 +35,7 @@ def main() -> int:
 
     import torch
 
-    from lumo_ray.config_vlm import VLMConfig
+    from lumo_ray.config.vlm import VLMConfig
     from lumo_ray.data.synth import write_synth
     from trainers.vlm import Hooks, prepare_run, run_loop, train_vlm
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import LumoConfig
-from .config_vlm import VLMConfig
+from .config.vlm import VLMConfig
 
 
 # The demo's VLM data: 224 training images and 224 held out (demo.vlm_images = 448; a split holds out

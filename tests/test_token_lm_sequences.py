@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lumo_ray.config import DEFAULT_SPECIALS
-from lumo_ray.config_lm import LoraConfig, SequenceConfig
+from lumo_ray.config.lm import LoraConfig, SequenceConfig
 from lumo_ray.data.sequences import IGNORE, SequenceBuilder, SequenceError, collate, const_like, crop_audio, noise_like
 from lumo_ray.models.base_lm import build_base_lm
 from lumo_ray.models.token_lm import extend_vocab, warm_start

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.data.manifest import Record
 from lumo_ray.data.synth import write_synth
 from lumo_ray.data.vlm_data import SequenceBuilder, VLMDataError, collate, prepare_data

@@ -9,7 +9,7 @@ import yaml
 
 from lumo_ray.cli import main
 from lumo_ray.config import TrackingConfig
-from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
 from trainers.vlm import Hooks, latest_checkpoint, local_checkpoint, prepare_run, run_loop, train_vlm
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lumo_ray.config import LumoConfig, dump_config, to_dict
-from lumo_ray.config_lm import TrainConfig
+from lumo_ray.config.lm import TrainConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 

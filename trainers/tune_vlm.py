@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import yaml
 
-from lumo_ray.config import LumoConfig, TrackingConfig, _build, to_dict
-from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.config import LumoConfig, TrackingConfig, build, to_dict
+from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.storage import RunDir, locate, ray_storage
 
 from .vlm import Hooks, prepare_run, run_loop
@@ -34,7 +34,7 @@ def trial_fn(config: dict) -> None:
     from lumo_ray.eval.vlm_ablation import ablation_from_export, write_ablation
 
     torch.set_num_threads(1)
-    cfg = _build(VLMConfig, config["vlm"], "trial config", prefix="vlm.")
+    cfg = build(VLMConfig, config["vlm"], "trial config", prefix="vlm.")
     cfg.train.lr, cfg.vision.layernorm = float(config["lr"]), bool(config["layernorm"])
     stage = RunDir(locate(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm))
     cfg.train.out = str(stage)

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from lumo_ray.config import LumoConfig, TrackingConfig, _build, dump_config, to_dict
-from lumo_ray.config_vlm import VLMConfig
+from lumo_ray.config import LumoConfig, TrackingConfig, build, dump_config, to_dict
+from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 from lumo_ray.storage import RunDir, download_dir, is_uri, latest_ray_checkpoint, locate, ray_storage, resolve
@@ -355,11 +355,11 @@ def train_func(config: dict) -> None:
 
     quiet_train_worker()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    cfg = _build(VLMConfig, config["vlm"], "train_loop_config", prefix="vlm.")
+    cfg = build(VLMConfig, config["vlm"], "train_loop_config", prefix="vlm.")
     run = RunDir(config["run_dir"])  # a URI run directory: this worker's staging copy
     run.pull()
     hooks = RayTrainHooks(config["storage"], run)  # logs and golden captions reach a URI with each checkpoint
-    tracking = _build(TrackingConfig, config["tracking"], "train_loop_config", prefix="tracking.") \
+    tracking = build(TrackingConfig, config["tracking"], "train_loop_config", prefix="tracking.") \
         if config.get("tracking") else None
     run_loop(cfg, run.local, hooks, bench=None, tracking=tracking)
     hooks.sync()

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..config_lm import SequenceConfig
+from ..config.lm import SequenceConfig
 from ..token_space import TokenSpace, TokenSpaceError
 
 IGNORE = -100

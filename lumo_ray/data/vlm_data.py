@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..codecs.base import MediaError
-from ..config_vlm import VLMDataConfig
+from ..config.vlm import VLMDataConfig
 from .manifest import Record
 from .readers import read_source
 

@@ -60,7 +60,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..config_lm import FidelityConfig
+from ..config.lm import FidelityConfig
 from ..data import synth
 from ..data.sequences import crop_audio
 from ..runtime import torch_threads

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config_lm import AblationConfig, SequenceConfig
+from ..config.lm import AblationConfig, SequenceConfig
 from ..data.sequences import SequenceBuilder, collate, const_like, noise_like
 from ..data.shard_reader import ShardDataset
 from ..models.token_lm import target_losses

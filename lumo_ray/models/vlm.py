@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import LumoConfig, TextConfig, to_dict
-from ..config_vlm import VLMConfig
+from ..config.vlm import VLMConfig
 from .presets import pad_to, tiny_qwen3_config, tiny_siglip_vision_config
 
 IMAGE_TOKEN, IM_START, IM_END = "<image>", "<im_start>", "<im_end>"
@@ -284,7 +284,7 @@ def load_export(export_dir: str | Path) -> tuple[VLM, VLMConfig, Any]:
     """Rebuild the frozen parts from their references and load the connector weights."""
     from safetensors.torch import load_file
 
-    from ..config import _build
+    from ..config import build
 
     d = Path(export_dir)
     if not (d / "config.json").exists():
@@ -292,7 +292,7 @@ def load_export(export_dir: str | Path) -> tuple[VLM, VLMConfig, Any]:
     doc = json.loads((d / "config.json").read_text())
     if doc.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{d / 'config.json'}: format {doc.get('format')!r}, expected {EXPORT_FORMAT}")
-    cfg = _build(VLMConfig, doc["vlm"], str(d / "config.json"), prefix="vlm.")
+    cfg = build(VLMConfig, doc["vlm"], str(d / "config.json"), prefix="vlm.")
     text = build_text(cfg)
     model = build_vlm(cfg, text)
     if asdict(model.tokens) != doc["tokens"]:
