@@ -99,7 +99,7 @@ def test_demo_training_stages_console(tmp_path, sole_local_ray):
     assert p.stdout.count("trial ") >= 2  # the prompt study's line per finished trial
     page = (out / "report.html").read_text()
     gen = page[page.index("<h2>generate</h2>"):]
-    from lumo_ray.demo import GENERATE_PROMPTS
+    from lumo_ray.cli.demo.run import GENERATE_PROMPTS
     for task, prompt in GENERATE_PROMPTS:  # two captioned samples per prompt, inline
         assert gen.count(f"<figcaption>{task}: {prompt} (sample") == 2
     assert gen.count("<img src=\"data:image/png;base64,") == 4 and gen.count("<audio controls src=\"data:audio/wav") == 4

@@ -208,7 +208,7 @@ def test_token_space_mismatch_fails_gate_and_refuses_generation(run, tmp_path):
 
 
 def test_cli_gate_decode_exit_status(run, tmp_path, capsys):
-    from lumo_ray import cli_gen
+    from lumo_ray.cli import gen as cli_gen
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -110,14 +110,14 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
 
 @pytest.fixture(scope="module")
 def gate_synth(tmp_path_factory) -> str:
-    """The demo's VLM data size: 448 images, 224 of them held out (lumo_ray/demo_vlm.py)."""
+    """The demo's VLM data size: 448 images, 224 of them held out (lumo_ray/cli/demo/vlm.py)."""
     from lumo_ray.config import DemoConfig
     return write_synth(tmp_path_factory.mktemp("vgate"), DemoConfig().vlm_images, 0, seed=0)["llava_pretrain_dir"]
 
 
 def _gate_run(synth, out: Path, steps: int):
-    """The demo's VLM settings (lumo_ray/demo_vlm.py) in-process, with `steps` of connector training."""
-    from lumo_ray.demo_vlm import demo_config
+    """The demo's VLM settings (lumo_ray/cli/demo/vlm.py) in-process, with `steps` of connector training."""
+    from lumo_ray.cli.demo.vlm import demo_config
     cfg = demo_config(out, Path(synth))
     cfg.train.out = str(out)
     cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.eval_every = steps, steps, 0

@@ -421,8 +421,3 @@ def local_checkpoint(p: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="lumo-ckpt-") as d:
         yield str(download_dir(p, d))
 
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-    from lumo_ray.cli import main
-    sys.exit(main(["train", "vlm", *sys.argv[1:]]))

@@ -179,7 +179,7 @@ class DemoConfig:
     """Synthetic clips (beep patterns) the demo generates."""
     vlm_images: int = 448
     """Synthetic images of the VLM stage: 224 to train, 224 held out for its ablation gate
-    (lumo_ray/demo_vlm.py)."""
+    (lumo_ray/cli/demo/vlm.py)."""
     lm_images: int = 2048
     """Synthetic images of the token-LM and stage-4 stages (with 48 the token LM memorised its ~36
     training images and the image modality ablation failed, docs/stage3_token_lm.md; with 1024 stage 4's

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import LumoConfig
-from .config.vlm import VLMConfig
+from ...config import LumoConfig
+from ...config.vlm import VLMConfig
 
 
 # The demo's VLM data: 224 training images and 224 held out (demo.vlm_images = 448; a split holds out
@@ -37,7 +37,7 @@ def run_vlm_demo(out_dir: Path, llava_dir: Path, log: Callable[[str], None] = pr
     """Returns {"pass", "metrics", "run_dir", "ablation", "ablation_path"}."""
     from trainers.vlm import train_vlm
 
-    from .eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation
+    from ...eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation
 
     cfg = cfg or demo_config(Path(out_dir), Path(llava_dir))
     res = train_vlm(LumoConfig(vlm=cfg), address=address, log=log)

@@ -7,7 +7,7 @@ import copy
 import json
 from pathlib import Path
 
-from .config import LumoConfig, load_config
+from ...config import LumoConfig, load_config
 
 # The stage-4 training budget of the demo (measured table in docs/stage4_mmpt.md), with its reasons:
 # - start from the stage-3.3 run: its new rows already read media;
@@ -45,9 +45,9 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
     {"pass", "run", "stages": {name: {...}}}."""
     from trainers.mmpt import run_mmpt
 
-    from .demo_lm import TOKEN_LM_MIN_GAIN, step_runner, token_lm_verdict
-    from .eval.fidelity import run_fidelity
-    from .eval.modality_ablation import run_modality_ablation
+    from .lm import TOKEN_LM_MIN_GAIN, step_runner, token_lm_verdict
+    from ...eval.fidelity import run_fidelity
+    from ...eval.modality_ablation import run_modality_ablation
 
     out = Path(out_dir).resolve()
     cfg = copy.deepcopy(cfg)
@@ -77,7 +77,7 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
                                for m, mr in rep.get("modalities", {}).items() for a, r in mr.get("attributes", {}).items()}}
 
     stage("train", train)
-    if "error" not in stages["train"]:  # a failed verdict still shows the gates' numbers (demo_lm.run_lm_demo)
+    if "error" not in stages["train"]:  # a failed verdict still shows the gates' numbers (lm.run_lm_demo)
         stage("modality_ablation", ablation)
         stage("fidelity", fidelity)
     ok = all(s["pass"] for s in stages.values()) and len(stages) == 3

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .config import LumoConfig, load_config
+from ..config import LumoConfig, load_config
 
 
 def cmd_status(args) -> int:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, LumoConfig, dump_config, load_config
+from ..config import ConfigError, LumoConfig, dump_config, load_config
 
 
 def _load(args) -> LumoConfig:
@@ -27,7 +27,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 # -- uti -----------------------------------------------------------------------------------------
 
 def cmd_uti_build(args) -> int:
-    from .uti import build_adapters, build_token_space
+    from ..uti import build_adapters, build_token_space
     cfg = _load(args)
     adapters = build_adapters(cfg.uti)
     ts = build_token_space(cfg.uti, adapters)
@@ -39,7 +39,7 @@ def cmd_uti_build(args) -> int:
 
 
 def cmd_uti_audit(args) -> int:
-    from .eval.audit import run_audit
+    from ..eval.audit import run_audit
     cfg = _load(args)
     rep = run_audit(cfg, args.out, baseline=args.baseline, write_baseline=args.write_baseline)
     for k, v in rep["checks"].items():
@@ -59,7 +59,7 @@ def cmd_uti_audit(args) -> int:
 # -- tokenizer -----------------------------------------------------------------------------------
 
 def cmd_tokenizer_train(args) -> int:
-    from .codecs.text import train_bpe
+    from ..codecs.text import train_bpe
     out = train_bpe(args.input, args.vocab_size, args.out)
     print(f"wrote tokenizer to {out}")
     return 0
@@ -68,7 +68,7 @@ def cmd_tokenizer_train(args) -> int:
 # -- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
     return run_demo(_load(args), Path(args.out), address=args.address, config=args.config, sets=args.set)
 
 
@@ -106,21 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="tokenizer directory to write")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    from . import cli_cluster, cli_data, cli_gen, cli_lm, cli_mmpt, cli_vlm
-    cli_data.add_commands(sub, _common)
-    cli_gen.add_commands(sub, _common)
-    cli_cluster.add_commands(sub, _common)
-    from . import cli_codec; cli_codec.add_commands(sub, _common)  # noqa: E702  (`lumo codec train-vq`)
+    from . import cluster, codec, data, gen, lm, mmpt, vlm
+    for wing in (data, gen, cluster, codec):  # `lumo data ...`, `generate` / `gate`, `status`, `codec train-vq`
+        wing.add_commands(sub, _common)
     groups = {name: sub.add_parser(name, help=h).add_subparsers(dest="sub", required=True) for name, h in
               [("train", "Ray Train jobs"), ("eval", "evaluations and ablations"), ("tune", "Ray Tune studies")]}
-    cli_vlm.add_commands(groups, _common)
-    cli_lm.add_commands(groups, _common)
-    cli_mmpt.add_commands(groups, _common)
+    for wing in (vlm, lm, mmpt):
+        wing.add_commands(groups, _common)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import is_user_error, one_line
+    from ..errors import is_user_error, one_line
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-load "Loading weights" / "Writing model shards" bars: one console event per
@@ -150,6 +147,3 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .config import LumoConfig, load_config
+from ..config import LumoConfig, load_config
 
 
 def cmd_codec_train_vq(args) -> int:

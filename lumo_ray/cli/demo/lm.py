@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import LumoConfig, load_config
+from ...config import LumoConfig, load_config
 
 # The lm stage's training budget, measured on the demo's 1024 synthetic images + 128 clips (table in
 # docs/stage3_token_lm.md): with the library defaults (base LM 200 steps; token LM 150 steps, new rows
@@ -71,8 +71,8 @@ def build_synth_shards(out: Path, n_images: int = 48, n_audio: int = 48, seed: i
     from pipelines.normalize import run_normalize
     from pipelines.tokenize import run_tokenize
 
-    from .data.manifest import read_manifest, write_manifest
-    from .data.synth import write_synth
+    from ...data.manifest import read_manifest, write_manifest
+    from ...data.synth import write_synth
 
     cfg = load_config(LumoConfig, config, DEMO_DATA + DEMO_TRAINING + list(overrides or []))
     out = Path(out)
@@ -98,8 +98,8 @@ def run_lm_demo(out_dir: Path, shards_dir: Path, manifest: Path, cfg: LumoConfig
     from trainers.token_lm import run_token_lm
     from trainers.tune_prompts import run_prompt_study
 
-    from .eval.modality_ablation import run_modality_ablation
-    from .eval.text_invariance import run_text_invariance
+    from ...eval.modality_ablation import run_modality_ablation
+    from ...eval.text_invariance import run_text_invariance
 
     out = Path(out_dir).resolve()
     cfg = copy.deepcopy(cfg)

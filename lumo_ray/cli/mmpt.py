@@ -6,7 +6,7 @@ def mmpt_config(args):
     """The config with stage 4's defaults under the file and --set (trainers.mmpt.MMPT_DEFAULTS)."""
     from trainers.mmpt import MMPT_DEFAULTS
 
-    from .config import LumoConfig, load_config
+    from ..config import LumoConfig, load_config
 
     return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [],
                        defaults=MMPT_DEFAULTS)

@@ -3,21 +3,21 @@ from __future__ import annotations
 
 
 def _cfg(args):
-    from .config import LumoConfig, load_config
+    from ..config import LumoConfig, load_config
 
     return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
 
 
 def run_config(run: str, config, sets):
     """The config of a run directory (path or URI; only config.yaml is read), or `config` when given, plus --set."""
-    from .config import LumoConfig, load_config
-    from .storage import local_file, locate
+    from ..config import LumoConfig, load_config
+    from ..storage import local_file, locate
 
     if config:
         return load_config(LumoConfig, config, sets)
     f = locate(run) / "config.yaml"
     if not f.exists():
-        from .errors import UserError
+        from ..errors import UserError
         raise UserError("run", run, "no config.yaml", "give a run directory, or pass --config")
     with local_file(f) as p:
         return load_config(LumoConfig, p, sets)
@@ -47,8 +47,8 @@ def cmd_train_token_lm(args) -> int:
 
 
 def cmd_modality_ablation(args) -> int:
-    from .eval.modality_ablation import run_modality_ablation
-    from .storage import locate, output_dir
+    from ..eval.modality_ablation import run_modality_ablation
+    from ..storage import locate, output_dir
 
     cfg = run_config(args.run, args.config, args.set)
     with output_dir(args.out) as out:
@@ -65,8 +65,8 @@ def cmd_modality_ablation(args) -> int:
 
 
 def cmd_text_invariance(args) -> int:
-    from .eval.text_invariance import run_text_invariance
-    from .storage import locate, output_dir
+    from ..eval.text_invariance import run_text_invariance
+    from ..storage import locate, output_dir
 
     cfg = run_config(args.run, args.config, args.set)
     with output_dir(args.out) as out:
@@ -78,9 +78,9 @@ def cmd_text_invariance(args) -> int:
 
 
 def cmd_fidelity(args) -> int:
-    from .eval.fidelity import run_fidelity
-    from .generate import load_run
-    from .storage import locate, output_dir
+    from ..eval.fidelity import run_fidelity
+    from ..generate import load_run
+    from ..storage import locate, output_dir
 
     cfg = run_config(args.run, args.config, args.set)
     fc = cfg.token_lm.fidelity

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def _cfg(args):
-    from .config import LumoConfig, load_config
+    from ..config import LumoConfig, load_config
     return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
 
 
@@ -25,16 +25,16 @@ def export_of(run: Path) -> Path:
         return run
     if (run / "export" / "config.json").exists():
         return run / "export"
-    from .errors import UserError
+    from ..errors import UserError
     raise UserError("VLM run", run, "no export/ and not an export directory",
                     "give a `lumo train vlm` run directory that finished its steps, or its export/")
 
 
 def cmd_eval_vlm_ablation(args) -> int:
-    from .storage import fetch_run, local_file, locate, output_dir
+    from ..storage import fetch_run, local_file, locate, output_dir
     run = fetch_run(args.run)  # a path, or the local cache of a URI
     export = export_of(run)
-    from .eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation  # torch: after the check
+    from ..eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation  # torch: after the check
     # the split the run saved: in the run directory, or beside the export directory given as --run
     split_loc = locate(args.run) / "splits.json" if export != run else locate(args.run).parent / "splits.json"
     with local_file(split_loc) as split:

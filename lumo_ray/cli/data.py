@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .config import LumoConfig, load_config
+from ..config import LumoConfig, load_config
 
 SOURCES = ["llava_pretrain", "audiocaps", "clotho", "wavcaps", "jsonl"]
 
@@ -13,7 +13,7 @@ def _cfg(args) -> LumoConfig:
 
 
 def cmd_synth(args) -> int:
-    from .data.synth import write_synth
+    from ..data.synth import write_synth
     info = write_synth(args.out, args.images, args.audio, args.seed)
     print(f"[synth] wrote {args.images} images and {args.audio} clips to {args.out}")
     for k, v in info.items():
@@ -37,8 +37,8 @@ def cmd_normalize(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from .errors import UserError
-    from .storage import locate
+    from ..errors import UserError
+    from ..storage import locate
     if not locate(args.manifest).exists():  # before Ray is imported
         raise UserError("manifest", args.manifest, "not found",
                         "give the manifest.jsonl that `lumo data normalize` wrote")
@@ -57,7 +57,7 @@ def cmd_verify(args) -> int:
                      write_baseline=args.write_baseline, address=args.address)
     for k, v in rep["checks"].items():
         print(f"  {'PASS' if v['pass'] else 'FAIL'}  {k}: {v.get('summary', '')}")
-    from .storage import locate
+    from ..storage import locate
     print(f"verify {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.json'}")
     return 0 if rep["pass"] else 1
 

@@ -5,8 +5,8 @@ import sys
 
 
 def _run(args):
-    from .cli_lm import run_config
-    from .generate import load_run
+    from .lm import run_config
+    from ..generate import load_run
 
     cfg, source = None, ""
     if getattr(args, "config", None) or getattr(args, "set", None):
@@ -17,7 +17,7 @@ def _run(args):
 
 
 def _opts(args):
-    from .generate import GenOptions
+    from ..generate import GenOptions
 
     return GenOptions(seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       greedy=args.greedy, constrained=not args.no_constraint, audio_frames=args.audio_frames,
@@ -28,19 +28,19 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.input is None):
         print("give exactly one of --prompt TEXT (t2i, t2a) or --input FILE (i2t, a2t)", file=sys.stderr)
         return 2
-    from .storage import locate, output_dir
+    from ..storage import locate, output_dir
 
     if args.input is not None:  # a bad input fails in a second, before the model loads
-        from .codecs.base import MediaError
-        from .data.probe import probe_audio, probe_image
-        from .errors import UserError
+        from ..codecs.base import MediaError
+        from ..data.probe import probe_audio, probe_image
+        from ..errors import UserError
 
         media = "image" if args.task == "i2t" else "audio"
         try:
             (probe_image if media == "image" else probe_audio)(args.input)
         except MediaError as e:
             raise UserError(f"--input of {args.task}", args.input, e.reason, f"give a readable {media} file") from None
-    from .generate import generate  # torch and the model: after the input checks
+    from ..generate import generate  # torch and the model: after the input checks
 
     with output_dir(args.out) as out:
         recs = generate(_run(args), args.task, out, prompt=args.prompt, input_path=args.input, n=args.n,
@@ -51,8 +51,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_gate_decode(args) -> int:
-    from .eval.gates import run_decode_gate
-    from .storage import locate, output_dir
+    from ..eval.gates import run_decode_gate
+    from ..storage import locate, output_dir
 
     with output_dir(args.out) as out:
         rep = run_decode_gate(_run(args), out, n=args.n, opts=_opts(args), tasks=args.task or None)
@@ -63,8 +63,8 @@ def cmd_gate_decode(args) -> int:
 
 
 def cmd_gate_prompts(args) -> int:
-    from .eval.gates import run_prompt_gate
-    from .storage import locate, output_dir
+    from ..eval.gates import run_prompt_gate
+    from ..storage import locate, output_dir
 
     run = _run(args)
     with output_dir(args.out) as out:

@@ -15,21 +15,21 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from .config import LumoConfig, dump_config
-from .data.shard_reader import ShardDataset
-from .eval import report
-from .eval.gate_rows import LOOK_AT, stage_gates
-from .runtime import torch_threads
+from ...config import LumoConfig, dump_config
+from ...data.shard_reader import ShardDataset
+from ...eval import report
+from ...eval.gate_rows import LOOK_AT, stage_gates
+from ...runtime import torch_threads
 
 
 def _real_data(cfg: LumoConfig) -> Path:
-    from .packaged import real_data_dir
+    from ...packaged import real_data_dir
     return real_data_dir(cfg.audit.real_data)
 
 
 def stage_uti(cfg: LumoConfig, out: Path, log) -> dict:
     """Token space + a few real samples tokenized and decoded back to files."""
-    from .uti import build_adapters, build_token_space
+    from ...uti import build_adapters, build_token_space
     a = build_adapters(cfg.uti)
     ts = build_token_space(cfg.uti, a)
     ts.save(out)
@@ -72,7 +72,7 @@ def stage_uti(cfg: LumoConfig, out: Path, log) -> dict:
 
 
 def stage_audit(cfg: LumoConfig, out: Path, log) -> dict:
-    from .eval.audit import run_audit
+    from ...eval.audit import run_audit
     rep = run_audit(cfg, out, write_baseline=True, log=log)
     failed = [k for k, v in rep["checks"].items() if not v]
     checks = "".join(f"<li>{'PASS' if v else 'FAIL'} {html.escape(k)}</li>" for k, v in rep["checks"].items())
@@ -88,8 +88,8 @@ def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
     from pipelines.tokenize import run_tokenize
     from pipelines.verify import run_verify
 
-    from .data.manifest import read_manifest, write_manifest
-    from .data.synth import write_synth
+    from ...data.manifest import read_manifest, write_manifest
+    from ...data.synth import write_synth
     write_synth(out / "synth", cfg.demo.images, cfg.demo.audio, seed=cfg.demo.seed)
     recs = []
     for src in ("llava_pretrain", "audiocaps"):
@@ -115,8 +115,8 @@ def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
 
 def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
     """Stage 1/1.1: align the tiny VLM on synthetic shapes (2 CPU DDP workers) and run the visual-token ablation."""
-    from .data.synth import write_synth
-    from .demo_vlm import run_vlm_demo
+    from ...data.synth import write_synth
+    from .vlm import run_vlm_demo
     write_synth(out / "synth", cfg.demo.vlm_images, 0, seed=cfg.demo.seed)
     res = run_vlm_demo(out, out / "synth" / "llava_pretrain", log=log, address=address)
     m = res["metrics"]
@@ -136,8 +136,8 @@ def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
 def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str | None = None,
              sets: list[str] | None = None) -> dict:
     """Stage 0 + 3.3: base LM, token LM warm start (new_rows), modality ablation, text invariance, prompt study.
-    The demo's training budget (demo_lm.DEMO_TRAINING) applies on top of `config`; `sets` (--set) win."""
-    from .demo_lm import build_synth_shards, run_lm_demo
+    The demo's training budget (lm.DEMO_TRAINING) applies on top of `config`; `sets` (--set) win."""
+    from .lm import build_synth_shards, run_lm_demo
     shards, manifest, lcfg = build_synth_shards(out / "data", cfg.demo.lm_images, cfg.demo.lm_audio,
                                                 seed=cfg.demo.seed, config=config, overrides=sets, log=log)
     res = run_lm_demo(out, shards, manifest, lcfg, log=log)
@@ -159,9 +159,9 @@ def stage_mmpt(cfg: LumoConfig, out: Path, log, address: str | None, init_run: s
                config: str | None = None, sets: list[str] | None = None) -> dict:
     """Stage 4: any-to-any training from the stage-3.3 run (2 DDP workers), golden generations at every
     checkpoint, the modality ablation (reading still works) and generation fidelity on the stage-4 run."""
-    from .demo_lm import DEMO_DATA
-    from .demo_mmpt import mmpt_demo_config, run_mmpt_demo
-    from .eval.golden import golden_html
+    from .lm import DEMO_DATA
+    from .mmpt import mmpt_demo_config, run_mmpt_demo
+    from ...eval.golden import golden_html
     mcfg = mmpt_demo_config(DEMO_DATA, config, sets)
     res = run_mmpt_demo(out, Path(shards), Path(init_run), Path(base), mcfg, log=log, address=address)
     st = res["stages"]
@@ -200,8 +200,8 @@ GENERATE_PROMPTS = (("t2i", "two red circles on the left"), ("t2i", "one blue sq
 
 def stage_generate(cfg: LumoConfig, out: Path, log, run_dir: str, shards: str) -> dict:
     """Stage 3.4 on the stage-4 run: constrained generation, the decode-compliance and prompt-ablation gates."""
-    from .eval.gates import run_decode_gate, run_prompt_gate
-    from .generate import generate, load_run
+    from ...eval.gates import run_decode_gate, run_prompt_gate
+    from ...generate import generate, load_run
     run = load_run(run_dir)
     files, captions = [], []
     for task, prompt in GENERATE_PROMPTS:
