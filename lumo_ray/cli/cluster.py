@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from ..config import LumoConfig, load_config
+from .common import command_config
 
 
 def cmd_status(args) -> int:
     from pipelines.status import run_status
-    cfg = load_config(LumoConfig, args.config, args.set)
+    cfg = command_config(args)
     try:
         rep = run_status(cfg, args.address)
     except (ConnectionError, ValueError) as e:

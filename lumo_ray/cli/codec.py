@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..config import LumoConfig, load_config
+from .common import command_config
 
 
 def cmd_codec_train_vq(args) -> int:
@@ -13,7 +13,7 @@ def cmd_codec_train_vq(args) -> int:
     sets = list(args.set or [])
     if args.out:
         sets.append(f"codec.out={args.out}")
-    cfg = load_config(LumoConfig, args.config, sets)
+    cfg = command_config(args, sets=sets)
     t0 = time.time()
     try:
         run_codec_vq(cfg, args.address)

@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from ..config import LumoConfig, load_config
+from .common import command_config, mark, verdict
 
 SOURCES = ["llava_pretrain", "audiocaps", "clotho", "wavcaps", "jsonl"]
-
-
-def _cfg(args) -> LumoConfig:
-    return load_config(LumoConfig, getattr(args, "config", None), args.set)
 
 
 def cmd_synth(args) -> int:
@@ -24,7 +20,7 @@ def cmd_synth(args) -> int:
 
 def cmd_normalize(args) -> int:
     from lumo_ray.data.normalize import NormalizeError, read_and_dedupe
-    cfg = _cfg(args).data.normalize
+    cfg = command_config(args).data.normalize
     read = read_and_dedupe(args.source, args.input)  # a bad input fails here, before Ray is even imported
     from pipelines.normalize import run_normalize
     try:
@@ -44,7 +40,7 @@ def cmd_tokenize(args) -> int:
                         "give the manifest.jsonl that `lumo data normalize` wrote")
     from pipelines.tokenize import run_tokenize
     try:
-        run_tokenize(args.manifest, _cfg(args), args.out, actors=args.actors, address=args.address)
+        run_tokenize(args.manifest, command_config(args), args.out, actors=args.actors, address=args.address)
     except RuntimeError as e:
         print(f"[tokenize] FAILED: {e}", file=sys.stderr)
         return 1
@@ -53,13 +49,12 @@ def cmd_tokenize(args) -> int:
 
 def cmd_verify(args) -> int:
     from pipelines.verify import run_verify
-    rep = run_verify(args.shards, _cfg(args), args.out, manifest=args.manifest, baseline=args.baseline,
+    rep = run_verify(args.shards, command_config(args), args.out, manifest=args.manifest, baseline=args.baseline,
                      write_baseline=args.write_baseline, address=args.address)
     for k, v in rep["checks"].items():
-        print(f"  {'PASS' if v['pass'] else 'FAIL'}  {k}: {v.get('summary', '')}")
+        print(f"  {mark(v['pass'])}  {k}: {v.get('summary', '')}")
     from ..storage import locate
-    print(f"verify {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.json'}")
-    return 0 if rep["pass"] else 1
+    return verdict("verify", rep["pass"], locate(args.out) / "report.json")
 
 
 def add_commands(sub, common) -> None:

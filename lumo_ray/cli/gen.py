@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import sys
 
+from .common import verdict
+
 
 def _run(args):
-    from .lm import run_config
     from ..generate import load_run
+    from .lm import run_config
 
     cfg, source = None, ""
     if getattr(args, "config", None) or getattr(args, "set", None):
@@ -58,8 +60,7 @@ def cmd_gate_decode(args) -> int:
         rep = run_decode_gate(_run(args), out, n=args.n, opts=_opts(args), tasks=args.task or None)
     if not rep["token_space"]["match"]:
         print(f"  token space mismatch: export {rep['token_space']['export']} vs config {rep['token_space']['config']}")
-    print(f"decode compliance {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.json'}")
-    return 0 if rep["pass"] else 1
+    return verdict("decode compliance", rep["pass"], locate(args.out) / "report.json")
 
 
 def cmd_gate_prompts(args) -> int:
@@ -69,8 +70,7 @@ def cmd_gate_prompts(args) -> int:
     run = _run(args)
     with output_dir(args.out) as out:
         rep = run_prompt_gate(run, out, n=args.n, shards=args.shards, seed=args.seed)
-    print(f"prompt ablation {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.json'}")
-    return 0 if rep["pass"] else 1
+    return verdict("prompt ablation", rep["pass"], locate(args.out) / "report.json")
 
 
 def _sampling(p) -> None:

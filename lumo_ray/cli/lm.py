@@ -1,11 +1,7 @@
 """`lumo train/eval/tune` commands of the lm stage (base LM, token LM, ablations, prompt study)."""
 from __future__ import annotations
 
-
-def _cfg(args):
-    from ..config import LumoConfig, load_config
-
-    return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
+from .common import command_config, mark, verdict
 
 
 def run_config(run: str, config, sets):
@@ -26,7 +22,7 @@ def run_config(run: str, config, sets):
 def cmd_train_lm(args) -> int:
     from trainers.lm import run_lm
 
-    cfg = _cfg(args)
+    cfg = command_config(args)
     if args.input:
         cfg.lm.inputs = list(args.input)
     if args.out:
@@ -38,7 +34,7 @@ def cmd_train_lm(args) -> int:
 def cmd_train_token_lm(args) -> int:
     from trainers.token_lm import run_token_lm
 
-    cfg = _cfg(args)
+    cfg = command_config(args)
     for k in ("shards", "base", "out"):
         if getattr(args, k):
             setattr(cfg.token_lm, k, getattr(args, k))
@@ -57,11 +53,10 @@ def cmd_modality_ablation(args) -> int:
         if "loss" in r:
             print(f"  {m:5s} n={rep['n'][m]:3d} correct {r['loss']['correct']:.3f}  "
                   + "  ".join(f"{k} {r[k]['gap']:+.3f} (win {r[k]['win']:.2f}, p {r[k]['p']:.1g})" for k in ("shuffle", "noise", "const"))
-                  + f"  {'PASS' if r['pass'] else 'FAIL'}")
+                  + f"  {mark(r['pass'])}")
         else:
             print(f"  {m:5s} FAIL: {r['reason']}")
-    print(f"modality ablation {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.md'}")
-    return 0 if rep["pass"] else 1
+    return verdict("modality ablation", rep["pass"], locate(args.out) / "report.md")
 
 
 def cmd_text_invariance(args) -> int:
@@ -73,8 +68,7 @@ def cmd_text_invariance(args) -> int:
         rep = run_text_invariance(args.run, args.base, out, cfg)
     print(f"  max |logit diff| {rep['max_abs_logit_diff']:.3g}; frozen params changed: "
           f"{len(rep['changed_frozen_params'])}; new-row prob mass {rep['new_row_prob_mass']['mean']:.4g}")
-    print(f"text invariance {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.md'}")
-    return 0 if rep["pass"] else 1
+    return verdict("text invariance", rep["pass"], locate(args.out) / "report.md")
 
 
 def cmd_fidelity(args) -> int:
@@ -91,14 +85,13 @@ def cmd_fidelity(args) -> int:
     run = load_run(args.run, cfg=cfg)
     with output_dir(args.out) as out:
         rep = run_fidelity(run, out, fc, shards=args.shards)  # prints one line per attribute
-    print(f"generation fidelity {'PASS' if rep['pass'] else 'FAIL'}: {locate(args.out) / 'report.md'}")
-    return 0 if rep["pass"] else 1
+    return verdict("generation fidelity", rep["pass"], locate(args.out) / "report.md")
 
 
 def cmd_tune_prompts(args) -> int:
     from trainers.tune_prompts import run_prompt_study
 
-    cfg = _cfg(args)
+    cfg = command_config(args)
     if args.out:
         cfg.token_lm.prompt_study.out = args.out
     res = run_prompt_study(cfg, address=args.address)

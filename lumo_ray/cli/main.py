@@ -6,11 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, LumoConfig, dump_config, load_config
-
-
-def _load(args) -> LumoConfig:
-    return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
+from ..config import ConfigError, dump_config
+from .common import command_config, mark, verdict
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -28,7 +25,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 def cmd_uti_build(args) -> int:
     from ..uti import build_adapters, build_token_space
-    cfg = _load(args)
+    cfg = command_config(args)
     adapters = build_adapters(cfg.uti)
     ts = build_token_space(cfg.uti, adapters)
     ts.save(args.out)
@@ -40,20 +37,19 @@ def cmd_uti_build(args) -> int:
 
 def cmd_uti_audit(args) -> int:
     from ..eval.audit import run_audit
-    cfg = _load(args)
+    cfg = command_config(args)
     rep = run_audit(cfg, args.out, baseline=args.baseline, write_baseline=args.write_baseline)
     for k, v in rep["checks"].items():
-        print(f"  {'PASS' if v else 'FAIL'}  {k}")
+        print(f"  {mark(v)}  {k}")
     for k, v in rep["metrics"].items():
         print(f"  {k:18s} {v if v is None else round(v, 4)}")
     for k, r in rep["regression"].items():
         run = "missing" if r["run"] is None else f"{r['run']:.4f}"
-        print(f"  regression {k}: run {run} {r['rule']} -> {'PASS' if r['pass'] else 'FAIL'}")
+        print(f"  regression {k}: run {run} {r['rule']} -> {mark(r['pass'])}")
     for line in rep["details"].get("non_finite", []):
         print(f"  non-finite: {line}")
     print(f"  baseline: {rep['details']['baseline']}")
-    print(f"audit {'PASS' if rep['pass'] else 'FAIL'}: {Path(args.out) / 'report.json'}")
-    return 0 if rep["pass"] else 1
+    return verdict("audit", rep["pass"], Path(args.out) / "report.json")
 
 
 # -- tokenizer -----------------------------------------------------------------------------------
@@ -69,7 +65,7 @@ def cmd_tokenizer_train(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo.run import run_demo
-    return run_demo(_load(args), Path(args.out), address=args.address, config=args.config, sets=args.set)
+    return run_demo(command_config(args), Path(args.out), address=args.address, config=args.config, sets=args.set)
 
 
 def build_parser() -> argparse.ArgumentParser:

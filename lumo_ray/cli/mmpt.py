@@ -6,10 +6,9 @@ def mmpt_config(args):
     """The config with stage 4's defaults under the file and --set (trainers.mmpt.MMPT_DEFAULTS)."""
     from trainers.mmpt import MMPT_DEFAULTS
 
-    from ..config import LumoConfig, load_config
+    from .common import command_config
 
-    return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [],
-                       defaults=MMPT_DEFAULTS)
+    return command_config(args, MMPT_DEFAULTS)
 
 
 def cmd_train_mmpt(args) -> int:

@@ -4,15 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def _cfg(args):
-    from ..config import LumoConfig, load_config
-    return load_config(LumoConfig, getattr(args, "config", None), getattr(args, "set", None) or [])
+from .common import command_config
 
 
 def cmd_train_vlm(args) -> int:
     from trainers.vlm import train_vlm
-    out = train_vlm(_cfg(args), address=args.address)
+    out = train_vlm(command_config(args), address=args.address)
     fin = out["metrics"].get("final", {})
     print(json.dumps({"run_dir": out["run_dir"], "step": fin.get("step"), "eval_loss": fin.get("eval_loss"),
                       "export": out["export"]}, indent=1))
@@ -49,7 +46,7 @@ def cmd_eval_vlm_ablation(args) -> int:
 
 def cmd_tune_vlm(args) -> int:
     from trainers.tune_vlm import run_sweep
-    rep = run_sweep(_cfg(args), address=args.address)
+    rep = run_sweep(command_config(args), address=args.address)
     print(rep["table_md"])
     print(f"best: {json.dumps(rep['best'])}\nwrote {rep['out']}")
     return 0
