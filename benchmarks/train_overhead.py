@@ -37,7 +37,8 @@ def main() -> int:
 
     from lumo_ray.config.vlm import VLMConfig
     from lumo_ray.data.synth import write_synth
-    from trainers.vlm import Hooks, prepare_run, run_loop, train_vlm
+    from trainers.core import LocalContext
+    from trainers.vlm import prepare_run, run_loop, train_vlm
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="vlm_bench_"))
@@ -52,7 +53,7 @@ def main() -> int:
     cfg.train.out = str(tmp / "plain")
     cfg_p, run = prepare_run(cfg, cfg.train.out, log=lambda *_: None)
     bench: dict = {}
-    run_loop(cfg_p, run, Hooks(), log=lambda *_: None, bench=bench)
+    run_loop(cfg_p, run, LocalContext(), log=lambda *_: None, bench=bench)
     plain = bench["step_time_s"]
 
     import ray

@@ -275,10 +275,10 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
     return dst
 
 
-# Files a run directory mirror leaves alone: checkpoints (the LM trainers' `checkpoints/`, the VLM
-# trainer's `ckpt_tmp/`) reach the object store through Ray Train's storage_path, and `ray/` is that
-# storage when it defaults to the run directory.
-MIRROR_SKIP = ("checkpoints/", "ckpt_tmp/", "ray/")
+# Files a run directory mirror leaves alone: the trainers' checkpoints (trainers/core.py CHECKPOINTS,
+# tests/test_storage_uri.py holds the two names together) reach the object store through Ray Train's
+# storage_path, and `ray/` is that storage when it defaults to the run directory.
+MIRROR_SKIP = ("checkpoints/", "ray/")
 
 
 def runs_root() -> Path:

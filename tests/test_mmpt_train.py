@@ -20,7 +20,7 @@ from lumo_ray.cli.demo.lm import build_synth_shards
 from lumo_ray.models.token_lm import load_token_lm
 from lumo_ray.token_space import TokenSpaceMismatch
 from lumo_ray.uti import load_token_space
-from trainers.lm import LocalContext
+from trainers.core import LocalContext
 from trainers.mmpt import MMPT_DEFAULTS
 from trainers.token_lm import evaluate_tasks, token_lm_loop
 

@@ -19,7 +19,7 @@ from lumo_ray.eval.text_invariance import text_invariance
 from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
 from lumo_ray.token_space import TokenSpaceMismatch
 from lumo_ray.uti import load_token_space
-from trainers.lm import LocalContext
+from trainers.core import LocalContext
 from trainers.token_lm import evaluate_tasks, run_token_lm, token_lm_loop
 
 QUIET = dict(log=lambda *a, **k: None)

@@ -11,7 +11,8 @@ from lumo_ray.cli import main
 from lumo_ray.config import TrackingConfig
 from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
-from trainers.vlm import Hooks, latest_checkpoint, local_checkpoint, prepare_run, run_loop, train_vlm
+from trainers.core import LocalContext, fetch_checkpoint, latest_ray_checkpoint
+from trainers.vlm import prepare_run, run_loop, train_vlm
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -39,26 +40,25 @@ def losses(run: Path) -> dict[int, float]:
 def test_resume_5_plus_5_equals_10_straight(synth, tmp_path):
     cfg = small_cfg(synth, tmp_path / "straight")
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
-    run_loop(cfg, run, Hooks(), log=QUIET)
+    run_loop(cfg, run, LocalContext(), log=QUIET)
     straight = losses(run)
 
     ckpts: list = []
 
-    class Keep(Hooks):
-        def report(self, metrics, ckpt_dir):
-            if ckpt_dir:
-                import shutil
-                ckpts.append(shutil.copytree(ckpt_dir, tmp_path / "kept" / Path(ckpt_dir).name))
+    def keep(metrics, ckpt_dir):
+        if ckpt_dir:
+            import shutil
+            ckpts.append(shutil.copytree(ckpt_dir, tmp_path / "kept" / Path(ckpt_dir).name))
 
     first = small_cfg(synth, tmp_path / "first")
     first.train.stop_after = 5
     first, run1 = prepare_run(first, first.train.out, QUIET)
-    run_loop(first, run1, Keep(), log=QUIET)
+    run_loop(first, run1, LocalContext(on_report=keep), log=QUIET)
     assert not (run1 / "export").exists() and len(ckpts) == 1
     second = small_cfg(synth, tmp_path / "second")
     second.train.resume_from = str(ckpts[0])
     second, run2 = prepare_run(second, second.train.out, QUIET)
-    run_loop(second, run2, Hooks(), log=QUIET)
+    run_loop(second, run2, LocalContext(), log=QUIET)
     resumed = {**losses(run1), **losses(run2)}
     assert sorted(resumed) == list(range(1, 11)) and sorted(losses(run2)) == list(range(6, 11))
     for s in range(1, 11):
@@ -89,11 +89,10 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
     gold = (run / "golden" / "step_000010.jsonl").read_text().splitlines()
     assert len(gold) == 4 and all(set(json.loads(g)) >= {"id", "reference", "generated"} for g in gold)
     import torch
-    last = latest_checkpoint(cfg.train.storage_path)
+    last = latest_ray_checkpoint(cfg.train.storage_path)
     assert last.startswith("s3://lumo/vlm/ddp/train/checkpoint_") and not (run / "ray").exists()
-    assert not (run / "ckpt_tmp").exists()  # checkpoints reach the bucket through storage_path only
-    with local_checkpoint(last) as d:
-        st = torch.load(Path(d) / "state.pt", weights_only=False)
+    assert not (run / "checkpoints").exists()  # checkpoints reach the bucket through storage_path only
+    st = torch.load(fetch_checkpoint(last) / "state.pt", weights_only=False)
     assert st["step"] == 10 and len(st["rng"]) == 2 and {"optimizer", "scheduler", "data_position", "config"} <= set(st)
 
     abl = locate(s3("vlm/abl"))
@@ -123,7 +122,7 @@ def _gate_run(synth, out: Path, steps: int):
     cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.eval_every = steps, steps, 0
     cfg.train.warmup_steps, cfg.train.log_every = min(cfg.train.warmup_steps, steps), 10 ** 6
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
-    run_loop(cfg, run, Hooks(), log=QUIET, tracking=TrackingConfig())
+    run_loop(cfg, run, LocalContext(), log=QUIET, tracking=TrackingConfig())
     return run
 
 
@@ -158,7 +157,7 @@ def test_real_llava_images_train_and_evaluate(real_data, tmp_path):
     cfg.data.eval_size, cfg.data.bucket_edges = 8, [12, 18, 24]
     cfg.train.checkpoint_every = 3
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
-    final = run_loop(cfg, run, Hooks(), log=QUIET)
+    final = run_loop(cfg, run, LocalContext(), log=QUIET)
     assert final["step"] == 3 and final["eval_loss"] > 0
     from lumo_ray.eval.vlm_ablation import ablation_from_export
     rep = ablation_from_export(run / "export", run / "splits.json", n=8, seed=0, allow_small_n=True)

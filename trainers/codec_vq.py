@@ -1,7 +1,7 @@
 """`lumo codec train-vq`: train the tiny VQ image codec on Ray Train (one CPU worker by default).
 
 Thin: the loop, loss and metrics are library code (lumo_ray/codecs/vq_train.py); this file hands
-them to a TorchTrainer through trainers.lm's `launch` / `RayContext` and reads metrics.json back.
+them to a TorchTrainer through trainers/core.py's `launch` / `RayContext` and reads metrics.json back.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Optional
 from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.tracking import open_tracker
 
-from trainers.lm import RayContext, launch
+from trainers.core import RayContext, launch
+from trainers.lm import storage_of
 
 
 def _worker(config: dict) -> None:
@@ -49,7 +50,7 @@ def run_codec_vq(cfg: LumoConfig, address: Optional[str] = None, log=print) -> d
     if c.storage_path:
         c.storage_path = resolve(c.storage_path)
     dump_config(cfg, c.out)
-    launch(_worker, cfg, c, c.out, "codec_vq", address)
+    launch(_worker, {"cfg": cfg}, c, storage_of(c, c.out), "codec_vq", address)
     m = json.loads((Path(c.out) / "metrics.json").read_text())
     log(f"tiny VQ codec: synthetic eval PSNR {m['synth_psnr']:.2f} dB SSIM {m['synth_ssim']:.3f}"
         + (f", real PSNR {m['real_psnr']:.2f} dB SSIM {m['real_ssim']:.3f}" if "real_psnr" in m else "")

@@ -1,21 +1,14 @@
-"""`lumo train lm`: stage-0 pretraining of a Qwen3-architecture causal LM on Ray Train (DDP), plus the
-training machinery the token LM shares: worker context (local or Ray Train), warmup + cosine, RNG
-capture, checkpoints, and the TorchTrainer launcher.
-
-The training loops are plain functions of a context, so the same code runs in-process (tests, Tune
-trials) and inside Ray Train workers; only `RayContext` and `launch` touch Ray.
-"""
+"""`lumo train lm`: stage-0 pretraining of a Qwen3-architecture causal LM on Ray Train (DDP), plus what
+the LM trainers share beyond trainers/core.py: the micro-batch split, the Ray storage of a run and the
+end of a step (log line, report, tracker)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,93 +18,9 @@ from lumo_ray.config.lm import TrainConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 
-CKPT_STATE = "state.pt"
+from .core import (RayContext, due, launch, load_state, make_scheduler, resolve_resume, rng_state, save_checkpoint,
+                   seed_all, set_rng_state, write_json)
 
-
-# ------------------------------------------------------------------------------------------------
-# Worker context
-# ------------------------------------------------------------------------------------------------
-
-class LocalContext:
-    """One process, no Ray: tests, Tune trials and notebooks."""
-    rank, world_size = 0, 1
-
-    def __init__(self, device: str = "cpu", checkpoint: Optional[Path] = None, on_report: Callable | None = None):
-        self.device = torch.device(device)
-        self._ckpt = checkpoint
-        self.on_report = on_report
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def report(self, metrics: dict, ckpt_dir: Optional[Path] = None) -> None:
-        if self.on_report:
-            self.on_report(metrics, ckpt_dir)
-
-    def restored_checkpoint(self) -> Optional[Path]:
-        return self._ckpt
-
-
-class RayContext:
-    """Inside a Ray Train worker: DDP via prepare_model, reports on every rank."""
-
-    # A Ray Train report costs a round trip through the controller: report on log/eval/checkpoint
-    # steps only (the same steps on every rank), not on every step.
-    report_every_step = False
-
-    def __init__(self):
-        import ray.train
-        import ray.train.torch
-
-        from pipelines.ray_env import quiet_train_worker
-
-        quiet_train_worker()
-        self._train = ray.train
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def report(self, metrics: dict, ckpt_dir: Optional[Path] = None) -> None:
-        from ray.train import Checkpoint
-
-        ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None and self.rank == 0 else None
-        self._train.report(metrics, checkpoint=ckpt)
-
-    def restored_checkpoint(self) -> Optional[Path]:
-        ck = self._train.get_checkpoint()
-        if ck is None:
-            return None
-        return Path(ck.to_directory())
-
-
-# ------------------------------------------------------------------------------------------------
-# Optimisation helpers
-# ------------------------------------------------------------------------------------------------
-
-def lr_lambda(warmup: int, steps: int, min_ratio: float) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        prog = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
-    return f
-
-
-def make_scheduler(opt: torch.optim.Optimizer, t: TrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
 
 
 def micro_batch(t: TrainConfig, world_size: int) -> int:
@@ -122,93 +31,23 @@ def micro_batch(t: TrainConfig, world_size: int) -> int:
     return per
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def storage_of(t: TrainConfig, run_dir: str | Path) -> str:
+    """Ray Train's storage_path of a run: train.storage_path, else <run>/ray (a path or URI)."""
+    from lumo_ray.storage import locate, resolve
+
+    return resolve(t.storage_path) if t.storage_path else str(locate(run_dir) / "ray")
 
 
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def save_checkpoint(run_dir: Path, step: int, state: dict, extra_files: dict[str, str] | None = None,
-                    keep: int = 2) -> Path:
-    """run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}; written to a temp name, then renamed."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / CKPT_STATE)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "token_space_hash": state.get("token_space_hash")}) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    cks = sorted((Path(run_dir) / "checkpoints").glob("step-*"))
-    return cks[-1] if cks else None
-
-
-def resolve_resume(t: TrainConfig, run_dir: Path, ctx) -> Optional[Path]:
-    """Ray's restored checkpoint (worker restart) wins; else train.resume ('auto' or a path)."""
-    ck = ctx.restored_checkpoint()
-    if ck is not None:
-        return ck
-    if t.resume == "auto":
-        return latest_checkpoint(run_dir)
-    if t.resume:
-        from lumo_ray.storage import download_dir, is_uri
-
-        p = download_dir(t.resume, tempfile.mkdtemp(prefix="lumo-resume-")) if is_uri(t.resume) else Path(t.resume)
-        if not (p / CKPT_STATE).exists():
-            raise FileNotFoundError(f"train.resume={t.resume}: no {CKPT_STATE} there")
-        return p
-    return None
-
-
-def launch(worker_fn: Callable, cfg: LumoConfig, t: TrainConfig, run_dir: str | Path, name: str,
-           address: Optional[str] = None):
-    """Run worker_fn({'cfg': cfg}) on Ray Train workers (DDP); returns the Ray Train Result."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.ray_env import init_ray, train_logging
-
-    from lumo_ray.storage import locate
-
-    init_ray(address)
-    # train.storage_path may be an object-store URI: hand Ray the filesystem and the bare path.
-    store = locate(t.storage_path) if t.storage_path else locate(run_dir) / "ray"
-    trainer = TorchTrainer(
-        worker_fn, train_loop_config={"cfg": cfg},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(storage_path=store.path, storage_filesystem=None if store.is_local else store.fs,
-                             name=name, failure_config=FailureConfig(max_failures=t.max_failures),
-                             logging_config=train_logging()))
-    return trainer.fit()
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    return path
+def end_of_step(ctx, t: TrainConfig, step: int, rep: dict, ck_dir: Optional[Path], tracker, log, line: Callable[[], str]) -> None:
+    """What every LM step ends with: rank 0's progress line every log_every steps, a report on the
+    log / eval / checkpoint steps (every step in one process), the tracker's scalars."""
+    last = step == t.steps
+    if ctx.rank == 0 and due(step, t.log_every, last):
+        log(line())
+    if ctx.report_every_step or last or any(due(step, k) for k in (t.log_every, t.eval_every, t.ckpt_every)):
+        ctx.report(rep, ck_dir)
+    if tracker is not None:
+        tracker.log(step, rep)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,10 +99,68 @@ def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vo
     return float(torch.exp(-logp[eval_blocks[:, 1:].reshape(-1)].mean()))
 
 
+class BlockStream:
+    """This rank's share of the train blocks, a seeded permutation per epoch; (epoch, pos) is its state."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, epoch: int = 0, pos: int = 0):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.pos, self.cur = epoch, pos, self.order(epoch)
+
+    def order(self, ep: int) -> list[int]:
+        perm = np.random.default_rng([self.seed, ep]).permutation(self.n).tolist()
+        per_rank = math.ceil(len(perm) / self.world)
+        perm = (perm * self.world)[: per_rank * self.world]
+        return perm[self.rank::self.world]
+
+    def take(self, k: int) -> list[int]:
+        idx = []
+        while len(idx) < k:
+            if self.pos >= len(self.cur):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.cur = self.order(self.epoch)
+            idx.append(self.cur[self.pos])
+            self.pos += 1
+        return idx
+
+
+def lm_eval(model, eval_blocks: torch.Tensor, ctx) -> dict:
+    """Eval loss and perplexity over every eval block (split over ranks, summed)."""
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(ctx.rank, len(eval_blocks), ctx.world_size):
+            b = eval_blocks[i: i + 1].to(ctx.device)
+            logits = model(input_ids=b[:, :-1]).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                                     reduction="sum")
+            tot += torch.tensor([loss.item(), b[:, 1:].numel()], dtype=torch.float64)
+    tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
+    model.train()
+    el = float(tot[0] / max(1, tot[1]))
+    return {"eval_loss": el, "perplexity": math.exp(min(el, 50))}
+
+
+def lm_step(model, blocks: torch.Tensor, stream: BlockStream, per: int, t: TrainConfig, opt, sched, ctx) -> float:
+    """One optimizer step over grad_accum micro-batches of `per` blocks; returns the mean loss."""
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(t.grad_accum):
+        b = blocks[stream.take(per)].to(ctx.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.bf16 and ctx.device.type == "cuda"):
+            logits = model(input_ids=b[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
+        (loss / t.grad_accum).backward()
+        total += loss.item() / t.grad_accum
+    if t.clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+    opt.step()
+    sched.step()
+    return total
+
+
 def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     """Base LM training on one worker (rank ctx.rank of ctx.world_size)."""
     from lumo_ray.models.base_lm import build_base_lm, count_params
-
     from lumo_ray.storage import RunDir
 
     c, t = cfg.lm, cfg.lm.train
@@ -284,84 +181,36 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     sched = make_scheduler(opt, t)
     per = micro_batch(t, ctx.world_size)
-    step, pos, epoch = 0, 0, 0
-    ck = resolve_resume(t, run_dir, ctx)
+    step, epoch, pos = 0, 0, 0
+    ck = resolve_resume(t.resume, run_dir, ctx)
     if ck is not None:
-        st = torch.load(ck / CKPT_STATE, weights_only=False)
+        st = load_state(ck)
         getattr(model, "module", model).load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"])
         step, epoch, pos = st["step"], st["data"]["epoch"], st["data"]["pos"]
-
-    def order(ep: int) -> list[int]:
-        perm = np.random.default_rng([t.seed, ep]).permutation(len(train_blocks)).tolist()
-        per_rank = math.ceil(len(perm) / ctx.world_size)
-        perm = (perm * ctx.world_size)[: per_rank * ctx.world_size]
-        return perm[ctx.rank::ctx.world_size]
-
-    def evaluate() -> dict:
-        model.eval()
-        tot = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for i in range(ctx.rank, len(eval_blocks), ctx.world_size):
-                b = eval_blocks[i: i + 1].to(ctx.device)
-                logits = model(input_ids=b[:, :-1]).logits.float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                                                         reduction="sum")
-                tot += torch.tensor([loss.item(), b[:, 1:].numel()], dtype=torch.float64)
-        tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
-        model.train()
-        el = float(tot[0] / max(1, tot[1]))
-        return {"eval_loss": el, "perplexity": math.exp(min(el, 50))}
-
-    cur = order(epoch)
+    stream = BlockStream(len(train_blocks), t.seed, ctx.rank, ctx.world_size, epoch, pos)
     history, t0, metrics = [], time.time(), {}
     step0 = step  # a resumed run's rate counts the steps of this start
     tracker = open_tracker(run_dir, cfg.tracking, "lm", to_dict(cfg.lm), ctx.rank)
     model.train()
     while step < t.steps:
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(t.grad_accum):
-            idx = []
-            while len(idx) < per:
-                if pos >= len(cur):
-                    epoch, pos = epoch + 1, 0
-                    cur = order(epoch)
-                idx.append(cur[pos])
-                pos += 1
-            b = train_blocks[idx].to(ctx.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.bf16 and ctx.device.type == "cuda"):
-                logits = model(input_ids=b[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
-            (loss / t.grad_accum).backward()
-            total += loss.item() / t.grad_accum
-        if t.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
-        opt.step()
-        sched.step()
+        total = lm_step(model, train_blocks, stream, per, t, opt, sched, ctx)
         step += 1
         history.append(total)
         last = step == t.steps
-        rep: dict = {"step": step, "loss": total}
-        if step % t.eval_every == 0 or last:
-            rep.update(evaluate())
+        rep: dict = {"step": step, "loss": total, **(lm_eval(model, eval_blocks, ctx) if due(step, t.eval_every, last) else {})}
         ck_dir = None
-        if (step % t.ckpt_every == 0 or last) and ctx.rank == 0:
+        if due(step, t.ckpt_every, last) and ctx.rank == 0:
             state = {"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
-                     "data": {"epoch": epoch, "pos": pos}, "token_space_hash": None, "config": to_dict(cfg)}
+                     "data": {"epoch": stream.epoch, "pos": stream.pos}, "token_space_hash": None, "config": to_dict(cfg)}
             ck_dir = save_checkpoint(run_dir, step, state)
-        if ctx.rank == 0 and (step % t.log_every == 0 or last):
-            log(f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
-                                                              if "eval_loss" in rep else "")
-                + f" ({rate_eta(step, t.steps, t0, step0)})")
-        if getattr(ctx, "report_every_step", True) or last or any(
-                step % k == 0 for k in (t.log_every, t.eval_every, t.ckpt_every)):
-            ctx.report(rep, ck_dir)
-        if tracker is not None:
-            tracker.log(step, rep)
+        end_of_step(ctx, t, step, rep, ck_dir, tracker, log, lambda: (
+            f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
+                                                          if "eval_loss" in rep else "")
+            + f" ({rate_eta(step, t.steps, t0, step0)})"))
         metrics = rep if "eval_loss" in rep else metrics
     if ctx.rank == 0:
         tracker.close()
@@ -391,7 +240,7 @@ def run_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     if cfg.lm.train.storage_path:
         cfg.lm.train.storage_path = resolve(cfg.lm.train.storage_path)
     dump_config(cfg, cfg.lm.out)
-    launch(_lm_worker, cfg, cfg.lm.train, cfg.lm.out, "lm", address)
+    launch(_lm_worker, {"cfg": cfg}, cfg.lm.train, storage_of(cfg.lm.train, cfg.lm.out), "lm", address)
     m = json.loads((locate(cfg.lm.out) / "metrics.json").read_text())
     log(f"base LM: eval loss {m['eval_loss']:.4f}, perplexity {m['perplexity']:.2f}; export {m['export']}")
     return m

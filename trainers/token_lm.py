@@ -35,8 +35,9 @@ from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
-from .lm import (CKPT_STATE, RayContext, launch, make_scheduler, micro_batch, resolve_resume, rng_state,
-                 save_checkpoint, seed_all, set_rng_state, write_json)
+from .core import (RayContext, due, launch, load_state, make_scheduler, resolve_resume, rng_state, save_checkpoint,
+                   seed_all, set_rng_state, write_json)
+from .lm import end_of_step, micro_batch, storage_of
 
 
 def run_token_space(cfg: LumoConfig) -> TokenSpace:
@@ -122,7 +123,7 @@ def load_checkpoint(ck: Path, ts: TokenSpace) -> dict:
     ck_ts = ck / "token_space.json"
     if ck_ts.exists():
         ts.ensure_same(TokenSpace.load(ck_ts), what=f"checkpoint {ck} token space")
-    st = torch.load(ck / CKPT_STATE, weights_only=False)
+    st = load_state(ck)
     if st.get("token_space_hash") != ts.hash:
         raise ValueError(f"checkpoint {ck} has token space {st.get('token_space_hash')}, run has {ts.hash}")
     return st
@@ -150,6 +151,72 @@ def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: li
     return out
 
 
+def param_groups(raw: torch.nn.Module, c, t) -> tuple[list[dict], list[torch.nn.Parameter]]:
+    """AdamW groups: the vocabulary matrices at new_row_lr without weight decay, the rest at train.lr."""
+    vocab = vocab_params(raw)
+    vocab_ids = {id(p) for p in vocab}
+    rest = [p for p in raw.parameters() if p.requires_grad and id(p) not in vocab_ids]
+    groups = [{"params": vocab, "lr": c.new_row_lr, "weight_decay": 0.0}]
+    if rest:
+        groups.append({"params": rest, "lr": t.lr, "weight_decay": t.weight_decay})
+    return groups, vocab
+
+
+def restore(ck: Path, ts: TokenSpace, raw: torch.nn.Module, opt, sched) -> tuple[int, dict]:
+    """Trainable weights, optimizer, scheduler and RNG from a checkpoint; returns (step, data position)."""
+    st = load_checkpoint(ck, ts)
+    with torch.no_grad():
+        for n, p in raw.named_parameters():
+            if n in st["trainable"]:
+                p.copy_(st["trainable"][n])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    set_rng_state(st["rng"])
+    return st["step"], st["data"]
+
+
+class Stepper:
+    """One optimizer step of the token LM: grad_accum micro-batches from the source, token-weighted
+    loss, per-task loss sums (train_<task> at the next eval), clipping; under freeze=full the TEXT rows
+    of the vocabulary matrices move at train.lr while the new rows move at new_row_lr."""
+
+    def __init__(self, model, groups, vocab, source, builder, c, t, ts, per: int, autocast: bool):
+        self.model, self.groups, self.vocab, self.source, self.builder = model, groups, vocab, source, builder
+        self.c, self.t, self.ts, self.per, self.autocast = c, t, ts, per, autocast
+        self.task_sums: dict[str, list[float]] = {}
+        self.tokens = 0
+
+    def __call__(self, step: int, opt, sched) -> float:
+        t, total = self.t, 0.0
+        opt.zero_grad(set_to_none=True)
+        for a in range(t.grad_accum):
+            batch = collate([self.source.next(step, a * self.per + j) for j in range(self.per)], self.builder.pad_id)
+            loss_sum, n = target_losses(self.model, batch, self.autocast)
+            for task, ls, k in zip(batch["tasks"], loss_sum.tolist(), n.tolist()):
+                acc = self.task_sums.setdefault(task, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + ls, acc[1] + k
+            loss = loss_sum.sum() / n.sum().clamp(min=1)
+            (loss / t.grad_accum).backward()
+            total += loss.item() / t.grad_accum
+            self.tokens += int(batch["attention_mask"].sum())
+        if t.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], t.clip)
+        text = self.ts.text_vocab
+        keep = [p[:text].detach().clone() for p in self.vocab] if self.c.freeze == "full" else None
+        opt.step()
+        if keep is not None:
+            with torch.no_grad():
+                for p, old in zip(self.vocab, keep):
+                    p[:text] = old + (p[:text] - old) * (t.lr / self.c.new_row_lr)
+        sched.step()
+        return total
+
+    def train_losses(self, ctx) -> dict:
+        """Token-weighted train loss per task since the last call, summed over ranks."""
+        out, self.task_sums = train_task_losses(self.task_sums, ctx), {}
+        return out
+
+
 def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = None,
                   ts: Optional[TokenSpace] = None, eval_start: bool = True) -> dict:
     """Train on one worker. hook(step, model) -> dict|None runs on rank 0 after each step (Tune).
@@ -166,43 +233,28 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         dump_config(cfg, run_dir)
     if not c.shards:
         raise ValueError("token_lm.shards is empty: point it at a `lumo data tokenize` output")
-    eval_ds = ShardDataset(c.shards, "eval", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, shuffle=False,
-                           expected=ts)
-    eval_samples = list(eval_ds)
+    eval_samples = list(ShardDataset(c.shards, "eval", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
+                                     shuffle=False, expected=ts))
     tok = text_tokenizer(cfg)
     builder = SequenceBuilder(ts, c.seq, tok.encode)
-    init = c.mmpt.init if c.seq.layouts == "any" else ""
-    ws = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=say, init=init)
+    ws = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=say,
+                    init=c.mmpt.init if c.seq.layouts == "any" else "")
     raw = ws.model
-    vocab = vocab_params(raw)
-    vocab_ids = {id(p) for p in vocab}
-    rest = [p for p in raw.parameters() if p.requires_grad and id(p) not in vocab_ids]
-    groups = [{"params": vocab, "lr": c.new_row_lr, "weight_decay": 0.0}]
-    if rest:
-        groups.append({"params": rest, "lr": t.lr, "weight_decay": t.weight_decay})
+    groups, vocab = param_groups(raw, c, t)
     model = ctx.prepare(raw)
     opt = torch.optim.AdamW(groups)
     sched = make_scheduler(opt, t)
-    per = micro_batch(t, ctx.world_size)
     autocast = t.bf16 and ctx.device.type == "cuda"
     names = {id(p): n for n, p in raw.named_parameters()}
     step, data = 0, {}
-    ck = resolve_resume(t, run_dir, ctx)
+    ck = resolve_resume(t.resume, run_dir, ctx)
     if ck is not None:
-        st = load_checkpoint(ck, ts)
-        with torch.no_grad():
-            for n, p in raw.named_parameters():
-                if n in st["trainable"]:
-                    p.copy_(st["trainable"][n])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        step, data = st["step"], st["data"]
+        step, data = restore(ck, ts, raw, opt, sched)
         say(f"resumed from {ck} at step {step} (data position {data})")
     source = TrainSequences(c, t.seed, builder, ts, ctx.rank, ctx.world_size, data)
+    train_step = Stepper(model, groups, vocab, source, builder, c, t, ts, micro_batch(t, ctx.world_size), autocast)
     history: list[float] = []
-    task_sums: dict[str, list[float]] = {}
-    evals: list[dict] = []  # every eval's per-task train and eval losses (metrics.json)  # per-task token-weighted train loss since the last eval
+    evals: list[dict] = []  # every eval's per-task train and eval losses (metrics.json)
     golden = GoldenWriter(cfg, ts, raw, builder, run_dir, say) if (
         ctx.rank == 0 and c.seq.layouts == "any" and c.mmpt.golden_n > 0) else None
     metrics: dict = {}
@@ -211,65 +263,37 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
         start = {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
         say(f"token-lm warm start: eval {ev['all']:.4f}")
-    t0, ntok, step0 = time.time(), 0, step
+    t0, step0 = time.time(), step
     tracker = open_tracker(run_dir, cfg.tracking, "mmpt" if c.seq.layouts == "any" else "token_lm", to_dict(c),
                            ctx.rank)
     if tracker is not None and start:
         tracker.log(0, start)
     model.train()
     while step < t.steps:
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for a in range(t.grad_accum):
-            seqs = [source.next(step, a * per + j) for j in range(per)]
-            batch = collate(seqs, builder.pad_id)
-            loss_sum, n = target_losses(model, batch, autocast)
-            for task, ls, k in zip(batch["tasks"], loss_sum.tolist(), n.tolist()):
-                acc = task_sums.setdefault(task, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + ls, acc[1] + k
-            loss = loss_sum.sum() / n.sum().clamp(min=1)
-            (loss / t.grad_accum).backward()
-            total += loss.item() / t.grad_accum
-            ntok += int(batch["attention_mask"].sum())
-        if t.clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t.clip)
-        keep = [p[: ts.text_vocab].detach().clone() for p in vocab] if c.freeze == "full" else None
-        opt.step()
-        if keep is not None:  # full mode: TEXT rows of the vocab matrices move at train.lr, new rows at new_row_lr
-            with torch.no_grad():
-                for p, old in zip(vocab, keep):
-                    p[: ts.text_vocab] = old + (p[: ts.text_vocab] - old) * (t.lr / c.new_row_lr)
-        sched.step()
+        total = train_step(step, opt, sched)
         step += 1
         history.append(total)
         last = step == t.steps
         rep: dict = {"step": step, "loss": total}
-        if step % t.eval_every == 0 or last:
+        if due(step, t.eval_every, last):
             ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
             rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"},
-                        **train_task_losses(task_sums, ctx)})
-            task_sums = {}
+                        **train_step.train_losses(ctx)})
         ck_dir = None
-        if (step % t.ckpt_every == 0 or last) and ctx.rank == 0:
+        if due(step, t.ckpt_every, last) and ctx.rank == 0:
             state = {"trainable": {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad},
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-                     "step": step, "data": source.state(), "token_space_hash": ts.hash,
-                     "config": to_dict(cfg)}
+                     "step": step, "data": source.state(), "token_space_hash": ts.hash, "config": to_dict(cfg)}
             ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
             if golden is not None:
                 golden.write(step)
         if hook is not None and ctx.rank == 0:  # after the checkpoint: an interrupted trial can resume
             rep.update(hook(step, raw) or {})
-        if step % t.log_every == 0 or last:
-            say(f"token-lm step {step}/{t.steps} loss {total:.4f}"
-                + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
-                                                          if k.startswith("eval_") and k != "eval_loss") + ")"
-                   if "eval_loss" in rep else "") + f" ({rate_eta(step, t.steps, t0, step0)})")
-        if getattr(ctx, "report_every_step", True) or last or any(
-                step % k == 0 for k in (t.log_every, t.eval_every, t.ckpt_every)):
-            ctx.report(rep, ck_dir)
-        if tracker is not None:
-            tracker.log(step, rep)
+        end_of_step(ctx, t, step, rep, ck_dir, tracker, say, lambda: (
+            f"token-lm step {step}/{t.steps} loss {total:.4f}"
+            + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
+                                                      if k.startswith("eval_") and k != "eval_loss") + ")"
+               if "eval_loss" in rep else "") + f" ({rate_eta(step, t.steps, t0, step0)})"))
         if "eval_loss" in rep:
             metrics = rep
             evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})
@@ -283,7 +307,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
                    "train_tasks": {k[6:]: v for k, v in metrics.items() if k.startswith("train_") and k != "train_loss"},
                    "evals": evals, "eval_at_start": start, "golden": golden.dirs if golden is not None else [],
                    "trainable": ws.counts, "token_space_hash": ts.hash, "steps": step, "seconds": secs,
-                   "tokens_per_s": ntok * ctx.world_size / max(secs, 1e-9),
+                   "tokens_per_s": train_step.tokens * ctx.world_size / max(secs, 1e-9),
                    "export": str(run.loc / "export") if run.remote else str(out)}
         write_json(run_dir / "metrics.json", metrics)
         run.push()
@@ -348,7 +372,7 @@ def run_token_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> d
     run_dir = prepare_run(cfg)
     # Refuse mismatched shards on the driver before any worker starts.
     ShardDataset(cfg.token_lm.shards, "train", expected=run_token_space(cfg))
-    launch(_worker, cfg, cfg.token_lm.train, run_dir, "token_lm", address)
+    launch(_worker, {"cfg": cfg}, cfg.token_lm.train, storage_of(cfg.token_lm.train, run_dir), "token_lm", address)
     m = json.loads((locate(run_dir) / "metrics.json").read_text())
     log(f"token LM: eval loss {m.get('eval_loss', float('nan')):.4f} per task "
         + ", ".join(f"{k} {v:.3f}" for k, v in m["eval"].items()) + f"; export {m['export']}")

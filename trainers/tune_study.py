@@ -36,7 +36,7 @@ def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, score: Calla
     written to score.json and reported to Tune."""
     from ray import tune
 
-    from .lm import LocalContext
+    from .core import LocalContext
     from .token_lm import token_lm_loop
 
     dump_config(cfg, trial_dir)

@@ -19,7 +19,8 @@ from lumo_ray.config import LumoConfig, TrackingConfig, build, to_dict
 from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.storage import RunDir, locate, ray_storage
 
-from .vlm import Hooks, prepare_run, run_loop
+from .core import LocalContext
+from .vlm import prepare_run, run_loop
 
 
 def trial_name(lr: float, layernorm: bool) -> str:
@@ -39,7 +40,7 @@ def trial_fn(config: dict) -> None:
     stage = RunDir(locate(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm))
     cfg.train.out = str(stage)
     cfg, run = prepare_run(cfg, stage.local, log=lambda *_: None)  # llm.model: the shared warm-up, path or URI
-    final = run_loop(cfg, run, Hooks(), log=lambda *_: None)  # one tune.report per trial, below
+    final = run_loop(cfg, run, LocalContext(), log=lambda *_: None)  # one tune.report per trial, below
     # a sweep scores trials on a small slice (sweep.ablation_n): its checks rank trials, the gate is
     # `lumo eval vlm-ablation` on the chosen run
     rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed,

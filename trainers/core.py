@@ -1,0 +1,270 @@
+"""The training machinery every trainer shares (VLM alignment, base LM, token LM, stage 4, the VQ codec):
+the worker context (one process, or a Ray Train worker), the LR schedule, RNG state, the checkpoint
+layout, when a step logs / evaluates / checkpoints, fault injection for the restart tests, and the
+TorchTrainer launcher. A trainer keeps only its model, its batches and its loss.
+
+The loops are plain functions of a context, so the same code runs in-process (tests, Tune trials,
+benchmarks, notebooks) and inside Ray Train workers; only `RayContext` and `launch` touch Ray.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+CKPT_STATE = "state.pt"
+# run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}: the one checkpoint layout. Checkpoints
+# reach an object store through Ray Train's storage_path, so a run directory's mirror skips the folder.
+CHECKPOINTS = "checkpoints"
+HOLD_S = 300  # train.hold_at_step: long enough for a test to kill a node, short enough to end a forgotten run
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker context
+# ------------------------------------------------------------------------------------------------
+
+class LocalContext:
+    """One process, no Ray: tests, Tune trials, benchmarks and notebooks. on_report(metrics, ckpt_dir)
+    sees every report (a Tune trial forwards them; a test keeps checkpoints)."""
+    rank, world_size = 0, 1
+    report_every_step = True
+
+    def __init__(self, device: str | torch.device = "cpu", checkpoint: Optional[Path] = None,
+                 on_report: Callable | None = None):
+        self.device = torch.device(device)
+        self._ckpt = checkpoint
+        self.on_report = on_report
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def report(self, metrics: dict, ckpt_dir: Optional[Path] = None) -> None:
+        if self.on_report:
+            self.on_report(metrics, ckpt_dir)
+
+    def restored_checkpoint(self) -> Optional[Path]:
+        return self._ckpt
+
+    def sync(self) -> None:
+        """Make the run directory durable where it lives (nothing to do in one local process)."""
+
+
+class RayContext(LocalContext):
+    """Inside a Ray Train worker: DDP via prepare_model, reports on every rank. storage: the run's Ray
+    storage_path, where a restarted worker finds the last persisted checkpoint when Ray hands it none;
+    run: a URI run directory's staging copy (storage.RunDir), which rank 0 pushes before each checkpoint."""
+
+    # A Ray Train report costs a round trip through the controller: report on log/eval/checkpoint
+    # steps only (the same steps on every rank), not on every step.
+    report_every_step = False
+
+    def __init__(self, storage: str | None = None, run: Any = None):
+        import ray.train
+        import ray.train.torch
+
+        from pipelines.ray_env import quiet_train_worker
+
+        quiet_train_worker()
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.storage, self.run = storage, run
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def report(self, metrics: dict, ckpt_dir: Optional[Path] = None) -> None:
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None and self.rank == 0 else None
+        if ckpt is not None:
+            # logs first: a restart resumes from this checkpoint and continues the logs it pulls
+            self.sync()
+        self._train.report(metrics, checkpoint=ckpt)
+
+    def restored_checkpoint(self) -> Optional[Path]:
+        ck = self._train.get_checkpoint()
+        if ck is not None:
+            return Path(ck.to_directory())
+        # A worker killed outright (SIGKILL, lost node) can take reports the controller had not
+        # registered yet with it; the checkpoints already persisted in the run's storage remain.
+        last = latest_ray_checkpoint(self.storage) if self.storage else None
+        return fetch_checkpoint(last) if last else None
+
+    def sync(self) -> None:
+        if self.run is not None and self.rank == 0:
+            self.run.push()
+
+
+def latest_ray_checkpoint(storage: str | Path, name: str = "train") -> Optional[str]:
+    """The newest checkpoint (path or URI) Ray Train persisted under `storage`/`name`."""
+    from lumo_ray.storage import latest_ray_checkpoint as latest
+
+    last = latest(storage, name, CKPT_STATE)
+    return str(last) if last else None
+
+
+def fetch_checkpoint(p: str | Path) -> Path:
+    """A local directory holding checkpoint `p`: itself, or a download of a URI into a temp directory."""
+    from lumo_ray.storage import download_dir, is_uri
+
+    return download_dir(p, tempfile.mkdtemp(prefix="lumo-ckpt-")) if is_uri(str(p)) else Path(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedule, RNG, cadence, faults
+# ------------------------------------------------------------------------------------------------
+
+def lr_lambda(warmup: int, steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup over `warmup` steps, then cosine down to min_ratio x the peak at `steps`."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        prog = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+    return f
+
+
+def make_scheduler(opt: torch.optim.Optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
+    """t: a train section (warmup_steps, steps, min_lr_ratio)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def due(step: int, every: int, last: bool = False) -> bool:
+    """Whether `step` (1-based, just finished) is one of every `every` steps (0: never), or the last."""
+    return last or (every > 0 and step % every == 0)
+
+
+def inject_fault(t, step: int, rank: int, run_dir: Path, ctx: LocalContext) -> None:
+    """The restart tests' faults, once per run (a marker file in the run directory): train.fail_at_step
+    kills rank 0's process (SIGKILL: a real crash, not an exception); train.hold_at_step stalls it
+    HOLD_S seconds while the other ranks wait in their next collective (a node can be killed then)."""
+    for at, marker, act in ((getattr(t, "fail_at_step", None), ".failed_once", "killed"),
+                            (getattr(t, "hold_at_step", None), ".held_once", "held")):
+        if at is None or step != at or rank != 0 or (run_dir / marker).exists():
+            continue
+        (run_dir / marker).write_text(f"{act} at step {step}\n")
+        ctx.sync()  # a restarted worker may stage a fresh copy of a URI run directory
+        if act == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(HOLD_S)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, extra_files: dict[str, str] | None = None,
+                    keep: int = 2) -> Path:
+    """run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}; written to a temp name, then renamed;
+    the newest `keep` stay."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / CKPT_STATE)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "token_space_hash": state.get("token_space_hash")}) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    cks = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+    return cks[-1] if cks else None
+
+
+def load_state(ck: Path) -> dict:
+    return torch.load(Path(ck) / CKPT_STATE, map_location="cpu", weights_only=False)
+
+
+def resolve_resume(resume: str | None, run_dir: Path, ctx) -> Optional[Path]:
+    """Ray's restored checkpoint (worker restart) wins; else train.resume: 'auto' (the run directory's
+    newest), a checkpoint directory (path or URI), or none."""
+    ck = ctx.restored_checkpoint()
+    if ck is not None:
+        return ck
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if resume:
+        p = fetch_checkpoint(resume)
+        if not (p / CKPT_STATE).exists():
+            raise FileNotFoundError(f"train.resume={resume}: no {CKPT_STATE} there")
+        return p
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch and outputs
+# ------------------------------------------------------------------------------------------------
+
+def launch(worker_fn: Callable, loop_config: dict, t, storage: str, name: str, address: Optional[str] = None,
+           keep: int | None = None):
+    """Run worker_fn(loop_config) on t.num_workers Ray Train workers (DDP); `storage` (a path or URI)
+    is Ray's storage_path. Returns the Ray Train Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_env import init_ray, train_logging
+
+    from lumo_ray.storage import ray_storage
+
+    init_ray(address)
+    trainer = TorchTrainer(
+        worker_fn, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(**ray_storage(storage), name=name, failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep), logging_config=train_logging()))
+    return trainer.fit()
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
