@@ -47,8 +47,8 @@ def main() -> int:
     cfg.data.path = str(data)
     cfg.llm.text_warmup_steps = 0  # timing only: the LLM's weights do not matter
     t = cfg.train
-    t.max_steps, t.global_batch_size, t.num_workers = args.steps, args.batch, 1
-    t.eval_every, t.checkpoint_every, t.log_every = 0, args.steps, 10 ** 9
+    t.steps, t.global_batch, t.num_workers = args.steps, args.batch, 1
+    t.eval_every, t.ckpt_every, t.log_every = 0, args.steps, 10 ** 9
 
     cfg.train.out = str(tmp / "plain")
     cfg_p, run = prepare_run(cfg, cfg.train.out, log=lambda *_: None)

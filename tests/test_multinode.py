@@ -295,8 +295,8 @@ def vlm_data(work) -> str:
 def vlm_args(data: str, out: Path, steps: int, every: int) -> list[str]:
     """`lumo train vlm` on the tiny preset: 2 DDP workers x 1 CPU, so on two 1-CPU nodes each node gets one."""
     kv = {"vlm.data.path": data, "vlm.data.eval_size": 8, "vlm.data.golden_size": 2, "vlm.data.max_seq_len": 64,
-          "vlm.llm.text_warmup_steps": 0, "vlm.train.out": out, "vlm.train.max_steps": steps,
-          "vlm.train.global_batch_size": 4, "vlm.train.warmup_steps": 2, "vlm.train.checkpoint_every": every,
+          "vlm.llm.text_warmup_steps": 0, "vlm.train.out": out, "vlm.train.steps": steps,
+          "vlm.train.global_batch": 4, "vlm.train.warmup_steps": 2, "vlm.train.ckpt_every": every,
           "vlm.train.eval_every": 0, "vlm.train.eval_batch_size": 8, "vlm.train.log_every": 1,
           "vlm.train.num_workers": 2, "vlm.train.cpus_per_worker": 1, "vlm.train.max_failures": 1}
     return ["train", "vlm", *[a for k, v in kv.items() for a in ("--set", f"{k}={v}")]]

@@ -27,8 +27,8 @@ def small_cfg(data: str, out: Path, steps: int = 10) -> VLMConfig:
     cfg.data.path, cfg.data.eval_size, cfg.data.golden_size, cfg.data.max_seq_len = data, 16, 4, 64
     cfg.llm.text_warmup_steps = 0
     t = cfg.train
-    t.out, t.max_steps, t.global_batch_size, t.warmup_steps = str(out), steps, 8, 3
-    t.checkpoint_every, t.eval_every, t.quick_eval_size, t.log_every = 5, 0, 8, 10 ** 6
+    t.out, t.steps, t.global_batch, t.warmup_steps = str(out), steps, 8, 3
+    t.ckpt_every, t.eval_every, t.quick_eval_size, t.log_every = 5, 0, 8, 10 ** 6
     return cfg
 
 
@@ -56,7 +56,7 @@ def test_resume_5_plus_5_equals_10_straight(synth, tmp_path):
     run_loop(first, run1, LocalContext(on_report=keep), log=QUIET)
     assert not (run1 / "export").exists() and len(ckpts) == 1
     second = small_cfg(synth, tmp_path / "second")
-    second.train.resume_from = str(ckpts[0])
+    second.train.resume = str(ckpts[0])
     second, run2 = prepare_run(second, second.train.out, QUIET)
     run_loop(second, run2, LocalContext(), log=QUIET)
     resumed = {**losses(run1), **losses(run2)}
@@ -119,7 +119,7 @@ def _gate_run(synth, out: Path, steps: int):
     from lumo_ray.cli.demo.vlm import demo_config
     cfg = demo_config(out, Path(synth))
     cfg.train.out = str(out)
-    cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.eval_every = steps, steps, 0
+    cfg.train.steps, cfg.train.ckpt_every, cfg.train.eval_every = steps, steps, 0
     cfg.train.warmup_steps, cfg.train.log_every = min(cfg.train.warmup_steps, steps), 10 ** 6
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
     run_loop(cfg, run, LocalContext(), log=QUIET, tracking=TrackingConfig())
@@ -155,7 +155,7 @@ def test_untrained_connector_fails_ablation(gate_synth, tmp_path):
 def test_real_llava_images_train_and_evaluate(real_data, tmp_path):
     cfg = small_cfg(str(real_data / "llava_pretrain"), tmp_path / "real", steps=3)
     cfg.data.eval_size, cfg.data.bucket_edges = 8, [12, 18, 24]
-    cfg.train.checkpoint_every = 3
+    cfg.train.ckpt_every = 3
     cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
     final = run_loop(cfg, run, LocalContext(), log=QUIET)
     assert final["step"] == 3 and final["eval_loss"] > 0
@@ -169,7 +169,7 @@ def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local, s3)
     from trainers.tune_vlm import run_sweep
     from lumo_ray.storage import locate
     cfg = small_cfg(synth, tmp_path / "unused", steps=6)
-    cfg.sweep.out, cfg.sweep.max_steps, cfg.sweep.ablation_n = s3("vlm/sweep"), 6, 16
+    cfg.sweep.out, cfg.sweep.steps, cfg.sweep.ablation_n = s3("vlm/sweep"), 6, 16
     cfg.llm.text_warmup_steps = 3  # runs once in the driver; the trials download it from the sweep directory
     rep = run_sweep(cfg, log=QUIET)
     out = locate(rep["out"])
@@ -197,7 +197,7 @@ def test_sweep_runs_four_trials_in_separate_dirs(synth, tmp_path, ray_local, s3)
     from lumo_ray.storage import download_dir
 
     scores = []
-    tb = download_dir(f"{rep['out']}/ray/tune", tmp_path / "tune_storage")
+    tb = download_dir(out / "ray" / "tune", tmp_path / "tune_storage")
     for d in sorted({p.parent for p in tb.rglob("events.out.tfevents*")}):
         ev = EventAccumulator(str(d))
         ev.Reload()

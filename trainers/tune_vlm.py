@@ -65,8 +65,8 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
     sw = vcfg.sweep
     stage = RunDir(sw.out)  # a URI sweep directory is written in a local staging copy, then pushed
     out = stage.local
-    vcfg.train.max_steps = sw.max_steps
-    vcfg.train.checkpoint_every = sw.max_steps
+    vcfg.train.steps = sw.steps
+    vcfg.train.ckpt_every = sw.steps
     vcfg.train.eval_every = 0
     # text warm-up once, shared by the trials
     vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(stage.loc / "shared"))

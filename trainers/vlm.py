@@ -30,7 +30,7 @@ from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
 
-from .core import (RayContext, due, inject_fault, launch, load_state, lr_lambda, resolve_resume, rng_state,
+from .core import (RayContext, due, inject_fault, launch, load_state, make_scheduler, resolve_resume, rng_state,
                    save_checkpoint, seed_all, set_rng_state)
 
 
@@ -98,7 +98,7 @@ class Trainee:
         self.data = prepare_data(cfg.data, self.text, self.model.tokens, self.model.n_visual, cfg.vision.image_size,
                                  split_path)
         self.n_buckets = len(self.data.split["edges"]) + 1
-        self.sampler = StepSampler(len(self.data.train), t.global_batch_size, ctx.world_size, t.grad_accum, t.seed)
+        self.sampler = StepSampler(len(self.data.train), t.global_batch, ctx.world_size, t.grad_accum, t.seed)
         self.connector: torch.nn.Module = self.model.connector
         if ctx.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -106,7 +106,7 @@ class Trainee:
                                  device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        self.sched = make_scheduler(self.opt, t)
         self.autocast = t.bf16 and ctx.device.type == "cuda"
 
     def restore(self, ck: Path, rank: int) -> int:
@@ -134,7 +134,7 @@ class Trainee:
                 # token-weighted over the global batch; DDP averages over ranks, so scale by world
                 (ls.sum() * ctx.world_size / n_tok.clamp(min=1)).backward()
             loss_sum += ls.sum().detach().float()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, t.clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -160,7 +160,7 @@ class Trainee:
             "connector": self.model.connector.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "rng": rng, "step": step, "config": to_dict(cfg),
             "data_position": {"epoch": sp.epoch_of(step), "batch_in_epoch": step % sp.steps_per_epoch,
-                              "global_batch_size": t.global_batch_size, "seed": t.seed}})
+                              "global_batch": t.global_batch, "seed": t.seed}})
 
     def golden(self, cfg: VLMConfig, device) -> list[dict]:
         g = self.data.golden
@@ -177,7 +177,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
     say = log if rank == 0 else (lambda *_: None)
     seed_all(t.seed * 1000 + rank)
     tr = Trainee(cfg, run, ctx, say)
-    ck = resolve_resume(t.resume_from, run, ctx)
+    ck = resolve_resume(t.resume, run, ctx)
     start = tr.restore(ck, rank) if ck is not None else 0
     sp = tr.sampler
     if start:
@@ -187,7 +187,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
     t_run = time.time()  # progress lines: steps/s and ETA since this (re)start
     tracker = open_tracker(run, tracking, "vlm", to_dict(cfg), rank)
     final: dict = {}
-    stop = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+    stop = min(t.steps, t.stop_after) if t.stop_after else t.steps
     for step in range(start, stop):
         epoch = sp.epoch_of(step)
         if epoch != last_epoch_logged and rank == 0:
@@ -207,9 +207,9 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
             if tracker is not None:
                 tracker.log(done, {k: r[k] for k in ("loss", "lr", "grad_norm")})
             if due(done, t.log_every) or done == 1:
-                say(f"[vlm] step {done}/{t.max_steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+                say(f"[vlm] step {done}/{t.steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
                     f"({rate_eta(done, stop, t_run, start)})")
-        is_ckpt = due(done, t.checkpoint_every, done == stop)
+        is_ckpt = due(done, t.ckpt_every, done == stop)
         if due(done, t.eval_every) and not is_ckpt:
             q = tr.evaluate(tr.data.eval[: t.quick_eval_size], t)
             if rank == 0:
@@ -242,7 +242,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
 
 def finish(cfg: VLMConfig, tr: Trainee, run: Path, ctx, final: dict, step_times: list, data_times: list,
            bench: Optional[dict], stop: int) -> None:
-    """The export (a run that reached max_steps) and metrics.json: the last row per step of the logs."""
+    """The export (a run that ran all its steps) and metrics.json: the last row per step of the logs."""
     warm = slice(3, None) if len(step_times) > 6 else slice(None)
     timing = {"step_time_s": float(np.mean(step_times[warm])) if step_times else None,
               "data_time_s": float(np.mean(data_times[warm])) if data_times else None}
@@ -250,7 +250,7 @@ def finish(cfg: VLMConfig, tr: Trainee, run: Path, ctx, final: dict, step_times:
         bench.update(timing, step_times=step_times, data_times=data_times)
     if ctx.rank != 0:
         return
-    if stop == cfg.train.max_steps:
+    if stop == cfg.train.steps:
         save_export(tr.model, cfg, run / "export", extra={"step": stop})
     doc = {"final": final, "params": tr.counts, "timing": timing, "world_size": ctx.world_size,
            "steps": read_jsonl_last(run / "steps.jsonl"),
@@ -285,8 +285,8 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
         vcfg.data.path = str(Path(vcfg.data.path).resolve())
     t = vcfg.train
     stage = RunDir(t.out)  # a URI run directory is written in a local staging copy, then pushed
-    if t.resume_from:
-        t.resume_from = resolve(t.resume_from)
+    if t.resume:
+        t.resume = resolve(t.resume)
     vcfg, _ = prepare_run(vcfg, stage.local, log, name=str(stage))
     stage.push()
     storage = resolve(t.storage_path) if t.storage_path else str(stage.loc / "ray")

@@ -96,23 +96,23 @@ class VLMTrainConfig:
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    global_batch_size: int = 16
+    global_batch: int = 16
     """Samples per optimizer step over all workers; per-worker micro batch = global / (workers x accum)."""
     grad_accum: int = 1
-    max_steps: int = 300
+    steps: int = 300
     """Optimizer steps (epochs follow from the data size; the order is reshuffled per epoch)."""
     lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
-    """Cosine decays to lr x min_lr_ratio at max_steps."""
-    grad_clip: float = 1.0
+    """Cosine decays to lr x min_lr_ratio at the last step."""
+    clip: float = 1.0
     bf16: bool = True
     """bf16 autocast (CUDA only; CPU always runs fp32)."""
     eval_every: int = 100
     """Quick eval (first `quick_eval_size` eval samples) every K steps; 0 = never."""
     quick_eval_size: int = 32
-    checkpoint_every: int = 100
+    ckpt_every: int = 100
     """Checkpoint (and full eval + golden dump) every K steps and at the end."""
     eval_batch_size: int = 32
     seed: int = 0
@@ -124,13 +124,13 @@ class VLMTrainConfig:
     """Ray Train storage for the run's checkpoints: '' = <out>/ray, or a shared-FS path or an
     object-store URI (s3://bucket/prefix, gs://...). Launching a run on a storage_path that already
     holds checkpoints of it continues from the latest one."""
-    resume_from: Optional[str] = None
+    resume: Optional[str] = None
     """A checkpoint directory (path or URI) to continue from (otherwise the run's own latest, if any)."""
     max_failures: int = 1
     """Ray Train FailureConfig: restarts from the last checkpoint after a worker dies."""
     stop_after: Optional[int] = None
-    """Stop (after a checkpoint) once this step is done, keeping the max_steps schedule; continue
-    later with resume_from. None = run to max_steps."""
+    """Stop (after a checkpoint) once this step is done, keeping the schedule of `steps`; continue
+    later with resume. None = run all `steps`."""
     fail_at_step: Optional[int] = None
     """Testing aid: rank 0 kills its own process (SIGKILL) once at this step (marker `<out>/.failed_once`)."""
     hold_at_step: Optional[int] = None
@@ -153,7 +153,7 @@ class VLMAblationConfig:
 class VLMSweepConfig:
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
     layernorm: list[bool] = field(default_factory=lambda: [False, True])
-    max_steps: int = 60
+    steps: int = 60
     """Steps per trial (trials run in-process on 1 worker)."""
     cpus_per_trial: float = 1.0
     max_concurrent: int = 2

@@ -221,10 +221,10 @@ class StepSampler:
 
     def __init__(self, n: int, global_batch: int, world: int, accum: int, seed: int):
         if global_batch % (world * accum):
-            raise VLMDataError(f"global_batch_size {global_batch} is not divisible by workers x grad_accum "
+            raise VLMDataError(f"global_batch {global_batch} is not divisible by workers x grad_accum "
                                f"= {world} x {accum}")
         if n < global_batch:
-            raise VLMDataError(f"{n} training samples < global_batch_size {global_batch}")
+            raise VLMDataError(f"{n} training samples < global_batch {global_batch}")
         self.n, self.b, self.world, self.accum, self.seed = n, global_batch, world, accum, seed
         self.per_micro = global_batch // (world * accum)
         self.steps_per_epoch = n // global_batch  # drop the ragged tail: equal batches on every rank

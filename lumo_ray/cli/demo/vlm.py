@@ -24,9 +24,9 @@ def demo_config(out_dir: Path, llava_dir: Path) -> VLMConfig:
     cfg.data.eval_size = EVAL_SIZE
     cfg.ablation.n = EVAL_SIZE
     cfg.train.out = str(Path(out_dir) / "vlm_run")
-    cfg.train.max_steps = 200
+    cfg.train.steps = 200
     cfg.train.lr = 3e-3  # at 1e-2 the connector learned that an image is there, not which (shuffled gap +0.03)
-    cfg.train.checkpoint_every = 100
+    cfg.train.ckpt_every = 100
     cfg.train.eval_every = 50
     cfg.train.log_every = 50
     return cfg
