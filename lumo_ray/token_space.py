@@ -122,12 +122,16 @@ class TokenSpace:
         d["hash"] = self.hash
         return d
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def save(self, out_dir: Any) -> Any:
+        """token_space.json + token_space.sha256 into a folder (a path or an object-store URI);
+        returns the json file's Path when local, else its URI."""
+        from .storage import locate, where
+
+        out = locate(out_dir)
+        out.mkdir()
         (out / "token_space.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
         (out / "token_space.sha256").write_text(self.hash + "\n")
-        return out / "token_space.json"
+        return where(out / "token_space.json")
 
     @classmethod
     def from_json(cls, d: dict) -> "TokenSpace":

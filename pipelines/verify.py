@@ -11,7 +11,7 @@ import numpy as np
 import ray
 
 from lumo_ray.codecs.base import AudioCodes
-from lumo_ray.config import LumoConfig, load_config
+from lumo_ray.config import LumoConfig, dump_config, load_config
 from lumo_ray.data.manifest import read_manifest
 from lumo_ray.data.shards import iter_tar, load_index, sample_key
 from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, plan_units
@@ -21,7 +21,6 @@ from lumo_ray.storage import PathLike, local_file, locate
 from lumo_ray.token_space import TokenSpace
 
 from .ray_env import init_ray
-from .tokenize import dump_config_at
 
 
 def _check_row(row: dict) -> dict:
@@ -78,7 +77,7 @@ def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifes
                baseline: str | None = None, write_baseline: bool = False, address: str | None = None,
                log=print) -> dict:
     shards_dir, out = locate(shards_dir), locate(out_dir)
-    dump_config_at(cfg, out)
+    dump_config(cfg, out)
     vcfg = cfg.data.verify
     checks: dict[str, dict] = {}
     index = load_index(shards_dir)
