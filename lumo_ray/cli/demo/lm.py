@@ -64,28 +64,17 @@ def step_runner(steps: dict, tag: str, log):
 def build_synth_shards(out: Path, n_images: int = 48, n_audio: int = 48, seed: int = 0,
                        overrides: list[str] | None = None, log=print,
                        config: str | Path | None = None) -> tuple[Path, Path, LumoConfig]:
-    """write_synth -> normalize (llava_pretrain, audiocaps) -> one manifest -> tokenize. Reuses a
-    finished build in `out` (index.json present). Returns (shards_dir, manifest, cfg): `config`
-    (a YAML file; default the tiny preset) with the demo's data settings and DEMO_TRAINING on top,
-    then `overrides`."""
-    from pipelines.normalize import run_normalize
-    from pipelines.tokenize import run_tokenize
-
-    from ...data.manifest import read_manifest, write_manifest
-    from ...data.synth import write_synth
+    """The demo's synthetic shards (data.synth_to_shards), reused when `out` holds a finished build
+    (index.json present). Returns (shards_dir, manifest, cfg): `config` (a YAML file; default the tiny
+    preset) with the demo's data settings and DEMO_TRAINING on top, then `overrides`."""
+    from .data import synth_to_shards
 
     cfg = load_config(LumoConfig, config, DEMO_DATA + DEMO_TRAINING + list(overrides or []))
     out = Path(out)
     shards, manifest = out / "shards", out / "manifest.jsonl"
     if (shards / "index.json").exists() and manifest.exists():
         return shards, manifest, cfg
-    write_synth(out / "synth", n_images, n_audio, seed=seed)
-    recs = []
-    for src, sub in (("llava_pretrain", "llava_pretrain"), ("audiocaps", "audiocaps")):
-        run_normalize(src, out / "synth" / sub, out / f"norm_{src}", cfg.data.normalize)
-        recs += read_manifest(out / f"norm_{src}" / "manifest.jsonl")[0]
-    write_manifest(recs, manifest)
-    run_tokenize(manifest, cfg, shards, log=log)
+    shards, manifest, _ = synth_to_shards(out, n_images, n_audio, seed, cfg, log=log)
     return shards, manifest, cfg
 
 

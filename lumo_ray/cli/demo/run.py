@@ -5,7 +5,6 @@ Each stage prints progress, writes into its own folder under the demo directory,
 """
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
@@ -16,9 +15,9 @@ import soundfile as sf
 from PIL import Image
 
 from ...config import LumoConfig, dump_config
-from ...data.shard_reader import ShardDataset
 from ...eval import report
 from ...eval.gate_rows import LOOK_AT, stage_gates
+from ...eval.report_sections import stage_section
 from ...runtime import torch_threads
 
 
@@ -62,55 +61,29 @@ def stage_uti(cfg: LumoConfig, out: Path, log) -> dict:
     for r in rows:
         log(f"  {r['modality']:5s} {r['tokens']:4d} tokens  {r['input']}")
     (out / "samples.json").write_text(json.dumps(rows, indent=2) + "\n")
-    table = "".join(f"<tr><td>{r['modality']}</td><td>{html.escape(str(r['input']))}</td><td>{r['tokens']}</td>"
-                    f"<td>{r['first_ids']}</td></tr>" for r in rows)
-    media = report.media_block(sorted(out.glob("*.input.*")) + sorted(out.glob("*.decoded.*")))
     return {"pass": all(r.get("roundtrip", True) for r in rows), "token_space_hash": ts.hash,
-            "total_ids": ts.total, "samples": len(rows),
-            "_html": f"<pre>{html.escape(ts.table())}</pre><table><tr><th>modality</th><th>input</th><th>tokens</th>"
-                     f"<th>first ids</th></tr>{table}</table><p>Real inputs and their decodes (tiny random codecs):</p>{media}"}
+            "total_ids": ts.total, "samples": len(rows)}
 
 
 def stage_audit(cfg: LumoConfig, out: Path, log) -> dict:
     from ...eval.audit import run_audit
     rep = run_audit(cfg, out, write_baseline=True, log=log)
     failed = [k for k, v in rep["checks"].items() if not v]
-    checks = "".join(f"<li>{'PASS' if v else 'FAIL'} {html.escape(k)}</li>" for k, v in rep["checks"].items())
-    snr = {k.split("/")[-1][:14]: v["snr_db"] for k, v in rep["per_input"].items() if v.get("snr_db") is not None}
     return {"pass": rep["pass"], "failed_checks": failed,
-            **{k: round(v, 4) for k, v in rep["metrics"].items() if v is not None},
-            "_html": f"<ul>{checks}</ul>" + report.bar_chart("audio SNR per input, tiny codec", snr, width=640, unit="SNR (dB)")}
+            **{k: round(v, 4) for k, v in rep["metrics"].items() if v is not None}}
 
 
 def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
     """synth -> normalize (images, audio) -> one manifest -> tokenize -> verify."""
-    from pipelines.normalize import run_normalize
-    from pipelines.tokenize import run_tokenize
     from pipelines.verify import run_verify
 
-    from ...data.manifest import read_manifest, write_manifest
-    from ...data.synth import write_synth
-    write_synth(out / "synth", cfg.demo.images, cfg.demo.audio, seed=cfg.demo.seed)
-    recs = []
-    for src in ("llava_pretrain", "audiocaps"):
-        run_normalize(src, out / "synth" / src, out / f"normalize_{src}", cfg.data.normalize, address)
-        recs += read_manifest(out / f"normalize_{src}" / "manifest.jsonl")[0]
-    write_manifest(recs, out / "manifest.jsonl")
-    summary = run_tokenize(out / "manifest.jsonl", cfg, out / "shards", address=address, log=log)
-    rep = run_verify(out / "shards", cfg, out / "verify", write_baseline=True, address=address, log=log)
+    from .data import synth_to_shards
+    shards, _, summary = synth_to_shards(out, cfg.demo.images, cfg.demo.audio, cfg.demo.seed, cfg, address, log)
+    rep = run_verify(shards, cfg, out / "verify", write_baseline=True, address=address, log=log)
     for k, v in rep["checks"].items():
         log(f"  {'PASS' if v['pass'] else 'FAIL'}  {k}: {v['summary']}")
-    lengths: dict[str, list[int]] = {}
-    for split in ("train", "eval"):
-        for smp in ShardDataset(out / "shards", split, shuffle=False):
-            for k, v in smp["json"]["lengths"].items():
-                lengths.setdefault(k, []).append(v)
-    checks = "".join(f"<li>{'PASS' if v['pass'] else 'FAIL'} {html.escape(k)}: {html.escape(v['summary'])}</li>"
-                     for k, v in rep["checks"].items())
-    hists = "".join(report.histogram(f"{k} tokens per sample", v) for k, v in sorted(lengths.items()))
     return {"pass": rep["pass"], "records": summary["samples"], "errors": summary["errors"],
-            "shards": rep["shards"], "retokenized": rep["checks"]["retokenize"].get("n"),
-            "_html": f"<ul>{checks}</ul>{hists}"}
+            "shards": rep["shards"], "retokenized": rep["checks"]["retokenize"].get("n")}
 
 
 def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
@@ -120,17 +93,9 @@ def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
     write_synth(out / "synth", cfg.demo.vlm_images, 0, seed=cfg.demo.seed)
     res = run_vlm_demo(out, out / "synth" / "llava_pretrain", log=log, address=address)
     m = res["metrics"]
-    curves = {}
-    mpath = Path(res["run_dir"]) / "metrics.json"
-    if mpath.exists():
-        mj = json.loads(mpath.read_text())
-        curves["train loss"] = [(h["step"], h["loss"]) for h in mj.get("steps", [])]
-        curves["eval loss"] = [(e["step"], e["loss"]) for e in mj.get("evals", []) if e.get("loss") is not None]
     return {"pass": res["pass"], "eval_loss": _r(m.get("eval_loss")), "steps": m.get("steps"),
             **{f"loss_{k}": _r(v) for k, v in m["ablation_mean_loss"].items()},
-            **{f"win_{k}": _r(v) for k, v in m["ablation_win_rate"].items()},
-            "_html": report.line_chart("VLM loss", curves, ylabel="nats per caption token") +
-            report.bar_chart("VLM ablation: mean caption loss", m["ablation_mean_loss"], unit="nats / token")}
+            **{f"win_{k}": _r(v) for k, v in m["ablation_win_rate"].items()}}
 
 
 def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str | None = None,
@@ -142,17 +107,8 @@ def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str |
                                                 seed=cfg.demo.seed, config=config, overrides=sets, log=log)
     res = run_lm_demo(out, shards, manifest, lcfg, log=log)
     st = res["stages"]
-    flat = {f"{k}_pass": v["pass"] for k, v in st.items()}
-    bars = {}
-    for m, r in st.get("modality_ablation", {}).items():
-        if isinstance(r, dict):
-            bars.update({f"{m} {k}": v.get("gap", v.get("mean_gap")) for k, v in r.items()
-                         if isinstance(v, dict) and isinstance(v.get("gap", v.get("mean_gap")), (int, float))})
-    # the verdicts are the gate table above this section (eval/gate_rows.py); the chart shows the gaps
-    return {"pass": res["pass"], **flat, "_run": str(out / "token_lm"), "_shards": str(shards),
-            "_base": str(out / "lm" / "export"),
-            "_html": report.bar_chart("3.3 modality ablation: caption-loss gap per condition", bars, width=640,
-                                      unit="nats per caption token")}
+    return {"pass": res["pass"], **{f"{k}_pass": v["pass"] for k, v in st.items()}, "_run": str(out / "token_lm"),
+            "_shards": str(shards), "_base": str(out / "lm" / "export")}
 
 
 def stage_mmpt(cfg: LumoConfig, out: Path, log, address: str | None, init_run: str, shards: str, base: str,
@@ -161,36 +117,10 @@ def stage_mmpt(cfg: LumoConfig, out: Path, log, address: str | None, init_run: s
     checkpoint, the modality ablation (reading still works) and generation fidelity on the stage-4 run."""
     from .lm import DEMO_DATA
     from .mmpt import mmpt_demo_config, run_mmpt_demo
-    from ...eval.golden import golden_html
     mcfg = mmpt_demo_config(DEMO_DATA, config, sets)
     res = run_mmpt_demo(out, Path(shards), Path(init_run), Path(base), mcfg, log=log, address=address)
-    st = res["stages"]
-    tr = st.get("train", {})
-    curves: dict[str, list] = {}
-    for e in tr.get("evals", []):
-        for k, v in e.items():
-            if k.startswith("eval_") and k != "eval_loss":
-                curves.setdefault(f"eval {k[5:]}", []).append((e["step"], v))
-    losses = "".join(f"<tr><td>{t}</td><td>{tr.get('train', {}).get(t, '-')}</td><td>{v}</td></tr>"
-                     for t, v in tr.get("eval", {}).items())
-    fid = st.get("fidelity", {}).get("attributes", {})
-    fid_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{_r(v.get(c), 3)}</td>" for c in ("chance", "ceiling", "generated", "swapped"))
-        + f"<td>{'gated: ' + ('PASS' if v.get('pass') else 'FAIL') if v.get('gated') else 'reported'}</td></tr>"
-        for k, v in fid.items())
-    grids = "".join(golden_html(out / "mmpt" / g, f"golden generations, {g.split('/')[-1].replace('_', ' ')}")
-                    for g in tr.get("golden", [])[-2:])
-    verdicts = "".join(f"<li>{'PASS' if v['pass'] else 'FAIL'} {html.escape(k)}"
-                       + (f": {html.escape(v['error'])}" if "error" in v else "") + "</li>" for k, v in st.items())
-    return {"pass": res["pass"], **{f"{k}_pass": v["pass"] for k, v in st.items()},
-            "_run": res["run"], "_shards": shards,
-            "_html": f"<ul>{verdicts}</ul><p>Text invariance does not apply: stage 4 trains beyond the new rows "
-                     f"(freeze={mcfg.token_lm.freeze}), so text logits change by design.</p>"
-                     f"<table><tr><th>task</th><th>train loss (last interval)</th><th>eval loss</th></tr>{losses}</table>"
-                     + report.line_chart("stage-4 eval loss per task", curves, ylabel="nats per target token")
-                     + (f"<table><tr><th>attribute</th><th>chance</th><th>real eval (ceiling)</th><th>generated</th>"
-                        f"<th>swapped caption</th><th>verdict</th></tr>{fid_rows}</table>" if fid_rows else "")
-                     + grids}
+    return {"pass": res["pass"], **{f"{k}_pass": v["pass"] for k, v in res["stages"].items()},
+            "_run": res["run"], "_shards": shards}
 
 
 # The generate stage's captions: two per media task, in the synthetic set's caption grammar.
@@ -203,27 +133,12 @@ def stage_generate(cfg: LumoConfig, out: Path, log, run_dir: str, shards: str) -
     from ...eval.gates import run_decode_gate, run_prompt_gate
     from ...generate import generate, load_run
     run = load_run(run_dir)
-    files, captions = [], []
     for task, prompt in GENERATE_PROMPTS:
-        rows = generate(run, task, out / task / prompt.replace(" ", "_"), prompt=prompt, n=2, log=log)
-        for i, r in enumerate(rows, 1):
-            if r.get("file"):
-                files.append(Path(r["file"]))
-                captions.append(f"{task}: {prompt} (sample {i})")
+        generate(run, task, out / task / prompt.replace(" ", "_"), prompt=prompt, n=2, log=log)
     dec = run_decode_gate(run, out / "gate_decode", n=cfg.demo.gate_n, log=log)
     pr = run_prompt_gate(run, out / "gate_prompts", shards=shards, log=log)
-    rows = "".join(f"<tr><td>{t}</td><td>{r['n']}</td><td>{_r(r.get('swapped', {}).get('win'), 2)}</td>"
-                   f"<td>{_r(r.get('empty', {}).get('win'), 2)}</td><td>{'PASS' if r['pass'] else 'FAIL'}</td></tr>"
-                   for t, r in pr["tasks"].items())
     return {"pass": dec["pass"] and pr["pass"], "decode_gate": dec["pass"], "prompt_gate": pr["pass"],
-            **{f"{t}_win_swapped": _r(r.get("swapped", {}).get("win"), 3) for t, r in pr["tasks"].items()},
-            "_html": f"<p>decode compliance {'PASS' if dec['pass'] else 'FAIL'} ({cfg.demo.gate_n} golden prompts per task); "
-                     f"prompt ablation {'PASS' if pr['pass'] else 'FAIL'} (win rate of the true caption's target loss: "
-                     f"&ge; {pr['thresholds']['win_swapped']} vs a swapped caption, &ge; {pr['thresholds']['win_empty']} vs none)</p>"
-                     f"<table><tr><th>task</th><th>n</th><th>win vs swapped</th><th>win vs empty</th><th>verdict</th></tr>{rows}</table>"
-                     "<p>Generated by the stage-4 run for fixed captions, two samples each (the captions name what "
-                     "a trained run draws: colour, shape, count and place; beep count, length and pitch):</p>"
-                     f'<div class="gen-grid">{report.media_block(files, captions)}</div>'}
+            **{f"{t}_win_swapped": _r(r.get("swapped", {}).get("win"), 3) for t, r in pr["tasks"].items()}}
 
 
 def _needs(ctx: dict, stage: str, *keys: str) -> list:
@@ -269,8 +184,8 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
         except Exception as e:  # a crashed stage is a failed stage; the rest still runs
             res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
-        sections.append((name, res.pop("_html", "")))
-        try:  # every gate's statistic, threshold and verdict, read back from the reports the stage wrote
+        try:  # the section and every gate's statistic, threshold and verdict, read back from the stage's files
+            sections.append((name, stage_section(name, d)))
             gates += [{"stage": name, **g} for g in stage_gates(name, d)]
         except Exception as e:  # a report that does not parse must not hide the stage's own verdict
             gates.append({"stage": name, "gate": "report", "statistic": f"{type(e).__name__}: {e}"[:200],

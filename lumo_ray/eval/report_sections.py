@@ -1,0 +1,146 @@
+"""The demo report's section per stage, built from the files the stage wrote in its folder (as
+gate_rows reads the gates back), so a stage returns data and report.html can be rebuilt from a run.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from . import report
+
+
+def _load(p: Path) -> Any:
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _r(v, n: int = 3):
+    return round(v, n) if isinstance(v, float) else v
+
+
+def _mark(ok: Any) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def uti_section(d: Path) -> str:
+    from ..token_space import TokenSpace
+
+    rows = _load(d / "samples.json") or []
+    table = "".join(f"<tr><td>{r['modality']}</td><td>{html.escape(str(r['input']))}</td><td>{r['tokens']}</td>"
+                    f"<td>{r['first_ids']}</td></tr>" for r in rows)
+    ts = TokenSpace.load(d / "token_space.json").table() if (d / "token_space.json").exists() else ""
+    media = report.media_block(sorted(d.glob("*.input.*")) + sorted(d.glob("*.decoded.*")))
+    return (f"<pre>{html.escape(ts)}</pre><table><tr><th>modality</th><th>input</th><th>tokens</th><th>first ids</th>"
+            f"</tr>{table}</table><p>Real inputs and their decodes (tiny codecs):</p>{media}")
+
+
+def audit_section(d: Path) -> str:
+    rep = _load(d / "report.json") or {"checks": {}, "per_input": {}}
+    checks = "".join(f"<li>{_mark(v)} {html.escape(k)}</li>" for k, v in rep["checks"].items())
+    snr = {k.split("/")[-1][:14]: v["snr_db"] for k, v in rep["per_input"].items() if v.get("snr_db") is not None}
+    return f"<ul>{checks}</ul>" + report.bar_chart("audio SNR per input, tiny codec", snr, width=640, unit="SNR (dB)")
+
+
+def data_section(d: Path) -> str:
+    from ..data.shard_reader import ShardDataset
+
+    rep = _load(d / "verify" / "report.json") or {"checks": {}}
+    checks = "".join(f"<li>{_mark(v['pass'])} {html.escape(k)}: {html.escape(v['summary'])}</li>"
+                     for k, v in rep["checks"].items())
+    lengths: dict[str, list[int]] = {}
+    if (d / "shards" / "index.json").exists():
+        for split in ("train", "eval"):
+            for smp in ShardDataset(d / "shards", split, shuffle=False):
+                for k, v in smp["json"]["lengths"].items():
+                    lengths.setdefault(k, []).append(v)
+    hists = "".join(report.histogram(f"{k} tokens per sample", v) for k, v in sorted(lengths.items()))
+    return f"<ul>{checks}</ul>{hists}"
+
+
+def vlm_section(d: Path) -> str:
+    mj = _load(d / "vlm_run" / "metrics.json") or {}
+    curves = {"train loss": [(h["step"], h["loss"]) for h in mj.get("steps", [])],
+              "eval loss": [(e["step"], e["loss"]) for e in mj.get("evals", []) if e.get("loss") is not None]}
+    mean = (_load(d / "vlm_ablation" / "ablation.json") or {}).get("mean_loss", {})
+    order = ["correct", "shuffled", "zero", "noise"]  # the ablation's order: the image, then ever less of it
+    bars = {k: mean[k] for k in sorted(mean, key=lambda k: (order.index(k) if k in order else len(order), k))}
+    return (report.line_chart("VLM loss", curves, ylabel="nats per caption token")
+            + report.bar_chart("VLM ablation: mean caption loss", bars, unit="nats / token"))
+
+
+def lm_section(d: Path) -> str:
+    st = (_load(d / "lm_demo.json") or {}).get("stages", {})
+    bars = {}
+    for m, r in st.get("modality_ablation", {}).items():
+        if isinstance(r, dict):
+            bars.update({f"{m} {k}": v.get("gap", v.get("mean_gap")) for k, v in r.items()
+                         if isinstance(v, dict) and isinstance(v.get("gap", v.get("mean_gap")), (int, float))})
+    # the verdicts are the gate table above the sections (eval/gate_rows.py); the chart shows the gaps
+    return report.bar_chart("3.3 modality ablation: caption-loss gap per condition", bars, width=640,
+                            unit="nats per caption token")
+
+
+def mmpt_section(d: Path) -> str:
+    import yaml
+
+    from .golden import golden_html
+
+    st = (_load(d / "mmpt_demo.json") or {}).get("stages", {})
+    tr = st.get("train", {})
+    curves: dict[str, list] = {}
+    for e in tr.get("evals", []):
+        for k, v in e.items():
+            if k.startswith("eval_") and k != "eval_loss":
+                curves.setdefault(f"eval {k[5:]}", []).append((e["step"], v))
+    losses = "".join(f"<tr><td>{t}</td><td>{tr.get('train', {}).get(t, '-')}</td><td>{v}</td></tr>"
+                     for t, v in tr.get("eval", {}).items())
+    fid_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{_r(v.get(c))}</td>" for c in ("chance", "ceiling", "generated", "swapped"))
+        + f"<td>{'gated: ' + _mark(v.get('pass')) if v.get('gated') else 'reported'}</td></tr>"
+        for k, v in st.get("fidelity", {}).get("attributes", {}).items())
+    grids = "".join(golden_html(d / "mmpt" / g, f"golden generations, {g.split('/')[-1].replace('_', ' ')}")
+                    for g in tr.get("golden", [])[-2:])
+    verdicts = "".join(f"<li>{_mark(v['pass'])} {html.escape(k)}" + (f": {html.escape(v['error'])}" if "error" in v else "")
+                       + "</li>" for k, v in st.items())
+    cfg = yaml.safe_load((d / "mmpt" / "config.yaml").read_text()) if (d / "mmpt" / "config.yaml").exists() else {}
+    freeze = (cfg or {}).get("token_lm", {}).get("freeze", "?")
+    return (f"<ul>{verdicts}</ul><p>Text invariance does not apply: stage 4 trains beyond the new rows "
+            f"(freeze={html.escape(str(freeze))}), so text logits change by design.</p>"
+            f"<table><tr><th>task</th><th>train loss (last interval)</th><th>eval loss</th></tr>{losses}</table>"
+            + report.line_chart("stage-4 eval loss per task", curves, ylabel="nats per target token")
+            + (f"<table><tr><th>attribute</th><th>chance</th><th>real eval (ceiling)</th><th>generated</th>"
+               f"<th>swapped caption</th><th>verdict</th></tr>{fid_rows}</table>" if fid_rows else "")
+            + grids)
+
+
+def generate_section(d: Path) -> str:
+    dec = _load(d / "gate_decode" / "report.json") or {}
+    pr = _load(d / "gate_prompts" / "report.json") or {"tasks": {}, "thresholds": {}}
+    thr = pr["thresholds"]
+    rows = "".join(f"<tr><td>{t}</td><td>{r['n']}</td><td>{_r(r.get('swapped', {}).get('win'), 2)}</td>"
+                   f"<td>{_r(r.get('empty', {}).get('win'), 2)}</td><td>{_mark(r['pass'])}</td></tr>"
+                   for t, r in pr["tasks"].items())
+    files, captions = [], []
+    for g in sorted(d.glob("t2*/*/generations.jsonl"), key=lambda g: (g.parts[-3] != "t2i", g)):  # images first
+        for r in map(json.loads, g.read_text().splitlines()):
+            if r.get("file"):
+                files.append(g.parent / Path(r["file"]).name)
+                captions.append(f"{r['task']}: {r['prompt']} (sample {r['index'] + 1})")
+    return (f"<p>decode compliance {_mark(dec.get('pass'))} ({dec.get('n', '?')} golden prompts per task); "
+            f"prompt ablation {_mark(pr.get('pass'))} (win rate of the true caption's target loss: "
+            f"&ge; {thr.get('win_swapped')} vs a swapped caption, &ge; {thr.get('win_empty')} vs none)</p>"
+            f"<table><tr><th>task</th><th>n</th><th>win vs swapped</th><th>win vs empty</th><th>verdict</th></tr>{rows}</table>"
+            "<p>Generated by the stage-4 run for fixed captions, two samples each (the captions name what "
+            "a trained run draws: colour, shape, count and place; beep count, length and pitch):</p>"
+            f'<div class="gen-grid">{report.media_block(files, captions)}</div>')
+
+
+SECTIONS = {"uti": uti_section, "audit": audit_section, "data": data_section, "vlm": vlm_section,
+            "lm": lm_section, "mmpt": mmpt_section, "generate": generate_section}
+
+
+def stage_section(stage: str, d: Path) -> str:
+    """The HTML of one stage's section, from its folder; a stage without a builder has none."""
+    fn = SECTIONS.get(stage)
+    return fn(Path(d)) if fn else ""
