@@ -85,11 +85,11 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     from .tune_study import fit_study, write_results
 
     ps = cfg.token_lm.prompt_study
-    stage = RunDir(ps.out)  # a URI study directory: results are written locally, then pushed
-    out = stage.local
-    storage = resolve(ps.storage_path) if ps.storage_path else str(stage)
+    study = RunDir(ps.out)  # a URI study directory: results are written locally, then pushed
+    out = study.local
+    storage = resolve(ps.storage_path) if ps.storage_path else str(study)
     cfg = copy.deepcopy(cfg)
-    cfg.token_lm.out = str(stage.loc / "base_run")
+    cfg.token_lm.out = str(study.loc / "base_run")
     prepare_run(cfg)  # absolute shard / base paths for the trial workers
     dump_config(cfg, out)
     ts = run_token_space(cfg)
@@ -106,7 +106,7 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
                      "dir": str(locate(storage) / "study" / Path(r.path).name)})
     rows.sort(key=lambda x: -(x["objective"] if x["objective"] == x["objective"] else -1e9))
     ok = [r for r in rows if r.get("text_invariance") and r["objective"] == r["objective"] and r["objective"] > -1]
-    res = write_results(rows, ok[0] if ok else None, cfg, out, AXES, apply_choices, log=log, name=str(stage),
+    res = write_results(rows, ok[0] if ok else None, cfg, out, AXES, apply_choices, log=log, name=str(study),
                         title="Prompt study", rule="objective = min over modalities of the relative noise gap "
                                                    "(text invariance required)", none="no trial passed text invariance")
     # the study passes when its best trial's model reads its media (the modality ablation, on the
@@ -116,6 +116,6 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
         log(f"prompt study FAIL: the best trial ({res['best']['trial']}) fails the modality ablation")
     with open(out / "results.md", "a") as fh:
         fh.write(f"\n**verdict**: {'PASS' if reads else 'FAIL'} (the best trial must pass the modality ablation)\n")
-    stage.push()
-    stage.discard()
-    return {**res, "pass": reads, "out": str(stage)}
+    study.push()
+    study.discard()
+    return {**res, "pass": reads, "out": str(study)}

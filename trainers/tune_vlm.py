@@ -1,4 +1,4 @@
-"""`lumo tune vlm`: Ray Tune grid over learning rate x vision LayerNorm (stage 1.1 LR sweep).
+"""`lumo tune vlm`: Ray Tune grid over learning rate x vision LayerNorm (trial 1.1 LR sweep).
 
 Each trial is a Tune *function trainable* that runs the VLM loop in-process on 1 worker (passing a
 TorchTrainer to Tuner is deprecated) in its own directory <out>/trials/<name> (a URI `out` is staged
@@ -37,17 +37,17 @@ def trial_fn(config: dict) -> None:
     torch.set_num_threads(1)
     cfg = build(VLMConfig, config["vlm"], "trial config", prefix="vlm.")
     cfg.train.lr, cfg.vision.layernorm = float(config["lr"]), bool(config["layernorm"])
-    stage = RunDir(locate(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm))
-    cfg.train.out = str(stage)
-    cfg, run = prepare_run(cfg, stage.local, log=lambda *_: None)  # llm.model: the shared warm-up, path or URI
+    trial = RunDir(locate(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm))
+    cfg.train.out = str(trial)
+    cfg, run = prepare_run(cfg, trial.local, log=lambda *_: None)  # llm.model: the shared warm-up, path or URI
     final = run_loop(cfg, run, LocalContext(), log=lambda *_: None)  # one tune.report per trial, below
     # a sweep scores trials on a small slice (sweep.ablation_n): its checks rank trials, the gate is
     # `lumo eval vlm-ablation` on the chosen run
     rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed,
                                allow_small_n=True)
     write_ablation(rep, run)
-    stage.push()
-    stage.discard()
+    trial.push()
+    trial.discard()
     score = final["eval_loss"] - 0.1 * (rep["delta"]["shuffled"] + rep["delta"]["zero"])
     tune.report({"score": score, "eval_loss": final["eval_loss"], "d_shuffled": rep["delta"]["shuffled"],
                  "d_zero": rep["delta"]["zero"], "d_noise": rep["delta"]["noise"],
@@ -63,22 +63,22 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
     vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
     tracking = cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig()
     sw = vcfg.sweep
-    stage = RunDir(sw.out)  # a URI sweep directory is written in a local staging copy, then pushed
-    out = stage.local
+    sweep = RunDir(sw.out)  # a URI sweep directory is written in a local staging copy, then pushed
+    out = sweep.local
     vcfg.train.steps = sw.steps
     vcfg.train.ckpt_every = sw.steps
     vcfg.train.eval_every = 0
     # text warm-up once, shared by the trials
-    vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(stage.loc / "shared"))
-    stage.push()
+    vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(sweep.loc / "shared"))
+    sweep.push()
     init_ray(address)
     quiet_tune()
     trainable = tune.with_resources(trial_fn, {"cpu": sw.cpus_per_trial})
-    space = {"vlm": to_dict(vcfg), "sweep_dir": str(stage), "ablation_n": sw.ablation_n,
+    space = {"vlm": to_dict(vcfg), "sweep_dir": str(sweep), "ablation_n": sw.ablation_n,
              "lr": tune.grid_search(list(sw.lrs)), "layernorm": tune.grid_search(list(sw.layernorm))}
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(metric="score", mode="min", max_concurrent_trials=sw.max_concurrent),
-                       run_config=tune.RunConfig(**ray_storage(sw.storage_path or stage.loc / "ray"), name="tune", verbose=0,
+                       run_config=tune.RunConfig(**ray_storage(sw.storage_path or sweep.loc / "ray"), name="tune", verbose=0,
                                                  callbacks=[trial_lines(log, "score", len(sw.lrs) * len(sw.layernorm)),
                                                             *study_callbacks(tracking, "vlm sweep")]))
     grid = tuner.fit()
@@ -92,7 +92,7 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
         rows.append({"lr": r.config["lr"], "layernorm": r.config["layernorm"], "score": m["score"],
                      "eval_loss": m["eval_loss"], "d_shuffled": m["d_shuffled"], "d_zero": m["d_zero"],
                      "d_noise": m["d_noise"], "ablation_pass": bool(m["ablation_pass"]),
-                     "trial_dir": str(stage.loc / "trials" / trial_name(r.config["lr"], r.config["layernorm"]))})
+                     "trial_dir": str(sweep.loc / "trials" / trial_name(r.config["lr"], r.config["layernorm"]))})
     rows.sort(key=lambda r: (r["score"] is None, r["score"] if r["score"] is not None else 0.0))
     cols = ["lr", "layernorm", "score", "eval_loss", "d_shuffled", "d_zero", "d_noise", "ablation_pass", "trial_dir"]
     buf = io.StringIO()
@@ -113,6 +113,6 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
         bcfg.train.lr, bcfg.vision.layernorm = float(best["lr"]), bool(best["layernorm"])
         (out / "best_config.yaml").write_text(yaml.safe_dump({"vlm": to_dict(bcfg)}, sort_keys=False))
     (out / "results.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1) + "\n")
-    stage.push()
-    stage.discard()
-    return {"rows": rows, "best": best, "table_md": table, "out": str(stage)}
+    sweep.push()
+    sweep.discard()
+    return {"rows": rows, "best": best, "table_md": table, "out": str(sweep)}

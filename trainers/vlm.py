@@ -88,7 +88,7 @@ class Trainee:
         t = cfg.train
         self.text = build_text(cfg)
         self.model = build_vlm(cfg, self.text, seed=t.seed)
-        self.counts = self.model.apply_stage(t.stage)
+        self.counts = self.model.apply_stage(t.rundir)
         say(f"[vlm] stage {t.stage}: trainable {self.counts['trainable']:,} params (connector), frozen "
             f"{self.counts['frozen']:,} (vision {self.counts['vision']['frozen']:,}, llm {self.counts['llm']['frozen']:,})")
         self.model.to(ctx.device).train()
@@ -284,17 +284,17 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     if vcfg.data.path:  # Ray Train workers run in their own working directory: hand them absolute paths
         vcfg.data.path = str(Path(vcfg.data.path).resolve())
     t = vcfg.train
-    stage = RunDir(t.out)  # a URI run directory is written in a local staging copy, then pushed
+    rundir = RunDir(t.out)  # a URI run directory is written in a local staging copy, then pushed
     if t.resume:
         t.resume = resolve(t.resume)
-    vcfg, _ = prepare_run(vcfg, stage.local, log, name=str(stage))
-    stage.push()
-    storage = resolve(t.storage_path) if t.storage_path else str(stage.loc / "ray")
-    loop_config = {"vlm": to_dict(vcfg), "run_dir": str(stage), "storage": storage, "threads": t.cpus_per_worker,
+    vcfg, _ = prepare_run(vcfg, rundir.local, log, name=str(rundir))
+    rundir.push()
+    storage = resolve(t.storage_path) if t.storage_path else str(rundir.loc / "ray")
+    loop_config = {"vlm": to_dict(vcfg), "run_dir": str(rundir), "storage": storage, "threads": t.cpus_per_worker,
                    "tracking": to_dict(cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig())}
     result = launch(train_func, loop_config, t, storage, "train", address, keep=2)
-    stage.discard()
-    run = stage.loc
+    rundir.discard()
+    run = rundir.loc
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     out = {"run_dir": str(run), "metrics": metrics,
            "checkpoint": result.checkpoint.path if result.checkpoint else None,
