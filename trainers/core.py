@@ -75,9 +75,10 @@ class RayContext(LocalContext):
         import ray.train
         import ray.train.torch
 
-        from pipelines.ray_env import quiet_train_worker
+        from pipelines.ray_env import quiet_actor_exit, quiet_train_worker
 
         quiet_train_worker()
+        quiet_actor_exit()
         self._train = ray.train
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()

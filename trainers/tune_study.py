@@ -36,9 +36,12 @@ def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, score: Calla
     written to score.json and reported to Tune."""
     from ray import tune
 
+    from pipelines.ray_env import quiet_actor_exit
+
     from .core import LocalContext
     from .token_lm import token_lm_loop
 
+    quiet_actor_exit()
     dump_config(cfg, trial_dir)
 
     def hook(step: int, model) -> Optional[dict]:

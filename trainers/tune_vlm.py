@@ -33,7 +33,9 @@ def trial_fn(config: dict) -> None:
     from ray import tune
 
     from lumo_ray.eval.vlm_ablation import ablation_from_export, write_ablation
+    from pipelines.ray_env import quiet_actor_exit
 
+    quiet_actor_exit()
     torch.set_num_threads(1)
     cfg = build(VLMConfig, config["vlm"], "trial config", prefix="vlm.")
     cfg.train.lr, cfg.vision.layernorm = float(config["lr"]), bool(config["layernorm"])
