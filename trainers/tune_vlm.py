@@ -1,4 +1,4 @@
-"""`lumo tune vlm`: Ray Tune grid over learning rate x vision LayerNorm (trial 1.1 LR sweep).
+"""`lumo tune vlm`: Ray Tune grid over learning rate x vision LayerNorm (stage 1.1 LR sweep).
 
 Each trial is a Tune *function trainable* that runs the VLM loop in-process on 1 worker (passing a
 TorchTrainer to Tuner is deprecated) in its own directory <out>/trials/<name> (a URI `out` is staged

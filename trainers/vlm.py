@@ -88,7 +88,7 @@ class Trainee:
         t = cfg.train
         self.text = build_text(cfg)
         self.model = build_vlm(cfg, self.text, seed=t.seed)
-        self.counts = self.model.apply_stage(t.rundir)
+        self.counts = self.model.apply_stage(t.stage)
         say(f"[vlm] stage {t.stage}: trainable {self.counts['trainable']:,} params (connector), frozen "
             f"{self.counts['frozen']:,} (vision {self.counts['vision']['frozen']:,}, llm {self.counts['llm']['frozen']:,})")
         self.model.to(ctx.device).train()
