@@ -103,6 +103,15 @@ def test_demo_training_stages_console(tmp_path, sole_local_ray):
     for task, prompt in GENERATE_PROMPTS:  # two captioned samples per prompt, inline
         assert gen.count(f"<figcaption>{task}: {prompt} (sample") == 2
     assert gen.count("<img src=\"data:image/png;base64,") == 4 and gen.count("<audio controls src=\"data:audio/wav") == 4
+    from test_report_render import CHROMIUM, render
+    if CHROMIUM is None:
+        return  # (the report render tests say so in their skip)
+    dom = render(out / "report.html", tmp_path / "profile")["dom"]  # as a browser shows it
+    imgs = {i["alt"]: i for i in dom["imgs"]}
+    t2i = [f"{t}: {p} (sample {k})" for t, p in GENERATE_PROMPTS if t == "t2i" for k in (1, 2)]
+    assert all(imgs[c]["nw"] == 32 and imgs[c]["box"] == [96, 96] for c in t2i)  # decoded 32 px codec images
+    assert sum(1 for a in dom["audio"] if a["error"] is None and a["duration"] > 0.1) >= 4
+    assert all(c in dom["text"] for c in t2i)
 
 
 def test_console_check_catches_repeats_and_noise():
