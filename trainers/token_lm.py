@@ -302,17 +302,25 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         secs = time.time() - t0
         out = export(raw, ts, run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed,
                                                    "init_scale": c.init_scale}, tok.tokenizer)
-        metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
-                   "eval": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_loss"},
-                   "train_tasks": {k[6:]: v for k, v in metrics.items() if k.startswith("train_") and k != "train_loss"},
-                   "evals": evals, "eval_at_start": start, "golden": golden.dirs if golden is not None else [],
-                   "trainable": ws.counts, "token_space_hash": ts.hash, "steps": step, "seconds": secs,
-                   "tokens_per_s": train_step.tokens * ctx.world_size / max(secs, 1e-9),
-                   "export": str(run.loc / "export") if run.remote else str(out)}
+        metrics = final_metrics(metrics, history, evals, start, golden, ws.counts, ts, step, secs,
+                                train_step.tokens * ctx.world_size, out, run)
         write_json(run_dir / "metrics.json", metrics)
         run.push()
     run.discard()
     return metrics
+
+
+def final_metrics(last_eval: dict, history: list, evals: list, start: dict, golden, counts: dict, ts: TokenSpace,
+                  steps: int, secs: float, tokens: int, out: Path, run: RunDir) -> dict:
+    """metrics.json of a token-LM run: the last eval (overall, per task, train per task), the loss
+    history, every eval, the warm start's eval, golden dirs, trainable counts, throughput, the export."""
+    m = last_eval
+    return {**m, "train_loss": history[-1] if history else None, "loss_history": history,
+            "eval": {k[5:]: v for k, v in m.items() if k.startswith("eval_") and k != "eval_loss"},
+            "train_tasks": {k[6:]: v for k, v in m.items() if k.startswith("train_") and k != "train_loss"},
+            "evals": evals, "eval_at_start": start, "golden": golden.dirs if golden is not None else [],
+            "trainable": counts, "token_space_hash": ts.hash, "steps": steps, "seconds": secs,
+            "tokens_per_s": tokens / max(secs, 1e-9), "export": str(run.loc / "export") if run.remote else str(out)}
 
 
 def train_task_losses(sums: dict[str, list[float]], ctx) -> dict:
