@@ -82,3 +82,18 @@ def s3(tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def sole_local_ray():
+    """A `lumo` subprocess's own local Ray is the only one on the machine while it runs: with several,
+    Ray Train's placement-group cleaner cannot tell which is its cluster and dies with a traceback (Ray
+    2.60; a user running two at once gives --address). The session's Ray, if up, comes back afterwards."""
+    import ray
+
+    was = ray.is_initialized()
+    if was:
+        ray.shutdown()
+    yield
+    if was:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -80,3 +80,8 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
         main(["--debug", *argv])
     with pytest.raises(ValueError, match="expected a JSON list"):
         main([*argv, "--debug"])  # also after the subcommand
+
+
+def test_serve_an_empty_run_directory(tmp_path):
+    p, secs = _lumo("serve", "--run", str(tmp_path))
+    _one_line_error(p, secs, "token-LM run", str(tmp_path), "no config.yaml and export/", "lumo train token-lm")

@@ -1,10 +1,9 @@
 """`lumo demo` runs its stages from any directory on the tiny default, reports where the results are,
-and keeps its console to one line per event (the training stages have their own tests)."""
+and keeps its console to one line per event (what the training stages learn has its own tests; here
+they run shortened for their console and report)."""
 import json
 import subprocess
 import sys
-
-import pytest
 
 
 # What the console of a run must not show: Ray / Train internals, Python warnings, tracebacks. (Not
@@ -22,21 +21,6 @@ def _console_problems(text: str) -> list[str]:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", s).rstrip() for s in text.splitlines()]
     out = [f"twice: {a}" for a, b in zip(lines, lines[1:]) if a and a == b]
     return out + [f"noise: {s}" for s in lines if any(n.lower() in s.lower() for n in NOISE)]
-
-
-@pytest.fixture
-def sole_local_ray():
-    """The demo's own local Ray is the only one on the machine while it runs: with several, Ray Train's
-    placement-group cleaner cannot tell which is its cluster and dies with a traceback (Ray 2.60; a user
-    running two at once gives --address). The session's Ray, if up, comes back afterwards."""
-    import ray
-
-    was = ray.is_initialized()
-    if was:
-        ray.shutdown()
-    yield
-    if was:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 def test_demo_console_is_one_line_per_event_from_any_directory(tmp_path, sole_local_ray):

@@ -273,6 +273,32 @@ class TrackingConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`lumo serve`: a Ray Serve application over a token-LM or stage-4 run (docs/serving.md)."""
+    host: str = "127.0.0.1"
+    """Bind address: this machine only unless told otherwise (0.0.0.0 serves every interface)."""
+    port: int = 8000
+    replicas: int = 1
+    """Serve replicas of the model (each loads the run; Serve restarts a replica that dies)."""
+    cpus_per_replica: float = 1.0
+    token_file: str = ""
+    """A file holding a bearer token: requests must send `Authorization: Bearer <token>` ('' = open)."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body (base64 media included); larger is refused with 413."""
+    max_n: int = 8
+    """Most samples per request."""
+    max_new_tokens: int = 256
+    """Cap of a text answer's length (i2t / a2t `max_new_tokens`); media spans have fixed lengths."""
+    timeout_s: float = 120.0
+    """A generation that takes longer is answered 504 (the replica keeps serving)."""
+    max_batch_size: int = 8
+    """Concurrent requests a replica takes in one batch (@serve.batch); each is generated on its own so
+    its bytes do not depend on what it was batched with."""
+    batch_wait_s: float = 0.01
+    """How long a replica waits to fill a batch."""
+
+
+@dataclass
 class LumoConfig:
     """The whole program's config; each command reads the sections it needs."""
     uti: UTIConfig = field(default_factory=UTIConfig)
@@ -284,3 +310,4 @@ class LumoConfig:
     token_lm: TokenLMConfig = field(default_factory=TokenLMConfig)
     codec: CodecTrainConfig = field(default_factory=CodecTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

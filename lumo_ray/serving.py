@@ -1,0 +1,138 @@
+"""What `lumo serve` answers, without Ray or HTTP: a request body checked field by field, the generation
+it asks for, and the JSON that goes back. serving/app.py puts this behind Ray Serve.
+
+A generation is `lumo generate` in memory: the same prompt building, constrained decoding and media
+files, so for one seed a response carries the bytes `lumo generate` writes (base64). Bad input is a
+`RequestError` naming the field, with the HTTP status it maps to; it never reaches the model.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ServeConfig
+from .generate import TARGET, TASKS, GenOptions, Run
+
+MEDIA_SUFFIX = {"i2t": ".png", "a2t": ".wav"}
+FIELDS = ("task", "prompt", "input", "n", "seed", "temperature", "top_k", "top_p", "max_new_tokens")
+
+
+class RequestError(ValueError):
+    """A request the server refuses: `status` (4xx), the `field` at fault, and why."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.status, self.field, self.message = status, field, message
+
+    def body(self) -> dict:
+        return {"error": {"field": self.field, "message": self.message, "status": self.status}}
+
+
+@dataclass
+class GenRequest:
+    task: str
+    prompt: Optional[str]
+    media: Optional[bytes]
+    n: int
+    opts: GenOptions
+
+
+def _number(d: dict, key: str, kind: type, default: Any, lo: float, hi: float) -> Any:
+    v = d.get(key, default)
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise RequestError(422, key, f"must be an integer, got {json.dumps(v)}")
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        raise RequestError(422, key, f"must be a finite number, got {json.dumps(v)}")
+    if not lo <= v <= hi:
+        raise RequestError(422, key, f"must be in [{lo}, {hi}], got {v}")
+    return kind(v)
+
+
+def parse_request(body: bytes, tasks: list[str], limits: ServeConfig) -> GenRequest:
+    """A POST /v1/generate body -> GenRequest, or RequestError naming the first bad field."""
+    if len(body) > limits.max_body_bytes:
+        raise RequestError(413, "body", f"{len(body)} bytes, over the {limits.max_body_bytes}-byte limit")
+    try:
+        d = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, "body", f"not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise RequestError(400, "body", f"must be a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(FIELDS))
+    if unknown:
+        raise RequestError(422, unknown[0], f"unknown field; fields: {', '.join(FIELDS)}")
+    task = d.get("task")
+    if task not in TASKS:
+        raise RequestError(422, "task", f"{json.dumps(task)} is not a task: one of {', '.join(TASKS)}")
+    if task not in tasks:
+        raise RequestError(422, "task", f"{task} is not served by this run (its tasks: {', '.join(tasks)})")
+    prompt, media = d.get("prompt"), None
+    if task in ("t2i", "t2a"):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError(422, "prompt", f"{task} needs a non-empty caption string")
+        if "input" in d:
+            raise RequestError(422, "input", f"{task} takes a caption prompt, not input media")
+    else:
+        raw = d.get("input")
+        if not isinstance(raw, str) or not raw:
+            raise RequestError(422, "input", f"{task} needs base64 {'PNG' if task == 'i2t' else 'WAV'} bytes")
+        try:
+            media = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(422, "input", "not valid base64") from None
+    n = _number(d, "n", int, 1, 1, limits.max_n)
+    opts = GenOptions(seed=_number(d, "seed", int, 0, 0, 2**31 - 1),
+                      temperature=_number(d, "temperature", float, 1.0, 1e-3, 10.0),
+                      top_k=_number(d, "top_k", int, 0, 0, 100_000),
+                      top_p=_number(d, "top_p", float, 1.0, 1e-3, 1.0))
+    if "max_new_tokens" in d:
+        if TARGET[task] != "text":
+            raise RequestError(422, "max_new_tokens", f"{task} generates a fixed-length {TARGET[task]} span")
+        opts.max_text_tokens = _number(d, "max_new_tokens", int, 0, 2, limits.max_new_tokens)
+    return GenRequest(task, prompt if task in ("t2i", "t2a") else None, media, n, opts)
+
+
+def respond(run: Run, req: GenRequest) -> dict:
+    """Generate as `lumo generate` does (files in a temp dir) and return ids, checks and the result:
+    text, or the PNG / WAV bytes in base64. Undecodable input media is a RequestError (422, input)."""
+    from .codecs.base import MediaError
+    from .generate import generate
+
+    with tempfile.TemporaryDirectory(prefix="lumo-serve-") as tmp:
+        src = None
+        if req.media is not None:
+            src = Path(tmp) / f"input{MEDIA_SUFFIX[req.task]}"
+            src.write_bytes(req.media)
+        try:
+            rows = generate(run, req.task, Path(tmp) / "out", prompt=req.prompt, input_path=src, n=req.n,
+                            opts=req.opts, log=lambda *a, **k: None)
+        except (MediaError, OSError, RuntimeError) as e:
+            if src is None:
+                raise
+            why = str(e).replace(str(src), "the input")  # the temp path means nothing to the client
+            raise RequestError(422, "input", f"not a decodable {'image' if req.task == 'i2t' else 'audio'} "
+                                             f"file: {why}") from None
+        out = []
+        for r in rows:
+            item = {"index": r["index"], "ids": r["ids"], "ok": r["ok"], "check": r["check"]}
+            if r.get("text") is not None:
+                item["text"] = r["text"]
+            elif r.get("file"):
+                key = "png_base64" if TARGET[req.task] == "image" else "wav_base64"
+                item[key] = base64.b64encode(Path(r["file"]).read_bytes()).decode()
+            out.append(item)
+    return {"task": req.task, "n": req.n, "options": asdict(req.opts), "results": out}
+
+
+def model_info(run: Run, tasks: list[str], limits: ServeConfig) -> dict:
+    """GET /v1/model: what the server loaded and accepts."""
+    return {"run": run.name, "token_space_hash": run.ts.hash, "token_space_match": run.hash_match,
+            "tasks": tasks, "vocab": run.ts.padded_size,
+            "limits": {k: getattr(limits, k) for k in ("max_body_bytes", "max_n", "max_new_tokens", "timeout_s")},
+            "batching": {"max_batch_size": limits.max_batch_size, "batch_wait_s": limits.batch_wait_s}}

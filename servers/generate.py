@@ -1,0 +1,124 @@
+"""`lumo serve`: a token-LM or stage-4 run behind Ray Serve (HTTP).
+
+Thin: lumo_ray/serving.py checks a request and generates; this file routes HTTP to it, batches
+concurrent requests per replica (@serve.batch), bounds each generation by a timeout, and maps a
+refused request to its 4xx JSON. GET /health, GET /v1/model, POST /v1/generate.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from lumo_ray.config import LumoConfig, ServeConfig, build, to_dict
+from lumo_ray.serving import RequestError, model_info, parse_request, respond
+
+
+def _error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse(RequestError(status, field, message).body(), status_code=status)
+
+
+@serve.deployment
+class Generator:
+    """One replica: the run loaded once; requests generated one by one inside a batch, so a request's
+    bytes do not depend on what it was batched with (and equal `lumo generate`'s for its seed)."""
+
+    def __init__(self, run_dir: str, limits: dict, token: str):
+        import torch
+
+        from lumo_ray.eval.gates import available_tasks
+        from lumo_ray.generate import load_run, require_same_space
+
+        torch.set_num_threads(1)
+        self.limits = build(ServeConfig, limits, "serve config")
+        self.run = load_run(run_dir)
+        require_same_space(self.run)
+        self.tasks = available_tasks(self.run)
+        self.token = token
+        self.lock = threading.Lock()  # one generation at a time per replica: torch state is shared
+        self.generate_batch.set_max_batch_size(self.limits.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.limits.batch_wait_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, reqs: list) -> list:
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(None, self._one, r) for r in reqs]
+
+    def _one(self, req) -> Any:
+        with self.lock:
+            try:
+                return respond(self.run, req)
+            except RequestError as e:
+                return e
+            except Exception as e:  # a bug, not the client's input: a 500 naming it
+                return RuntimeError(f"{type(e).__name__}: {e}")
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if self.token:
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+                return _error(401, "authorization", "send `Authorization: Bearer <token>` (serve.token_file)")
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        if path == "/health" and method == "GET":
+            return JSONResponse({"status": "ok"})
+        if path == "/v1/model" and method == "GET":
+            return JSONResponse(model_info(self.run, self.tasks, self.limits))
+        if path != "/v1/generate":
+            return _error(404, "path", f"{path} is not an endpoint: GET /health, GET /v1/model, POST /v1/generate")
+        if method != "POST":
+            return _error(405, "method", f"{method} {path}: use POST")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            return _error(413, "body", f"{declared} bytes, over the {self.limits.max_body_bytes}-byte limit")
+        body = await request.body()
+        try:
+            req = parse_request(body, self.tasks, self.limits)
+        except RequestError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        try:
+            out = await asyncio.wait_for(self.generate_batch(req), timeout=self.limits.timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, "timeout", f"generation took over {self.limits.timeout_s} s (serve.timeout_s)")
+        if isinstance(out, RequestError):
+            return JSONResponse(out.body(), status_code=out.status)
+        if isinstance(out, Exception):
+            return _error(500, "server", str(out))
+        return JSONResponse(out)
+
+
+def run_server(cfg: LumoConfig, run_dir: str, address: Optional[str] = None, log=print,
+               stop: Optional[threading.Event] = None) -> None:
+    """Start Ray (or join a cluster), deploy the run on serve.replicas replicas at http://host:port,
+    and serve until SIGINT / SIGTERM (or `stop` is set); then shut the application down."""
+    import ray
+
+    from lumo_ray.storage import resolve
+    from pipelines.ray_env import init_ray
+
+    s = cfg.serve
+    say = (lambda m: print(m, flush=True)) if log is print else log  # a pipe (ray job logs) sees it at once
+    token = Path(s.token_file).read_text().strip() if s.token_file else ""
+    init_ray(address)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines: its logs, not the console
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"log_level": "WARNING"})
+    app = Generator.options(num_replicas=s.replicas, ray_actor_options={"num_cpus": s.cpus_per_replica}).bind(
+        resolve(run_dir), to_dict(s), token)
+    serve.run(app, name="lumo", route_prefix="/", logging_config={"log_level": "WARNING"})
+    say(f"[serve] {resolve(run_dir)} on http://{s.host}:{s.port} ({s.replicas} replica(s)"
+        f"{', bearer token required' if token else ''}): GET /health, GET /v1/model, POST /v1/generate; Ctrl-C stops")
+    stop = stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    say("[serve] stopping")
+    serve.shutdown()
+    ray.shutdown()
+    say("[serve] stopped")
