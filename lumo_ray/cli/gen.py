@@ -27,8 +27,10 @@ def _opts(args):
 
 
 def cmd_generate(args) -> int:
+    if args.manifest:
+        return _generate_manifest(args)
     if (args.prompt is None) == (args.input is None):
-        print("give exactly one of --prompt TEXT (t2i, t2a) or --input FILE (i2t, a2t)", file=sys.stderr)
+        print("give exactly one of --prompt TEXT (t2i, t2a), --input FILE (i2t, a2t) or --manifest M", file=sys.stderr)
         return 2
     from ..storage import locate, output_dir
 
@@ -50,6 +52,29 @@ def cmd_generate(args) -> int:
     ok = sum(r["ok"] for r in recs)
     print(f"{ok}/{len(recs)} compliant; wrote {locate(args.out) / 'generations.jsonl'}")
     return 0 if ok == len(recs) else 1
+
+
+def _generate_manifest(args) -> int:
+    """Every record of a manifest the task can take, on a Ray Data actor pool (pipelines/batch_generate.py)."""
+    from ..errors import UserError
+    from ..storage import is_uri
+
+    if args.prompt is not None or args.input is not None:
+        print("--manifest generates from each record: drop --prompt / --input", file=sys.stderr)
+        return 2
+    for what, p in (("--manifest", args.manifest), ("--out", args.out)):
+        if is_uri(p):
+            raise UserError(what, p, "an object-store URI", "give a local or shared-FS path (batch generation "
+                                                           "writes its parts in place)")
+    from pathlib import Path
+
+    if not Path(args.manifest).is_file():
+        raise UserError("--manifest", args.manifest, "not found", "give a manifest.jsonl of `lumo data normalize`")
+    from pipelines.batch_generate import run_batch_generate
+
+    s = run_batch_generate(args.manifest, args.run, args.task, args.out, _opts(args), n=args.n, actors=args.actors,
+                           unit_size=args.unit_size, address=args.address)
+    return 0 if s["errors"] == 0 and s["compliant"] == s["samples"] else 1
 
 
 def cmd_gate_decode(args) -> int:
@@ -93,6 +118,12 @@ def add_commands(sub, common) -> None:
     g.add_argument("--task", required=True, choices=["t2i", "t2a", "i2t", "a2t"], help="direction: text to image / audio, or back")
     g.add_argument("--prompt", help="caption text (t2i, t2a)")
     g.add_argument("--input", help="image or audio file (i2t, a2t)")
+    g.add_argument("--manifest", help="generate for every record of this manifest.jsonl the task can take (its "
+                                      "caption, or its image / audio) on a Ray Data actor pool: results.jsonl, "
+                                      "media/, errors.jsonl, summary.json; resumable")
+    g.add_argument("--actors", type=int, default=1, help="with --manifest: generator actors (each loads the run)")
+    g.add_argument("--unit-size", type=int, default=16, help="with --manifest: records per unit of work (a re-run "
+                                                              "keeps finished units)")
     g.add_argument("--out", required=True, help="output directory (path or URI): generations.jsonl, PNG / WAV files")
     g.add_argument("--n", type=int, default=1, help="samples")
     _sampling(g)

@@ -1,0 +1,101 @@
+"""`lumo generate --manifest`: generation over a dataset on a Ray Data actor pool. Byte-identical
+outputs for 1 and 2 actors, a run interrupted mid-way finishes the rest on a re-run, a record that
+cannot be generated is a row of errors.jsonl and the others go on."""
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lumo_ray.data.manifest import write_manifest
+from lumo_ray.data.normalize import read_and_dedupe
+from lumo_ray.data.synth import write_synth
+from lumo_ray.generate import GenOptions
+from pipelines.batch_generate import run_batch_generate
+from test_generate_decode import make_tiny_run
+
+QUIET = dict(log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny token-LM run and a 64-record manifest: 60 captioned images, 4 clips."""
+    d = tmp_path_factory.mktemp("batchgen")
+    write_synth(d / "synth", 60, 4, seed=5)
+    recs = read_and_dedupe("llava_pretrain", d / "synth" / "llava_pretrain")[0] + \
+        read_and_dedupe("audiocaps", d / "synth" / "audiocaps")[0]
+    manifest = d / "manifest.jsonl"
+    write_manifest(recs, manifest)
+    return make_tiny_run(d / "run"), manifest, recs
+
+
+def digest(out: Path) -> dict[str, str]:
+    """sha256 of every output file but the settings (which name the run's location)."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "options.json"}
+
+
+def test_one_and_two_actors_write_the_same_bytes(inputs, tmp_path, ray_local):
+    run, manifest, recs = inputs
+    assert len(recs) == 64
+    s1 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a1", GenOptions(seed=7), actors=1, unit_size=8, **QUIET)
+    s2 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a2", GenOptions(seed=7), actors=2, unit_size=8, **QUIET)
+    assert s1 == s2 and s1["records"] == 64 and s1["generated"] == 60 and s1["skipped"] == {"no image": 4}
+    assert s1["errors"] == 0 and s1["samples"] == 60 and s1["units"] == 8
+    d1, d2 = digest(tmp_path / "a1"), digest(tmp_path / "a2")
+    assert d1 == d2 and len([k for k in d1 if k.startswith("media/")]) == 60
+    rows = [json.loads(x) for x in (tmp_path / "a1" / "results.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == sorted(r["index"] for r in rows) and rows[0]["seed"] == 7 + rows[0]["index"]
+    caption = next(r.text["caption"] for r in recs if r.id == rows[0]["id"])
+    assert rows[0]["prompt"] == caption and (tmp_path / "a1" / rows[0]["samples"][0]["file"]).suffix == ".png"
+    # another seed is another generation
+    s3 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a3", GenOptions(seed=8), unit_size=8, **QUIET)
+    assert s3["generated"] == 60 and (tmp_path / "a3" / "results.jsonl").read_bytes() != (tmp_path / "a1" / "results.jsonl").read_bytes()
+
+
+def test_a_run_stopped_midway_finishes_the_rest(inputs, tmp_path, ray_local):
+    run, manifest, _ = inputs
+    ref = tmp_path / "ref"
+    run_batch_generate(str(manifest), str(run), "t2i", ref, GenOptions(seed=3), unit_size=4, **QUIET)
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "lumo_ray.cli", "generate", "--manifest", str(manifest), "--run", str(run),
+           "--task", "t2i", "--out", str(out), "--seed", "3", "--unit-size", "4"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((out / "parts").glob("unit-*.jsonl"))) < 2:
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)  # Ctrl-C mid-run
+    p.communicate(timeout=120)
+    done = len(list((out / "parts").glob("unit-*.jsonl")))
+    assert 2 <= done < 15 and not (out / "results.jsonl").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"({done} done, {15 - done} to generate)" in r.stdout
+    assert digest(out) == digest(ref)
+
+
+def test_a_record_that_cannot_be_generated_is_an_error_row(inputs, tmp_path, ray_local):
+    run, manifest, recs = inputs
+    images = [r for r in recs if r.media_path("image")][:4]
+    bad = Path(images[1].media_path("image"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(bad.read_bytes()[:40])  # a truncated PNG
+    images[1].modalities["image"]["path"] = str(broken)
+    m = tmp_path / "m.jsonl"
+    write_manifest(images, m)
+    lines = []
+    s = run_batch_generate(str(m), str(run), "i2t", tmp_path / "out", GenOptions(seed=0, max_text_tokens=8),
+                           log=lines.append)
+    assert s["generated"] == 3 and s["errors"] == 1
+    (err,) = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert err["id"] == images[1].id and err["source"] == str(broken) and err["stage"] == "generate"
+    assert any("dropped" in x or "WARNING" in x for x in lines), lines
+    rows = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert all("text" in r["samples"][0] for r in rows) and images[1].id not in {r["id"] for r in rows}
