@@ -94,6 +94,30 @@ class Generator:
         return JSONResponse(out)
 
 
+def build_app(args: dict):
+    """The application for a run: `lumo serve` binds it, and so does a KubeRay RayService
+    (serveConfigV2 `import_path: servers.generate:build_app` with `args: {run, config, set}`).
+    args: run (directory or URI, required), config (a YAML file; default the tiny preset), set (a list
+    of KEY=VALUE); serve.replicas, serve.cpus_per_replica and the limits come from the config."""
+    from lumo_ray.config import load_config
+
+    unknown = set(args) - {"run", "config", "set"}
+    if unknown or "run" not in args:
+        raise ValueError(f"serve application args: need 'run' (and optional 'config', 'set'), got {sorted(args)}")
+    return bind(load_config(LumoConfig, args.get("config"), list(args.get("set") or [])), args["run"])
+
+
+def bind(cfg: LumoConfig, run_dir: str):
+    """The Generator deployment over a run, with serve.replicas, serve.cpus_per_replica, the limits and
+    the bearer token of the config."""
+    from lumo_ray.storage import resolve
+
+    s = cfg.serve
+    token = Path(s.token_file).read_text().strip() if s.token_file else ""
+    return Generator.options(num_replicas=s.replicas, ray_actor_options={"num_cpus": s.cpus_per_replica}).bind(
+        resolve(run_dir), to_dict(s), token)
+
+
 def run_server(cfg: LumoConfig, run_dir: str, address: Optional[str] = None, log=print,
                stop: Optional[threading.Event] = None) -> None:
     """Start Ray (or join a cluster), deploy the run on serve.replicas replicas at http://host:port,
@@ -105,15 +129,12 @@ def run_server(cfg: LumoConfig, run_dir: str, address: Optional[str] = None, log
 
     s = cfg.serve
     say = (lambda m: print(m, flush=True)) if log is print else log  # a pipe (ray job logs) sees it at once
-    token = Path(s.token_file).read_text().strip() if s.token_file else ""
     init_ray(address)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines: its logs, not the console
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"log_level": "WARNING"})
-    app = Generator.options(num_replicas=s.replicas, ray_actor_options={"num_cpus": s.cpus_per_replica}).bind(
-        resolve(run_dir), to_dict(s), token)
-    serve.run(app, name="lumo", route_prefix="/", logging_config={"log_level": "WARNING"})
+    serve.run(bind(cfg, run_dir), name="lumo", route_prefix="/", logging_config={"log_level": "WARNING"})
     say(f"[serve] {resolve(run_dir)} on http://{s.host}:{s.port} ({s.replicas} replica(s)"
-        f"{', bearer token required' if token else ''}): GET /health, GET /v1/model, POST /v1/generate; Ctrl-C stops")
+        f"{', bearer token required' if s.token_file else ''}): GET /health, GET /v1/model, POST /v1/generate; Ctrl-C stops")
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

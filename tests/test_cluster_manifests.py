@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "cluster" / "launcher.yaml"
 RAYCLUSTER = REPO / "cluster" / "kuberay" / "raycluster.yaml"
 RAYJOB = REPO / "cluster" / "kuberay" / "rayjob.yaml"
+RAYSERVICE = REPO / "cluster" / "kuberay" / "rayservice.yaml"
 DOC = REPO / "docs" / "cluster.md"
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -125,6 +126,35 @@ def test_rayjob_has_the_fields_kuberay_requires_and_a_real_entrypoint():
     assert all(isinstance(v, str) for v in env["env_vars"].values())
     assert spec["entrypoint"].startswith("lumo data tokenize")
     check_parses(spec["entrypoint"])
+
+
+def test_rayservice_has_the_fields_kuberay_requires_and_builds_the_lumo_serve_application(tmp_path):
+    """serveConfigV2 is Serve's own config schema; its import path is the builder `lumo serve` uses,
+    and its args build a real application (bound, not deployed) over a run directory."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    m = load(RAYSERVICE)
+    assert m["apiVersion"] == "ray.io/v1" and m["kind"] == "RayService" and DNS1123.match(m["metadata"]["name"])
+    _check_raycluster_spec(m["spec"]["rayClusterConfig"], "rayservice.yaml")
+    ports = {p["name"]: p["containerPort"] for p in
+             m["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(m["spec"]["serveConfigV2"]))
+    assert serve_cfg.http_options.port == ports["serve"] and serve_cfg.http_options.host == "0.0.0.0"
+    (app,) = serve_cfg.applications
+    mod, fn = app.import_path.split(":")
+    builder = getattr(importlib.import_module(mod), fn)
+    assert [d.name for d in app.deployments] == ["Generator"]
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    args = {**app.args, "set": [s if not s.startswith("serve.token_file=") else f"serve.token_file={token}"
+                                for s in app.args["set"]]}
+    load_config(LumoConfig, None, args["set"])  # every key is a real config key
+    bound = builder(args)
+    assert type(bound).__name__ == "Application"
+    with pytest.raises(ValueError, match="need 'run'"):
+        builder({"config": None})
 
 
 def test_every_lumo_command_in_cluster_files_and_the_guide_parses():
