@@ -171,6 +171,16 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+def checkpoint_activations(model: torch.nn.Module, on: bool) -> None:
+    """train.activation_checkpointing: each decoder layer recomputes its activations in the backward
+    pass (non-reentrant, so frozen inputs and LoRA keep their gradients); no KV cache while training."""
+    if not on:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper: its model
+    base.config.use_cache = False
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def due(step: int, every: int, last: bool = False) -> bool:
     """Whether `step` (1-based, just finished) is one of every `every` steps (0: never), or the last."""
     return last or (every > 0 and step % every == 0)

@@ -18,8 +18,8 @@ from lumo_ray.config.lm import TrainConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 
-from .core import (RayContext, due, launch, load_state, make_scheduler, resolve_resume, rng_state, save_checkpoint,
-                   seed_all, set_rng_state, write_json)
+from .core import (RayContext, checkpoint_activations, due, launch, load_state, make_scheduler, resolve_resume,
+                   rng_state, save_checkpoint, seed_all, set_rng_state, write_json)
 
 
 
@@ -174,6 +174,7 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     model = build_base_lm(c.preset, len(tok), seed=t.seed, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                           overrides=c.arch)
     counts = count_params(model)
+    checkpoint_activations(model, t.activation_checkpointing)
     if ctx.rank == 0:
         log(f"base LM {c.preset}: {counts['total']:,} params, vocab {len(tok)}, {len(train_blocks)} train / "
             f"{len(eval_blocks)} eval blocks of {c.seq_len}")

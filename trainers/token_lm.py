@@ -35,8 +35,8 @@ from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
-from .core import (RayContext, due, launch, load_state, make_scheduler, resolve_resume, rng_state, save_checkpoint,
-                   seed_all, set_rng_state, write_json)
+from .core import (RayContext, checkpoint_activations, due, launch, load_state, make_scheduler, resolve_resume,
+                   rng_state, save_checkpoint, seed_all, set_rng_state, write_json)
 from .lm import end_of_step, micro_batch, storage_of
 
 
@@ -240,6 +240,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     ws = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=say,
                     init=c.mmpt.init if c.seq.layouts == "any" else "")
     raw = ws.model
+    checkpoint_activations(raw, t.activation_checkpointing)
     groups, vocab = param_groups(raw, c, t)
     model = ctx.prepare(raw)
     opt = torch.optim.AdamW(groups)

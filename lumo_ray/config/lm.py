@@ -40,6 +40,10 @@ class TrainConfig:
     """One GPU per worker; bf16 autocast is used only on CUDA."""
     bf16: bool = True
     """bf16 autocast when the worker runs on CUDA (ignored on CPU, which always trains in fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant): less memory, one more forward per step,
+    the same losses."""
     seed: int = 0
     """Model init, data order and crop randomness all derive from this seed."""
     eval_every: int = 100
