@@ -12,8 +12,7 @@ from typing import Optional
 from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.tracking import open_tracker
 
-from trainers.core import RayContext, launch
-from trainers.lm import storage_of
+from trainers.core import RayContext, launch, storage_of
 
 
 def _worker(config: dict) -> None:

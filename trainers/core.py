@@ -275,6 +275,13 @@ def launch(worker_fn: Callable, loop_config: dict, t, storage: str, name: str, a
     return trainer.fit()
 
 
+def storage_of(t, run_dir: str | Path) -> str:
+    """Ray Train's storage_path of a run: train.storage_path, else <run>/ray (a path or URI)."""
+    from lumo_ray.storage import locate, resolve
+
+    return resolve(t.storage_path) if t.storage_path else str(locate(run_dir) / "ray")
+
+
 def write_json(path: Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -19,7 +19,7 @@ from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 
 from .core import (RayContext, checkpoint_activations, due, launch, load_state, make_scheduler, resolve_resume,
-                   rng_state, save_checkpoint, seed_all, set_rng_state, write_json)
+                   rng_state, save_checkpoint, seed_all, set_rng_state, storage_of, write_json)
 
 
 
@@ -29,13 +29,6 @@ def micro_batch(t: TrainConfig, world_size: int) -> int:
         raise ValueError(f"global_batch {t.global_batch} is not divisible by num_workers {world_size} x "
                          f"grad_accum {t.grad_accum}")
     return per
-
-
-def storage_of(t: TrainConfig, run_dir: str | Path) -> str:
-    """Ray Train's storage_path of a run: train.storage_path, else <run>/ray (a path or URI)."""
-    from lumo_ray.storage import locate, resolve
-
-    return resolve(t.storage_path) if t.storage_path else str(locate(run_dir) / "ray")
 
 
 def end_of_step(ctx, t: TrainConfig, step: int, rep: dict, ck_dir: Optional[Path], tracker, log, line: Callable[[], str]) -> None:

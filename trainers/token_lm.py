@@ -36,8 +36,8 @@ from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
 from .core import (RayContext, checkpoint_activations, due, launch, load_state, make_scheduler, resolve_resume,
-                   rng_state, save_checkpoint, seed_all, set_rng_state, write_json)
-from .lm import end_of_step, micro_batch, storage_of
+                   rng_state, save_checkpoint, seed_all, set_rng_state, storage_of, write_json)
+from .lm import end_of_step, micro_batch
 
 
 def run_token_space(cfg: LumoConfig) -> TokenSpace:

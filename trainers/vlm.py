@@ -31,7 +31,7 @@ from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
 
 from .core import (RayContext, due, inject_fault, launch, load_state, make_scheduler, resolve_resume, rng_state,
-                   save_checkpoint, seed_all, set_rng_state)
+                   save_checkpoint, seed_all, set_rng_state, storage_of)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
         t.resume = resolve(t.resume)
     vcfg, _ = prepare_run(vcfg, rundir.local, log, name=str(rundir))
     rundir.push()
-    storage = resolve(t.storage_path) if t.storage_path else str(rundir.loc / "ray")
+    storage = storage_of(t, rundir.loc)
     loop_config = {"vlm": to_dict(vcfg), "run_dir": str(rundir), "storage": storage, "threads": t.cpus_per_worker,
                    "tracking": to_dict(cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig())}
     result = launch(train_func, loop_config, t, storage, "train", address, keep=2)
