@@ -173,20 +173,56 @@ def media_file_ids(run: Run, task: str, path: str | Path) -> np.ndarray:
 
 # -- generation ---------------------------------------------------------------------------------
 
-def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOptions) -> list[np.ndarray]:
-    """Generated ids after each prompt (the span and its end token, pads stripped). Deterministic for
-    (seed, prompts, batch_size)."""
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of row `row` of a call seeded `seed` (SeedSequence: well mixed, fixed across
+    numpy versions)."""
+    return int(np.random.SeedSequence([int(seed), int(row)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class RowSampler:
+    """The last logits processor of sampled generation: temperature, top-k and top-p, then one draw per
+    row from that row's own generator; the scores it returns are -inf but at the drawn id, so greedy
+    selection takes it. A row's tokens so depend on its seed, prompt and options, not on the rows it is
+    batched with (up to the float rounding of batched matmuls)."""
+
+    def __init__(self, seeds: list[int], opts: GenOptions):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.warpers = [TemperatureLogitsWarper(opts.temperature)]
+        if opts.top_k:
+            self.warpers.append(TopKLogitsWarper(int(opts.top_k)))
+        if opts.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(opts.top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        probs = torch.softmax(scores.float(), -1).cpu()
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)])
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks)), picks.to(scores.device)] = 0.0
+        return out
+
+
+def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOptions,
+                   seeds: Optional[list[int]] = None) -> list[np.ndarray]:
+    """Generated ids after each prompt (the span and its end token, pads stripped). Row i samples from
+    its own generator, seeded `seeds[i]` (default row_seed(opts.seed, i)): its tokens do not depend on
+    batch_size or on the other prompts, up to float rounding (bit-identical for one call's arguments)."""
     from transformers import LogitsProcessorList
 
     spec = task_spec(run, task, opts)
     pad = run.builder.pad_id
+    seeds = [row_seed(opts.seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     for i, p in enumerate(prompts):
         if p[-1] != spec.start_id:
             raise ValueError(f"prompt {i} of {task} does not end with the span's opening token {spec.start_id}")
-    dev = next(run.model.parameters()).device
-    vocab = run.model.get_output_embeddings().weight.shape[0]
+    dev = model_device(run.model)
+    vocab = model_vocab(run.model)
     out: list[np.ndarray] = []
-    gen = torch.Generator().manual_seed(opts.seed)
     for b0 in range(0, len(prompts), opts.batch_size):
         batch = prompts[b0: b0 + opts.batch_size]
         n = max(len(p) for p in batch)
@@ -195,18 +231,26 @@ def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOpti
         for i, p in enumerate(batch):  # left padding: every row's next token sits at column n
             ids[i, n - len(p):] = torch.as_tensor(p)
             mask[i, n - len(p):] = 1
-        proc = SpanConstraint(run.ts, spec, n, pad, vocab, enabled=opts.constrained)
-        sample = not opts.greedy
-        kw: dict = dict(do_sample=sample, max_new_tokens=spec.max_new_tokens, eos_token_id=spec.terminators,
-                        pad_token_id=pad, logits_processor=LogitsProcessorList([proc]))
-        if sample:
-            kw.update(temperature=opts.temperature, top_k=int(opts.top_k), top_p=opts.top_p)  # top_k=0: off (None = HF's 50)
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch_threads(opts.threads):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            seqs = run.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
+        procs = [SpanConstraint(run.ts, spec, n, pad, vocab, enabled=opts.constrained)]
+        if not opts.greedy:
+            procs.append(RowSampler(seeds[b0: b0 + len(batch)], opts))
+        with torch.no_grad(), torch_threads(opts.threads):  # greedy selection: the sampler already chose
+            seqs = run.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                      max_new_tokens=spec.max_new_tokens, eos_token_id=spec.terminators,
+                                      pad_token_id=pad, logits_processor=LogitsProcessorList(procs))
         for row in seqs[:, n:].cpu().numpy():
             out.append(_strip(row, spec.terminators, pad))
     return out
+
+
+def model_device(model) -> torch.device:
+    return getattr(model, "device", None) or next(model.parameters()).device
+
+
+def model_vocab(model) -> int:
+    """Columns of the model's scores (the padded embedding size)."""
+    emb = getattr(model, "get_output_embeddings", None)
+    return int(emb().weight.shape[0]) if emb is not None else int(model.config.vocab_size)
 
 
 def _strip(row: np.ndarray, terminators: list[int], pad: int) -> np.ndarray:

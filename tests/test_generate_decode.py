@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from lumo_ray.config import LumoConfig, dump_config, load_config
 from lumo_ray.eval.gates import check_generations, golden_set, run_decode_gate, summarize
 from lumo_ray.generate import (GenOptions, build_prompt, generate, generate_spans, load_run, require_same_space,
-                               task_spec)
+                               row_seed, task_spec)
 from lumo_ray.models.base_lm import build_base_lm
 from lumo_ray.models.constrained import SpanConstraint
 from lumo_ray.token_space import TokenSpaceError
@@ -137,6 +138,21 @@ def test_generation_is_deterministic_for_a_seed(run):
     c = generate_spans(run, "t2i", [p] * 3, GenOptions(seed=6, top_k=50, top_p=0.9, temperature=0.8))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_a_rows_tokens_do_not_depend_on_its_batch(run):
+    """Each row samples from its own generator (row_seed(seed, i)): the same prompt and seed give the
+    same tokens alone, beside other prompts, and at any batch_size (what lets `lumo serve` batch
+    requests). With one generator for the batch, the first row's draws would shift with the rest."""
+    ps = [build_prompt(run, "t2i", caption=c) for c in ("one red circle", "two green squares at the left", "blue")]
+    opts = GenOptions(seed=9, top_k=40, temperature=0.9)
+    alone = generate_spans(run, "t2i", ps[:1], opts)
+    mixed = generate_spans(run, "t2i", ps, opts)
+    assert np.array_equal(alone[0], mixed[0])
+    assert all(np.array_equal(x, y) for x, y in zip(mixed, generate_spans(run, "t2i", ps, replace(opts, batch_size=1))))
+    moved = generate_spans(run, "t2i", ps[::-1], opts, seeds=[row_seed(9, 2), row_seed(9, 1), row_seed(9, 0)])
+    assert all(np.array_equal(x, y) for x, y in zip(mixed, moved[::-1]))
+    assert not np.array_equal(mixed[0], generate_spans(run, "t2i", ps[:1], opts, seeds=[row_seed(9, 1)])[0])
 
 
 def test_gate_checker_fails_on_doctored_outputs(run):
