@@ -2,15 +2,21 @@
 
     python -m benchmarks.serve [--run DIR] [--clients 1,4,16,64] [--requests 8] [--replicas 1]
 
-Starts `lumo serve` (a subprocess, as a user does) once per setting: batching on (serve.max_batch_size
-8) and off (1). Each client thread sends `--requests` t2i requests one after another (fixed seeds);
-the table has p50 / p95 / p99 latency, requests/s and errors per client count, and the throughput at
-16 clients over 1 client. Without --run it uses an untrained tiny run (the cost of a generation is the
-same). Prints the table; nothing is asserted here (targets live in benchmarks/README.md).
+Starts `lumo serve` (a subprocess, as a user does) once per setting: batched (serve.max_batch_size 8,
+a batch generated together), exact (8, serve.exact: one by one inside a batch) and off (1). Each
+client thread sends `--requests` t2i requests one after another (a fixed seed per request); the table
+has p50 / p95 / p99 latency, requests/s and errors per client count, and the throughput at 16 clients
+over 1 client (after one warm-up request per server, not counted). "same as exact" counts the batched answers whose bytes equal the exact setting's answer
+to the same request. Then the kill phase: 16 clients on a batched server, its replica killed (SIGKILL)
+after a third of the requests; clients retry a failed request (it is idempotent: same body, same
+answer) until it succeeds; every request must come back once Serve has restarted the replica.
+Without --run it uses an untrained tiny run (the cost of a generation is the same). Prints the tables;
+nothing is asserted here (targets live in benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import socket
@@ -31,31 +37,38 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def post(port: int, body: dict) -> tuple[int, float]:
+PROMPT = "two red circles on the left"
+
+
+def post(port: int, body: dict) -> tuple[int, float, str]:
+    """(status, seconds, sha256 of the answer); status 0: no HTTP answer (connection refused / reset)."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", data=json.dumps(body).encode(), method="POST")
     t0 = time.perf_counter()
+    digest = ""
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
-            r.read()
+            digest = hashlib.sha256(r.read()).hexdigest()
             code = r.status
     except urllib.error.HTTPError as e:
         code = e.code
     except OSError:
         code = 0
-    return code, time.perf_counter() - t0
+    return code, time.perf_counter() - t0, digest
 
 
-def sweep(port: int, clients: list[int], requests: int) -> list[dict]:
+def sweep(port: int, clients: list[int], requests: int, answers: dict) -> list[dict]:
+    """answers: (clients, seed) -> sha256 of the answer, filled in."""
     rows = []
     for c in clients:
         lat, codes, lock = [], [], threading.Lock()
 
         def client(i: int) -> None:
             for j in range(requests):
-                code, s = post(port, {"task": "t2i", "prompt": "two red circles on the left", "seed": i * 1000 + j})
+                code, s, digest = post(port, {"task": "t2i", "prompt": PROMPT, "seed": i * 1000 + j})
                 with lock:
                     codes.append(code)
                     lat.append(s)
+                    answers[(c, i * 1000 + j)] = digest
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(c)]
@@ -70,9 +83,51 @@ def sweep(port: int, clients: list[int], requests: int) -> list[dict]:
     return rows
 
 
-def serve(run: Path, port: int, batch: int, replicas: int) -> subprocess.Popen:
+def kill_phase(port: int, clients: int, requests: int, server: subprocess.Popen) -> dict:
+    """Clients that retry through a replica kill: how many requests failed at least once, retries, and
+    how many never came back (lost)."""
+    import psutil
+
+    done, failed_once, retries, lost, lock = [0], set(), [0], [0], threading.Lock()
+    killed = threading.Event()
+
+    def client(i: int) -> None:
+        for j in range(requests):
+            deadline = time.time() + 180
+            while True:
+                code, _, _ = post(port, {"task": "t2i", "prompt": PROMPT, "seed": i * 1000 + j})
+                if code == 200:
+                    break
+                with lock:
+                    failed_once.add((i, j))
+                    retries[0] += 1
+                if time.time() > deadline or code not in (0, 500, 502, 503, 504):
+                    with lock:
+                        lost[0] += 1
+                    break
+                time.sleep(0.5)
+            with lock:
+                done[0] += 1
+                if done[0] == clients * requests // 3 and not killed.is_set():
+                    killed.set()
+                    for proc in psutil.Process(server.pid).children(recursive=True):
+                        if "ServeReplica" in " ".join(proc.cmdline()):
+                            proc.kill()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": clients, "requests": clients * requests, "killed": killed.is_set(),
+            "failed_once": len(failed_once), "retries": retries[0], "lost": lost[0], "wall_s": time.perf_counter() - t0}
+
+
+def serve(run: Path, port: int, batch: int, replicas: int, exact: bool = False) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "lumo_ray.cli", "serve", "--run", str(run), "--port", str(port),
-                          "--replicas", str(replicas), "--set", f"serve.max_batch_size={batch}", "--set", "serve.max_n=1"],
+                          "--replicas", str(replicas), "--set", f"serve.max_batch_size={batch}", "--set", "serve.max_n=1",
+                          "--set", f"serve.exact={str(exact).lower()}"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -103,25 +158,40 @@ def main() -> None:
         run = make_tiny_run(tmp / "run")
     print(f"# lumo serve load sweep: run {run}, {a.requests} t2i requests per client, {a.replicas} replica(s); "
           f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs")
-    print("| batching | clients | requests | errors | p50 ms | p95 ms | p99 ms | req/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    ratio = {}
-    for name, batch in (("on (8)", 8), ("off (1)", 1)):
+    print("| batching | clients | requests | errors | p50 ms | p95 ms | p99 ms | req/s | same as exact |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratio, answers = {}, {}
+    for name, batch, exact in (("exact (8)", 8, True), ("batched (8)", 8, False), ("off (1)", 1, False)):
         port = _port()
-        p = serve(run, port, batch, a.replicas)
+        p = serve(run, port, batch, a.replicas, exact)
+        answers[name] = {}
         try:
-            rows = sweep(port, clients, a.requests)
+            post(port, {"task": "t2i", "prompt": PROMPT, "seed": 10**6})  # warm-up, not counted
+            rows = sweep(port, clients, a.requests, answers[name])
         finally:
             p.send_signal(2)
             p.communicate(timeout=120)
         for r in rows:
+            ref = answers["exact (8)"]
+            same = [answers[name][k] == ref.get(k) for k in answers[name] if k[0] == r["clients"]]
             print(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
-                  f"| {r['p99_ms']:.0f} | {r['rps']:.2f} |")
+                  f"| {r['p99_ms']:.0f} | {r['rps']:.2f} | {sum(same)}/{len(same)} |")
         by = {r["clients"]: r["rps"] for r in rows}
         if 1 in by and 16 in by:
             ratio[name] = by[16] / by[1]
     for name, x in ratio.items():
-        print(f"throughput at 16 clients / 1 client, batching {name}: {x:.2f}x (target with batching: >= 3x)")
+        print(f"throughput at 16 clients / 1 client, {name}: {x:.2f}x (target with batching: >= 3x)")
+    port = _port()
+    p = serve(run, port, 8, a.replicas)
+    try:
+        k = kill_phase(port, 16, a.requests, p)
+    finally:
+        p.send_signal(2)
+        p.communicate(timeout=120)
+    print("\n| replica killed | clients | requests | failed at least once | retries | lost | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {'yes' if k['killed'] else 'NO'} | {k['clients']} | {k['requests']} | {k['failed_once']} | {k['retries']} "
+          f"| {k['lost']} | {k['wall_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 - `onnx`: model.onnx (input_ids, attention_mask -> logits; batch and length dynamic) beside the tokenizer
   and token_space.json, checked in onnxruntime against PyTorch on the run's golden prompts, left-padded
   in one batch: the largest |logit difference| must be <= PARITY. `--quantize int8` adds
-  model.int8.onnx (onnxruntime dynamic int8 weights) with its size, latency and logit difference.
+  model.int8.onnx (onnxruntime dynamic int8 weights) with its size, latency and logit difference, and
+  the eval-split target loss of PyTorch, ONNX and int8 (the gates run on an export with `--onnx`).
 export.json says what was checked and measured.
 """
 from __future__ import annotations
@@ -37,15 +38,23 @@ def _golden_batch(run, per_task: int = 4) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a (left- or right-) padded batch, as transformers' generate computes them."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
 class _Logits(torch.nn.Module):
-    """What the ONNX graph computes: logits of every position, no cache."""
+    """What the ONNX graph computes: logits of every position, no cache; position ids from the mask,
+    so a left-padded row reads as it does alone (the model's default, 0..n-1, would shift it)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                          use_cache=False).logits
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -121,7 +130,28 @@ def export_onnx(run, out: Path, quantize: str | None = None) -> dict:
                        "latency_s": _latency(lambda: s8.run(None, feed)), "max_abs_logit_diff": _max_diff(q, ref, mask),
                        "argmax_agreement": float((q.argmax(-1) == ref.argmax(-1))[mask.astype(bool)].mean())}
         rep["int8"]["latency_ratio"] = rep["int8"]["latency_s"] / rep["latency_s"]
+        rep["eval_loss"] = eval_losses(run, out)
     return rep
+
+
+def eval_losses(run, out: Path, max_samples: int = 256) -> dict:
+    """Target loss on the eval split of the run's shards (token_lm.shards) for the PyTorch model, the
+    ONNX graph and its int8 copy, and the int8 delta; skipped, with the reason, without those shards."""
+    from .data.shard_reader import ShardDataset
+    from .models.token_lm import task_loss_means, task_loss_sums
+    from .onnx_lm import OnnxLM
+
+    shards = run.cfg.token_lm.shards
+    try:
+        samples = list(ShardDataset(shards, "eval", shuffle=False, expected=run.ts))[:max_samples]
+    except Exception as e:  # the export stands without them: say why there is no number
+        return {"skipped": f"no eval split in token_lm.shards {shards!r}: {type(e).__name__}: {e}"}
+    if not samples:
+        return {"skipped": f"the eval split of token_lm.shards {shards!r} is empty"}
+    losses = {name: task_loss_means(task_loss_sums(model, run.builder, samples))["all"] for name, model in
+              (("pytorch", run.model), ("onnx", OnnxLM(out / "model.onnx", run.ts.padded_size)),
+               ("int8", OnnxLM(out / "model.int8.onnx", run.ts.padded_size)))}
+    return {"shards": str(shards), "samples": len(samples), **losses, "int8_delta": losses["int8"] - losses["pytorch"]}
 
 
 def export_run(run_dir: str, fmt: str, out_dir: str | Path, quantize: str | None = None) -> dict:

@@ -9,7 +9,7 @@ target span.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -362,25 +362,24 @@ def save_output(run: Run, modality: str, value: Any, path_stem: Path) -> Path:
     return p
 
 
-# -- one call for the CLI -----------------------------------------------------------------------
+# -- one call for the CLI, and many at once for a server ------------------------------------------
 
-def generate(run: Run, task: str, out_dir: str | Path, *, prompt: Optional[str] = None,
-             input_path: Optional[str | Path] = None, n: int = 1, opts: Optional[GenOptions] = None,
-             log=print) -> list[dict]:
-    """n samples for one prompt (t2x: caption text; x2t: a media file) -> files in out_dir +
-    generations.jsonl. Returns one record per sample (path, text, check)."""
-    opts = opts or GenOptions()
+def job_prompt(run: Run, task: str, prompt: Optional[str] = None, input_path: Optional[str | Path] = None) -> np.ndarray:
+    """The prompt ids of one generation: a caption (t2x) or a media file (x2t)."""
     require_same_space(run)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: one of {TASKS}")
     if task in ("t2i", "t2a"):
-        p = build_prompt(run, task, caption=prompt)
-    else:
-        if input_path is None:
-            raise ValueError(f"{task} needs --input FILE (an {'image' if task == 'i2t' else 'audio'} file)")
-        p = build_prompt(run, task, media_ids=media_file_ids(run, task, input_path), sid=str(input_path))
+        return build_prompt(run, task, caption=prompt)
+    if input_path is None:
+        raise ValueError(f"{task} needs --input FILE (an {'image' if task == 'i2t' else 'audio'} file)")
+    return build_prompt(run, task, media_ids=media_file_ids(run, task, input_path), sid=str(input_path))
+
+
+def write_samples(run: Run, task: str, p: np.ndarray, gens: list[np.ndarray], out_dir: str | Path, opts: GenOptions,
+                  prompt: Optional[str] = None, input_path: Optional[str | Path] = None, log=print) -> list[dict]:
+    """Check and decode each generated span of one prompt -> files in out_dir + generations.jsonl."""
     spec = task_spec(run, task, opts)
-    gens = generate_spans(run, task, [p] * n, opts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recs = []
@@ -402,5 +401,34 @@ def generate(run: Run, task: str, out_dir: str | Path, *, prompt: Optional[str] 
     with open(out / "generations.jsonl", "w") as fh:
         for r in recs:
             fh.write(json.dumps(r) + "\n")
-    (out / "options.json").write_text(json.dumps({**asdict(opts), "task": task, "n": n}, indent=2) + "\n")
+    (out / "options.json").write_text(json.dumps({**asdict(opts), "task": task, "n": len(gens)}, indent=2) + "\n")
     return recs
+
+
+def generate(run: Run, task: str, out_dir: str | Path, *, prompt: Optional[str] = None,
+             input_path: Optional[str | Path] = None, n: int = 1, opts: Optional[GenOptions] = None,
+             log=print) -> list[dict]:
+    """n samples for one prompt (t2x: caption text; x2t: a media file) -> files in out_dir +
+    generations.jsonl. Returns one record per sample (path, text, check)."""
+    opts = opts or GenOptions()
+    p = job_prompt(run, task, prompt, input_path)
+    gens = generate_spans(run, task, [p] * n, opts)
+    return write_samples(run, task, p, gens, out_dir, opts, prompt, input_path, log)
+
+
+def generate_jobs(run: Run, jobs: list[tuple[str, np.ndarray, int, GenOptions]]) -> list[list[np.ndarray]]:
+    """Many generations in as few batches as their options allow: job (task, prompt ids, n, opts) gets
+    `generate(...)`'s spans (rows seeded row_seed(opts.seed, i)), up to the float rounding of batching
+    it with the others. Jobs with the same task and options but the seed share one batch."""
+    groups: dict[str, list[int]] = {}
+    for k, (task, _, _, o) in enumerate(jobs):
+        groups.setdefault(json.dumps([task, {**asdict(o), "seed": 0}]), []).append(k)
+    out: list[list[np.ndarray]] = [[] for _ in jobs]
+    for ks in groups.values():
+        task, o = jobs[ks[0]][0], jobs[ks[0]][3]
+        prompts = [jobs[k][1] for k in ks for _ in range(jobs[k][2])]
+        seeds = [row_seed(jobs[k][3].seed, i) for k in ks for i in range(jobs[k][2])]
+        spans = generate_spans(run, task, prompts, replace(o, batch_size=max(1, len(prompts))), seeds=seeds)
+        for k in ks:
+            out[k], spans = spans[: jobs[k][2]], spans[jobs[k][2]:]
+    return out

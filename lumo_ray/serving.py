@@ -98,36 +98,52 @@ def parse_request(body: bytes, tasks: list[str], limits: ServeConfig) -> GenRequ
     return GenRequest(task, prompt if task in ("t2i", "t2a") else None, media, n, opts)
 
 
-def respond(run: Run, req: GenRequest) -> dict:
-    """Generate as `lumo generate` does (files in a temp dir) and return ids, checks and the result:
-    text, or the PNG / WAV bytes in base64. Undecodable input media is a RequestError (422, input)."""
-    from .codecs.base import MediaError
-    from .generate import generate
+def respond_batch(run: Run, reqs: list[GenRequest]) -> list[dict | Exception]:
+    """Requests generated together (generate_jobs: one batch per task and options), each answered with
+    ids, checks and the result: text, or the PNG / WAV bytes `lumo generate` writes, in base64. A
+    request whose input media does not decode gets its own RequestError (422, input); the rest go on.
+    Alone, a request's answer is `lumo generate`'s bytes; in a batch its rows keep their own seeds, so
+    only the float rounding of the batched matmuls can differ (serve.exact generates one by one)."""
+    from .generate import generate_jobs, job_prompt, write_samples
 
+    answers: list[dict | Exception] = [RuntimeError("not generated")] * len(reqs)
     with tempfile.TemporaryDirectory(prefix="lumo-serve-") as tmp:
-        src = None
-        if req.media is not None:
-            src = Path(tmp) / f"input{MEDIA_SUFFIX[req.task]}"
-            src.write_bytes(req.media)
-        try:
-            rows = generate(run, req.task, Path(tmp) / "out", prompt=req.prompt, input_path=src, n=req.n,
-                            opts=req.opts, log=lambda *a, **k: None)
-        except (MediaError, OSError, RuntimeError) as e:
-            if src is None:
-                raise
-            why = str(e).replace(str(src), "the input")  # the temp path means nothing to the client
-            raise RequestError(422, "input", f"not a decodable {'image' if req.task == 'i2t' else 'audio'} "
-                                             f"file: {why}") from None
-        out = []
-        for r in rows:
-            item = {"index": r["index"], "ids": r["ids"], "ok": r["ok"], "check": r["check"]}
-            if r.get("text") is not None:
-                item["text"] = r["text"]
-            elif r.get("file"):
-                key = "png_base64" if TARGET[req.task] == "image" else "wav_base64"
-                item[key] = base64.b64encode(Path(r["file"]).read_bytes()).decode()
-            out.append(item)
-    return {"task": req.task, "n": req.n, "options": asdict(req.opts), "results": out}
+        jobs, where = [], []
+        for k, req in enumerate(reqs):
+            src = None
+            if req.media is not None:
+                src = Path(tmp) / f"input-{k}{MEDIA_SUFFIX[req.task]}"
+                src.write_bytes(req.media)
+            try:
+                jobs.append((req.task, job_prompt(run, req.task, req.prompt, src), req.n, req.opts))
+                where.append(k)
+            except Exception as e:
+                answers[k] = _input_error(req, src, e)
+        for k, (_, p, _, _), gens in zip(where, jobs, generate_jobs(run, jobs)):
+            req = reqs[k]
+            rows = write_samples(run, req.task, p, gens, Path(tmp) / f"out-{k}", req.opts, req.prompt,
+                                 log=lambda *a, **kw: None)
+            answers[k] = {"task": req.task, "n": req.n, "options": asdict(req.opts), "results": [_item(req, r) for r in rows]}
+    return answers
+
+
+def _input_error(req: GenRequest, src: Optional[Path], e: Exception) -> Exception:
+    from .codecs.base import MediaError
+
+    if src is None or not isinstance(e, (MediaError, OSError, RuntimeError, ValueError)):
+        return e
+    why = str(e).replace(str(src), "the input")  # the temp path means nothing to the client
+    return RequestError(422, "input", f"not a decodable {'image' if req.task == 'i2t' else 'audio'} file: {why}")
+
+
+def _item(req: GenRequest, r: dict) -> dict:
+    item = {"index": r["index"], "ids": r["ids"], "ok": r["ok"], "check": r["check"]}
+    if r.get("text") is not None:
+        item["text"] = r["text"]
+    elif r.get("file"):
+        key = "png_base64" if TARGET[req.task] == "image" else "wav_base64"
+        item[key] = base64.b64encode(Path(r["file"]).read_bytes()).decode()
+    return item
 
 
 def model_info(run: Run, tasks: list[str], limits: ServeConfig) -> dict:
@@ -135,4 +151,5 @@ def model_info(run: Run, tasks: list[str], limits: ServeConfig) -> dict:
     return {"run": run.name, "token_space_hash": run.ts.hash, "token_space_match": run.hash_match,
             "tasks": tasks, "vocab": run.ts.padded_size,
             "limits": {k: getattr(limits, k) for k in ("max_body_bytes", "max_n", "max_new_tokens", "timeout_s")},
-            "batching": {"max_batch_size": limits.max_batch_size, "batch_wait_s": limits.batch_wait_s}}
+            "batching": {"max_batch_size": limits.max_batch_size, "batch_wait_s": limits.batch_wait_s,
+                         "exact": limits.exact}}

@@ -12,14 +12,14 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from lumo_ray.config import LumoConfig, ServeConfig, build, to_dict
-from lumo_ray.serving import RequestError, model_info, parse_request, respond
+from lumo_ray.serving import RequestError, model_info, parse_request, respond_batch
 
 
 def _error(status: int, field: str, message: str) -> JSONResponse:
@@ -28,8 +28,8 @@ def _error(status: int, field: str, message: str) -> JSONResponse:
 
 @serve.deployment
 class Generator:
-    """One replica: the run loaded once; requests generated one by one inside a batch, so a request's
-    bytes do not depend on what it was batched with (and equal `lumo generate`'s for its seed)."""
+    """One replica: the run loaded once; a batch of concurrent requests generated together (rows keep
+    their own seeds), or one by one with serve.exact so each answer is `lumo generate`'s bytes."""
 
     def __init__(self, run_dir: str, limits: dict, token: str):
         import torch
@@ -50,16 +50,17 @@ class Generator:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate_batch(self, reqs: list) -> list:
         loop = asyncio.get_running_loop()
-        return [await loop.run_in_executor(None, self._one, r) for r in reqs]
+        if self.limits.exact:
+            return [(await loop.run_in_executor(None, self._generate, [r]))[0] for r in reqs]
+        return await loop.run_in_executor(None, self._generate, reqs)
 
-    def _one(self, req) -> Any:
+    def _generate(self, reqs: list) -> list:
         with self.lock:
             try:
-                return respond(self.run, req)
-            except RequestError as e:
-                return e
-            except Exception as e:  # a bug, not the client's input: a 500 naming it
-                return RuntimeError(f"{type(e).__name__}: {e}")
+                out = respond_batch(self.run, reqs)
+            except Exception as e:  # a bug, not the clients' input: a 500 naming it
+                out = [e] * len(reqs)
+        return [o if isinstance(o, (dict, RequestError)) else RuntimeError(f"{type(o).__name__}: {o}") for o in out]
 
     async def __call__(self, request: Request) -> JSONResponse:
         if self.token:

@@ -67,6 +67,56 @@ def test_onnx_parity_and_int8(run, tmp_path):
     q = rep["int8"]
     assert q["size_ratio"] < 0.5 and q["argmax_agreement"] > 0.8 and q["max_abs_logit_diff"] > rep["max_abs_logit_diff"]
     assert (tmp_path / "onnx" / "token_space.json").exists() and (tmp_path / "onnx" / "tokenizer.json").exists()
+    assert "skipped" in rep["eval_loss"]  # this run has no shards: said, not invented
+
+
+class Script:
+    """A logits processor that forces each row's tokens from a list (then -inf but the pad id), so a
+    generation loop's stopping and padding can be compared without depending on logits."""
+
+    def __init__(self, rows: list[list[int]], prompt_len: int, pad: int):
+        self.rows, self.n, self.pad = rows, prompt_len, pad
+
+    def __call__(self, ids, scores):
+        out = torch.full_like(scores, float("-inf"))
+        step = ids.shape[1] - self.n
+        for i, r in enumerate(self.rows):
+            out[i, r[step] if step < len(r) else self.pad] = 0.0
+        return out
+
+
+def test_onnx_lm_stands_in_for_the_pytorch_model(run, tmp_path):
+    """The ONNX export behind run.model (what `--onnx` does for the gates): target losses of a
+    right-padded training batch equal PyTorch's within 1e-4, and its generation loop stops and pads as
+    transformers' generate does."""
+    from lumo_ray.data.sequences import Sequence, collate
+    from lumo_ray.models.token_lm import target_losses
+    from lumo_ray.onnx_lm import load_onnx_lm
+
+    assert _lumo("--run", str(run), "--format", "onnx", "--out", str(tmp_path / "onnx")).returncode == 0
+    r = load_run(run)
+    lm = load_onnx_lm(tmp_path / "onnx" / "model.onnx", r.ts)
+    text = r.ts.range("TEXT")
+    seqs = [Sequence(np.arange(text.start + 5, text.start + 5 + k), np.arange(text.start + 5, text.start + 5 + k), "t", str(k))
+            for k in (9, 14, 6)]
+    batch = collate(seqs, r.builder.pad_id)
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        (a, n1), (b, n2) = target_losses(r.model, batch), target_losses(lm, batch)
+    assert torch.equal(n1, n2) and torch.allclose(a, b, atol=1e-4)
+    pad, end = r.builder.pad_id, text.start + 1
+    prompt = torch.tensor([[pad, text.start + 7, text.start + 8], [text.start + 3, text.start + 7, text.start + 8]])
+    mask = (prompt != pad).long()
+    kw = dict(max_new_tokens=5, eos_token_id=[end], pad_token_id=pad)
+    rows = [[text.start + 20, end], [text.start + 21, text.start + 22, text.start + 23, end]]
+    want = r.model.generate(input_ids=prompt, attention_mask=mask, do_sample=False, logits_processor=[Script(rows, 3, pad)], **kw)
+    got = lm.generate(input_ids=prompt, attention_mask=mask, logits_processor=[Script(rows, 3, pad)], **kw)
+    assert torch.equal(got, want)
+    gate = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "gate", "decode", "--run", str(run), "--out",
+                           str(tmp_path / "gate"), "--n", "2", "--task", "t2i", "--onnx", str(tmp_path / "onnx" / "model.onnx")],
+                          capture_output=True, text=True, timeout=600)
+    assert gate.returncode == 0 and "decode compliance PASS" in gate.stdout, gate.stdout[-2000:] + gate.stderr[-2000:]
+    assert "onnxruntime" in (tmp_path / "gate" / "report.json").read_text()
 
 
 def test_export_refuses_what_it_cannot_do(run, tmp_path):

@@ -12,13 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from lumo_ray.generate import GenOptions, generate, load_run
+from lumo_ray.config import ServeConfig
+from lumo_ray.generate import TASKS, GenOptions, generate, load_run
+from lumo_ray.serving import RequestError, parse_request, respond_batch
 from test_generate_decode import make_tiny_run
 
 TOKEN = "s3cret-token"
@@ -103,6 +106,43 @@ def test_fixed_seed_answers_are_lumo_generate_bytes(server, tmp_path):
     ref = generate(run, "i2t", tmp_path / "i2t", input_path=tmp_path / "t2i" / "t2i-000.png",
                    opts=GenOptions(seed=5, max_text_tokens=12, temperature=0.8, top_k=50, top_p=0.9), log=lambda *a: None)
     assert code == 200 and r["results"][0]["ids"] == ref[0]["ids"] and r["results"][0]["text"] == ref[0].get("text")
+
+
+def test_concurrent_requests_batched_together_get_their_alone_answers(server):
+    """Four requests at once (one replica, serve.max_batch_size 8): they share a batch, and each answer
+    equals the one it gets alone (each row has its own seed; float rounding of the batched matmuls
+    could in principle flip a draw, far below what one test sees)."""
+    port = server["port"]
+    bodies = [{"task": "t2i", "prompt": p, "seed": k} for k, p in
+              enumerate(["two red circles on the left", "one blue square", "three green triangles at the top", "a"])]
+    together: list = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, call(port, "/v1/generate", bodies[k])))
+               for k in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for b, got in zip(bodies, together):
+        assert got == call(port, "/v1/generate", b)
+
+
+def test_a_batch_answers_each_request_as_alone_and_refuses_only_the_bad_one(tmp_path):
+    """respond_batch in process (what a replica runs): mixed tasks and options in one batch, one
+    undecodable image among them."""
+    run = load_run(make_tiny_run(tmp_path / "run"))
+    limits = ServeConfig(max_n=2)
+    bodies = [{"task": "t2i", "prompt": "two red circles on the left", "seed": 3, "n": 2},
+              {"task": "t2i", "prompt": "one blue square", "seed": 4},
+              {"task": "t2i", "prompt": "one blue square", "seed": 4, "temperature": 0.7},
+              {"task": "i2t", "input": base64.b64encode(b"not a png at all").decode()},
+              {"task": "t2a", "prompt": "one long low beep", "seed": 1}]
+    reqs = [parse_request(json.dumps(b).encode(), list(TASKS), limits) for b in bodies]
+    together = respond_batch(run, reqs)
+    assert isinstance(together[3], RequestError) and together[3].field == "input"
+    for req, got in zip(reqs, together):
+        alone = respond_batch(run, [req])[0]
+        assert got == alone if isinstance(got, dict) else str(got) == str(alone)
+    assert together[1]["results"][0]["ids"] != together[2]["results"][0]["ids"]  # options are honoured per request
 
 
 BAD = [  # (body, status, field)

@@ -29,7 +29,8 @@ from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.data.sequences import SequenceBuilder, collate
 from lumo_ray.data.task_mix import MODALITY, draw_task, task_probs
 from lumo_ray.data.shard_reader import ShardDataset
-from lumo_ray.models.token_lm import export, target_losses, vocab_params, warm_start
+from lumo_ray.models.token_lm import (LOSS_TASKS, export, target_losses, task_loss_means, task_loss_sums, vocab_params,
+                                     warm_start)
 from lumo_ray.runtime import rate_eta
 from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
@@ -53,7 +54,6 @@ def text_tokenizer(cfg: LumoConfig):
     return build_text_adapter(cfg.uti.text)
 
 
-LOSS_TASKS = ("a2t", "i2t", "t2a", "t2i", "t")  # the order of the per-task loss sums (all-reduced as one tensor)
 
 
 def sample_stream(ds: ShardDataset, epoch: int, pos: int, modality: Optional[str] = None,
@@ -131,24 +131,12 @@ def load_checkpoint(ck: Path, ts: TokenSpace) -> dict:
 
 def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: list[dict], ctx, batch_size: int = 16,
                    autocast: bool = False) -> dict:
-    """Token-weighted target loss per task over `samples` (eval layouts: each sample in its own task,
-    and in the reverse one when the sequence config trains both directions), summed over ranks."""
-    tot = torch.zeros(len(LOSS_TASKS), 2, dtype=torch.float64)
+    """Token-weighted target loss per task over `samples` (this rank's share), summed over ranks."""
     was = model.training
     model.eval()
-    pairs = [(s, task) for s in samples for task in builder.tasks_of(s)]  # own layout, + reverse under both/any
-    with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
-            seqs = [builder.build(s, task=task) for s, task in pairs[i: i + batch_size]]
-            batch = collate(seqs, builder.pad_id)
-            loss, n = target_losses(model, batch, autocast)
-            for task, l, k in zip(batch["tasks"], loss.tolist(), n.tolist()):
-                tot[LOSS_TASKS.index(task)] += torch.tensor([l, k], dtype=torch.float64)
-    tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
+    tot = ctx.all_reduce(task_loss_sums(model, builder, samples, batch_size, autocast).to(ctx.device)).cpu()
     model.train(was)
-    out = {t: float(tot[i, 0] / tot[i, 1]) for i, t in enumerate(LOSS_TASKS) if tot[i, 1] > 0}
-    out["all"] = float(tot[:, 0].sum() / max(1.0, float(tot[:, 1].sum())))
-    return out
+    return task_loss_means(tot)
 
 
 def param_groups(raw: torch.nn.Module, c, t) -> tuple[list[dict], list[torch.nn.Parameter]]:

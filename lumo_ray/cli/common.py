@@ -19,3 +19,19 @@ def verdict(gate: str, ok: bool, report) -> int:
     """'<gate> PASS: <report>' and the exit code (1 when the gate failed)."""
     print(f"{gate} {mark(ok)}: {report}")
     return 0 if ok else 1
+
+
+def onnx_option(p) -> None:
+    p.add_argument("--onnx", help="run the gate on this ONNX export of the run (model.onnx or model.int8.onnx of "
+                                  "`lumo export --format onnx`) instead of its PyTorch model")
+
+
+def with_onnx(run, onnx):
+    """The run with its model replaced by an ONNX export of it (onnxruntime), when one is given."""
+    if not onnx:
+        return run
+    from ..onnx_lm import load_onnx_lm
+
+    run.model = load_onnx_lm(onnx, run.ts)
+    run.name = f"{run.name} (onnxruntime: {onnx})"
+    return run

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import verdict
+from .common import onnx_option, verdict, with_onnx
 
 
 def _run(args):
@@ -82,7 +82,7 @@ def cmd_gate_decode(args) -> int:
     from ..storage import locate, output_dir
 
     with output_dir(args.out) as out:
-        rep = run_decode_gate(_run(args), out, n=args.n, opts=_opts(args), tasks=args.task or None)
+        rep = run_decode_gate(with_onnx(_run(args), args.onnx), out, n=args.n, opts=_opts(args), tasks=args.task or None)
     if not rep["token_space"]["match"]:
         print(f"  token space mismatch: export {rep['token_space']['export']} vs config {rep['token_space']['config']}")
     return verdict("decode compliance", rep["pass"], locate(args.out) / "report.json")
@@ -92,7 +92,7 @@ def cmd_gate_prompts(args) -> int:
     from ..eval.gates import run_prompt_gate
     from ..storage import locate, output_dir
 
-    run = _run(args)
+    run = with_onnx(_run(args), args.onnx)
     with output_dir(args.out) as out:
         rep = run_prompt_gate(run, out, n=args.n, shards=args.shards, seed=args.seed)
     return verdict("prompt ablation", rep["pass"], locate(args.out) / "report.json")
@@ -137,6 +137,7 @@ def add_commands(sub, common) -> None:
     d.add_argument("--n", type=int, default=64, help="golden prompts per task")
     d.add_argument("--task", action="append", choices=["t2i", "t2a", "i2t", "a2t"], help="restrict to tasks (repeatable)")
     _sampling(d)
+    onnx_option(d)
     d.set_defaults(func=cmd_gate_decode)
 
     p = gate.add_parser("prompts", help="prompt ablation: target-span loss, true vs swapped vs empty prompt (t2i, t2a)")
@@ -146,4 +147,5 @@ def add_commands(sub, common) -> None:
     p.add_argument("--n", type=int, default=256, help="eval samples per task (all when fewer)")
     p.add_argument("--shards", default=None, help="shard directory (default: token_lm.shards of the run config)")
     p.add_argument("--seed", type=int, default=0, help="seed of the eval-sample choice and the swapped pairs")
+    onnx_option(p)
     p.set_defaults(func=cmd_gate_prompts)

@@ -1,7 +1,7 @@
 """`lumo train/eval/tune` commands of the lm stage (base LM, token LM, ablations, prompt study)."""
 from __future__ import annotations
 
-from .common import command_config, mark, verdict
+from .common import command_config, mark, onnx_option, verdict, with_onnx
 
 
 def run_config(run: str, config, sets):
@@ -48,7 +48,7 @@ def cmd_modality_ablation(args) -> int:
 
     cfg = run_config(args.run, args.config, args.set)
     with output_dir(args.out) as out:
-        rep = run_modality_ablation(args.run, out, cfg, shards=args.shards)
+        rep = run_modality_ablation(args.run, out, cfg, shards=args.shards, onnx=args.onnx)
     for m, r in rep["modalities"].items():
         if "loss" in r:
             print(f"  {m:5s} n={rep['n'][m]:3d} correct {r['loss']['correct']:.3f}  "
@@ -82,7 +82,7 @@ def cmd_fidelity(args) -> int:
         fc.n = args.n
     if args.seed is not None:
         fc.seed = args.seed
-    run = load_run(args.run, cfg=cfg)
+    run = with_onnx(load_run(args.run, cfg=cfg), args.onnx)
     with output_dir(args.out) as out:
         rep = run_fidelity(run, out, fc, shards=args.shards)  # prints one line per attribute
     return verdict("generation fidelity", rep["pass"], locate(args.out) / "report.md")
@@ -119,6 +119,7 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--run", required=True, help="token-LM run directory or URI (holds config.yaml and export/)")
     p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.add_argument("--shards", help="shard directory (default: the run's token_lm.shards)")
+    onnx_option(p)
     p.set_defaults(func=cmd_modality_ablation)
 
     p = groups["eval"].add_parser("text-invariance", help="text invariance of a new_rows token-LM run: its text logits "
@@ -137,6 +138,7 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--shards", help="shard directory (default: the run's token_lm.shards)")
     p.add_argument("--n", type=int, default=None, help="eval captions per modality (default token_lm.fidelity.n)")
     p.add_argument("--seed", type=int, default=None, help="default token_lm.fidelity.seed")
+    onnx_option(p)
     p.set_defaults(func=cmd_fidelity)
 
     p = groups["tune"].add_parser("prompts", help="Ray Tune study of prompts/delimiters/new-row LR/init/crop/dropout")

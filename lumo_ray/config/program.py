@@ -292,10 +292,14 @@ class ServeConfig:
     timeout_s: float = 120.0
     """A generation that takes longer is answered 504 (the replica keeps serving)."""
     max_batch_size: int = 8
-    """Concurrent requests a replica takes in one batch (@serve.batch); each is generated on its own so
-    its bytes do not depend on what it was batched with."""
+    """Concurrent requests a replica takes in one batch (@serve.batch) and generates together."""
     batch_wait_s: float = 0.01
     """How long a replica waits to fill a batch."""
+    exact: bool = False
+    """True: a batch's requests are generated one by one, so every answer is byte-identical to `lumo
+    generate`'s for its seed whatever else is in flight (throughput of one request at a time). False:
+    generated together; each row keeps its own seed, and only float rounding of the batched matmuls can
+    change a token (benchmarks/README.md measures how often)."""
 
 
 @dataclass

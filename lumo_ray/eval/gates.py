@@ -123,7 +123,7 @@ def run_decode_gate(run: Run, out_dir: str | Path, n: int = 64, opts: Optional[G
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tasks = tasks or available_tasks(run)
-    rep: dict = {"gate": "decode_compliance", "n": n, "tasks": tasks,
+    rep: dict = {"gate": "decode_compliance", "run": run.name, "n": n, "tasks": tasks,
                  "token_space": {"export": run.ts.hash, "config": run.config_hash, "match": run.hash_match},
                  "options": asdict(opts), "constrained": {}, "unconstrained": {}, "samples": {}}
     for task in tasks:
@@ -162,7 +162,7 @@ def _save_samples(run: Run, task: str, gold: list[dict], values: list, checks: l
 
 def decode_report_md(rep: dict) -> str:
     cols = ["compliant", "well_formed", "out_of_range_rate", "phase_errors", "exact_length", "decoded"]
-    lines = [f"# Decode compliance: {'PASS' if rep['pass'] else 'FAIL'}", "",
+    lines = [f"# Decode compliance: {'PASS' if rep['pass'] else 'FAIL'}", "", f"Model: {rep.get('run', '?')}.", "",
              f"{rep['n']} golden prompts per task; token space export {rep['token_space']['export'][:12]} vs config "
              f"{rep['token_space']['config'][:12]} ({'match' if rep['token_space']['match'] else 'MISMATCH'}).", "",
              "| task | mode | " + " | ".join(cols) + " | pass |", "|" + "---|" * (len(cols) + 3)]

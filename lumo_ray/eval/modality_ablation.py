@@ -128,8 +128,10 @@ def write_report(report: dict, out_dir: str | Path, title: str = "Modality ablat
     return out / "report.json"
 
 
-def run_modality_ablation(run_dir: str | Path, out_dir: str | Path, cfg=None, shards: Optional[str] = None) -> dict:
-    """`lumo eval modality-ablation --run DIR`: the run's export, config and shards."""
+def run_modality_ablation(run_dir: str | Path, out_dir: str | Path, cfg=None, shards: Optional[str] = None,
+                          onnx: Optional[str] = None) -> dict:
+    """`lumo eval modality-ablation --run DIR`: the run's export, config and shards; with `onnx`, the
+    losses come from that ONNX export of the run (lumo_ray/onnx_lm.py) instead of the PyTorch model."""
     from ..codecs.text import build_text_adapter
     from ..config import LumoConfig, load_config
     from ..models.token_lm import load_token_lm
@@ -138,8 +140,12 @@ def run_modality_ablation(run_dir: str | Path, out_dir: str | Path, cfg=None, sh
     run = fetch_run(run_dir)  # a path, or the local cache of a URI
     cfg = cfg or load_config(LumoConfig, run / "config.yaml")
     model, ts, _ = load_token_lm(run / "export")
+    if onnx:
+        from ..onnx_lm import load_onnx_lm
+
+        model = load_onnx_lm(onnx, ts)
     encode = build_text_adapter(cfg.uti.text).encode if cfg.token_lm.seq.instruction in ("fixed", "templates") else None
     rep = modality_ablation(model, ts, shards or cfg.token_lm.shards, cfg.token_lm.seq, cfg.token_lm.ablation, encode)
-    rep["run"] = str(run_dir)
+    rep["run"] = str(run_dir) + (f" (onnxruntime: {onnx})" if onnx else "")
     write_report(rep, out_dir)
     return rep

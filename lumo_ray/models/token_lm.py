@@ -211,3 +211,29 @@ def target_losses(model: torch.nn.Module, batch: dict, autocast: bool = False) -
     ce = ce.view(tgt.shape)
     n = (tgt != -100).sum(1)
     return ce.sum(1), n
+
+
+LOSS_TASKS = ("a2t", "i2t", "t2a", "t2i", "t")  # the order of the per-task loss sums (all-reduced as one tensor)
+
+
+def task_loss_sums(model, builder, samples: list[dict], batch_size: int = 16, autocast: bool = False) -> torch.Tensor:
+    """[len(LOSS_TASKS), 2] float64 (summed target CE, target tokens) per task over `samples`, each in
+    its own layout and in the reverse one when the sequence config trains both directions."""
+    from ..data.sequences import collate
+
+    tot = torch.zeros(len(LOSS_TASKS), 2, dtype=torch.float64)
+    pairs = [(s, task) for s in samples for task in builder.tasks_of(s)]
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            batch = collate([builder.build(s, task=task) for s, task in pairs[i: i + batch_size]], builder.pad_id)
+            loss, n = target_losses(model, batch, autocast)
+            for task, l, k in zip(batch["tasks"], loss.tolist(), n.tolist()):
+                tot[LOSS_TASKS.index(task)] += torch.tensor([l, k], dtype=torch.float64)
+    return tot
+
+
+def task_loss_means(tot: torch.Tensor) -> dict:
+    """Per-task mean target loss, and "all": the token-weighted mean over every task."""
+    out = {t: float(tot[i, 0] / tot[i, 1]) for i, t in enumerate(LOSS_TASKS) if tot[i, 1] > 0}
+    out["all"] = float(tot[:, 0].sum() / max(1.0, float(tot[:, 1].sum())))
+    return out
