@@ -147,6 +147,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=8, help="requests per client")
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8, help="serve.max_batch_size of the batched and exact settings")
+    ap.add_argument("--settings", default="exact,batched,off", help="which settings to sweep (the kill phase runs "
+                    "with batched)")
     a = ap.parse_args()
     clients = [int(x) for x in a.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="lumo-bench-serve-"))
@@ -161,7 +164,9 @@ def main() -> None:
     print("| batching | clients | requests | errors | p50 ms | p95 ms | p99 ms | req/s | same as exact |")
     print("|---|---|---|---|---|---|---|---|---|")
     ratio, answers = {}, {}
-    for name, batch, exact in (("exact (8)", 8, True), ("batched (8)", 8, False), ("off (1)", 1, False)):
+    b = a.batch
+    settings = {"exact": (f"exact ({b})", b, True), "batched": (f"batched ({b})", b, False), "off": ("off (1)", 1, False)}
+    for name, batch, exact in (settings[k] for k in a.settings.split(",")):
         port = _port()
         p = serve(run, port, batch, a.replicas, exact)
         answers[name] = {}
@@ -172,17 +177,17 @@ def main() -> None:
             p.send_signal(2)
             p.communicate(timeout=120)
         for r in rows:
-            ref = answers["exact (8)"]
+            ref = answers.get(f"exact ({b})", {})
             same = [answers[name][k] == ref.get(k) for k in answers[name] if k[0] == r["clients"]]
             print(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
-                  f"| {r['p99_ms']:.0f} | {r['rps']:.2f} | {sum(same)}/{len(same)} |")
+                  f"| {r['p99_ms']:.0f} | {r['rps']:.2f} | {f'{sum(same)}/{len(same)}' if ref else '-'} |")
         by = {r["clients"]: r["rps"] for r in rows}
         if 1 in by and 16 in by:
             ratio[name] = by[16] / by[1]
     for name, x in ratio.items():
         print(f"throughput at 16 clients / 1 client, {name}: {x:.2f}x (target with batching: >= 3x)")
     port = _port()
-    p = serve(run, port, 8, a.replicas)
+    p = serve(run, port, b, a.replicas)
     try:
         k = kill_phase(port, 16, a.requests, p)
     finally:

@@ -115,8 +115,10 @@ def bind(cfg: LumoConfig, run_dir: str):
 
     s = cfg.serve
     token = Path(s.token_file).read_text().strip() if s.token_file else ""
-    return Generator.options(num_replicas=s.replicas, ray_actor_options={"num_cpus": s.cpus_per_replica}).bind(
-        resolve(run_dir), to_dict(s), token)
+    # Serve's default of 5 requests in flight per replica would cap a batch at 5; twice the batch size
+    # lets the next batch gather while one generates.
+    return Generator.options(num_replicas=s.replicas, max_ongoing_requests=2 * s.max_batch_size,
+                             ray_actor_options={"num_cpus": s.cpus_per_replica}).bind(resolve(run_dir), to_dict(s), token)
 
 
 def run_server(cfg: LumoConfig, run_dir: str, address: Optional[str] = None, log=print,

@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="tokenizer directory to write")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    from . import cluster, codec, data, export, gen, lm, mmpt, serve, vlm
-    for wing in (data, gen, serve, export, cluster, codec):  # data ..., generate / gate, serve, export, status, codec
+    from . import cluster, codec, data, export, gen, lm, mmpt, plan, serve, vlm
+    for wing in (data, gen, serve, export, plan, cluster, codec):  # data ..., generate / gate, serve, export, status, codec
         wing.add_commands(sub, _common)
     groups = {name: sub.add_parser(name, help=h).add_subparsers(dest="sub", required=True) for name, h in
               [("train", "Ray Train jobs"), ("eval", "evaluations and ablations"), ("tune", "Ray Tune studies")]}
