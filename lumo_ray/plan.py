@@ -14,7 +14,8 @@ of two decoder layers (the one computing and the one prefetched). Activations pe
 the tensors autograd keeps (ACT_TERMS: a frozen layer keeps fewer, only what its input's gradient
 needs); with checkpointing a layer keeps only its input, and one layer is recomputed at a time. The
 loss head keeps the fp32 log-probabilities of the target positions and, in backward, twice that. benchmarks/README.md sets the estimate beside the peak
-torch's MemTracker measures on CPU (the test holds it within 25 % for the tiny and small presets).
+torch's MemTracker measures on CPU (the test holds it within 25 % for the tiny and small
+presets).
 """
 from __future__ import annotations
 

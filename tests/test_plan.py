@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.plan_memory import VOCAB, measure
-from lumo_ray.plan import estimate, param_count, shape_of
+from lumo_ray.plan import estimate, layer_params, param_count, shape_of
 
 
 @pytest.mark.parametrize("freeze,checkpointing", [("new_rows", False), ("full", False), ("full", True), ("lora", True)])
@@ -52,3 +52,20 @@ def test_reference_table_and_config_plan():
     p = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "plan", "--gpus", "2", "--hours", "1"], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0 and "tiny token LM" in p.stdout and "tokens/s" in p.stdout, p.stderr[-2000:]
+
+
+def test_flops_per_token_counts_what_the_step_computes():
+    """6 FLOPs per trained matmul weight and token, 4 per frozen one (no weight gradient), the head
+    only on the target positions; no MFU on a CPU."""
+    from lumo_ray.flops import flops_per_token, mfu
+    from lumo_ray.models.base_lm import build_base_lm
+    from lumo_ray.models.token_lm import apply_freeze
+
+    m = build_base_lm("tiny", VOCAB)
+    s = shape_of("tiny", VOCAB)
+    attn = 3 * 4 * s.layers * 128 * s.heads * s.head_dim
+    matmul = s.layers * (layer_params(s) - 2 * s.head_dim - 2 * s.hidden)  # the norms' vectors are not matmuls
+    assert flops_per_token(m, 128) == 6 * matmul + attn + 6 * VOCAB * s.hidden
+    frozen = apply_freeze(build_base_lm("tiny", VOCAB), "new_rows", 512)
+    assert flops_per_token(frozen, 128, 0.25) == 4 * matmul + attn + 6 * VOCAB * s.hidden * 0.25
+    assert mfu(1000.0, 1e6, "cpu") is None

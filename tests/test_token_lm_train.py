@@ -78,6 +78,7 @@ def test_resume_is_exact(data, straight, tmp_path):
 def test_export_reload_gives_same_loss_and_invariance_passes(data, straight):
     shards, _, ts = data
     cfg, m, out = straight
+    assert m["model_tflops_per_s"] > 0 and "mfu" not in m  # throughput measured; no MFU without a known peak (CPU)
     model, ts2, meta = load_token_lm(out / "export", expected=ts)
     assert meta["freeze"] == "new_rows" and (out / "export" / "token_space.json").exists()
     tok = build_text_adapter(cfg.uti.text)

@@ -201,6 +201,28 @@ def inject_fault(t, step: int, rank: int, run_dir: Path, ctx: LocalContext) -> N
         time.sleep(HOLD_S)
 
 
+class Throughput:
+    """Tokens/s of this worker between two log steps, and MFU where the device's peak is known
+    (lumo_ray/flops.py). The caller counts tokens, target tokens and sequences as it trains."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.t, self.tokens = time.time(), 0
+
+    def report(self, tokens: int, targets: int, seqs: int) -> dict:
+        from lumo_ray.flops import flops_per_token, mfu
+
+        now = time.time()
+        rate = (tokens - self.tokens) / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, tokens
+        per_token = flops_per_token(self.model, max(1, tokens // max(seqs, 1)), targets / max(tokens, 1))
+        out = {"tokens_per_s": rate, "model_tflops_per_s": rate * per_token / 1e12}
+        u = mfu(rate, per_token, self.device)
+        if u is not None:
+            out["mfu"] = u
+        return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------

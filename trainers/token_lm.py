@@ -36,8 +36,8 @@ from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
-from .core import (RayContext, checkpoint_activations, due, launch, load_state, make_scheduler, resolve_resume,
-                   rng_state, save_checkpoint, seed_all, set_rng_state, storage_of, write_json)
+from .core import (RayContext, Throughput, checkpoint_activations, due, launch, load_state, make_scheduler,
+                   resolve_resume, rng_state, save_checkpoint, seed_all, set_rng_state, storage_of, write_json)
 from .lm import end_of_step, micro_batch
 
 
@@ -172,7 +172,7 @@ class Stepper:
         self.model, self.groups, self.vocab, self.source, self.builder = model, groups, vocab, source, builder
         self.c, self.t, self.ts, self.per, self.autocast = c, t, ts, per, autocast
         self.task_sums: dict[str, list[float]] = {}
-        self.tokens = 0
+        self.tokens = self.targets = self.seqs = 0
 
     def __call__(self, step: int, opt, sched) -> float:
         t, total = self.t, 0.0
@@ -187,6 +187,8 @@ class Stepper:
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
             self.tokens += int(batch["attention_mask"].sum())
+            self.targets += int(n.sum())
+            self.seqs += len(batch["tasks"])
         if t.clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], t.clip)
         text = self.ts.text_vocab
@@ -253,6 +255,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         start = {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
         say(f"token-lm warm start: eval {ev['all']:.4f}")
     t0, step0 = time.time(), step
+    speed = Throughput(raw, ctx.device)
     tracker = open_tracker(run_dir, cfg.tracking, "mmpt" if c.seq.layouts == "any" else "token_lm", to_dict(c),
                            ctx.rank)
     if tracker is not None and start:
@@ -268,6 +271,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
             rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"},
                         **train_step.train_losses(ctx)})
+        if due(step, t.log_every, last):
+            rep.update(speed.report(train_step.tokens, train_step.targets, train_step.seqs))
         ck_dir = None
         if due(step, t.ckpt_every, last) and ctx.rank == 0:
             state = {"trainable": {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad},
@@ -282,7 +287,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             f"token-lm step {step}/{t.steps} loss {total:.4f}"
             + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
                                                       if k.startswith("eval_") and k != "eval_loss") + ")"
-               if "eval_loss" in rep else "") + f" ({rate_eta(step, t.steps, t0, step0)})"))
+               if "eval_loss" in rep else "") + f" ({rate_eta(step, t.steps, t0, step0)}, "
+            f"{rep['tokens_per_s']:,.0f} tokens/s" + (f", MFU {rep['mfu']:.1%}" if "mfu" in rep else "") + ")"))
         if "eval_loss" in rep:
             metrics = rep
             evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})

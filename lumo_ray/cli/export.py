@@ -26,7 +26,7 @@ def cmd_export(args) -> int:
         line += (f"; int8: {q['size_ratio']:.2f}x the size, {q['latency_ratio']:.2f}x the latency, max |logit "
                  f"difference| {q['max_abs_logit_diff']:.3f}, argmax agreement {q['argmax_agreement']:.3f}")
         ev = rep.get("eval_loss", {})
-        line += (f"; eval loss {ev['pytorch']:.4f} (int8 {ev['int8']:+.4f})" if "int8" in ev
+        line += (f"; eval loss {ev['pytorch']:.4f}, int8 {ev['int8']:.4f} ({ev['int8_delta']:+.4f})" if "int8" in ev
                  else f"; eval loss: {ev.get('skipped', 'not measured')}")
     print(line)
     return 0
