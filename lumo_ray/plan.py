@@ -40,9 +40,12 @@ class Shape:
     tied: bool = False
 
 
-# Reference shapes the planner knows without a config.json (the public program's base model).
+# Reference shapes the planner knows without a config.json (the public program's base model), by name
+# and by hub id.
 REFERENCE = {"qwen3-8b": dict(hidden=4096, inter=12288, layers=36, heads=32, kv_heads=8, head_dim=128, tied=False),
              "qwen3-1.7b": dict(hidden=2048, inter=6144, layers=28, heads=16, kv_heads=8, head_dim=128, tied=True)}
+REFERENCE["Qwen/Qwen3-8B-Base"] = REFERENCE["Qwen/Qwen3-8B"] = REFERENCE["qwen3-8b"]
+REFERENCE["Qwen/Qwen3-1.7B-Base"] = REFERENCE["Qwen/Qwen3-1.7B"] = REFERENCE["qwen3-1.7b"]
 
 
 def shape_of(base: str, vocab: int) -> Shape:
@@ -58,8 +61,8 @@ def shape_of(base: str, vocab: int) -> Shape:
                      p["num_key_value_heads"], p["head_dim"], bool(p.get("tie_word_embeddings", False)))
     if base in REFERENCE:
         return Shape(vocab, **REFERENCE[base])
-    cfg = Path(base) / "config.json"
-    if not cfg.exists():
+    cfg = next((c for c in (Path(base) / "config.json", Path(base) / "export" / "config.json") if c.exists()), None)
+    if cfg is None:
         raise ValueError(f"{base!r}: not a preset ({', '.join(sorted(PRESETS))}), a reference "
                          f"({', '.join(sorted(REFERENCE))}) or a local model directory with config.json")
     c = json.loads(cfg.read_text())
@@ -78,7 +81,10 @@ def param_count(s: Shape) -> dict:
     return {"vocab": vocab, "layers": s.layers * layer_params(s), "total": vocab + s.layers * layer_params(s) + s.hidden}
 
 
-def trainable(s: Shape, freeze: str, lora_r: int = 8, lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")) -> int:
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def trainable(s: Shape, freeze: str, lora_r: int = 8, lora_targets: tuple = LORA_TARGETS) -> int:
     """Parameters with a gradient and AdamW state: new_rows and lora keep whole vocabulary matrices
     trainable (their text rows' gradient is masked to zero, the state still exists)."""
     n = param_count(s)
@@ -95,14 +101,16 @@ def trainable(s: Shape, freeze: str, lora_r: int = 8, lora_targets: tuple = ("q_
     return n["vocab"] + extra
 
 
-def act_per_token_layer(s: Shape, freeze: str = "full", lora_r: int = 8) -> int:
+def act_per_token_layer(s: Shape, freeze: str = "full", lora_r: int = 8, lora_targets: tuple = LORA_TARGETS) -> int:
     """Floats autograd keeps per token for one decoder layer (ACT_TERMS; full trains the layer's
     weights, so the inputs of its projections and norms are kept too; lora adds the adapters' inputs)."""
     n = sum(f(s) for f in ACT_TERMS["always"].values())
     if freeze == "full":
         n += sum(f(s) for f in ACT_TERMS["weights train"].values())
     elif freeze == "lora":
-        n += s.hidden + 4 * lora_r  # the normalized input of q/k/v (o's input is the attention output) + A's outputs
+        n += s.hidden + len(lora_targets) * lora_r  # q/k/v's normalized input (o's is the attention output), A's outputs
+        if {"gate_proj", "up_proj", "down_proj"} & set(lora_targets):
+            n += s.hidden + s.inter  # the MLP's normalized input and down's input
     return n
 
 
@@ -141,20 +149,20 @@ class Estimate:
 
 def estimate(s: Shape, *, freeze: str = "full", strategy: str = "ddp", world: int = 1, micro_batch: int = 1,
              seq: int = 512, target_tokens: Optional[int] = None, checkpointing: bool = False,
-             act_bytes: int = FLOAT, lora_r: int = 8) -> Estimate:
+             act_bytes: int = FLOAT, lora_r: int = 8, lora_targets: tuple = LORA_TARGETS) -> Estimate:
     """Per-device bytes of one training step; target_tokens: positions whose logits the loss reads (a
     base LM: every position; a token LM: the target span), default seq."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
     n = param_count(s)
-    tr = trainable(s, freeze, lora_r)
+    tr = trainable(s, freeze, lora_r, tuple(lora_targets))
     shard = world if strategy == "fsdp" else 1
     weights = FLOAT * n["total"] / shard
     if strategy == "fsdp":
         weights += 2 * FLOAT * layer_params(s)  # gathered: the layer computing and the one prefetched
     grads, opt = FLOAT * tr / shard, 2 * FLOAT * tr / shard
     tokens = micro_batch * seq
-    layer = act_per_token_layer(s, freeze, lora_r) * act_bytes * tokens
+    layer = act_per_token_layer(s, freeze, lora_r, tuple(lora_targets)) * act_bytes * tokens
     edges = 2 * s.hidden * act_bytes * tokens  # the embeddings' output and the final norm
     k = micro_batch * (target_tokens if target_tokens is not None else seq)
     logits = FLOAT * k * s.vocab  # fp32 logits of the target positions

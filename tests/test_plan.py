@@ -69,3 +69,22 @@ def test_flops_per_token_counts_what_the_step_computes():
     frozen = apply_freeze(build_base_lm("tiny", VOCAB), "new_rows", 512)
     assert flops_per_token(frozen, 128, 0.25) == 4 * matmul + attn + 6 * VOCAB * s.hidden * 0.25
     assert mfu(1000.0, 1e6, "cpu") is None
+
+
+def test_reference_configs_load_and_plan():
+    """configs/reference/: the real program's stages 1, 3.3 and 4, each loaded strictly (an unknown key is
+    an error) and the token-LM ones planned: they fit 8 x 80 GB as written (checkpointing on)."""
+    from pathlib import Path
+
+    from lumo_ray.config import LumoConfig, load_config
+
+    ref = Path(__file__).resolve().parents[1] / "configs" / "reference"
+    vlm = load_config(LumoConfig, ref / "vlm_stage1.yaml").vlm
+    assert (vlm.vision.model, vlm.llm.model) == ("google/siglip-so400m-patch14-384", "Qwen/Qwen3-8B-Base")
+    assert vlm.train.steps * vlm.train.global_batch >= 558_128 and vlm.train.activation_checkpointing
+    for name, freeze in (("stage3_token_lm", "new_rows"), ("stage4_mmpt", "lora")):
+        p = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "plan", "--config", str(ref / f"{name}.yaml")],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        row = next(line for line in p.stdout.splitlines() if line.startswith(f"| {freeze} | ddp | on |"))
+        assert row.rstrip(" |").endswith("yes"), row

@@ -12,7 +12,7 @@ from lumo_ray.config import TrackingConfig
 from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
 from trainers.core import LocalContext, fetch_checkpoint, latest_ray_checkpoint
-from trainers.vlm import prepare_run, run_loop, train_vlm
+from trainers.vlm import Trainee, prepare_run, run_loop, train_vlm
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -63,6 +63,26 @@ def test_resume_5_plus_5_equals_10_straight(synth, tmp_path):
     assert sorted(resumed) == list(range(1, 11)) and sorted(losses(run2)) == list(range(6, 11))
     for s in range(1, 11):
         assert abs(resumed[s] - straight[s]) <= 1e-6, (s, resumed[s], straight[s])
+
+
+def test_activation_checkpointing_gives_the_same_losses(synth, tmp_path):
+    """vlm.train.activation_checkpointing recomputes the frozen LLM's layers in backward: the connector
+    still learns, step for step the same losses (within float rounding)."""
+    runs = {}
+    for on in (False, True):
+        cfg = small_cfg(synth, tmp_path / f"ckpt-{on}", steps=4)
+        cfg.train.activation_checkpointing = on
+        cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
+        run_loop(cfg, run, LocalContext(), log=QUIET)
+        runs[on] = losses(run)
+    assert sorted(runs[True]) == [1, 2, 3, 4]
+    for s in runs[False]:
+        assert abs(runs[True][s] - runs[False][s]) <= 1e-5, (s, runs[True][s], runs[False][s])
+    assert runs[True][4] < runs[True][1]
+    cfg = small_cfg(synth, tmp_path / "probe", steps=1)
+    cfg.train.activation_checkpointing = True
+    cfg, run = prepare_run(cfg, cfg.train.out, QUIET)
+    assert Trainee(cfg, run, LocalContext(), QUIET).model.llm.is_activation_checkpointing  # it is on
 
 
 def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, ray_local, s3):

@@ -30,8 +30,8 @@ from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
 
-from .core import (RayContext, due, inject_fault, launch, load_state, make_scheduler, resolve_resume, rng_state,
-                   save_checkpoint, seed_all, set_rng_state, storage_of)
+from .core import (RayContext, checkpoint_activations, due, inject_fault, launch, load_state, make_scheduler,
+                   resolve_resume, rng_state, save_checkpoint, seed_all, set_rng_state, storage_of)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,6 +92,7 @@ class Trainee:
         say(f"[vlm] stage {t.stage}: trainable {self.counts['trainable']:,} params (connector), frozen "
             f"{self.counts['frozen']:,} (vision {self.counts['vision']['frozen']:,}, llm {self.counts['llm']['frozen']:,})")
         self.model.to(ctx.device).train()
+        checkpoint_activations(self.model.llm, t.activation_checkpointing)
         split_path = run / "splits.json"
         if ctx.world_size > 1 and not split_path.exists():
             raise FileNotFoundError(f"{split_path}: the driver writes the split before starting workers (prepare_run)")

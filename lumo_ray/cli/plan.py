@@ -11,7 +11,7 @@ def _size(b: float) -> str:
 
 
 def _table(shape, freeze_modes, world: int, micro: int, seq: int, target: int, ckpt_modes, gpu_mem: float,
-           lora_r: int, act_bytes: int) -> list[str]:
+           lora_r: int, act_bytes: int, lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
     from ..plan import GB, STRATEGIES, estimate, fits
 
     rows = ["| freeze | strategy | checkpointing | trainable | weights | grads | AdamW | activations | loss head | "
@@ -20,11 +20,25 @@ def _table(shape, freeze_modes, world: int, micro: int, seq: int, target: int, c
         for st in STRATEGIES:
             for c in ckpt_modes:
                 e = estimate(shape, freeze=f, strategy=st, world=world, micro_batch=micro, seq=seq, target_tokens=target,
-                             checkpointing=c, lora_r=lora_r, act_bytes=act_bytes)
+                             checkpointing=c, lora_r=lora_r, act_bytes=act_bytes, lora_targets=lora_targets)
                 rows.append(f"| {f} | {st} | {'on' if c else 'off'} | {e.trainable:,} | " + " | ".join(
                     _size(x) for x in (e.weights, e.gradients, e.optimizer, e.activations, e.loss_head, e.peak))
                     + f" | {'yes' if fits(e, gpu_mem * GB) else 'NO'} |")
     return rows
+
+
+def longest_target(cfg) -> int:
+    """The longest target span a token-LM sequence of this config can have, with its end token: an
+    audio crop (token_lm.seq.max_audio_tokens), an image's tokens, or a caption (up to 128 tokens)."""
+    from ..uti import load_token_space
+
+    ts = load_token_space(cfg.uti)
+    spans = [128]
+    if ts.num_codebooks:
+        spans.append(cfg.token_lm.seq.max_audio_tokens)
+    if ts.has_image:
+        spans.append(int(ts.adapters["image"]["tokens_per_image"]))
+    return max(spans) + 1
 
 
 def cmd_plan(args) -> int:
@@ -50,14 +64,14 @@ def cmd_plan(args) -> int:
     world = args.gpus or t.num_workers
     micro = max(1, t.global_batch // (world * t.grad_accum))
     seq = c.seq.max_len
-    target = args.target_tokens or seq
+    target = args.target_tokens or min(seq, longest_target(cfg))
     shape = shape_of(c.base, vocab)
     act_bytes = 2 if (t.bf16 and t.use_gpu) else 4  # bf16 autocast on GPUs; fp32 on CPU
     print(f"# {c.base} token LM, vocab {vocab:,}, freeze {c.freeze}, {world} x {args.gpu_mem:.0f} GB, micro-batch "
           f"{micro} x {seq} tokens ({target} target positions), {act_bytes}-byte activations; activation "
           f"checkpointing {'on' if t.activation_checkpointing else 'off'} in the config; fsdp: not implemented yet")
     print("\n".join(_table(shape, (c.freeze,), world, micro, seq, target, (t.activation_checkpointing,),
-                           args.gpu_mem, c.lora.r, act_bytes)))
+                           args.gpu_mem, c.lora.r, act_bytes, tuple(c.lora.target_modules))))
     if args.hours:
         tokens = t.steps * t.global_batch * seq
         print(f"{t.steps} steps x {t.global_batch} x {seq} tokens = {tokens:,} tokens: {tokens / (args.hours * 3600):,.0f} "
@@ -72,7 +86,7 @@ def add_commands(sub, common) -> None:
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary rows (default: the config's token space)")
     p.add_argument("--target-tokens", type=int, default=None, help="positions the loss reads per sequence "
-                   "(default token_lm.seq.max_len, an upper bound; a token LM reads its target span)")
+                   "(default: the longest target span of the config: audio crop, image tokens or 128 caption tokens)")
     p.add_argument("--hours", type=float, default=None, help="target wall time: print the tokens/s it needs")
     p.add_argument("--reference", action="store_true", help="the reference program's table: Qwen3-8B token LM on 8 x 80 GB")
     p.set_defaults(func=cmd_plan)

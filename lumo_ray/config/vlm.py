@@ -109,6 +109,9 @@ class VLMTrainConfig:
     clip: float = 1.0
     bf16: bool = True
     """bf16 autocast (CUDA only; CPU always runs fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute each LLM decoder layer in the backward pass (the frozen LLM still carries the
+    connector's gradient back): the same losses, a fraction of the activation memory."""
     eval_every: int = 100
     """Quick eval (first `quick_eval_size` eval samples) every K steps; 0 = never."""
     quick_eval_size: int = 32
