@@ -1,9 +1,10 @@
 """What `lumo serve` answers, without Ray or HTTP: a request body checked field by field, the generation
-it asks for, and the JSON that goes back. serving/app.py puts this behind Ray Serve.
+it asks for, and the JSON that goes back. servers/generate.py puts this behind Ray Serve.
 
 A generation is `lumo generate` in memory: the same prompt building, constrained decoding and media
-files, so for one seed a response carries the bytes `lumo generate` writes (base64). Bad input is a
-`RequestError` naming the field, with the HTTP status it maps to; it never reaches the model.
+files, so for one seed a response carries the bytes `lumo generate` writes (base64); a batch of
+requests is generated together, each row with its own seed. Bad input is a `RequestError` naming the
+field, with the HTTP status it maps to; it never reaches the model.
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def respond_batch(run: Run, reqs: list[GenRequest]) -> list[dict | Exception]:
             req = reqs[k]
             rows = write_samples(run, req.task, p, gens, Path(tmp) / f"out-{k}", req.opts, req.prompt,
                                  log=lambda *a, **kw: None)
-            answers[k] = {"task": req.task, "n": req.n, "options": asdict(req.opts), "results": [_item(req, r) for r in rows]}
+            answers[k] = {"task": req.task, "n": req.n, "options": asdict(req.opts),
+                          "results": [_item(req, r) for r in rows]}
     return answers
 
 
