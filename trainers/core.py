@@ -45,7 +45,10 @@ class LocalContext:
         self._ckpt = checkpoint
         self.on_report = on_report
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", bf16: bool = False) -> torch.nn.Module:
+        if strategy == "fsdp":
+            single_process_group()
+            return shard(model, self.device, bf16)
         return model.to(self.device)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -85,9 +88,11 @@ class RayContext(LocalContext):
         self.device = ray.train.torch.get_device()
         self.storage, self.run = storage, run
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", bf16: bool = False) -> torch.nn.Module:
         import ray.train.torch
 
+        if strategy == "fsdp":
+            return shard(model, self.device, bf16)
         return ray.train.torch.prepare_model(model)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -199,6 +204,119 @@ def inject_fault(t, step: int, rank: int, run_dir: Path, ctx: LocalContext) -> N
         if act == "killed":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(HOLD_S)
+
+
+def single_process_group() -> None:
+    """FSDP needs a process group; one process (tests, a notebook) gets a gloo group of one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def shard(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """FSDP2: each decoder layer its own unit (gathered for its forward and backward only), the rest
+    (embeddings, head, final norm) the root unit. bf16 parameters with fp32 gradient reduction on CUDA
+    when bf16 is on; fp32 otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
+    model.to(device)
+    for m in list(model.modules()):
+        if type(m).__name__.endswith("DecoderLayer"):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_rows(t: torch.Tensor, stop: int) -> torch.Tensor:
+    """The rows < stop of a (possibly FSDP-sharded, dim-0) tensor that this rank holds: a view to edit
+    in place. FSDP2 shards dim 0 in torch.chunk pieces: rank r holds rows [r * c, (r + 1) * c)."""
+    if not is_sharded(t):
+        return t[:stop]
+    import torch.distributed as dist
+
+    local = t.to_local()
+    c = -(-t.shape[0] // dist.get_world_size())
+    start = dist.get_rank() * c
+    return local[: max(0, min(local.shape[0], stop - start))]
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter gathered to full CPU tensors (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
+    """Gathered weights (the trainable subset) and optimizer state into a sharded model on any number
+    of ranks: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    o = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=o)
+    set_optimizer_state_dict(model, opt, optim_state_dict=optim, options=o)
+
+
+def rss_gb() -> float:
+    """This process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class RssPeak:
+    """The peak resident memory of this process while training steps run, sampled every 10 ms by a
+    thread (ru_maxrss would also hold the model's build before sharding and the checkpoint gathers)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._on, self._stop = 0.0, threading.Event(), threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.wait(0.01):
+            if self._on.is_set():
+                self.peak = max(self.peak, proc.memory_info().rss / 2**30)
+
+    def measuring(self, on: bool) -> None:
+        (self._on.set if on else self._on.clear)()
+
+    def close(self) -> float:
+        self._stop.set()
+        return self.peak
+
+
+def max_over_ranks(x: float, ctx) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    if ctx.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t)
 
 
 class Throughput:

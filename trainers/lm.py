@@ -157,6 +157,8 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     from lumo_ray.storage import RunDir
 
     c, t = cfg.lm, cfg.lm.train
+    if t.strategy != "ddp":
+        raise ValueError(f"lm.train.strategy {t.strategy}: the base LM trains with ddp (fsdp: token LM and stage 4)")
     run = RunDir(c.out)  # a URI run directory is staged locally and pushed at the end
     run_dir = run.local
     torch.set_num_threads(t.threads)

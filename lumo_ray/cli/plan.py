@@ -49,8 +49,7 @@ def cmd_plan(args) -> int:
         shape = shape_of(r["base"], r["vocab"])
         print(f"# Reference: Qwen3-8B token LM (vocab {r['vocab']:,}), {r['gpus']} x {r['gpu_mem']:.0f} GB, micro-batch "
               f"{r['micro_batch']} x {r['seq']} tokens, {r['target']} target positions, bf16 autocast (2-byte "
-              f"activations, fp32 weights and AdamW); fsdp rows: what train.strategy fsdp will take (issue 19, not "
-              f"implemented yet)")
+              f"activations, fp32 weights and AdamW); fsdp rows: train.strategy fsdp")
         print("\n".join(_table(shape, ("new_rows", "lora", "full"), r["gpus"], r["micro_batch"], r["seq"], r["target"],
                                (False, True), r["gpu_mem"], 8, 2)))
         return 0
@@ -69,7 +68,7 @@ def cmd_plan(args) -> int:
     act_bytes = 2 if (t.bf16 and t.use_gpu) else 4  # bf16 autocast on GPUs; fp32 on CPU
     print(f"# {c.base} token LM, vocab {vocab:,}, freeze {c.freeze}, {world} x {args.gpu_mem:.0f} GB, micro-batch "
           f"{micro} x {seq} tokens ({target} target positions), {act_bytes}-byte activations; activation "
-          f"checkpointing {'on' if t.activation_checkpointing else 'off'} in the config; fsdp: not implemented yet")
+          f"checkpointing {'on' if t.activation_checkpointing else 'off'} in the config; strategy {t.strategy} in the config")
     print("\n".join(_table(shape, (c.freeze,), world, micro, seq, target, (t.activation_checkpointing,),
                            args.gpu_mem, c.lora.r, act_bytes, tuple(c.lora.target_modules))))
     if args.hours:

@@ -31,10 +31,12 @@ class WarmStart:
 
 
 def load_causal_lm(base: str, text_vocab: int, seed: int = 0) -> torch.nn.Module:
-    """'tiny' -> random-init tiny Qwen3 preset with `text_vocab` rows; else a local dir, an object-store
+    """A preset name ('tiny', 'small', 'qwen3-0.6b') -> that random-init Qwen3 with `text_vocab` rows; else a local dir, an object-store
     URI of an export directory (downloaded once per process), or a hub id."""
-    if base == "tiny":
-        return build_base_lm("tiny", text_vocab, seed=seed)
+    from .base_lm import PRESETS
+
+    if base in PRESETS:
+        return build_base_lm(base, text_vocab, seed=seed)
     from transformers import AutoModelForCausalLM
 
     from ..storage import fetch_run, is_uri
@@ -216,19 +218,26 @@ def target_losses(model: torch.nn.Module, batch: dict, autocast: bool = False) -
 LOSS_TASKS = ("a2t", "i2t", "t2a", "t2i", "t")  # the order of the per-task loss sums (all-reduced as one tensor)
 
 
-def task_loss_sums(model, builder, samples: list[dict], batch_size: int = 16, autocast: bool = False) -> torch.Tensor:
+def task_loss_sums(model, builder, samples: list[dict], batch_size: int = 16, autocast: bool = False,
+                   batches: int = 0) -> torch.Tensor:
     """[len(LOSS_TASKS), 2] float64 (summed target CE, target tokens) per task over `samples`, each in
-    its own layout and in the reverse one when the sequence config trains both directions."""
+    its own layout and in the reverse one when the sequence config trains both directions. batches:
+    run at least this many forwards, repeating the last batch uncounted (sharded ranks must match)."""
     from ..data.sequences import collate
 
     tot = torch.zeros(len(LOSS_TASKS), 2, dtype=torch.float64)
     pairs = [(s, task) for s in samples for task in builder.tasks_of(s)]
+    batch = None
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             batch = collate([builder.build(s, task=task) for s, task in pairs[i: i + batch_size]], builder.pad_id)
             loss, n = target_losses(model, batch, autocast)
             for task, l, k in zip(batch["tasks"], loss.tolist(), n.tolist()):
                 tot[LOSS_TASKS.index(task)] += torch.tensor([l, k], dtype=torch.float64)
+        for _ in range(batches - -(-len(pairs) // batch_size)):
+            if batch is None:
+                raise ValueError("this rank has no eval samples to pad its forwards with")
+            target_losses(model, batch, autocast)
     return tot
 
 

@@ -1,0 +1,96 @@
+"""train.strategy fsdp (FSDP2 on CPU with gloo) for the token LM: the same losses as DDP, exact resume,
+resharding between worker counts through the gathered checkpoint, the export, and text invariance
+under new_rows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lumo_ray.codecs.text import build_text_adapter
+from lumo_ray.data.sequences import SequenceBuilder
+from lumo_ray.data.shard_reader import ShardDataset
+from lumo_ray.eval.text_invariance import text_invariance
+from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
+from test_token_lm_train import QUIET, make_cfg
+from trainers.core import LocalContext
+from trainers.token_lm import evaluate_tasks, run_token_lm, token_lm_loop
+
+STEPS = ["token_lm.train.steps=6", "token_lm.train.ckpt_every=3", "token_lm.train.eval_every=3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    """The token-LM tests' synthetic shards (the same folder: built once per session)."""
+    from lumo_ray.cli.demo.lm import build_synth_shards
+    from lumo_ray.uti import load_token_space
+
+    root = tmp_path_factory.getbasetemp() / "lm_synth12_e400"
+    shards, manifest, cfg = build_synth_shards(root, 12, 12, overrides=["data.normalize.eval_permille=400"], **QUIET)
+    return shards, manifest, load_token_space(cfg.uti)
+
+
+@pytest.fixture
+def one_process_group():
+    yield
+    if torch.distributed.is_initialized():  # LocalContext's fsdp opened a gloo group of one: close it
+        torch.distributed.destroy_process_group()
+
+
+def test_prepare_shards_every_decoder_layer(one_process_group):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from lumo_ray.models.base_lm import build_base_lm
+    from trainers.core import local_rows
+
+    model = LocalContext().prepare(build_base_lm("tiny", 2880), "fsdp")
+    assert isinstance(model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in model.model.layers)
+    emb = model.get_input_embeddings().weight
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert local_rows(emb, 512).shape == (512, 64) and local_rows(emb.detach().full_tensor(), 512).shape == (512, 64)
+
+
+@pytest.mark.parametrize("freeze", ["new_rows", "lora", "full"])
+def test_fsdp_in_one_process_trains_as_plain(data, tmp_path, freeze, one_process_group):
+    shards, _, ts = data
+    plain = token_lm_loop(make_cfg(shards, tmp_path / "plain", f"token_lm.freeze={freeze}"), LocalContext(), ts=ts, **QUIET)
+    cfg = make_cfg(shards, tmp_path / "fsdp", f"token_lm.freeze={freeze}", "token_lm.train.strategy=fsdp")
+    sharded = token_lm_loop(cfg, LocalContext(), ts=ts, **QUIET)
+    assert np.allclose(plain["loss_history"], sharded["loss_history"], atol=1e-5, rtol=0)
+    assert abs(plain["eval_loss"] - sharded["eval_loss"]) < 1e-5
+    model, _, _ = load_token_lm(tmp_path / "fsdp" / "export", expected=ts)  # the gathered export reloads
+    tok = build_text_adapter(cfg.uti.text)
+    b = SequenceBuilder(ts, cfg.token_lm.seq, tok.encode)
+    ev = evaluate_tasks(model, b, list(ShardDataset(shards, "eval", shuffle=False, expected=ts)), LocalContext())
+    assert abs(ev["all"] - sharded["eval_loss"]) < 1e-5
+    if freeze == "new_rows":  # text rows masked on the local shard: the text logits are the base LM's
+        base = load_causal_lm("tiny", ts.text_vocab, seed=0)
+        rep = text_invariance(model, base, ts, cfg.token_lm.invariance.prompts, tok.encode)
+        assert rep["pass"] and rep["max_abs_logit_diff"] == 0.0
+
+
+def test_two_fsdp_workers_match_ddp_resume_exactly_and_reshard(data, tmp_path, one_process_group):
+    shards, _, ts = data
+    two = ["token_lm.train.num_workers=2", "token_lm.train.cpus_per_worker=0.5"]
+    ddp = run_token_lm(make_cfg(shards, tmp_path / "ddp", *STEPS, *two), **QUIET)
+    fsdp = run_token_lm(make_cfg(shards, tmp_path / "fsdp", *STEPS, *two, "token_lm.train.strategy=fsdp"), **QUIET)
+    assert np.allclose(ddp["loss_history"], fsdp["loss_history"], atol=1e-5, rtol=0)
+    assert abs(ddp["eval_loss"] - fsdp["eval_loss"]) < 1e-5
+    ck = tmp_path / "fsdp" / "checkpoints" / "step-0000003"
+    again = run_token_lm(make_cfg(shards, tmp_path / "again", *STEPS, *two, "token_lm.train.strategy=fsdp",
+                                  f"token_lm.train.resume={ck}"), **QUIET)
+    assert np.allclose(again["loss_history"], fsdp["loss_history"][3:], atol=1e-6, rtol=0)  # exact resume
+    # 2 -> 1: the gathered checkpoint loads into one process's shards and trains on
+    one = token_lm_loop(make_cfg(shards, tmp_path / "one", *STEPS, "token_lm.train.strategy=fsdp",
+                                 f"token_lm.train.resume={ck}"), LocalContext(), ts=ts, **QUIET)
+    assert one["steps"] == 6 and len(one["loss_history"]) == 3 and np.isfinite(one["eval_loss"])
+    # 1 -> 2: a one-process checkpoint resumes on two workers
+    ck1 = tmp_path / "one" / "checkpoints" / "step-0000006"
+    two_again = run_token_lm(make_cfg(shards, tmp_path / "two", "token_lm.train.steps=8", "token_lm.train.eval_every=8",
+                                      "token_lm.train.ckpt_every=8", *two, "token_lm.train.strategy=fsdp",
+                                      f"token_lm.train.resume={ck1}"), **QUIET)
+    assert two_again["steps"] == 8 and len(two_again["loss_history"]) == 2
+    with pytest.raises(ValueError, match="written with train.strategy fsdp"):  # a ddp run refuses it, naming why
+        token_lm_loop(make_cfg(shards, tmp_path / "ddp1", *STEPS, f"token_lm.train.resume={ck}"), LocalContext(),
+                      ts=ts, **QUIET)
