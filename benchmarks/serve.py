@@ -56,6 +56,17 @@ def post(port: int, body: dict) -> tuple[int, float, str]:
     return code, time.perf_counter() - t0, digest
 
 
+def run_clients(client, n: int) -> float:
+    """client(0) .. client(n - 1) on n threads at once; the seconds until the last one is done."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def sweep(port: int, clients: list[int], requests: int, answers: dict) -> list[dict]:
     """answers: (clients, seed) -> sha256 of the answer, filled in."""
     rows = []
@@ -70,13 +81,7 @@ def sweep(port: int, clients: list[int], requests: int, answers: dict) -> list[d
                     lat.append(s)
                     answers[(c, i * 1000 + j)] = digest
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(c)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_clients(client, c)
         q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
         rows.append({"clients": c, "requests": len(lat), "errors": sum(x != 200 for x in codes),
                      "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94], "p99_ms": 1000 * q[98], "rps": len(lat) / wall})
@@ -114,14 +119,9 @@ def kill_phase(port: int, clients: int, requests: int, server: subprocess.Popen)
                         if "ServeReplica" in " ".join(proc.cmdline()):
                             proc.kill()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    wall = run_clients(client, clients)
     return {"clients": clients, "requests": clients * requests, "killed": killed.is_set(),
-            "failed_once": len(failed_once), "retries": retries[0], "lost": lost[0], "wall_s": time.perf_counter() - t0}
+            "failed_once": len(failed_once), "retries": retries[0], "lost": lost[0], "wall_s": wall}
 
 
 def serve(run: Path, port: int, batch: int, replicas: int, exact: bool = False) -> subprocess.Popen:

@@ -139,7 +139,7 @@ def eval_losses(run, out: Path, max_samples: int = 256) -> dict:
     ONNX graph and its int8 copy, and the int8 delta; skipped, with the reason, without those shards."""
     from .data.shard_reader import ShardDataset
     from .models.token_lm import task_loss_means, task_loss_sums
-    from .onnx_lm import OnnxLM
+    from .onnx_lm import load_onnx_lm
 
     shards = run.cfg.token_lm.shards
     try:
@@ -149,8 +149,8 @@ def eval_losses(run, out: Path, max_samples: int = 256) -> dict:
     if not samples:
         return {"skipped": f"the eval split of token_lm.shards {shards!r} is empty"}
     losses = {name: task_loss_means(task_loss_sums(model, run.builder, samples))["all"] for name, model in
-              (("pytorch", run.model), ("onnx", OnnxLM(out / "model.onnx", run.ts.padded_size)),
-               ("int8", OnnxLM(out / "model.int8.onnx", run.ts.padded_size)))}
+              (("pytorch", run.model), ("onnx", load_onnx_lm(out / "model.onnx", run.ts)),
+               ("int8", load_onnx_lm(out / "model.int8.onnx", run.ts)))}
     return {"shards": str(shards), "samples": len(samples), **losses, "int8_delta": losses["int8"] - losses["pytorch"]}
 
 

@@ -19,7 +19,7 @@ presets).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 GB = 1e9
@@ -183,6 +183,3 @@ def fits(e: Estimate, device_bytes: float, headroom: float = 0.9) -> bool:
     """Under `headroom` of the device: the allocator's fragmentation and the CUDA context take the rest."""
     return e.peak <= headroom * device_bytes
 
-
-def as_row(e: Estimate) -> dict:
-    return {k: (v / GB if isinstance(v, float) else v) for k, v in asdict(e).items()}

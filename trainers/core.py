@@ -313,7 +313,8 @@ class RssPeak:
 
 
 def max_over_ranks(x: float, ctx) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
+    """The largest of every rank's x (on the context's device: NCCL reduces only CUDA tensors)."""
+    t = torch.tensor([x], dtype=torch.float64, device=ctx.device)
     if ctx.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t)

@@ -136,10 +136,8 @@ def evaluate_tasks(model: torch.nn.Module, builder: SequenceBuilder, samples: li
     was = model.training
     model.eval()
     batches = 0
-    if is_sharded(next(model.parameters())) and ctx.world_size > 1:  # every rank must run as many forwards
-        n = torch.tensor([-(-sum(len(builder.tasks_of(x)) for x in samples) // batch_size)], device=ctx.device)
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-        batches = int(n)
+    if is_sharded(next(model.parameters())):  # every rank must run as many forwards
+        batches = int(max_over_ranks(-(-sum(len(builder.tasks_of(x)) for x in samples) // batch_size), ctx))
     tot = ctx.all_reduce(task_loss_sums(model, builder, samples, batch_size, autocast, batches).to(ctx.device)).cpu()
     model.train(was)
     return task_loss_means(tot)
@@ -173,6 +171,15 @@ def restore(ck: Path, ts: TokenSpace, raw: torch.nn.Module, opt, sched, sharded:
     sched.load_state_dict(st["scheduler"])
     set_rng_state(st["rng"])
     return st["step"], st["data"]
+
+
+def trainable_state(raw: torch.nn.Module, opt, names: dict[int, str], sharded: bool) -> tuple[dict, dict]:
+    """(trainable weights by name, optimizer state) for a checkpoint. Sharded: gathered to full tensors on
+    rank 0 (every rank must call it; the others get empty dicts)."""
+    if sharded:
+        full = full_state(raw)
+        return {n: full[n] for n in names.values() if n in full}, full_optimizer_state(raw, opt)
+    return {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad}, opt.state_dict()
 
 
 class Stepper:
@@ -245,8 +252,11 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
                                      shuffle=False, expected=ts))
     tok = text_tokenizer(cfg)
     builder = SequenceBuilder(ts, c.seq, tok.encode)
-    ws = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=say,
-                    init=c.mmpt.init if c.seq.layouts == "any" else "")
+    def start_model(log):
+        return warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=log,
+                          init=c.mmpt.init if c.seq.layouts == "any" else "")
+
+    ws = start_model(say)
     raw = ws.model
     checkpoint_activations(raw, t.activation_checkpointing)
     sharded = t.strategy == "fsdp"
@@ -300,19 +310,14 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             rep.update(speed.report(train_step.tokens, train_step.targets, train_step.seqs))
         ck_dir = None
         if due(step, t.ckpt_every, last):
-            if sharded:  # gathered on rank 0 (a collective: every rank takes part)
-                full, optim = full_state(raw), full_optimizer_state(raw, opt)
-                weights = {n: full[n] for n in names.values() if n in full}
-            elif ctx.rank == 0:
-                weights = {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad}
-                optim = opt.state_dict()
-        if due(step, t.ckpt_every, last) and ctx.rank == 0:
-            state = {"trainable": weights, "optimizer": optim, "strategy": t.strategy, "scheduler": sched.state_dict(),
-                     "rng": rng_state(), "step": step, "data": source.state(), "token_space_hash": ts.hash,
-                     "config": to_dict(cfg)}
-            ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
-            if golden is not None:
-                golden.write(step)
+            weights, optim = trainable_state(raw, opt, names, sharded)  # fsdp: a collective, every rank
+            if ctx.rank == 0:
+                state = {"trainable": weights, "optimizer": optim, "strategy": t.strategy,
+                         "scheduler": sched.state_dict(), "rng": rng_state(), "step": step, "data": source.state(),
+                         "token_space_hash": ts.hash, "config": to_dict(cfg)}
+                ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
+                if golden is not None:
+                    golden.write(step)
         if hook is not None and ctx.rank == 0:  # after the checkpoint: an interrupted trial can resume
             rep.update(hook(step, raw) or {})
         end_of_step(ctx, t, step, rep, ck_dir, tracker, say, lambda: (
@@ -332,8 +337,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     if sharded:  # the export is a plain model: the gathered weights in a fresh copy of the warm start
         full = full_state(raw)
         if ctx.rank == 0:
-            plain = warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=lambda *a, **k: None,
-                               init=c.mmpt.init if c.seq.layouts == "any" else "").model
+            plain = start_model(lambda *a, **k: None).model
             plain.load_state_dict(full)
     if ctx.rank == 0:
         tracker.close()

@@ -11,8 +11,10 @@ def _size(b: float) -> str:
 
 
 def _table(shape, freeze_modes, world: int, micro: int, seq: int, target: int, ckpt_modes, gpu_mem: float,
-           lora_r: int, act_bytes: int, lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
-    from ..plan import GB, STRATEGIES, estimate, fits
+           lora_r: int, act_bytes: int, lora_targets: tuple = ()) -> list[str]:
+    from ..plan import GB, LORA_TARGETS, STRATEGIES, estimate, fits
+
+    lora_targets = lora_targets or LORA_TARGETS
 
     rows = ["| freeze | strategy | checkpointing | trainable | weights | grads | AdamW | activations | loss head | "
             "peak / GPU | fits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
