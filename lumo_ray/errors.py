@@ -16,6 +16,9 @@ class UserError(ValueError):
         where = f" ({self.path})" if self.path else ""
         super().__init__(f"{what}{where}: {why}" + (f"; {todo}" if todo else ""))
 
+    def __reduce__(self):  # pickles with its fields (Ray sends a worker's exception to the driver)
+        return (type(self), (self.what, self.path, self.why, self.todo))
+
 
 # Exceptions of the library that are about the user's input (their messages name the sample, field or
 # file). Matched by name along the class hierarchy, so the CLI need not import torch-heavy modules to
@@ -24,6 +27,16 @@ _USER_ERROR_NAMES = {
     "UserError", "ConfigError", "ReaderError", "ManifestError", "TokenSpaceError", "TokenSpaceMismatch",
     "MediaError", "VLMInputError", "VLMDataError", "CheckpointError", "SequenceError", "TextDataError",
 }
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The exception a Ray worker raised, out of Ray's wrappers: ray.train.WorkerGroupError keeps each
+    rank's as .worker_failures (the lowest rank's is taken), RayTaskError keeps it as .cause."""
+    fails = getattr(e, "worker_failures", None)
+    if isinstance(fails, dict) and fails:
+        return unwrap(sorted(fails.items())[0][1])
+    cause = getattr(e, "cause", None)
+    return unwrap(cause) if isinstance(cause, BaseException) and cause is not e else e
 
 
 def is_user_error(e: BaseException) -> bool:

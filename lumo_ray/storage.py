@@ -127,6 +127,11 @@ class Loc:
         return {i.path[len(base):]: i for i in self.fs.get_file_info(sel)
                 if i.type == pafs.FileType.File and i.path.startswith(base)}
 
+    def children(self) -> list[str]:
+        """Names of the files directly in this directory (not below it), sorted."""
+        sel = pafs.FileSelector(self.path, recursive=False, allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+
     def glob(self, pattern: str = "*") -> list["Loc"]:
         """Files below this directory whose relative path matches `pattern` (fnmatch: `*` spans '/')."""
         return [self / r for r in sorted(self.files()) if fnmatch.fnmatchcase(r, pattern)]
@@ -141,6 +146,15 @@ class Loc:
     def read_bytes(self) -> bytes:
         with self.open_read() as fh:
             return fh.read()
+
+    def read_range(self, start: int, length: int) -> bytes:
+        """`length` bytes from offset `start` (one ranged read on an object store)."""
+        if self._uri is None:
+            with open(self.path, "rb") as fh:
+                fh.seek(start)
+                return fh.read(length)
+        with self.fs.open_input_file(self.path) as fh:
+            return fh.read_at(length, start)
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)

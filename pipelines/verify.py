@@ -13,7 +13,7 @@ import ray
 from lumo_ray.codecs.base import AudioCodes
 from lumo_ray.config import LumoConfig, dump_config, load_config
 from lumo_ray.data.manifest import read_manifest
-from lumo_ray.data.shards import iter_tar, load_index, sample_key
+from lumo_ray.data.shards import load_index, read_verified, sample_key
 from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, plan_units
 from lumo_ray.data.verify import MAX_LISTED, check_shard, drift, leakage, length_stats
 from lumo_ray.runtime import Progress, rate_eta
@@ -156,9 +156,9 @@ def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifes
     dec_probs, n_dec = [], 0
     chosen = spot_check_choice(results, vcfg.decode_spot_checks, vcfg.seed,
                                [m for m in ("audio", "image") if getattr(tok.adapters, m) is not None])
-    paths = {str(shards_dir / s["name"]): shards_dir / s["name"] for s in index["shards"]}
+    entries = {str(shards_dir / s["name"]): s for s in index["shards"]}
     for shard, picks in sorted(chosen.items()):
-        for smp in iter_tar(paths[shard]):
+        for smp in read_verified(shards_dir, entries[shard]):
             sid = (smp.get("json") or {}).get("id", smp["__key__"])
             for m in picks.get(sid, ()):
                 n_dec += 1

@@ -55,8 +55,8 @@ def test_demo_console_is_one_line_per_event_from_any_directory(tmp_path, sole_lo
 # test_token_lm_*, test_mmpt_train; this test reads their console): small data, a couple of evals and
 # checkpoints per run, every stage-4 task from step 0, 4 golden prompts per task in the decode gate.
 SHORT_TRAINING = ["demo.lm_images=48", "demo.lm_audio=24", "demo.gate_n=4",
-                  "lm.train.steps=40", "lm.train.eval_every=20", "lm.train.ckpt_every=40", "lm.train.log_every=10",
-                  "token_lm.train.steps=20", "token_lm.train.eval_every=10", "token_lm.train.ckpt_every=10",
+                  "lm.train.steps=20", "lm.train.eval_every=10", "lm.train.ckpt_every=20", "lm.train.log_every=10",
+                  "token_lm.train.steps=10", "token_lm.train.eval_every=5", "token_lm.train.ckpt_every=5",
                   "token_lm.train.log_every=5", "token_lm.mmpt.ramp_steps=0", "token_lm.mmpt.blend_steps=0"]
 
 
@@ -79,7 +79,7 @@ def test_demo_training_stages_console(tmp_path, sole_local_ray):
     assert "error" not in summary["stages"][2]
     problems = _console_problems(p.stdout + p.stderr)
     assert problems == [], "\n".join(problems)
-    assert "lm step 40/40" in p.stdout and p.stdout.count("token-lm step 20/20") >= 2  # 3.3, stage 4
+    assert "lm step 20/20" in p.stdout and p.stdout.count("token-lm step 10/10") >= 2  # 3.3, stage 4
     assert p.stdout.count("trial ") >= 2  # the prompt study's line per finished trial
     page = (out / "report.html").read_text()
     gen = page[page.index("<h2>generate</h2>"):]

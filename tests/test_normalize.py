@@ -14,16 +14,21 @@ from lumo_ray.data.manifest import read_errors, read_manifest
 from lumo_ray.data.normalize import NormalizeError, normalize_local
 from pipelines.normalize import main, run_normalize
 
-REAL_COUNTS = {"llava_pretrain": 44, "audiocaps": 5, "wavcaps": 26}
+REAL_COUNTS = {"llava_pretrain": 44, "audiocaps": 3, "wavcaps": 26}
+# The AudioCaps sample gives one recording (the same bytes) under three audiocap_ids with three unrelated
+# captions and no youtube_id: normalize keeps the first and records the other two as duplicates.
+REAL_DUPLICATES = {"audiocaps": 2}
 
 
 def test_normalize_real_samples_through_ray(ray_local, real_data, tmp_path):
     for source, n in REAL_COUNTS.items():
         out = tmp_path / source
         s = run_normalize(source, real_data / source, out, NormalizeConfig())
-        assert (s["ok"], s["errors"], s["error_rate"]) == (n, 0, 0.0)
+        dups = REAL_DUPLICATES.get(source, 0)
+        assert (s["ok"], s["errors"], s["duplicates"], s["error_rate"]) == (n, dups, dups, 0.0)
         recs, bad = read_manifest(out / "manifest.jsonl")
-        assert bad == [] and len(recs) == n and read_errors(out / "errors.jsonl") == []
+        assert bad == [] and len(recs) == n
+        assert [e.reason for e in read_errors(out / "errors.jsonl")] == ["duplicate media"] * dups
         assert [r.id for r in recs] == sorted(r.id for r in recs)
         assert all(r.split in ("train", "eval") and r.meta["probe"] for r in recs)
         assert s["per_split"]["eval"]["samples"] >= 1 and s["leakage"]["ok"]
@@ -101,3 +106,29 @@ def test_a_normalized_folder_is_a_valid_jsonl_input(real_data, tmp_path):
     (tmp_path / "empty" / "x.jsonl").write_text("")
     with pytest.raises(NormalizeError, match="no samples"):
         normalize_local("jsonl", tmp_path / "empty", tmp_path / "c")
+
+
+def test_exact_duplicate_media_are_recorded_and_the_first_kept(tmp_path):
+    from lumo_ray.data.manifest import Record, write_manifest
+    from lumo_ray.data.synth import write_synth
+
+    imgs = sorted((Path(write_synth(tmp_path / "s", 2, 0)["llava_pretrain_dir"])).rglob("*.png"))
+    copy = tmp_path / "copy.png"
+    shutil.copy(imgs[0], copy)
+
+    def rec(i, group, path, caption):
+        return Record(id=i, source="s", group=group, task="i2t", modalities={"image": {"path": str(path)}},
+                      text={"prompt": "", "caption": caption})
+    src = tmp_path / "in"
+    write_manifest([rec("a", "g1", imgs[0], "a cat"),
+                    rec("b", "g2", copy, "a dog"),              # the same bytes under another key: duplicate
+                    rec("c", "g1", imgs[0], "a cat"),           # the same sample twice: duplicate
+                    rec("d", "g1", copy, "a cat on a mat"),     # another caption of the same item: kept
+                    rec("e", "g3", imgs[1], "a cat")], src / "m.jsonl")
+    summary = normalize_local("jsonl", src, tmp_path / "out")
+    assert sorted(r.id for r in read_manifest(tmp_path / "out" / "manifest.jsonl")[0]) == ["a", "d", "e"]
+    errs = {e.id: e for e in read_errors(tmp_path / "out" / "errors.jsonl")}
+    assert set(errs) == {"b", "c"} and all(e.reason == "duplicate media" and e.stage == "dedupe" for e in errs.values())
+    assert "duplicate of a (same media content, group 'g1')" in errs["b"].detail and str(copy) in errs["b"].detail
+    assert "duplicate of a (same media content and caption)" in errs["c"].detail
+    assert summary["duplicates"] == 2 and summary["error_rate"] == 0.0  # recorded, not counted as bad input

@@ -263,3 +263,26 @@ def test_run_dir_mirror_uploads_changes_and_leaves_checkpoints_to_ray(s3):
     assert not (RunDir(str(run.loc)).local / "stale.wav").exists()
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         fetch_run(s3("mirror/missing"))
+
+
+def test_raw_dataset_and_media_on_s3_normalize_tokenize_and_verify(data, s3):
+    """The raw datasets (LLaVA JSON, AudioCaps CSV) and their media uploaded to s3: normalize reads the
+    metadata and probes the media there (manifests name s3:// media), tokenize's workers read the
+    media from s3 (tars and index are the local run's bytes) and verify passes."""
+    synth = data["dir"] / "synth"
+    for f in sorted(synth.rglob("*")):
+        if f.is_file():
+            locate(s3(f"raw/{f.relative_to(synth)}")).write_bytes(f.read_bytes())
+    recs = []
+    for src in ("llava_pretrain", "audiocaps"):
+        out = s3(f"raw_norm/{src}")
+        assert main(["data", "normalize", "--source", src, "--input", s3(f"raw/{src}"), "--out", out, *sets(DATA)]) == 0
+        recs += read_manifest(str(locate(out) / "manifest.jsonl"))[0]
+    assert len(recs) == 16 and all(r.media_path(m).startswith("s3://lumo/raw/") for r in recs for m in r.modalities)
+    manifest = str(write_manifest(recs, s3("raw_norm/manifest.jsonl")))
+    out = s3("raw_shards")
+    assert main(["data", "tokenize", "--manifest", manifest, "--out", out, *sets(DATA)]) == 0
+    local, remote = tree(data["local"]), tree(out)
+    assert {k: v for k, v in remote.items() if k.endswith(".tar") or k == "index.json"} == \
+        {k: v for k, v in local.items() if k.endswith(".tar") or k == "index.json"}
+    assert main(["data", "verify", "--shards", out, "--out", s3("raw_verify"), *sets(DATA)]) == 0

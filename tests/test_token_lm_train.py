@@ -203,3 +203,30 @@ def test_activation_checkpointing_gives_the_same_losses(data, tmp_path, freeze):
     for a, b in zip(runs[False]["loss_history"], runs[True]["loss_history"]):
         assert abs(a - b) <= 1e-5, (a, b)
     assert abs(runs[False]["eval_loss"] - runs[True]["eval_loss"]) <= 1e-5
+
+
+def test_a_shard_with_a_flipped_byte_stops_training_naming_it(data, tmp_path, capsys):
+    """`lumo train token-lm` on shards whose bytes changed after tokenize (one flipped byte inside a
+    token payload): exit 2 and one line naming the shard, instead of training on it."""
+    import shutil
+    import tarfile
+
+    from lumo_ray.data.shards import load_index
+
+    shards, _, _ = data
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    entry = next(s for s in load_index(bad)["shards"] if s["split"] == "train")
+    tar = bad / entry["name"]
+    with tarfile.open(tar) as t:
+        m = next(m for m in t.getmembers() if m.name.endswith(".text.npy"))
+    b = bytearray(tar.read_bytes())
+    b[m.offset_data + m.size - 1] ^= 0x01
+    tar.write_bytes(bytes(b))
+    capsys.readouterr()
+    rc = main(["train", "token-lm", "--shards", str(bad), "--out", str(tmp_path / "run"), "--set",
+               "token_lm.train.steps=2", "--set", "token_lm.train.global_batch=4", "--set",
+               "token_lm.seq.max_audio_tokens=60", "--set", "token_lm.train.cpus_per_worker=0.5"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"shard ({tar})" in err and "does not match index.json" in err, err

@@ -296,3 +296,80 @@ def test_decode_spot_checks_are_a_seeded_choice_and_ungrouped_records_are_checke
     # a record without a group is its own group: the same ungrouped record in both splits is reported as a group too
     leak = leakage([("x", None, "train"), ("x", None, "eval"), ("y", "g", "train"), ("z", "g", "eval")])
     assert leak["groups_in_both"] == ["g", "id:x"] and leak["ids_in_both"] == ["x"]
+
+
+def test_the_streaming_plan_writes_what_the_in_memory_rule_gives(shards, manifest):
+    """Shard bytes equal a plain in-process tokenization of plan_shards (the rule the driver applied
+    before workers wrote shards): same records per shard, same model batches, same tars."""
+    from lumo_ray.data.shards import write_tar
+    from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, plan_units
+
+    c = cfg()
+    tok = SampleTokenizer(c.uti)
+    index = {s["name"]: s for s in load_index(shards)["shards"]}
+    plan = plan_shards(read_manifest(manifest)[0], c.data.tokenize.shard_size)
+    assert len(plan) == len(index)
+    for (split, i), recs in sorted(plan.items()):
+        results = [r for u in plan_units(recs, c.data.tokenize.batch_size)
+                   for r in tok.tokenize([tok.load(x.to_dict()) for x in u])]
+        st = write_tar(shards.parent / "ref.tar", [r["members"] for r in results if "members" in r])
+        assert st["sha256"] == index[f"{split}/shard-{i:06d}.tar"]["sha256"]
+
+
+def _flip_token_byte(tar_path: Path) -> str:
+    """Flip the last byte of the first token array in a tar (a payload byte, not a header): returns its member."""
+    with tarfile.open(tar_path) as t:
+        m = next(m for m in t.getmembers() if m.name.endswith(".text.npy"))
+    b = bytearray(tar_path.read_bytes())
+    b[m.offset_data + m.size - 1] ^= 0x01
+    tar_path.write_bytes(bytes(b))
+    return m.name
+
+
+def test_a_flipped_byte_is_refused_by_the_shard_readers(shards, tmp_path):
+    from lumo_ray.errors import UserError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    entry = next(s for s in load_index(bad)["shards"] if s["split"] == "train")
+    _flip_token_byte(bad / entry["name"])
+    assert next(iter_tar(bad / entry["name"]))  # still a well-formed tar: only the hash tells
+    with pytest.raises(UserError, match=rf"shard \({bad / entry['name']}\): sha256 .* does not match index.json"):
+        list(ShardDataset(bad, "train", shuffle=False))
+    assert list(ShardDataset(bad, "eval", shuffle=False))  # the other shards still read
+
+
+def test_a_killed_shard_writer_is_redone_and_the_output_is_unchanged(shards, manifest, tmp_path):
+    """SIGKILL the tokenizer actor (the process that writes shards) while it works: Ray Data restarts
+    it and retries its shard; no partial shard is visible and the bytes equal an uninterrupted run."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    out, res, killed = tmp_path / "killed_writer", {}, []
+
+    def run():
+        try:
+            res["summary"] = run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), out, log=quiet)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            res["error"] = e
+    th = threading.Thread(target=run)
+    th.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and th.is_alive() and not killed:
+        if list(out.rglob("*.stats.json")):
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if "ShardWriter" in " ".join(p.info["cmdline"] or []):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(p.info["pid"])
+        time.sleep(0.05)
+    th.join(600)
+    assert killed, "no shard writer was running once the first shard was written"
+    assert "error" not in res, res.get("error")
+    assert not list(out.rglob("*.tmp"))
+    ref = tmp_path / "ref"
+    run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), ref, log=quiet)
+    assert tree_bytes(out) == tree_bytes(ref)

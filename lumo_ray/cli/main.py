@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import is_user_error, one_line
+    from ..errors import is_user_error, one_line, unwrap
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-load "Loading weights" / "Writing model shards" bars: one console event per
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, ConfigError):
             print(f"error: config: {one_line(e)}", file=sys.stderr)
             return 2
-        if is_user_error(e):
-            print(f"error: {one_line(e)}", file=sys.stderr)
+        if is_user_error(unwrap(e)):  # also one raised in a Ray worker (a shard a training worker refused)
+            print(f"error: {one_line(unwrap(e))}", file=sys.stderr)
             return 2
         print(f"error: {type(e).__name__}: {one_line(e)} (rerun with --debug or LUMO_DEBUG=1 for the traceback)",
               file=sys.stderr)

@@ -7,9 +7,10 @@ paths) and sizes, never paths, devices or dtypes.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -34,6 +35,23 @@ class MediaError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+@contextlib.contextmanager
+def media_file(path: str) -> Iterator[str]:
+    """A local path holding a medium named by a path or an object-store URI (s3://, gs://: fetched
+    through pyarrow.fs into a temporary file, removed after). A MediaError raised inside names the
+    URI, not the temporary file."""
+    from ..storage import is_uri, local_file
+
+    if not is_uri(path):
+        yield path
+        return
+    with local_file(path) as p:
+        try:
+            yield str(p)
+        except MediaError as e:
+            raise MediaError(path, e.reason) from None
 
 
 @dataclass

@@ -133,6 +133,9 @@ class NormalizeConfig:
     """Samples per Ray Data probe task."""
     min_audio_seconds: float = 0.05
     """Shorter clips are rejected as too short."""
+    dedupe: bool = True
+    """Record exact duplicates (same task and media content as an earlier record in another group, or
+    with the same caption) in errors.jsonl as 'duplicate media' and keep only the first."""
 
 
 @dataclass

@@ -8,8 +8,8 @@ before splitting), `meta` (source keys, probe results).
 Paths: readers and `normalize` store **absolute** media paths, so a manifest stays usable when it is
 written to (or copied into) another directory. A hand-written manifest may hold relative paths:
 `read_manifest` resolves them against `root` (default: the manifest file's own directory).
-Manifests and error files may live on an object store (lumo_ray.storage URIs); the media they
-name are read by the codecs with plain file I/O, so media paths must be local or shared-FS paths.
+Manifests and error files may live on an object store (lumo_ray.storage URIs), and so may the media
+they name: a media path may be an `s3://` / `gs://` URI (codecs.base.media_file fetches it).
 
 Files are written sorted by id with sorted keys and fixed separators: same records -> same bytes.
 """
@@ -119,6 +119,41 @@ def _resolve_paths(rec: Record, root: Optional[Path]) -> Record:
     return rec
 
 
+def parse_line(line: str, n: int, path: Any, base: Optional[Path],
+               strict: bool = False) -> tuple[Optional[Record], Optional[ErrorRecord]]:
+    """One manifest line -> (record, None), (None, error) or (None, None) for a blank line.
+    The one parser of manifest lines: read_manifest and the streaming shard plan both use it."""
+    if not line.strip():
+        return None, None
+    obj: Any = None
+    try:
+        obj = json.loads(line)
+        rec = validate_record(obj)
+    except (json.JSONDecodeError, ManifestError) as e:
+        kind = "bad JSON" if isinstance(e, json.JSONDecodeError) else "invalid record"
+        msg = f"{path}: line {n}: {kind}: {e}"
+        if strict:
+            raise ManifestError(msg) from e
+        rid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+        src = obj.get("source", "") if isinstance(obj, dict) else ""
+        return None, ErrorRecord(id=rid or f"{locate(path).name}:line{n}", stage="read",
+                                 reason=f"malformed manifest line ({kind})",
+                                 source=src if isinstance(src, str) else "", detail=msg)
+    try:
+        return _resolve_paths(rec, base), None
+    except ManifestError as e:
+        if strict:
+            raise ManifestError(f"{path}: line {n}: {e}") from e
+        return None, ErrorRecord(id=rec.id, stage="read", reason="relative media path",
+                                 source=rec.source, detail=f"{path}: line {n}: {e}")
+
+
+def manifest_base(path: PathLike, root: str | Path | None = None) -> Optional[Path]:
+    """Where relative media paths resolve: `root`, else a local manifest's directory, else nowhere."""
+    loc = locate(path)
+    return Path(root) if root is not None else (loc.parent.local if loc.is_local else None)
+
+
 def read_manifest(path: PathLike, root: str | Path | None = None,
                   strict: bool = False) -> tuple[list[Record], list[ErrorRecord]]:
     """Read and validate a manifest JSONL file (a local path or an object-store URI).
@@ -128,7 +163,7 @@ def read_manifest(path: PathLike, root: str | Path | None = None,
     Relative media paths resolve against `root` (default: the manifest's directory when it is local;
     a manifest on an object store must hold absolute media paths)."""
     path = locate(path)
-    base = Path(root) if root is not None else (path.parent.local if path.is_local else None)
+    base = manifest_base(path, root)
     records: list[Record] = []
     errors: list[ErrorRecord] = []
     if not path.exists():
@@ -138,30 +173,11 @@ def read_manifest(path: PathLike, root: str | Path | None = None,
     # which also breaks at U+2028 and friends that ensure_ascii=False leaves in captions).
     with io.StringIO(path.read_text(), newline=None) as fh:
         for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            obj: Any = None
-            try:
-                obj = json.loads(line)
-                rec = validate_record(obj)
-            except (json.JSONDecodeError, ManifestError) as e:
-                kind = "bad JSON" if isinstance(e, json.JSONDecodeError) else "invalid record"
-                msg = f"{path}: line {n}: {kind}: {e}"
-                if strict:
-                    raise ManifestError(msg) from e
-                rid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
-                src = obj.get("source", "") if isinstance(obj, dict) else ""
-                errors.append(ErrorRecord(id=rid or f"{path.name}:line{n}", stage="read",
-                                          reason=f"malformed manifest line ({kind})",
-                                          source=src if isinstance(src, str) else "", detail=msg))
-                continue
-            try:
-                records.append(_resolve_paths(rec, base))
-            except ManifestError as e:
-                if strict:
-                    raise ManifestError(f"{path}: line {n}: {e}") from e
-                errors.append(ErrorRecord(id=rec.id, stage="read", reason="relative media path",
-                                          source=rec.source, detail=f"{path}: line {n}: {e}"))
+            rec, err = parse_line(line, n, path, base, strict)
+            if rec is not None:
+                records.append(rec)
+            elif err is not None:
+                errors.append(err)
     return records, errors
 
 

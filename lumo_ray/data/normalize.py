@@ -5,7 +5,8 @@ record batches; everything else runs here, on the driver, so the outputs are a p
 the input files and the config:
 
     <out_dir>/manifest.jsonl   good records, sorted by id, with split and meta.probe
-    <out_dir>/errors.jsonl     bad samples {id, stage, reason, source, detail}, sorted by id
+    <out_dir>/errors.jsonl     bad samples {id, stage, reason, source, detail}, sorted by id, and exact
+                               duplicates (stage 'dedupe', reason 'duplicate media', 'duplicate of <id>')
     <out_dir>/summary.json     counts per source / split / task / stage / reason, error_rate, leakage
     <out_dir>/config.yaml      the resolved NormalizeConfig (as {"data": {"normalize": ...}})
 
@@ -50,6 +51,32 @@ def read_and_dedupe(source: str, input_path: str | Path) -> tuple[list[Record], 
     return kept, errors
 
 
+def drop_duplicates(records: list[Record]) -> tuple[list[Record], list[ErrorRecord]]:
+    """Exact duplicates by media content (probe's sha256), the first in id order kept. A record whose
+    task and media equal an earlier record's is `duplicate of <id>` when it is in another group (the same bytes
+    under unrelated keys, which would also carry one item into both splits) or when its caption is the
+    same too (the same sample twice). Other captions of the same item (same group: Clotho's five per
+    clip, AudioCaps' per YouTube clip) are not duplicates. Text-only records are kept."""
+    first: dict[tuple, Record] = {}
+    kept, dups = [], []
+    for r in sorted(records, key=lambda r: r.id):
+        probes = r.meta.get("probe") or {}
+        media = tuple(sorted((m, p.get("sha256")) for m, p in probes.items()))
+        if not media or any(h is None for _, h in media):
+            kept.append(r)
+            continue
+        f = first.setdefault((r.task, media), r)  # a2t and t2a of one clip are two samples
+        same_caption = f.text.get("caption") == r.text.get("caption")
+        if f is r or (f.group == r.group and not same_caption):
+            kept.append(r)
+            continue
+        files = ", ".join(f"{m} {r.media_path(m)}" for m, _ in media)
+        why = "same media content and caption" if f.group == r.group else f"same media content, group {f.group!r}"
+        dups.append(ErrorRecord(id=r.id, stage="dedupe", reason="duplicate media", source=r.source,
+                                detail=f"{r.id}: duplicate of {f.id} ({why}): {files}"))
+    return kept, dups
+
+
 def to_rows(records: Iterable[Record]) -> list[dict]:
     """Records as flat rows for Ray Data: nested dicts travel as one JSON string column."""
     return [{"id": r.id, "json": json.dumps(r.to_dict(), sort_keys=True)} for r in records]
@@ -81,6 +108,7 @@ def from_rows(rows: Iterable[dict]) -> tuple[list[Record], list[ErrorRecord]]:
 def summarize(source: str, input_path: str | Path, records: list[Record], errors: list[ErrorRecord],
               cfg: NormalizeConfig) -> dict:
     total = len(records) + len(errors)
+    n_dup = sum(e.stage == "dedupe" for e in errors)  # recorded, but not bad input: the ceiling ignores them
     per_source: dict[str, dict] = {}
     for r in records:
         per_source.setdefault(r.source, {"ok": 0, "errors": 0})["ok"] += 1
@@ -89,9 +117,9 @@ def summarize(source: str, input_path: str | Path, records: list[Record], errors
     per_split = {s: {"samples": sum(r.split == s for r in records),
                      "groups": len({r.group for r in records if r.split == s})} for s in ("train", "eval")}
     return {
-        "source": source, "input": str(Path(input_path).resolve()),
-        "total": total, "ok": len(records), "errors": len(errors),
-        "error_rate": round(len(errors) / total, 6) if total else 0.0,
+        "source": source, "input": str(locate(input_path)),
+        "total": total, "ok": len(records), "errors": len(errors), "duplicates": n_dup,
+        "error_rate": round((len(errors) - n_dup) / total, 6) if total else 0.0,
         "error_rate_ceiling": cfg.error_rate_ceiling,
         "per_source": dict(sorted(per_source.items())),
         "per_split": per_split,
@@ -145,8 +173,9 @@ def normalize_with(probe_rows: Callable[[list[dict]], Iterable[dict]], source: s
     records, read_errors = read or read_and_dedupe(source, input_path)
     log(f"read {source} from {input_path}: {len(records)} records, {len(read_errors)} read errors")
     good, probe_errors = from_rows(probe_rows(to_rows(records)))
-    log(f"probed {len(records)} records: {len(good)} ok, {len(probe_errors)} bad media")
-    return finalize(source, input_path, out_dir, cfg, good, read_errors + probe_errors)
+    good, dups = drop_duplicates(good) if cfg.dedupe else (good, [])
+    log(f"probed {len(records)} records: {len(good)} ok, {len(probe_errors)} bad media, {len(dups)} duplicates")
+    return finalize(source, input_path, out_dir, cfg, good, read_errors + probe_errors + dups)
 
 
 def normalize_local(source: str, input_path: str | Path, out_dir: str | Path,

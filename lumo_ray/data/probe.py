@@ -11,13 +11,14 @@ are also checked at the RIFF level: a `data` chunk that runs past the end of the
 from __future__ import annotations
 
 import copy
+import hashlib
 import struct
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 
-from ..codecs.base import MediaError
+from ..codecs.base import MediaError, media_file
 from .manifest import TASK_MEDIA, ErrorRecord, Record
 
 
@@ -40,6 +41,15 @@ def _wav_truncation(path: Path) -> str | None:
                 return None
             pos += 8 + csize + (csize & 1)  # chunks are word-aligned
         return "no data chunk before end of file"
+
+
+def content_sha256(p: Path) -> str:
+    """The file's content hash: normalize calls two files with equal hashes duplicates."""
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def probe_audio(path: str | Path, min_seconds: float = 0.0) -> dict:
@@ -68,7 +78,7 @@ def probe_audio(path: str | Path, min_seconds: float = 0.0) -> dict:
         raise MediaError(p, f"too short: {seconds:.3f} s < {min_seconds} s")
     return {"seconds": round(seconds, 6), "sample_rate": int(rate), "channels": int(wav.shape[1]),
             "frames": int(wav.shape[0]), "format": info.format, "subtype": info.subtype,
-            "bytes": p.stat().st_size}
+            "bytes": p.stat().st_size, "sha256": content_sha256(p)}
 
 
 def probe_image(path: str | Path) -> dict:
@@ -88,7 +98,8 @@ def probe_image(path: str | Path) -> dict:
         raise MediaError(p, f"undecodable image: {type(e).__name__}: {e}") from e
     if w < 1 or h < 1:
         raise MediaError(p, f"undecodable image: size {w}x{h}")
-    return {"width": int(w), "height": int(h), "mode": mode, "format": fmt, "bytes": p.stat().st_size}
+    return {"width": int(w), "height": int(h), "mode": mode, "format": fmt, "bytes": p.stat().st_size,
+            "sha256": content_sha256(p)}
 
 
 def _category(reason: str) -> str:
@@ -106,8 +117,9 @@ def probe_record(rec: Record, min_audio_seconds: float = 0.05) -> Union[Record, 
             return ErrorRecord(id=rec.id, stage="probe", reason="missing modality", source=rec.source,
                                detail=f"{rec.id}: task {rec.task} needs {modality}.path")
         try:
-            probes[modality] = (probe_audio(path, min_audio_seconds) if modality == "audio"
-                                else probe_image(path))
+            with media_file(path) as local:
+                probes[modality] = (probe_audio(local, min_audio_seconds) if modality == "audio"
+                                    else probe_image(local))
         except MediaError as e:
             return ErrorRecord(id=rec.id, stage="probe", reason=_category(e.reason), source=rec.source,
                                detail=f"{rec.id}: {e}")

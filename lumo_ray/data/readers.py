@@ -14,18 +14,21 @@ so they stay unique when manifests of several sources are concatenated:
 For `jsonl` a folder input means its `manifest.jsonl` when present (a normalize output folder),
 else every `*.jsonl` except `errors.jsonl`.
 
-`input_path` is the dataset folder or its metadata file. Media paths are made absolute.
+`input_path` is the dataset folder or its metadata file, a local path or an object-store URI; media
+paths are made absolute (on an object store: URIs below the metadata file's folder).
 Audio sources have no prompt in their raw format: `text.prompt` is "" (the sequence builder adds
 the instruction). Empty captions are errors (reason 'empty caption'), recorded, not dropped.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 from ..errors import UserError
+from ..storage import Loc, is_uri, locate
 from .manifest import ErrorRecord, Record, read_manifest
 
 Item = Union[Record, ErrorRecord]
@@ -36,7 +39,7 @@ class ReaderError(UserError):
     """The input as a whole cannot be read (no metadata file, wrong top-level shape)."""
 
 
-def _load_json(meta_file: Path, source: str) -> Any:
+def _load_json(meta_file: Loc, source: str) -> Any:
     try:
         return json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -44,13 +47,13 @@ def _load_json(meta_file: Path, source: str) -> Any:
                           "give the dataset's metadata file or its folder") from None
 
 
-def _metadata_files(input_path: Path, suffix: str, source: str) -> list[Path]:
+def _metadata_files(input_path: Loc, suffix: str, source: str) -> list[Loc]:
     """The metadata file itself, or every `*suffix` file directly in the folder (sorted)."""
     if input_path.is_file():
         return [input_path]
     if not input_path.is_dir():
         raise ReaderError(f"{source} input", input_path, "not found", "give the dataset folder or its metadata file")
-    files = sorted(p for p in input_path.glob(f"*{suffix}") if p.is_file())
+    files = [input_path / n for n in input_path.children() if n.endswith(suffix)]
     if not files:
         raise ReaderError(f"{source} input", input_path, f"no *{suffix} metadata file in the folder",
                           f"give the folder that holds the *{suffix} file, or the file itself")
@@ -61,12 +64,14 @@ def _err(source: str, key: str, reason: str, detail: str) -> ErrorRecord:
     return ErrorRecord(id=f"{source}:{key}", stage="read", reason=reason, source=source, detail=detail)
 
 
-def _abs(root: Path, rel: str) -> str:
-    p = Path(rel)
-    return str(p if p.is_absolute() else (root / p).resolve())
+def _abs(root: Loc, rel: str) -> str:
+    """A media path from the metadata: absolute paths and URIs as they are, else below `root`."""
+    if is_uri(rel) or Path(rel).is_absolute():
+        return rel
+    return str((root.local / rel).resolve()) if root.is_local else str(root / rel)
 
 
-def read_llava_pretrain(input_path: Path) -> Iterator[Item]:
+def read_llava_pretrain(input_path: Loc) -> Iterator[Item]:
     """LLaVA-Pretrain JSON list: {id, image, conversations: [{from: human}, {from: gpt}]}."""
     src = "llava_pretrain"
     for meta_file in _metadata_files(input_path, ".json", src):
@@ -96,8 +101,8 @@ def read_llava_pretrain(input_path: Path) -> Iterator[Item]:
                          meta={"source_id": key})
 
 
-def _csv_rows(meta_file: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    with open(meta_file, newline="", encoding="utf-8") as fh:
+def _csv_rows(meta_file: Loc, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    with io.StringIO(meta_file.read_text(), newline="") as fh:  # as open(newline=""): csv splits the rows
         reader = csv.DictReader(fh)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -107,7 +112,7 @@ def _csv_rows(meta_file: Path, required: tuple[str, ...]) -> Iterator[tuple[int,
             yield n, row
 
 
-def read_audiocaps(input_path: Path) -> Iterator[Item]:
+def read_audiocaps(input_path: Loc) -> Iterator[Item]:
     """AudioCaps CSV: audiocap_id, youtube_id, start_time, caption; audio at audio/<audiocap_id>.wav."""
     src = "audiocaps"
     for meta_file in _metadata_files(input_path, ".csv", src):
@@ -128,7 +133,7 @@ def read_audiocaps(input_path: Path) -> Iterator[Item]:
                          meta={"source_id": key, "youtube_id": yt, "start_time": (row.get("start_time") or "").strip()})
 
 
-def read_clotho(input_path: Path) -> Iterator[Item]:
+def read_clotho(input_path: Loc) -> Iterator[Item]:
     """Clotho CSV: file_name, caption_1..caption_5 -> one sample per caption, grouped by clip."""
     src = "clotho"
     for meta_file in _metadata_files(input_path, ".csv", src):
@@ -146,12 +151,12 @@ def read_clotho(input_path: Path) -> Iterator[Item]:
                     yield _err(src, key, "empty caption", f"{meta_file}: line {n}: caption_{k} of {name!r} is empty")
                     continue
                 yield Record(id=f"{src}:{key}", source=src, group=f"{src}:{name}", task="a2t",
-                             modalities={"audio": {"path": str((audio_dir / name).resolve())}},
+                             modalities={"audio": {"path": _abs(audio_dir, name)}},
                              text={"prompt": "", "caption": caption},
                              meta={"source_id": name, "caption_index": k})
 
 
-def read_wavcaps(input_path: Path) -> Iterator[Item]:
+def read_wavcaps(input_path: Loc) -> Iterator[Item]:
     """WavCaps JSON {"data": [{id, caption, duration, audio?}]}; audio from 'audio' or audio/<id>."""
     src = "wavcaps"
     for meta_file in _metadata_files(input_path, ".json", src):
@@ -177,7 +182,7 @@ def read_wavcaps(input_path: Path) -> Iterator[Item]:
                          text={"prompt": "", "caption": caption}, meta=meta)
 
 
-def read_jsonl(input_path: Path) -> Iterator[Item]:
+def read_jsonl(input_path: Loc) -> Iterator[Item]:
     """Manifest-shaped JSONL; malformed lines become errors naming the line number."""
     files = _metadata_files(input_path, ".jsonl", "jsonl")
     if input_path.is_dir():  # a normalize output folder: its manifest, never its errors.jsonl
@@ -196,7 +201,7 @@ def read_jsonl(input_path: Path) -> Iterator[Item]:
         yield from errors
 
 
-READERS: dict[str, Callable[[Path], Iterator[Item]]] = {
+READERS: dict[str, Callable[[Loc], Iterator[Item]]] = {
     "llava_pretrain": read_llava_pretrain,
     "audiocaps": read_audiocaps,
     "clotho": read_clotho,
@@ -211,6 +216,6 @@ def read_source(source: str, input_path: str | Path) -> tuple[list[Record], list
         raise ReaderError("source", source, "unknown", f"use one of {', '.join(SOURCES)}")
     records: list[Record] = []
     errors: list[ErrorRecord] = []
-    for item in READERS[source](Path(input_path)):
+    for item in READERS[source](locate(input_path)):
         (records if isinstance(item, Record) else errors).append(item)
     return records, errors

@@ -4,7 +4,8 @@ worker, and the same number of samples on every rank (no DDP hang on uneven shar
 The order is a seeded permutation of every (shard, position) in the split, taken from index.json.
 Each rank takes every world_size-th sample of that permutation, padded by wrapping around so all
 ranks get ceil(N / world_size); each DataLoader worker then takes every num_workers-th of those.
-The shard directory may be a local path or an object-store URI (lumo_ray.storage).
+Each shard's bytes are checked against its sha256 in index.json as it is read (a changed shard is
+refused, by name). The shard directory may be a local path or an object-store URI (lumo_ray.storage).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from ..storage import PathLike, locate
 from ..token_space import TokenSpace
-from .shards import iter_tar, load_index
+from .shards import load_index, read_verified
 
 
 def open_shards(shards_dir: PathLike, expected: TokenSpace | None = None) -> dict:
@@ -77,7 +78,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         cache: dict[int, list[dict]] = {}
         for s, p in order:
             if s not in cache:
-                cache[s] = [self._check(x) for x in iter_tar(self.dir / self.shards[s]["name"])]
+                cache[s] = [self._check(x) for x in read_verified(self.dir, self.shards[s])]
             yield cache[s][p]
 
     def _check(self, sample: dict) -> dict:

@@ -14,7 +14,7 @@ from collections import Counter
 from ..config import LumoConfig, dump_config
 from ..storage import Loc, locate
 from ..token_space import TokenSpace
-from .manifest import ErrorRecord, Record, write_errors
+from .manifest import ErrorRecord, write_errors
 from .shards import shard_is_complete, shard_name, stats_path, write_tar
 
 Key = tuple[str, int]  # (split, shard index)
@@ -45,11 +45,11 @@ def finished_shards(out: Loc, digests: dict[Key, str]) -> dict[Key, dict]:
     return stats
 
 
-def write_shard(out: Loc, key: Key, results: list[dict], records: list[Record], digest: str) -> dict:
+def write_shard(out: Loc, key: Key, results: list[dict], sources: dict[str, str], digest: str) -> dict:
     """The tar of one shard (its samples in plan order) and its stats, with an error entry per record
-    that failed to load or encode (naming its source file)."""
+    that failed to load or encode (naming its source dataset). Run by the worker that tokenized it."""
     st = write_tar(tar_of(out, key), [r["members"] for r in results if "members" in r])
-    src = {r.id: r.source for r in records}
+    src = sources
     st.update(split=key[0], index=key[1], input_digest=digest,
               errors=[ErrorRecord(id=r["id"], stage=r["error"]["stage"], reason=r["error"]["reason"],
                                   source=src.get(r["id"], ""), detail=r["error"].get("detail", "")).to_dict()
@@ -58,7 +58,7 @@ def write_shard(out: Loc, key: Key, results: list[dict], records: list[Record], 
     return st
 
 
-def finish(out: Loc, stats: dict[Key, dict], read_errors: list[ErrorRecord], records: list[Record],
+def finish(out: Loc, stats: dict[Key, dict], read_errors: list[ErrorRecord], per_task: Counter,
            ts: TokenSpace, cfg_digest: str, ceiling: float) -> tuple[dict, list[dict]]:
     """errors.jsonl, summary.json, then index.json; raises when the error rate exceeds `ceiling`
     (every file but the index written). Returns (summary, errors)."""
@@ -70,7 +70,7 @@ def finish(out: Loc, stats: dict[Key, dict], read_errors: list[ErrorRecord], rec
     rate = len(errors) / n_all if n_all else 0.0
     summary = {"samples": n_ok, "errors": len(errors), "error_rate": rate,
                "per_split": {s: sum(stats[k]["samples"] for k in keys if k[0] == s) for s in sorted({k[0] for k in keys})},
-               "per_task": dict(sorted(Counter(r.task for r in records).items())),
+               "per_task": dict(sorted(per_task.items())),
                "error_reasons": dict(Counter(e["reason"] for e in errors).most_common())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if rate > ceiling:

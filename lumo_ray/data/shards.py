@@ -160,6 +160,28 @@ def iter_tar(src: PathLike | BinaryIO) -> Iterator[dict]:
         yield cur
 
 
+def read_verified(shards_dir: PathLike, entry: dict) -> list[dict]:
+    """Every sample of the shard that index.json `entry` names, after checking the bytes read against
+    its sha256: a shard changed after tokenize wrote it (one flipped byte) is refused, by name."""
+    from ..errors import UserError
+
+    loc = locate(shards_dir) / entry["name"]
+    todo = "re-run `lumo data tokenize` into a fresh folder (or restore the shard from its source)"
+    if not loc.exists():
+        raise UserError("shard", loc, "listed in index.json but missing", todo)
+    with loc.open_read() as raw:
+        fh = HashingReader(raw)  # one pass: the samples are parsed and the bytes hashed together
+        try:
+            samples = list(iter_tar(fh))
+        except (tarfile.TarError, ValueError, EOFError, OSError) as e:
+            raise UserError("shard", loc, f"unreadable ({type(e).__name__}: {e})", todo) from None
+        sha = fh.drain()
+    if sha != entry["sha256"]:
+        raise UserError("shard", loc, f"sha256 {sha[:16]}... does not match index.json's {entry['sha256'][:16]}...: "
+                        "its bytes changed after tokenize wrote it", todo)
+    return samples
+
+
 def load_index(shards_dir: PathLike) -> dict:
     p = locate(shards_dir) / "index.json"
     if not p.exists():

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from ..codecs.base import MediaError
+from ..codecs.base import MediaError, media_file
 from ..config import UTIConfig, to_dict
 from ..token_space import TokenSpace
 from ..runtime import torch_threads
 from ..uti import build_adapters, build_token_space
 from .manifest import TASK_MEDIA, Record
+from .shard_plan import digest_add, digest_start
 from .shards import encode_sample, token_dtype
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -37,9 +38,9 @@ def plan_shards(records: list[Record], shard_size: int) -> dict[tuple[str, int],
 
 def shard_input_digest(records: list[Record], config_digest: str) -> str:
     """What a finished shard was made from: its records and the tokenize config (incl. token space)."""
-    h = hashlib.sha256(config_digest.encode())
+    h = digest_start(config_digest)
     for r in records:
-        h.update(json.dumps(r.to_dict(), sort_keys=True).encode())
+        digest_add(h, r)
     return h.hexdigest()
 
 
@@ -72,7 +73,8 @@ class SampleTokenizer:
                 adapter = getattr(self.adapters, m)
                 if adapter is None:
                     raise MediaError(r.id, f"the token space has no {m} tokenizer")
-                out[m] = adapter.load(path)
+                with media_file(path) as local:
+                    out[m] = adapter.load(local)
         except MediaError as e:
             out["error"] = {"stage": "load", "reason": e.reason, "detail": str(e)}
         except Exception as e:  # an unexpected decoder failure is still this sample's error
@@ -80,6 +82,10 @@ class SampleTokenizer:
         return out
 
     # -- model half -------------------------------------------------------------------------
+    def tokenize_shard(self, loaded: list[dict], batch_size: int) -> list[dict]:
+        """A shard's loaded records in model batches of `batch_size`, cut in manifest order (plan_units)."""
+        return [r for i in range(0, len(loaded), batch_size) for r in self.tokenize(loaded[i: i + batch_size])]
+
     def tokenize(self, items: list[dict]) -> list[dict]:
         """One batched encode per modality; returns {'id', 'members'} or {'id', 'error'} per item."""
         with torch_threads(self.cfg.runtime.threads):
