@@ -16,7 +16,7 @@ from test_token_lm_train import QUIET, make_cfg
 from trainers.core import LocalContext
 from trainers.token_lm import evaluate_tasks, run_token_lm, token_lm_loop
 
-STEPS = ["token_lm.train.steps=6", "token_lm.train.ckpt_every=3", "token_lm.train.eval_every=3"]
+STEPS = ["token_lm.train.steps=10", "token_lm.train.ckpt_every=5", "token_lm.train.eval_every=5"]
 
 
 @pytest.fixture(scope="module")
@@ -77,20 +77,60 @@ def test_two_fsdp_workers_match_ddp_resume_exactly_and_reshard(data, tmp_path, o
     fsdp = run_token_lm(make_cfg(shards, tmp_path / "fsdp", *STEPS, *two, "token_lm.train.strategy=fsdp"), **QUIET)
     assert np.allclose(ddp["loss_history"], fsdp["loss_history"], atol=1e-5, rtol=0)
     assert abs(ddp["eval_loss"] - fsdp["eval_loss"]) < 1e-5
-    ck = tmp_path / "fsdp" / "checkpoints" / "step-0000003"
+    ck = tmp_path / "fsdp" / "checkpoints" / "step-0000005"
     again = run_token_lm(make_cfg(shards, tmp_path / "again", *STEPS, *two, "token_lm.train.strategy=fsdp",
                                   f"token_lm.train.resume={ck}"), **QUIET)
-    assert np.allclose(again["loss_history"], fsdp["loss_history"][3:], atol=1e-6, rtol=0)  # exact resume
+    assert np.allclose(again["loss_history"], fsdp["loss_history"][5:], atol=1e-6, rtol=0)  # exact resume
     # 2 -> 1: the gathered checkpoint loads into one process's shards and trains on
     one = token_lm_loop(make_cfg(shards, tmp_path / "one", *STEPS, "token_lm.train.strategy=fsdp",
                                  f"token_lm.train.resume={ck}"), LocalContext(), ts=ts, **QUIET)
-    assert one["steps"] == 6 and len(one["loss_history"]) == 3 and np.isfinite(one["eval_loss"])
+    assert one["steps"] == 10 and len(one["loss_history"]) == 5 and np.isfinite(one["eval_loss"])
     # 1 -> 2: a one-process checkpoint resumes on two workers
-    ck1 = tmp_path / "one" / "checkpoints" / "step-0000006"
-    two_again = run_token_lm(make_cfg(shards, tmp_path / "two", "token_lm.train.steps=8", "token_lm.train.eval_every=8",
-                                      "token_lm.train.ckpt_every=8", *two, "token_lm.train.strategy=fsdp",
+    ck1 = tmp_path / "one" / "checkpoints" / "step-0000010"
+    two_again = run_token_lm(make_cfg(shards, tmp_path / "two", "token_lm.train.steps=12", "token_lm.train.eval_every=12",
+                                      "token_lm.train.ckpt_every=12", *two, "token_lm.train.strategy=fsdp",
                                       f"token_lm.train.resume={ck1}"), **QUIET)
-    assert two_again["steps"] == 8 and len(two_again["loss_history"]) == 2
+    assert two_again["steps"] == 12 and len(two_again["loss_history"]) == 2
     with pytest.raises(ValueError, match="written with train.strategy fsdp"):  # a ddp run refuses it, naming why
         token_lm_loop(make_cfg(shards, tmp_path / "ddp1", *STEPS, f"token_lm.train.resume={ck}"), LocalContext(),
                       ts=ts, **QUIET)
+
+
+LM = ["lm.train.steps=10", "lm.train.eval_every=5", "lm.train.ckpt_every=5", "lm.train.log_every=1000", "lm.seq_len=32",
+      "lm.train.global_batch=8", "lm.eval_fraction=0.2", "lm.train.cpus_per_worker=0.5"]
+
+
+def train_lm(out, *extra) -> dict:
+    import json
+
+    from lumo_ray.cli import main
+    from lumo_ray.codecs.text import TINY_CORPUS
+
+    sets = [x for s in (*LM, *extra) for x in ("--set", s)]
+    assert main(["train", "lm", "--input", str(TINY_CORPUS), "--out", str(out), *sets]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_base_lm_fsdp_matches_ddp_and_its_checkpoint_resumes_on_one_worker(tmp_path, ray_local, one_process_group):
+    """`lumo train lm` with lm.train.strategy=fsdp on 2 workers: the DDP run's losses within 1e-5 over 10
+    steps, a gathered export that transformers loads, and a checkpoint that resumes on 1 worker."""
+    from transformers import AutoModelForCausalLM
+
+    from lumo_ray.config import LumoConfig, load_config
+    from trainers.lm import lm_loop
+
+    ddp = train_lm(tmp_path / "ddp", "lm.train.num_workers=2")
+    fsdp = train_lm(tmp_path / "fsdp", "lm.train.num_workers=2", "lm.train.strategy=fsdp")
+    assert np.allclose(ddp["loss_history"], fsdp["loss_history"], atol=1e-5, rtol=0)
+    assert abs(ddp["eval_loss"] - fsdp["eval_loss"]) < 1e-5
+    a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ddp" / "export")).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "export")).state_dict()
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    ck = tmp_path / "fsdp" / "checkpoints" / "step-0000005"
+    cfg = load_config(LumoConfig, tmp_path / "fsdp" / "config.yaml",  # the run's own config, on one worker
+                      ["lm.train.num_workers=1", f"lm.train.resume={ck}", f"lm.out={tmp_path / 'one'}"])
+    one = lm_loop(cfg, LocalContext(), log=lambda *a, **k: None)  # 2 -> 1: the gathered state, resharded
+    assert one["steps"] == 10 and len(one["loss_history"]) == 5 and np.isfinite(one["eval_loss"])
+    cfg.lm.train.strategy, cfg.lm.out = "ddp", str(tmp_path / "ddp1")
+    with pytest.raises(ValueError, match="written with lm.train.strategy fsdp"):
+        lm_loop(cfg, LocalContext(), log=lambda *a, **k: None)

@@ -55,6 +55,14 @@ def shards(manifest, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def shards_b1(manifest, tmp_path_factory):
+    """The reference of the runs with model batches of 1 (an uninterrupted run, one actor)."""
+    out = tmp_path_factory.mktemp("shards_b1")
+    run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), out, actors=1, log=quiet)
+    return out
+
+
 def test_shards_layout_and_content(shards, manifest):
     index = load_index(shards)
     ts = load_token_space(cfg().uti)
@@ -73,7 +81,7 @@ def test_shards_layout_and_content(shards, manifest):
         assert ts.audio_phase_errors(s["audio"]) == []
 
 
-def test_actor_count_does_not_change_bytes_and_rerun_skips(shards, manifest, tmp_path):
+def test_actor_count_does_not_change_bytes_and_rerun_skips(shards, shards_b1, manifest, tmp_path):
     out2 = tmp_path / "shards2"
     run_tokenize(manifest, cfg(), out2, actors=2, log=quiet)
     assert tree_bytes(out2) == tree_bytes(shards)
@@ -87,9 +95,7 @@ def test_actor_count_does_not_change_bytes_and_rerun_skips(shards, manifest, tmp
     run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), out2, actors=2, log=lines.append)
     n = load_index(out2)["totals"]["shards"]
     assert f"(0 complete, {n} to write)" in lines[0]
-    fresh = tmp_path / "fresh_b1"
-    run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), fresh, actors=1, log=quiet)
-    assert tree_bytes(out2) == tree_bytes(fresh)
+    assert tree_bytes(out2) == tree_bytes(shards_b1)
 
 
 def test_interrupted_run_resumes_to_identical_output(shards, manifest, tmp_path):
@@ -250,7 +256,7 @@ def test_verify_fails_on_each_corruption(shards, tmp_path, corruption):
         assert rep["checks"]["records"]["problems"]
 
 
-def test_killed_run_restarts_to_identical_output(shards, manifest, tmp_path):
+def test_killed_run_restarts_to_identical_output(shards_b1, manifest, tmp_path):
     """SIGKILL a real `lumo data tokenize` once its first shard is on disk; the re-run finishes the rest."""
     import os
     import signal
@@ -272,9 +278,7 @@ def test_killed_run_restarts_to_identical_output(shards, manifest, tmp_path):
     lines = []
     run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), out, log=lines.append)
     assert " 0 complete" not in lines[0]  # the killed run's finished shards are kept
-    ref = tmp_path / "ref"
-    run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), ref, log=quiet)
-    assert tree_bytes(out) == tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(shards_b1)
 
 
 def test_decode_spot_checks_are_a_seeded_choice_and_ungrouped_records_are_checked():
@@ -339,7 +343,7 @@ def test_a_flipped_byte_is_refused_by_the_shard_readers(shards, tmp_path):
     assert list(ShardDataset(bad, "eval", shuffle=False))  # the other shards still read
 
 
-def test_a_killed_shard_writer_is_redone_and_the_output_is_unchanged(shards, manifest, tmp_path):
+def test_a_killed_shard_writer_is_redone_and_the_output_is_unchanged(shards_b1, manifest, tmp_path):
     """SIGKILL the tokenizer actor (the process that writes shards) while it works: Ray Data restarts
     it and retries its shard; no partial shard is visible and the bytes equal an uninterrupted run."""
     import os
@@ -370,6 +374,4 @@ def test_a_killed_shard_writer_is_redone_and_the_output_is_unchanged(shards, man
     assert killed, "no shard writer was running once the first shard was written"
     assert "error" not in res, res.get("error")
     assert not list(out.rglob("*.tmp"))
-    ref = tmp_path / "ref"
-    run_tokenize(manifest, cfg("data.tokenize.batch_size=1"), ref, log=quiet)
-    assert tree_bytes(out) == tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(shards_b1)

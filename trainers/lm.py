@@ -18,8 +18,9 @@ from lumo_ray.config.lm import TrainConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 
-from .core import (RayContext, checkpoint_activations, due, launch, load_state, make_scheduler, resolve_resume,
-                   rng_state, save_checkpoint, seed_all, set_rng_state, storage_of, write_json)
+from .core import (RayContext, checkpoint_activations, due, full_optimizer_state, full_state, launch, load_full_state,
+                   load_state, make_scheduler, resolve_resume, rng_state, save_checkpoint, seed_all, set_rng_state,
+                   storage_of, write_json)
 
 
 
@@ -117,16 +118,21 @@ class BlockStream:
 
 
 def lm_eval(model, eval_blocks: torch.Tensor, ctx) -> dict:
-    """Eval loss and perplexity over every eval block (split over ranks, summed)."""
+    """Eval loss and perplexity over every eval block (split over ranks, summed). Every rank runs the
+    same number of forwards (a sharded model gathers its layers in each one): a rank past the last
+    block repeats it and does not count it."""
     model.eval()
     tot = torch.zeros(2, dtype=torch.float64)
+    n = len(eval_blocks)
     with torch.no_grad():
-        for i in range(ctx.rank, len(eval_blocks), ctx.world_size):
-            b = eval_blocks[i: i + 1].to(ctx.device)
+        for k in range(math.ceil(n / ctx.world_size)):
+            i = ctx.rank + k * ctx.world_size
+            b = eval_blocks[min(i, n - 1): min(i, n - 1) + 1].to(ctx.device)
             logits = model(input_ids=b[:, :-1]).logits.float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
                                                      reduction="sum")
-            tot += torch.tensor([loss.item(), b[:, 1:].numel()], dtype=torch.float64)
+            if i < n:
+                tot += torch.tensor([loss.item(), b[:, 1:].numel()], dtype=torch.float64)
     tot = ctx.all_reduce(tot.to(ctx.device)).cpu()
     model.train()
     el = float(tot[0] / max(1, tot[1]))
@@ -157,8 +163,7 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     from lumo_ray.storage import RunDir
 
     c, t = cfg.lm, cfg.lm.train
-    if t.strategy != "ddp":
-        raise ValueError(f"lm.train.strategy {t.strategy}: the base LM trains with ddp (fsdp: token LM and stage 4)")
+    sharded = t.strategy == "fsdp"
     run = RunDir(c.out)  # a URI run directory is staged locally and pushed at the end
     run_dir = run.local
     torch.set_num_threads(t.threads)
@@ -166,14 +171,16 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     tok = load_lm_tokenizer(c.tokenizer)
     train_texts, eval_texts = lm_texts(c.inputs, c.eval_fraction)
     train_blocks, eval_blocks = pack(train_texts, tok, c.seq_len), pack(eval_texts, tok, c.seq_len)
-    model = build_base_lm(c.preset, len(tok), seed=t.seed, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                          overrides=c.arch)
+    def build():
+        return build_base_lm(c.preset, len(tok), seed=t.seed, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                             overrides=c.arch)
+    model = build()
     counts = count_params(model)
     checkpoint_activations(model, t.activation_checkpointing)
     if ctx.rank == 0:
         log(f"base LM {c.preset}: {counts['total']:,} params, vocab {len(tok)}, {len(train_blocks)} train / "
             f"{len(eval_blocks)} eval blocks of {c.seq_len}")
-    model = ctx.prepare(model)
+    model = ctx.prepare(model, t.strategy, t.bf16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     sched = make_scheduler(opt, t)
     per = micro_batch(t, ctx.world_size)
@@ -181,8 +188,14 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     ck = resolve_resume(t.resume, run_dir, ctx)
     if ck is not None:
         st = load_state(ck)
-        getattr(model, "module", model).load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
+        kind = st.get("strategy", "ddp")
+        if kind != t.strategy:
+            raise ValueError(f"checkpoint {ck} was written with lm.train.strategy {kind}; resume it with {kind}")
+        if sharded:  # gathered state: each rank keeps its shard, whatever the worker count that wrote it
+            load_full_state(model, opt, st["model"], st["optimizer"])
+        else:
+            getattr(model, "module", model).load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"])
         step, epoch, pos = st["step"], st["data"]["epoch"], st["data"]["pos"]
@@ -198,20 +211,29 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         last = step == t.steps
         rep: dict = {"step": step, "loss": total, **(lm_eval(model, eval_blocks, ctx) if due(step, t.eval_every, last) else {})}
         ck_dir = None
-        if due(step, t.ckpt_every, last) and ctx.rank == 0:
-            state = {"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
-                     "data": {"epoch": stream.epoch, "pos": stream.pos}, "token_space_hash": None, "config": to_dict(cfg)}
-            ck_dir = save_checkpoint(run_dir, step, state)
+        if due(step, t.ckpt_every, last):
+            weights, optim = ((full_state(model), full_optimizer_state(model, opt)) if sharded  # a collective
+                              else (getattr(model, "module", model).state_dict(), opt.state_dict()))
+            if ctx.rank == 0:
+                state = {"model": weights, "optimizer": optim, "strategy": t.strategy,
+                         "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
+                         "data": {"epoch": stream.epoch, "pos": stream.pos}, "token_space_hash": None,
+                         "config": to_dict(cfg)}
+                ck_dir = save_checkpoint(run_dir, step, state)
         end_of_step(ctx, t, step, rep, ck_dir, tracker, log, lambda: (
             f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
                                                           if "eval_loss" in rep else "")
             + f" ({rate_eta(step, t.steps, t0, step0)})"))
         metrics = rep if "eval_loss" in rep else metrics
+    m = getattr(model, "module", model)
+    if sharded:  # the export is a plain model: the gathered weights in a fresh copy
+        full = full_state(model)
+        if ctx.rank == 0:
+            m = build()
+            m.load_state_dict(full)
     if ctx.rank == 0:
         tracker.close()
         export = run_dir / "export"
-        m = getattr(model, "module", model)
         m.save_pretrained(str(export))
         tok.save_pretrained(str(export))
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,

@@ -44,8 +44,9 @@ def shard_input_digest(records: list[Record], config_digest: str) -> str:
     return h.hexdigest()
 
 
-def plan_units(recs: list[Record], batch_size: int) -> list[list[Record]]:
-    """A shard's model batches, cut in manifest order: the same whatever runs them."""
+def plan_units(recs: list, batch_size: int) -> list[list]:
+    """A shard's model batches (of records, or of their loaded media), cut in manifest order: the same
+    whatever runs them."""
     return [recs[i: i + batch_size] for i in range(0, len(recs), batch_size)]
 
 
@@ -83,8 +84,8 @@ class SampleTokenizer:
 
     # -- model half -------------------------------------------------------------------------
     def tokenize_shard(self, loaded: list[dict], batch_size: int) -> list[dict]:
-        """A shard's loaded records in model batches of `batch_size`, cut in manifest order (plan_units)."""
-        return [r for i in range(0, len(loaded), batch_size) for r in self.tokenize(loaded[i: i + batch_size])]
+        """A shard's loaded records, encoded in its model batches (plan_units)."""
+        return [r for unit in plan_units(loaded, batch_size) for r in self.tokenize(unit)]
 
     def tokenize(self, items: list[dict]) -> list[dict]:
         """One batched encode per modality; returns {'id', 'members'} or {'id', 'error'} per item."""
