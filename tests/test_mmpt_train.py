@@ -150,16 +150,22 @@ def test_export_reloads_to_the_same_loss(data, straight):
     assert abs(ev["all"] - m["eval_loss"]) < 1e-4 and set(ev) >= {"t2i", "t2a"}
 
 
-def test_cli_trains_on_ray_with_two_workers(data, stage33, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_cli_trains_on_ray_with_two_workers(data, stage33, tmp_path, strategy):
+    """Stage 4 on 2 Ray Train workers with golden generations at the checkpoint; under fsdp every rank
+    generates them in lockstep (each forward gathers the sharded layers) and rank 0 writes them."""
     shards, _ = data
     out = tmp_path / "run"
     rc = main(["train", "mmpt", "--init", str(stage33), "--shards", str(shards), "--out", str(out),
                "--set", "token_lm.train.num_workers=2", "--set", "token_lm.train.steps=4",
                "--set", "token_lm.train.global_batch=4", "--set", "token_lm.train.eval_every=4",
-               "--set", "token_lm.train.ckpt_every=4", "--set", "token_lm.mmpt.golden_n=1"])
+               "--set", "token_lm.train.ckpt_every=4", "--set", "token_lm.mmpt.golden_n=1",
+               "--set", f"token_lm.train.strategy={strategy}"])
     m = json.loads((out / "metrics.json").read_text())
     assert rc == 0 and m["steps"] == 4 and set(m["eval"]) >= {"i2t", "a2t", "t2i", "t2a"}
-    assert (out / "golden" / "step_4" / "golden.json").exists() and (out / "export" / "token_space.json").exists()
+    golden = json.loads((out / "golden" / "step_4" / "golden.json").read_text())
+    assert sorted(r["task"] for r in golden["rows"]) == ["a2t", "i2t", "t2a", "t2i"] and m["golden"] == ["golden/step_4"]
+    assert (out / "export" / "token_space.json").exists()
 
 
 def test_reference_stage4_config_loads_and_status_checks_it():

@@ -18,6 +18,8 @@ staging directory and uploads everything but checkpoints/ when the run ends (sto
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -260,9 +262,6 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     raw = ws.model
     checkpoint_activations(raw, t.activation_checkpointing)
     sharded = t.strategy == "fsdp"
-    if sharded and c.seq.layouts == "any" and c.mmpt.golden_n > 0:
-        raise ValueError("train.strategy fsdp: golden generations are not written under fsdp yet; "
-                         "set token_lm.mmpt.golden_n=0")
     model = ctx.prepare(raw, t.strategy, t.bf16)  # fsdp shards raw in place: its parameters change
     groups, vocab = param_groups(raw, c, t)
     opt = torch.optim.AdamW(groups)
@@ -278,8 +277,10 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     train_step = Stepper(model, groups, vocab, source, builder, c, t, ts, micro_batch(t, ctx.world_size), autocast)
     history: list[float] = []
     evals: list[dict] = []  # every eval's per-task train and eval losses (metrics.json)
-    golden = GoldenWriter(cfg, ts, raw, builder, run_dir, say) if (
-        ctx.rank == 0 and c.seq.layouts == "any" and c.mmpt.golden_n > 0) else None
+    # golden generations: rank 0 writes them; under fsdp every rank generates with it in lockstep (each
+    # forward gathers the sharded layers), the others into a scratch directory
+    golden = GoldenWriter(cfg, ts, raw, builder, run_dir if ctx.rank == 0 else None, say) if (
+        (ctx.rank == 0 or sharded) and c.seq.layouts == "any" and c.mmpt.golden_n > 0) else None
     metrics: dict = {}
     start: dict = {}
     if step == 0 and eval_start:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
@@ -316,8 +317,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
                          "scheduler": sched.state_dict(), "rng": rng_state(), "step": step, "data": source.state(),
                          "token_space_hash": ts.hash, "config": to_dict(cfg)}
                 ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
-                if golden is not None:
-                    golden.write(step)
+            if golden is not None:
+                golden.write(step)
         if hook is not None and ctx.rank == 0:  # after the checkpoint: an interrupted trial can resume
             rep.update(hook(step, raw) or {})
         end_of_step(ctx, t, step, rep, ck_dir, tracker, say, lambda: (
@@ -374,10 +375,13 @@ def train_task_losses(sums: dict[str, list[float]], ctx) -> dict:
 
 class GoldenWriter:
     """Rank 0's golden generations at every checkpoint: <run>/golden/step_N/ (lumo_ray.eval.golden).
-    Sampling runs under its own forked RNG, so training randomness (and resume) is untouched."""
+    Sampling runs under its own forked RNG, so training randomness (and resume) is untouched.
+    run_dir None: a sharded rank's partner writer, generating the same batches into a scratch folder."""
 
-    def __init__(self, cfg: LumoConfig, ts: TokenSpace, model, builder: SequenceBuilder, run_dir: Path, log):
-        self.cfg, self.ts, self.model, self.builder, self.run_dir, self.log = cfg, ts, model, builder, run_dir, log
+    def __init__(self, cfg: LumoConfig, ts: TokenSpace, model, builder: SequenceBuilder, run_dir: Optional[Path], log):
+        self.cfg, self.ts, self.model, self.builder, self.log = cfg, ts, model, builder, log
+        self.scratch = run_dir is None
+        self.run_dir = Path(tempfile.mkdtemp(prefix="lumo-golden-")) if self.scratch else run_dir
         self.run = None
         self.dirs: list[str] = []
 
@@ -391,8 +395,22 @@ class GoldenWriter:
                            True, self.ts.hash, str(self.run_dir))
         m = self.cfg.token_lm.mmpt
         d = f"golden/step_{step}"
-        write_golden(self.run, self.run_dir / d, m.golden_n, m.golden_seed, log=self.log)
-        self.dirs.append(d)
+        from torch.distributed.fsdp import FSDPModule
+
+        # A LoRA model's generate runs its inner model, past the FSDP root's forward hooks: gather the root
+        # unit (embeddings, head, norm) for the whole generation; each decoder layer still gathers its own.
+        root = self.model if isinstance(self.model, FSDPModule) else None
+        if root is not None:
+            root.unshard()
+        try:
+            write_golden(self.run, self.run_dir / d, m.golden_n, m.golden_seed, log=None if self.scratch else self.log)
+        finally:
+            if root is not None:
+                root.reshard()
+        if self.scratch:
+            shutil.rmtree(self.run_dir / "golden", ignore_errors=True)
+        else:
+            self.dirs.append(d)
 
 
 def _worker(config: dict) -> None:
