@@ -25,9 +25,9 @@ QUIET = dict(log=lambda *a, **k: None)
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A tiny token-LM run and a 32-record manifest: 28 captioned images, 4 clips."""
+    """A tiny token-LM run and a 64-record manifest: 60 captioned images, 4 clips."""
     d = tmp_path_factory.mktemp("batchgen")
-    write_synth(d / "synth", 28, 4, seed=5)
+    write_synth(d / "synth", 60, 4, seed=5)
     recs = read_and_dedupe("llava_pretrain", d / "synth" / "llava_pretrain")[0] + \
         read_and_dedupe("audiocaps", d / "synth" / "audiocaps")[0]
     manifest = d / "manifest.jsonl"
@@ -43,43 +43,41 @@ def digest(out: Path) -> dict[str, str]:
 
 def test_one_and_two_actors_write_the_same_bytes(inputs, tmp_path, ray_local):
     run, manifest, recs = inputs
-    assert len(recs) == 32
+    assert len(recs) == 64
     s1 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a1", GenOptions(seed=7), actors=1, unit_size=8, **QUIET)
     s2 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a2", GenOptions(seed=7), actors=2, unit_size=8, **QUIET)
-    assert s1 == s2 and s1["records"] == 32 and s1["generated"] == 28 and s1["skipped"] == {"no image": 4}
-    assert s1["errors"] == 0 and s1["samples"] == 28 and s1["units"] == 4
+    assert s1 == s2 and s1["records"] == 64 and s1["generated"] == 60 and s1["skipped"] == {"no image": 4}
+    assert s1["errors"] == 0 and s1["samples"] == 60 and s1["units"] == 8
     d1, d2 = digest(tmp_path / "a1"), digest(tmp_path / "a2")
-    assert d1 == d2 and len([k for k in d1 if k.startswith("media/")]) == 28
+    assert d1 == d2 and len([k for k in d1 if k.startswith("media/")]) == 60
     rows = [json.loads(x) for x in (tmp_path / "a1" / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == sorted(r["index"] for r in rows) and rows[0]["seed"] == 7 + rows[0]["index"]
     caption = next(r.text["caption"] for r in recs if r.id == rows[0]["id"])
     assert rows[0]["prompt"] == caption and (tmp_path / "a1" / rows[0]["samples"][0]["file"]).suffix == ".png"
     # another seed is another generation
     s3 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a3", GenOptions(seed=8), unit_size=8, **QUIET)
-    assert s3["generated"] == 28 and (tmp_path / "a3" / "results.jsonl").read_bytes() != (tmp_path / "a1" / "results.jsonl").read_bytes()
+    assert s3["generated"] == 60 and (tmp_path / "a3" / "results.jsonl").read_bytes() != (tmp_path / "a1" / "results.jsonl").read_bytes()
 
 
 def test_a_run_stopped_midway_finishes_the_rest(inputs, tmp_path, ray_local):
     run, manifest, _ = inputs
     ref = tmp_path / "ref"
-    # 28 records x 2 samples in 14 units of 2: once the first unit is written, 13 units (52 generations) are
-    # left, the margin for Ctrl-C to land mid-run (with 7 units of 1 sample, a run once finished first)
-    run_batch_generate(str(manifest), str(run), "t2i", ref, GenOptions(seed=3), n=2, unit_size=2, **QUIET)
+    run_batch_generate(str(manifest), str(run), "t2i", ref, GenOptions(seed=3), unit_size=4, **QUIET)
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "lumo_ray.cli", "generate", "--manifest", str(manifest), "--run", str(run),
-           "--task", "t2i", "--out", str(out), "--seed", "3", "--n", "2", "--unit-size", "2"]
+           "--task", "t2i", "--out", str(out), "--seed", "3", "--unit-size", "4"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
-    while time.time() < deadline and len(list((out / "parts").glob("unit-*.jsonl"))) < 1:
+    while time.time() < deadline and len(list((out / "parts").glob("unit-*.jsonl"))) < 2:
         assert p.poll() is None, p.stdout.read()[-3000:]
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)  # Ctrl-C mid-run
     p.communicate(timeout=120)
     done = len(list((out / "parts").glob("unit-*.jsonl")))
-    assert 1 <= done < 14 and not (out / "results.jsonl").exists()
+    assert 2 <= done < 15 and not (out / "results.jsonl").exists()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"({done} done, {14 - done} to generate)" in r.stdout
+    assert f"({done} done, {15 - done} to generate)" in r.stdout
     assert digest(out) == digest(ref)
 
 
