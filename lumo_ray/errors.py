@@ -48,7 +48,8 @@ def one_line(e: BaseException) -> str:
     fails = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError: {rank: the worker's exception}
     if isinstance(fails, dict) and fails:
         rank, err = sorted(fails.items())[0]
+        err = unwrap(err)
         return f"rank {rank}: {type(err).__name__}: {one_line(err)}"
-    e = getattr(e, "cause", None) or e  # ray.exceptions.RayTaskError keeps the original as .cause
+    e = unwrap(e)
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return lines[0] if lines else type(e).__name__

@@ -19,7 +19,7 @@ import ray
 
 from lumo_ray.config import LumoConfig
 from lumo_ray.data import shard_set
-from lumo_ray.data.manifest import dropped_warning
+from lumo_ray.data.manifest import dropped_warning, require_manifest
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
 from lumo_ray.data.tokenize import SampleTokenizer, tokenize_config_digest
 from lumo_ray.runtime import Progress, rate_eta
@@ -71,9 +71,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     out = locate(out_dir)
     tcfg = cfg.data.tokenize
     actors = actors or tcfg.actors
-    if not locate(manifest).exists():  # a missing manifest fails before anything is written
-        from lumo_ray.errors import UserError
-        raise UserError("manifest", manifest, "not found", "give the manifest.jsonl that `lumo data normalize` wrote")
+    require_manifest(manifest)  # before anything is written
     ts = SampleTokenizer(cfg.uti).ts
     shard_set.start(out, cfg, manifest, ts)
     cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash, tcfg.batch_size)

@@ -33,11 +33,8 @@ def cmd_normalize(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from ..errors import UserError
-    from ..storage import locate
-    if not locate(args.manifest).exists():  # before Ray is imported
-        raise UserError("manifest", args.manifest, "not found",
-                        "give the manifest.jsonl that `lumo data normalize` wrote")
+    from ..data.manifest import require_manifest
+    require_manifest(args.manifest)  # before Ray is imported
     from pipelines.tokenize import run_tokenize
     try:
         run_tokenize(args.manifest, command_config(args), args.out, actors=args.actors, address=args.address)

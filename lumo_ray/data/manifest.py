@@ -154,6 +154,13 @@ def manifest_base(path: PathLike, root: str | Path | None = None) -> Optional[Pa
     return Path(root) if root is not None else (loc.parent.local if loc.is_local else None)
 
 
+def require_manifest(path) -> None:
+    """A missing manifest is a user error, raised before anything is written (tokenize, read)."""
+    if not locate(path).exists():
+        from ..errors import UserError
+        raise UserError("manifest", path, "not found", "give the manifest.jsonl that `lumo data normalize` wrote")
+
+
 def read_manifest(path: PathLike, root: str | Path | None = None,
                   strict: bool = False) -> tuple[list[Record], list[ErrorRecord]]:
     """Read and validate a manifest JSONL file (a local path or an object-store URI).
@@ -166,9 +173,7 @@ def read_manifest(path: PathLike, root: str | Path | None = None,
     base = manifest_base(path, root)
     records: list[Record] = []
     errors: list[ErrorRecord] = []
-    if not path.exists():
-        from ..errors import UserError
-        raise UserError("manifest", path, "not found", "give the manifest.jsonl that `lumo data normalize` wrote")
+    require_manifest(path)
     # StringIO(newline=None) splits lines exactly as a text-mode file would (not str.splitlines,
     # which also breaks at U+2028 and friends that ensure_ascii=False leaves in captions).
     with io.StringIO(path.read_text(), newline=None) as fh:

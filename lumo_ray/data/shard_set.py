@@ -49,10 +49,9 @@ def write_shard(out: Loc, key: Key, results: list[dict], sources: dict[str, str]
     """The tar of one shard (its samples in plan order) and its stats, with an error entry per record
     that failed to load or encode (naming its source dataset). Run by the worker that tokenized it."""
     st = write_tar(tar_of(out, key), [r["members"] for r in results if "members" in r])
-    src = sources
     st.update(split=key[0], index=key[1], input_digest=digest,
               errors=[ErrorRecord(id=r["id"], stage=r["error"]["stage"], reason=r["error"]["reason"],
-                                  source=src.get(r["id"], ""), detail=r["error"].get("detail", "")).to_dict()
+                                  source=sources.get(r["id"], ""), detail=r["error"].get("detail", "")).to_dict()
                       for r in results if "error" in r])
     stats_path(tar_of(out, key)).write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")
     return st
