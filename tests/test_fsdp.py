@@ -1,7 +1,9 @@
 """train.strategy fsdp (FSDP2 on CPU with gloo) for the token LM: the same losses as DDP, exact resume,
-resharding between worker counts through the gathered checkpoint, the export, and text invariance
-under new_rows."""
+resharding between worker counts through the sharded (torch.distributed.checkpoint) checkpoint, the
+export, and text invariance under new_rows."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -78,10 +80,16 @@ def test_two_fsdp_workers_match_ddp_resume_exactly_and_reshard(data, tmp_path, o
     assert np.allclose(ddp["loss_history"], fsdp["loss_history"], atol=1e-5, rtol=0)
     assert abs(ddp["eval_loss"] - fsdp["eval_loss"]) < 1e-5
     ck = tmp_path / "fsdp" / "checkpoints" / "step-0000005"
+    assert sorted(p.name for p in (ck / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # sharded checkpoint files: each rank wrote (and reported to Ray Train) its own shard; Ray merged them
+    ray_ck = next(p for p in (tmp_path / "fsdp" / "ray" / "token_lm").glob("checkpoint_*")
+                  if torch.load(p / "state.pt", weights_only=False)["step"] == 5)
+    assert sorted(p.name for p in (ray_ck / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert "trainable" not in torch.load(ray_ck / "state.pt", weights_only=False)  # no gathered weights
     again = run_token_lm(make_cfg(shards, tmp_path / "again", *STEPS, *two, "token_lm.train.strategy=fsdp",
-                                  f"token_lm.train.resume={ck}"), **QUIET)
+                                  f"token_lm.train.resume={ray_ck}"), **QUIET)
     assert np.allclose(again["loss_history"], fsdp["loss_history"][5:], atol=1e-6, rtol=0)  # exact resume
-    # 2 -> 1: the gathered checkpoint loads into one process's shards and trains on
+    # 2 -> 1: the two shards load into one process's shard and train on
     one = token_lm_loop(make_cfg(shards, tmp_path / "one", *STEPS, "token_lm.train.strategy=fsdp",
                                  f"token_lm.train.resume={ck}"), LocalContext(), ts=ts, **QUIET)
     assert one["steps"] == 10 and len(one["loss_history"]) == 5 and np.isfinite(one["eval_loss"])
@@ -134,3 +142,48 @@ def test_base_lm_fsdp_matches_ddp_and_its_checkpoint_resumes_on_one_worker(tmp_p
     cfg.lm.train.strategy, cfg.lm.out = "ddp", str(tmp_path / "ddp1")
     with pytest.raises(ValueError, match="written with lm.train.strategy fsdp"):
         lm_loop(cfg, LocalContext(), log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def vlm_synth(tmp_path_factory) -> str:
+    from lumo_ray.data.synth import write_synth
+
+    return write_synth(tmp_path_factory.mktemp("vsyn_fsdp"), 160, 0, seed=2)["llava_pretrain_dir"]
+
+
+def test_vlm_fsdp_matches_ddp_restarts_from_its_shards_and_reshards(vlm_synth, tmp_path, ray_local, one_process_group):
+    """vlm.train.strategy=fsdp on 2 Ray Train workers (the frozen LLM and vision tower sharded per layer):
+    DDP's losses within 1e-5 over 10 steps and the same connector export; a worker SIGKILLed at step 7
+    restarts from the sharded step-5 checkpoint Ray merged from both ranks, exactly; that checkpoint
+    resumes on 1 worker; a DDP run refuses it."""
+    from safetensors.torch import load_file
+
+    from test_vlm_train import QUIET as VQUIET, losses, small_cfg
+    from trainers.core import fetch_checkpoint
+    from trainers.vlm import prepare_run, run_loop, train_vlm
+
+    runs = {}
+    for strat in ("ddp", "fsdp"):
+        cfg = small_cfg(vlm_synth, tmp_path / strat)
+        cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.strategy = 2, 0.5, strat
+        if strat == "fsdp":
+            cfg.train.fail_at_step, cfg.train.max_failures = 7, 1
+        runs[strat] = train_vlm(cfg, log=VQUIET)
+    rows = [json.loads(x) for x in (tmp_path / "fsdp" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]  # restarted from step 5
+    assert rows[5]["loss"] == pytest.approx(rows[7]["loss"], abs=1e-6) and rows[6]["loss"] == pytest.approx(rows[8]["loss"], abs=1e-6)
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert all(abs(ddp[s] - fsdp[s]) <= 1e-5 for s in range(1, 11)), (ddp, fsdp)
+    a, b = (load_file(str(tmp_path / s / "export" / "model.safetensors")) for s in ("ddp", "fsdp"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert len((tmp_path / "fsdp" / "golden" / "step_000010.jsonl").read_text().splitlines()) == 4
+    ck = fetch_checkpoint(runs["fsdp"]["checkpoint"])  # step 10: both ranks' shards in one folder
+    assert sorted(p.name for p in (ck / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    one = small_cfg(vlm_synth, tmp_path / "one", steps=12)
+    one.train.strategy, one.train.resume = "fsdp", str(ck)
+    one, run = prepare_run(one, one.train.out, VQUIET)
+    run_loop(one, run, LocalContext(), log=VQUIET)  # 2 -> 1
+    assert sorted(losses(run)) == [11, 12]
+    one.train.strategy = "ddp"
+    with pytest.raises(ValueError, match="written with vlm.train.strategy fsdp"):
+        run_loop(one, run, LocalContext(), log=VQUIET)

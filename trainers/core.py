@@ -26,6 +26,9 @@ CKPT_STATE = "state.pt"
 # run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}: the one checkpoint layout. Checkpoints
 # reach an object store through Ray Train's storage_path, so a run directory's mirror skips the folder.
 CHECKPOINTS = "checkpoints"
+# train.strategy fsdp: <checkpoint>/shards/ holds torch.distributed.checkpoint files, each rank's shard of
+# the weights and the optimizer state (__<rank>_0.distcp) and rank 0's .metadata; state.pt the rest.
+SHARDS = "shards"
 HOLD_S = 300  # train.hold_at_step: long enough for a test to kill a node, short enough to end a forgotten run
 
 
@@ -45,10 +48,11 @@ class LocalContext:
         self._ckpt = checkpoint
         self.on_report = on_report
 
-    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", bf16: bool = False) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", bf16: bool = False,
+                forward_methods: tuple[str, ...] = ()) -> torch.nn.Module:
         if strategy == "fsdp":
             single_process_group()
-            return shard(model, self.device, bf16)
+            return shard(model, self.device, bf16, forward_methods)
         return model.to(self.device)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -88,11 +92,12 @@ class RayContext(LocalContext):
         self.device = ray.train.torch.get_device()
         self.storage, self.run = storage, run
 
-    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", bf16: bool = False) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", bf16: bool = False,
+                forward_methods: tuple[str, ...] = ()) -> torch.nn.Module:
         import ray.train.torch
 
         if strategy == "fsdp":
-            return shard(model, self.device, bf16)
+            return shard(model, self.device, bf16, forward_methods)
         return ray.train.torch.prepare_model(model)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -103,11 +108,14 @@ class RayContext(LocalContext):
     def report(self, metrics: dict, ckpt_dir: Optional[Path] = None) -> None:
         from ray.train import Checkpoint
 
-        ckpt = Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None and self.rank == 0 else None
-        if ckpt is not None:
+        view = None  # a sharded checkpoint: every rank reports its own files, Ray Train merges them
+        if ckpt_dir is not None and (self.rank == 0 or (ckpt_dir / SHARDS).is_dir()):
+            view = rank_files(Path(ckpt_dir), self.rank)
             # logs first: a restart resumes from this checkpoint and continues the logs it pulls
             self.sync()
-        self._train.report(metrics, checkpoint=ckpt)
+        self._train.report(metrics, checkpoint=Checkpoint.from_directory(str(view)) if view is not None else None)
+        if view is not None and view != Path(ckpt_dir):
+            shutil.rmtree(view, ignore_errors=True)
 
     def restored_checkpoint(self) -> Optional[Path]:
         ck = self._train.get_checkpoint()
@@ -220,19 +228,27 @@ def single_process_group() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def shard(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """FSDP2: each decoder layer its own unit (gathered for its forward and backward only), the rest
-    (embeddings, head, final norm) the root unit. bf16 parameters with fp32 gradient reduction on CUDA
-    when bf16 is on; fp32 otherwise."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard(model: torch.nn.Module, device: torch.device, bf16: bool, forward_methods: tuple[str, ...] = ()) -> torch.nn.Module:
+    """FSDP2: each decoder (or vision encoder) layer its own unit (gathered for its forward and backward
+    only), the rest (embeddings, head, final norm; the VLM's connector) the root unit. bf16 parameters
+    with fp32 gradient reduction on CUDA when bf16 is on; fp32 otherwise. forward_methods: the model's
+    methods other than forward that callers enter it by (the root unit gathers on those too)."""
+    import warnings
 
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    # said on every step when a forward returns a view (the VLM's visual tokens): a caution about
+    # in-place edits of the output, which no caller here makes
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
     model.to(device)
     for m in list(model.modules()):
-        if type(m).__name__.endswith("DecoderLayer"):
+        if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer")):
             fully_shard(m, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
     return model
 
 
@@ -262,21 +278,27 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, names: Optional[set[str]] = None) -> dict:
+    """This rank's shards of the weights (those in `names`, else all) and of the optimizer state, keyed by
+    parameter name. A fresh optimizer gets its state initialised (at lr 0) so that a load has a target."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights, optim = get_state_dict(model, opt)
+    return {"model": {k: v for k, v in weights.items() if names is None or k in names}, "optim": optim}
 
 
-def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
-    """Gathered weights (the trainable subset) and optimizer state into a sharded model on any number
-    of ranks: each rank keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+def load_shards(ck: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, names: Optional[set[str]] = None) -> None:
+    """A checkpoint's sharded weights and optimizer state into a sharded model on any number of ranks:
+    torch.distributed.checkpoint reads, on each rank, the pieces of the saved shards its own shard covers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    o = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, weights, options=o)
-    set_optimizer_state_dict(model, opt, optim_state_dict=optim, options=o)
+    if not (Path(ck) / SHARDS).is_dir():
+        raise ValueError(f"checkpoint {ck} has no {SHARDS}/ folder: it was not written by a sharded (fsdp) run")
+    sd = sharded_state(model, opt, names)
+    dcp.load(sd, checkpoint_id=str(Path(ck) / SHARDS))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=StateDictOptions(strict=False))
 
 
 def rss_gb() -> float:
@@ -346,24 +368,82 @@ class Throughput:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, extra_files: dict[str, str] | None = None,
-                    keep: int = 2) -> Path:
-    """run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}; written to a temp name, then renamed;
-    the newest `keep` stay."""
+def checkpoint_paths(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(the temp name a checkpoint is written under, its final name)."""
     root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    return root / f".tmp-step-{step:07d}", root / f"step-{step:07d}"
+
+
+def commit_checkpoint(tmp: Path, final: Path, keep: int) -> Path:
+    """Rename a finished checkpoint to its final name; the newest `keep` stay."""
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(final.parent.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, extra_files: dict[str, str] | None = None,
+                    keep: int = 2, fresh: bool = True) -> Path:
+    """run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}; written to a temp name, then renamed;
+    the newest `keep` stay. fresh=False: the temp folder already holds the sharded files."""
+    tmp, final = checkpoint_paths(run_dir, step)
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     torch.save(state, tmp / CKPT_STATE)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     (tmp / "meta.json").write_text(json.dumps({"step": step, "token_space_hash": state.get("token_space_hash")}) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    return commit_checkpoint(tmp, final, keep)
+
+
+def save_sharded_checkpoint(ctx, run_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                            state: Optional[dict], names: Optional[set[str]] = None,
+                            extra_files: dict[str, str] | None = None, keep: int = 2) -> Path:
+    """train.strategy fsdp, on every rank: each rank writes its own shard of the weights (`names`, else all)
+    and of the optimizer state into <checkpoint>/shards (no rank gathers the model), rank 0 `state` (the
+    rest: scheduler, RNG, data position). Returns this rank's checkpoint folder: the whole checkpoint
+    where the ranks share the run directory; a URI run directory's staging copy is each process's own,
+    so there it holds this rank's shard, which the rank reports (Ray Train merges every rank's files)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    tmp, final = checkpoint_paths(run_dir, step)
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    tmp.mkdir(parents=True, exist_ok=True)
+    dcp.save(sharded_state(model, opt, names), checkpoint_id=str(tmp / SHARDS))  # ends once .metadata is written
+    if ctx.rank == 0:
+        save_checkpoint(run_dir, step, state, extra_files, keep, fresh=False)
+    dist.barrier()  # rank 0 has renamed the shared folder
+    if ctx.rank != 0 and tmp.exists():  # this process's own copy of the run directory
+        commit_checkpoint(tmp, final, keep)
     return final
+
+
+def rank_files(ck: Path, rank: int) -> Path:
+    """The files of checkpoint `ck` that rank `rank` reports to Ray Train: all of them for a DDP checkpoint;
+    for a sharded one its own shard files (rank 0: also .metadata and state.pt), so that no two ranks
+    upload one file. A folder of hard links beside `ck`; the caller removes it after the report."""
+    import re
+
+    if not (ck / SHARDS).is_dir():
+        return ck
+    view = ck.parent / f".report-{ck.name}-rank{rank}"
+    shutil.rmtree(view, ignore_errors=True)
+    for f in sorted(p for p in ck.rglob("*") if p.is_file()):
+        m = re.fullmatch(r"__(\d+)_\d+\.distcp", f.name)
+        if (int(m.group(1)) == rank) if m else rank == 0:
+            dst = view / f.relative_to(ck)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, dst)
+            except OSError:
+                shutil.copy2(f, dst)
+    return view
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:

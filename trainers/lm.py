@@ -18,8 +18,8 @@ from lumo_ray.config.lm import TrainConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 
-from .core import (RayContext, checkpoint_activations, due, full_optimizer_state, full_state, launch, load_full_state,
-                   load_state, make_scheduler, resolve_resume, rng_state, save_checkpoint, seed_all, set_rng_state,
+from .core import (RayContext, checkpoint_activations, due, full_state, launch, load_shards, load_state, make_scheduler,
+                   resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint, seed_all, set_rng_state,
                    storage_of, write_json)
 
 
@@ -191,8 +191,8 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         kind = st.get("strategy", "ddp")
         if kind != t.strategy:
             raise ValueError(f"checkpoint {ck} was written with lm.train.strategy {kind}; resume it with {kind}")
-        if sharded:  # gathered state: each rank keeps its shard, whatever the worker count that wrote it
-            load_full_state(model, opt, st["model"], st["optimizer"])
+        if sharded:  # each rank reads its shard, whatever the worker count that wrote the checkpoint
+            load_shards(ck, model, opt)
         else:
             getattr(model, "module", model).load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
@@ -212,13 +212,12 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         rep: dict = {"step": step, "loss": total, **(lm_eval(model, eval_blocks, ctx) if due(step, t.eval_every, last) else {})}
         ck_dir = None
         if due(step, t.ckpt_every, last):
-            weights, optim = ((full_state(model), full_optimizer_state(model, opt)) if sharded  # a collective
-                              else (getattr(model, "module", model).state_dict(), opt.state_dict()))
-            if ctx.rank == 0:
-                state = {"model": weights, "optimizer": optim, "strategy": t.strategy,
-                         "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
-                         "data": {"epoch": stream.epoch, "pos": stream.pos}, "token_space_hash": None,
-                         "config": to_dict(cfg)}
+            state = {"strategy": t.strategy, "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
+                     "data": {"epoch": stream.epoch, "pos": stream.pos}, "token_space_hash": None, "config": to_dict(cfg)}
+            if sharded:  # every rank writes its shard
+                ck_dir = save_sharded_checkpoint(ctx, run_dir, step, model, opt, state if ctx.rank == 0 else None)
+            elif ctx.rank == 0:
+                state.update(model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict())
                 ck_dir = save_checkpoint(run_dir, step, state)
         end_of_step(ctx, t, step, rep, ck_dir, tracker, log, lambda: (
             f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"

@@ -38,9 +38,9 @@ from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
-from .core import (RayContext, Throughput, checkpoint_activations, due, full_optimizer_state, full_state, is_sharded,
-                   launch, load_full_state, load_state, local_rows, make_scheduler, max_over_ranks, resolve_resume,
-                   rng_state, rss_gb, RssPeak, save_checkpoint, seed_all, set_rng_state, storage_of, write_json)
+from .core import (RayContext, Throughput, checkpoint_activations, due, full_state, is_sharded, launch, load_shards,
+                   load_state, local_rows, make_scheduler, max_over_ranks, resolve_resume, rng_state, rss_gb, RssPeak,
+                   save_checkpoint, save_sharded_checkpoint, seed_all, set_rng_state, storage_of, write_json)
 from .lm import end_of_step, micro_batch
 
 
@@ -162,8 +162,8 @@ def restore(ck: Path, ts: TokenSpace, raw: torch.nn.Module, opt, sched, sharded:
     kind, want = st.get("strategy", "ddp"), "fsdp" if sharded else "ddp"
     if kind != want:
         raise ValueError(f"checkpoint {ck} was written with train.strategy {kind}; resume it with {kind} (this run: {want})")
-    if sharded:  # gathered state: each rank keeps its shard, whatever the worker count that wrote it
-        load_full_state(raw, opt, st["trainable"], st["optimizer"])
+    if sharded:  # each rank reads its shard, whatever the worker count that wrote the checkpoint
+        load_shards(ck, raw, opt, trainable_names(raw))
     else:
         with torch.no_grad():
             for n, p in raw.named_parameters():
@@ -175,13 +175,9 @@ def restore(ck: Path, ts: TokenSpace, raw: torch.nn.Module, opt, sched, sharded:
     return st["step"], st["data"]
 
 
-def trainable_state(raw: torch.nn.Module, opt, names: dict[int, str], sharded: bool) -> tuple[dict, dict]:
-    """(trainable weights by name, optimizer state) for a checkpoint. Sharded: gathered to full tensors on
-    rank 0 (every rank must call it; the others get empty dicts)."""
-    if sharded:
-        full = full_state(raw)
-        return {n: full[n] for n in names.values() if n in full}, full_optimizer_state(raw, opt)
-    return {names[id(p)]: p.detach().cpu().clone() for p in raw.parameters() if p.requires_grad}, opt.state_dict()
+def trainable_names(raw: torch.nn.Module) -> set[str]:
+    """The parameters a checkpoint holds: the trainable ones (the frozen come from the warm start)."""
+    return {n for n, p in raw.named_parameters() if p.requires_grad}
 
 
 class Stepper:
@@ -267,7 +263,6 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     opt = torch.optim.AdamW(groups)
     sched = make_scheduler(opt, t)
     autocast = t.bf16 and ctx.device.type == "cuda"
-    names = {id(p): n for n, p in raw.named_parameters() if p.requires_grad}
     step, data = 0, {}
     ck = resolve_resume(t.resume, run_dir, ctx)
     if ck is not None:
@@ -311,12 +306,16 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             rep.update(speed.report(train_step.tokens, train_step.targets, train_step.seqs))
         ck_dir = None
         if due(step, t.ckpt_every, last):
-            weights, optim = trainable_state(raw, opt, names, sharded)  # fsdp: a collective, every rank
-            if ctx.rank == 0:
-                state = {"trainable": weights, "optimizer": optim, "strategy": t.strategy,
-                         "scheduler": sched.state_dict(), "rng": rng_state(), "step": step, "data": source.state(),
-                         "token_space_hash": ts.hash, "config": to_dict(cfg)}
-                ck_dir = save_checkpoint(run_dir, step, state, {"token_space.json": json.dumps(ts.to_json(), indent=2)})
+            state = {"strategy": t.strategy, "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
+                     "data": source.state(), "token_space_hash": ts.hash, "config": to_dict(cfg)}
+            extra = {"token_space.json": json.dumps(ts.to_json(), indent=2)}
+            if sharded:  # every rank writes its shard
+                ck_dir = save_sharded_checkpoint(ctx, run_dir, step, raw, opt, state if ctx.rank == 0 else None,
+                                                 trainable_names(raw), extra)
+            elif ctx.rank == 0:
+                state.update(trainable={n: p.detach().cpu().clone() for n, p in raw.named_parameters()
+                                        if p.requires_grad}, optimizer=opt.state_dict())
+                ck_dir = save_checkpoint(run_dir, step, state, extra)
             if golden is not None:
                 golden.write(step)
         if hook is not None and ctx.rank == 0:  # after the checkpoint: an interrupted trial can resume

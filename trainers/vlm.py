@@ -30,8 +30,9 @@ from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
 
-from .core import (RayContext, checkpoint_activations, due, inject_fault, launch, load_state, make_scheduler,
-                   resolve_resume, rng_state, save_checkpoint, seed_all, set_rng_state, storage_of)
+from .core import (RayContext, checkpoint_activations, due, inject_fault, is_sharded, launch, load_shards, load_state,
+                   make_scheduler, resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint, seed_all,
+                   set_rng_state, storage_of)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,7 +102,10 @@ class Trainee:
         self.n_buckets = len(self.data.split["edges"]) + 1
         self.sampler = StepSampler(len(self.data.train), t.global_batch, ctx.world_size, t.grad_accum, t.seed)
         self.connector: torch.nn.Module = self.model.connector
-        if ctx.world_size > 1:
+        self.sharded = t.strategy == "fsdp"
+        if self.sharded:  # every rank then runs every forward (evals, golden captions) in lockstep
+            self.model = ctx.prepare(self.model, "fsdp", t.bf16, forward_methods=("encode_images", "generate"))
+        elif ctx.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.connector = DDP(self.model.connector, forward_sync_buffers=False,  # the connector has no buffers
                                  device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -110,10 +114,20 @@ class Trainee:
         self.sched = make_scheduler(self.opt, t)
         self.autocast = t.bf16 and ctx.device.type == "cuda"
 
+    def connector_names(self) -> set[str]:
+        return {f"connector.{n}" for n, _ in self.model.connector.named_parameters()}
+
     def restore(self, ck: Path, rank: int) -> int:
         st = load_state(ck)
-        self.model.connector.load_state_dict(st["connector"])
-        self.opt.load_state_dict(st["optimizer"])
+        kind, want = st.get("strategy", "ddp"), "fsdp" if self.sharded else "ddp"
+        if kind != want:
+            raise ValueError(f"checkpoint {ck} was written with vlm.train.strategy {kind}; resume it with {kind} "
+                             f"(this run: {want})")
+        if self.sharded:  # each rank reads its shard, whatever the worker count that wrote the checkpoint
+            load_shards(ck, self.model, self.opt, self.connector_names())
+        else:
+            self.model.connector.load_state_dict(st["connector"])
+            self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
         return int(st["step"])
@@ -129,13 +143,17 @@ class Trainee:
         loss_sum = torch.zeros((), device=d)
         for i, b in enumerate(batches):
             sync = i == len(batches) - 1 or ctx.world_size == 1
-            with (contextlib.nullcontext() if sync else self.connector.no_sync()), \
+            if self.sharded:  # gradients reduce-scattered on the last micro-batch only
+                self.model.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or self.sharded else self.connector.no_sync()), \
                     torch.autocast(d.type, dtype=torch.bfloat16, enabled=self.autocast):
                 ls, _ = m.token_losses(b, visual=m.encode_images(b["pixel_values"], self.connector))
                 # token-weighted over the global batch; DDP averages over ranks, so scale by world
                 (ls.sum() * ctx.world_size / n_tok.clamp(min=1)).backward()
             loss_sum += ls.sum().detach().float()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, t.clip)
+        if is_sharded(gnorm):
+            gnorm = gnorm.full_tensor()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -148,20 +166,30 @@ class Trainee:
                          next(self.model.parameters()).device, self.autocast)
 
     def checkpoint(self, cfg: VLMConfig, step: int, run: Path, ctx) -> Optional[Path]:
-        """Rank 0 writes the connector, optimizer, scheduler, every rank's RNG and the data position."""
+        """Rank 0 writes the connector, optimizer, scheduler, every rank's RNG and the data position;
+        fsdp: every rank its shard of the connector and of the optimizer state."""
         rng = [rng_state()]
         if ctx.world_size > 1:
             import torch.distributed as dist
             rng = [None] * ctx.world_size
             dist.all_gather_object(rng, rng_state())
+        t, sp = cfg.train, self.sampler
+        state = {"strategy": t.strategy, "scheduler": self.sched.state_dict(), "rng": rng, "step": step,
+                 "config": to_dict(cfg),
+                 "data_position": {"epoch": sp.epoch_of(step), "batch_in_epoch": step % sp.steps_per_epoch,
+                                   "global_batch": t.global_batch, "seed": t.seed}}
+        if self.sharded:
+            return save_sharded_checkpoint(ctx, run, step, self.model, self.opt, state if ctx.rank == 0 else None,
+                                           self.connector_names())
         if ctx.rank != 0:
             return None
-        t, sp = cfg.train, self.sampler
-        return save_checkpoint(run, step, {
-            "connector": self.model.connector.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "rng": rng, "step": step, "config": to_dict(cfg),
-            "data_position": {"epoch": sp.epoch_of(step), "batch_in_epoch": step % sp.steps_per_epoch,
-                              "global_batch": t.global_batch, "seed": t.seed}})
+        return save_checkpoint(run, step, {**state, "connector": self.model.connector.state_dict(),
+                                           "optimizer": self.opt.state_dict()})
+
+    def connector_state(self) -> dict[str, torch.Tensor]:
+        """The connector's weights, whole (fsdp: gathered from the shards, a collective)."""
+        return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu()
+                for k, v in self.model.connector.state_dict().items()}
 
     def golden(self, cfg: VLMConfig, device) -> list[dict]:
         g = self.data.golden
@@ -222,18 +250,19 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
             ev = tr.evaluate(tr.data.eval, t)
             final = {"step": done, "train_loss": r["loss"], "eval_loss": ev["loss"], "epoch": epoch,
                      "eval_buckets": {b: v["loss"] for b, v in ev["buckets"].items()}}
+            # golden captions on rank 0; under fsdp every rank generates in lockstep (each forward gathers)
+            gold = tr.golden(cfg, ctx.device) if rank == 0 or tr.sharded else None
             if rank == 0:
                 _append(run / "evals.jsonl", {"step": done, "kind": "full", **ev})
                 if tracker is not None:
                     tracker.log(done, {"eval_loss": ev["loss"]})
-                gold = tr.golden(cfg, ctx.device)
                 (run / "golden").mkdir(exist_ok=True)
                 (run / "golden" / f"step_{done:06d}.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
                 say(f"[vlm] step {done} eval loss {ev['loss']:.4f} over {ev['samples']} samples; golden "
                     f"{gold[0]['id'] if gold else '-'}: {gold[0]['generated'] if gold else ''!r}")
             ckpt = tr.checkpoint(cfg, done, run, ctx)
             ctx.report(final, ckpt)
-            if ckpt:
+            if ckpt and rank == 0:
                 shutil.rmtree(ckpt, ignore_errors=True)  # Ray copied it to storage
     if tracker is not None:
         tracker.close()
@@ -249,10 +278,11 @@ def finish(cfg: VLMConfig, tr: Trainee, run: Path, ctx, final: dict, step_times:
               "data_time_s": float(np.mean(data_times[warm])) if data_times else None}
     if bench is not None:
         bench.update(timing, step_times=step_times, data_times=data_times)
+    connector = tr.connector_state() if stop == cfg.train.steps else None  # fsdp: a collective
     if ctx.rank != 0:
         return
-    if stop == cfg.train.steps:
-        save_export(tr.model, cfg, run / "export", extra={"step": stop})
+    if connector is not None:
+        save_export(tr.model, cfg, run / "export", extra={"step": stop}, connector=connector)
     doc = {"final": final, "params": tr.counts, "timing": timing, "world_size": ctx.world_size,
            "steps": read_jsonl_last(run / "steps.jsonl"),
            "evals": read_jsonl_last(run / "evals.jsonl", key="step"),

@@ -45,9 +45,10 @@ class TrainConfig:
     (transformers' gradient checkpointing, non-reentrant): less memory, one more forward per step,
     the same losses."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """ddp: every worker holds the whole model, its gradients and AdamW state. fsdp (base LM, token LM
-    and stage 4; not the VLM yet): FSDP2 shards them across workers per decoder layer (bf16 parameters / fp32 reduction on CUDA
-    with bf16, fp32 on CPU); checkpoints hold the gathered state, so a run resumes on any worker count."""
+    """ddp: every worker holds the whole model, its gradients and AdamW state. fsdp: FSDP2 shards them
+    across workers per decoder layer (bf16 parameters / fp32 reduction on CUDA with bf16, fp32 on CPU);
+    checkpoints are sharded torch.distributed.checkpoint files (each rank writes its own shard), and a
+    run resumes from them on any worker count."""
     seed: int = 0
     """Model init, data order and crop randomness all derive from this seed."""
     eval_every: int = 100

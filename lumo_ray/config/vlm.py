@@ -112,6 +112,10 @@ class VLMTrainConfig:
     activation_checkpointing: bool = False
     """Recompute each LLM decoder layer in the backward pass (the frozen LLM still carries the
     connector's gradient back): the same losses, a fraction of the activation memory."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every worker holds the whole VLM (the connector's gradients all-reduced). fsdp: FSDP2 shards
+    the frozen LLM and vision tower per layer and the rest (connector, embeddings, head) as one unit
+    across workers, for LLMs a worker cannot hold whole; checkpoints are sharded files."""
     eval_every: int = 100
     """Quick eval (first `quick_eval_size` eval samples) every K steps; 0 = never."""
     quick_eval_size: int = 32

@@ -260,14 +260,16 @@ def vlm_tokens(text: Any, vocab_rows: int = -1) -> VLMTokens:
 # Export: connector weights + references to the frozen parts
 # ------------------------------------------------------------------------------------------------
 
-def save_export(model: VLM, cfg: VLMConfig, out_dir: str | Path, extra: Optional[dict] = None) -> Path:
-    """save_pretrained-style directory: model.safetensors (connector only) + config.json naming the
-    frozen vision tower / LLM / tokenizer (preset + seed or checkpoint id) and the token ids."""
+def save_export(model: VLM, cfg: VLMConfig, out_dir: str | Path, extra: Optional[dict] = None,
+                connector: Optional[dict] = None) -> Path:
+    """save_pretrained-style directory: model.safetensors (connector only: `connector`, else the model's)
+    + config.json naming the frozen vision tower / LLM / tokenizer (preset + seed or checkpoint id) and
+    the token ids."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.connector.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (connector or model.connector.state_dict()).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
     doc = {"format": EXPORT_FORMAT,
            "frozen": {"vision": {"model": cfg.vision.model, "seed": cfg.vision.seed,
