@@ -1,4 +1,5 @@
-"""`lumo codec train-vq`: train the tiny VQ image codec on Ray Train (section `codec` of the config)."""
+"""`lumo codec train-vq`: train the tiny VQ image codec on Ray Train (section `codec` of the config);
+`lumo codec fit-kmeans`: a k-means codebook over CLIP embeddings on Ray (pipelines/kmeans.py)."""
 from __future__ import annotations
 
 import sys
@@ -24,11 +25,32 @@ def cmd_codec_train_vq(args) -> int:
     return 0
 
 
+def cmd_codec_fit_kmeans(args) -> int:
+    from pipelines.kmeans import fit_kmeans
+
+    fit_kmeans(args.embeddings, args.k, args.out, seed=args.seed, column=args.column, max_iter=args.max_iter,
+               n_init=args.n_init, address=args.address)
+    return 0
+
+
 def add_commands(sub, common) -> None:
     """sub: the top-level subparsers; common(parser, config=True) adds --config/--set/--address."""
-    g = sub.add_parser("codec", help="codec training").add_subparsers(dest="sub", required=True)
+    g = sub.add_parser("codec", help="codec training: the tiny VQ codec, k-means codebooks").add_subparsers(dest="sub", required=True)
     t = g.add_parser("train-vq", help="train the tiny VQ image codec (uti.image model 'tiny') on Ray Train; "
                                       "writes model.safetensors + metrics.json (synthetic / real PSNR, SSIM)")
     common(t)
     t.add_argument("--out", default=None, help="run directory (default: codec.out)")
     t.set_defaults(func=cmd_codec_train_vq)
+
+    k = g.add_parser("fit-kmeans", help="a k-means codebook over `lumo data embed` embeddings (Lloyd passes on "
+                                        "Ray Data); writes codebook.npy + codebook.json (its sha256)")
+    common(k, config=False)
+    k.add_argument("--embeddings", required=True, help="an embeddings folder (index.json) from `lumo data embed`")
+    k.add_argument("--k", type=int, required=True, help="codewords")
+    k.add_argument("--out", required=True, help="folder for codebook.npy and codebook.json")
+    k.add_argument("--seed", type=int, default=0, help="seed of the k-means++ initialisation")
+    k.add_argument("--n-init", type=int, default=1, help="fits from seeds seed..seed+N-1; the lowest inertia is kept")
+    k.add_argument("--max-iter", type=int, default=50, help="most Lloyd iterations per fit")
+    k.add_argument("--column", default="image", choices=["image", "text", "patches"],
+                   help="which embeddings (patches: the per-patch image embeddings, when embedded)")
+    k.set_defaults(func=cmd_codec_fit_kmeans)

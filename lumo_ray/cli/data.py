@@ -1,4 +1,4 @@
-"""`lumo data ...` commands: synth (library), normalize / tokenize / verify (Ray Data jobs in pipelines/)."""
+"""`lumo data ...` commands: synth (library), normalize / tokenize / embed / verify (Ray Data jobs in pipelines/)."""
 from __future__ import annotations
 
 import sys
@@ -44,6 +44,14 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from ..data.manifest import require_manifest
+    require_manifest(args.manifest)  # before Ray is imported
+    from pipelines.embed import run_embed
+    run_embed(args.manifest, command_config(args), args.out, actors=args.actors, address=args.address)
+    return 0
+
+
 def cmd_verify(args) -> int:
     from pipelines.verify import run_verify
     rep = run_verify(args.shards, command_config(args), args.out, manifest=args.manifest, baseline=args.baseline,
@@ -55,7 +63,7 @@ def cmd_verify(args) -> int:
 
 
 def add_commands(sub, common) -> None:
-    data = sub.add_parser("data", help="datasets: synth, normalize, tokenize, verify").add_subparsers(dest="sub", required=True)
+    data = sub.add_parser("data", help="datasets: synth, normalize, tokenize, embed, verify").add_subparsers(dest="sub", required=True)
 
     s = data.add_parser("synth", help="write a learnable synthetic dataset in the raw formats")
     common(s, config=False)
@@ -78,6 +86,13 @@ def add_commands(sub, common) -> None:
     t.add_argument("--out", required=True, help="shard directory: a path or an object-store URI (s3://, gs://)")
     t.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: data.tokenize.actors)")
     t.set_defaults(func=cmd_tokenize)
+
+    e = data.add_parser("embed", help="CLIP image and caption embeddings of a manifest -> Parquet parts (Ray Data)")
+    common(e)
+    e.add_argument("--manifest", required=True, help="manifest.jsonl: a path or an object-store URI (s3://, gs://)")
+    e.add_argument("--out", required=True, help="embeddings folder: a path or an object-store URI (s3://, gs://)")
+    e.add_argument("--actors", type=int, default=None, help="embedding actors (default: data.embed.actors)")
+    e.set_defaults(func=cmd_embed)
 
     v = data.add_parser("verify", help="the data verify gate over every record (exit 1 when it fails)")
     common(v)

@@ -168,10 +168,34 @@ class VerifyConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """`lumo data embed`: CLIP image and caption embeddings of a manifest (docs/curation.md)."""
+    model: str = "tiny"
+    """tiny: a random-initialised CLIP preset (offline: tests, demo); else a local directory holding a
+    transformers CLIPModel checkpoint and its processor (or a hub id already in the local cache)."""
+    seed: int = 0
+    """Initialisation seed of the tiny preset."""
+    shard_size: int = 256
+    """Records per Parquet part (assigned in id order within a split, as tokenize's shards)."""
+    batch_size: int = 32
+    """Images (and captions) per model call; batches are cut in manifest order."""
+    actors: int = 1
+    """Size of the embedding actor pool."""
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 0.5
+    loaders: int = 1
+    """Size of the CPU loader actor pool (decode, resize, normalise) feeding the embedding actors."""
+    num_cpus_per_loader: float = 0.5
+    threads: int = 1
+    """Torch threads per embedding actor (fixed: CPU float sums depend on how work is split)."""
+
+
+@dataclass
 class DataConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
 
 @dataclass
