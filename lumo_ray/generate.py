@@ -121,6 +121,7 @@ def task_spec(run: Run, task: str, opts: GenOptions) -> SpanSpec:
     sp = run.builder.sp
     compact = run.cfg.token_lm.seq.delimiters == "compact"
     if task == "t2i":
+        run.ts.require_image_decoder("t2i")
         return span_spec(run.ts, "image", run.adapters.image.tokens_per_image, sp["<|img_start|>"])
     if task == "t2a":
         return span_spec(run.ts, "audio", audio_frames(run, opts) * run.ts.num_codebooks, sp["<|aud_start|>"])

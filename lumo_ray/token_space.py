@@ -211,6 +211,20 @@ class TokenSpace:
     def text_vocab(self) -> int:
         return self._by_name["TEXT"].size
 
+    @property
+    def image_decodable(self) -> bool:
+        """False for an encode-only image tokenizer (clip_kmeans records `decoder: none`)."""
+        img = self.adapters.get("image") or {}
+        return bool(img) and img.get("kind") != "none" and img.get("decoder") != "none"
+
+    def require_image_decoder(self, what: str) -> None:
+        """Refuse, in one line, work that needs image tokens turned back into pixels (text -> image)."""
+        if not self.image_decodable:
+            from .errors import UserError
+            kind = (self.adapters.get("image") or {}).get("kind", "none")
+            raise UserError(what, None, f"text-to-image needs an image decoder and the token space's image "
+                            f"tokenizer ({kind}) has none", "leave t2i out, or tokenize with uti.image.kind vq or seed")
+
     def range(self, name: str) -> Range:
         if name not in self._by_name:
             raise TokenSpaceError(f"no range named {name}; ranges: {[r.name for r in self.ranges]}")

@@ -36,6 +36,9 @@ def _build_adapters(cfg: UTIConfig, which: tuple[str, ...]) -> Adapters:
         if cfg.image.kind == "vq":
             from .codecs.image_vq import build_vq_adapter
             a.image = build_vq_adapter(cfg.image, cfg.runtime)
+        elif cfg.image.kind == "clip_kmeans":
+            from .codecs.image_clip import build_clip_kmeans_adapter
+            a.image = build_clip_kmeans_adapter(cfg.image, cfg.runtime)
         else:
             from .codecs.image_seed import build_seed_adapter
             a.image = build_seed_adapter(cfg.image, cfg.runtime)
@@ -58,6 +61,8 @@ def _is_preset(section: str, c: Any) -> bool:
         return c.tokenizer in TEXT_PRESETS
     if section == "audio":
         return c.model in AUDIO_PRESETS
+    if c.kind == "clip_kmeans":  # named by the CLIP weights and the codebook file: always built to name it
+        return True
     presets = IMAGE_VQ_PRESETS if c.kind == "vq" else IMAGE_SEED_PRESETS
     return c.model in presets and not uses_tiny_vq_weights(c)  # shipped weights: named by the file digest
 

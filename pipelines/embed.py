@@ -32,7 +32,8 @@ MAX_BLOCKS = 512  # as tokenize: the driver keeps per-block state
 
 def embed_config_digest(ecfg: EmbedConfig, identity: str) -> str:
     """What a part's bytes depend on besides its records: the weights, the part size, the model batch."""
-    doc = {"format": parts.FORMAT, "model": identity, "shard_size": ecfg.shard_size, "batch_size": ecfg.batch_size}
+    doc = {"format": parts.FORMAT, "model": identity, "shard_size": ecfg.shard_size, "batch_size": ecfg.batch_size,
+           "patches": ecfg.patches}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -43,7 +44,7 @@ class EmbedLoader:
         from lumo_ray.embed.clip import image_preprocessor
 
         self.cfg: EmbedConfig = pickle.loads(cfg_blob)
-        self.pixels = image_preprocessor(self.cfg.model)
+        self.pixels = image_preprocessor(self.cfg.model, self.cfg.seed)
         self.manifest, self.base = manifest, base
 
     def load(self, rec) -> dict:
@@ -57,7 +58,8 @@ class EmbedLoader:
         caption = (rec.text.get("caption") or "").strip()
         try:
             with media_file(path) as local, Image.open(local) as im:
-                return {"id": rec.id, "source": rec.source, "pixels": self.pixels(im), "caption": caption}
+                im.load()  # decode now: a corrupt file fails here, named
+                return {"id": rec.id, "source": rec.source, "pixels": self.pixels(im, path), "caption": caption}
         except Exception as e:  # this record's error, recorded; the part goes on
             return {"id": rec.id, "source": rec.source,
                     "error": {"stage": "load", "reason": type(e).__name__, "detail": f"{path}: {e}"}}
@@ -87,27 +89,33 @@ class EmbedWriter:
         stats = []
         for t, blob in zip(batch["task"], batch["loaded"]):
             task, loaded = ShardTask.from_json(t), pickle.loads(blob)
-            stats.append(json.dumps(embed_part(self.clip, self.out, task, loaded, self.cfg.batch_size, self.device)))
+            stats.append(json.dumps(embed_part(self.clip, self.out, task, loaded, self.cfg.batch_size, self.device,
+                                               self.cfg.patches)))
         return {"stats": stats}
 
 
-def embed_part(clip, out, task: ShardTask, loaded: list[dict], batch_size: int, device: str = "cpu") -> dict:
+def embed_part(clip, out, task: ShardTask, loaded: list[dict], batch_size: int, device: str = "cpu",
+               patches: bool = False) -> dict:
     """Embed a part's loaded records in batches of `batch_size` (in order) and write it."""
     from lumo_ray.data.manifest import ErrorRecord
 
     ok = [x for x in loaded if "pixels" in x]
-    image, text = [], []
+    image, text, patch = [], [], []
     for i in range(0, len(ok), batch_size):
         chunk = ok[i:i + batch_size]
         image.append(clip.embed_images([x["pixels"] for x in chunk], device))
         text.append(clip.embed_texts([x["caption"] for x in chunk], device))
+        if patches:
+            patch.append(clip.embed_patches([x["pixels"] for x in chunk], device))
     dim = clip.dim
     errors = [ErrorRecord(id=x["id"], stage=x["error"]["stage"], reason=x["error"]["reason"], source=x["source"],
                           detail=x["error"]["detail"]).to_dict() for x in loaded if "error" in x]
     return parts.write_part(out, task.key, [x["id"] for x in ok],
                             np.concatenate(image) if image else np.zeros((0, dim), np.float32),
                             np.concatenate(text) if text else np.zeros((0, dim), np.float32), errors, task.digest,
-                            no_image=sum(1 for x in loaded if x.get("skip")))
+                            no_image=sum(1 for x in loaded if x.get("skip")),
+                            patches=(np.concatenate(patch) if patch else np.zeros((0, clip.patches, dim), np.float32))
+                            if patches else None)
 
 
 def run_embed(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: int | None = None,
@@ -121,7 +129,7 @@ def run_embed(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: in
     require_manifest(manifest)
     clip = load_clip(ecfg.model, ecfg.seed)  # the driver: the identity the parts depend on
     model = {"name": ecfg.model, "seed": ecfg.seed, "identity": clip.identity(), "dim": clip.dim,
-             "image_size": clip.image_size}
+             "image_size": clip.image_size, "patches": clip.patches if ecfg.patches else 0}
     digest = embed_config_digest(ecfg, model["identity"])
     for name in ("index.json", "index.json.tmp"):
         (out / name).unlink(missing_ok=True)

@@ -152,10 +152,12 @@ def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifes
         checks["retokenize"] = _check(False, "no manifest given (and no source.json beside the shards)")
 
     # 3. Decode spot checks: N audio and N image spans chosen by vcfg.seed over every record of the
-    #    shards that read cleanly (not the first N, which would always be the same few sources).
+    #    shards that read cleanly (not the first N, which would always be the same few sources). An
+    #    encode-only image tokenizer (clip_kmeans) has nothing to decode: its spans are not drawn.
     dec_probs, n_dec = [], 0
     chosen = spot_check_choice(results, vcfg.decode_spot_checks, vcfg.seed,
-                               [m for m in ("audio", "image") if getattr(tok.adapters, m) is not None])
+                               [m for m in ("audio", "image") if getattr(tok.adapters, m) is not None
+                                and (m != "image" or ts.image_decodable)])
     entries = {str(shards_dir / s["name"]): s for s in index["shards"]}
     for shard, picks in sorted(chosen.items()):
         for smp in read_verified(shards_dir, entries[shard]):

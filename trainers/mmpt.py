@@ -24,6 +24,9 @@ def check_mmpt(cfg: LumoConfig) -> None:
     if cfg.token_lm.seq.layouts != "any":
         raise ValueError(f"stage 4 trains the 'any' layout; token_lm.seq.layouts is {cfg.token_lm.seq.layouts!r} "
                          "(use `lumo train token-lm` for the stage-3.3 layouts)")
+    if cfg.token_lm.mmpt.task_weights.t2i > 0 and cfg.uti.image.kind == "clip_kmeans":  # encode-only images
+        from lumo_ray.uti import build_token_space
+        build_token_space(cfg.uti).require_image_decoder("stage 4 (token_lm.mmpt.task_weights.t2i > 0)")
 
 
 def run_mmpt(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:

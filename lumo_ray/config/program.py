@@ -70,10 +70,11 @@ class AudioConfig:
 
 @dataclass
 class ImageConfig:
-    kind: Literal["vq", "seed", "none"] = "vq"
+    kind: Literal["vq", "seed", "clip_kmeans", "none"] = "vq"
     model: str = "tiny"
     """vq: 'tiny' (random-init VQModel), 'full' (full-size VQ-GAN architecture, random weights), or a
-    local diffusers VQModel directory / hub id. seed: 'tiny' or 'real' (local weights below)."""
+    local diffusers VQModel directory / hub id. seed: 'tiny' or 'real' (local weights below).
+    clip_kmeans: the CLIP model, 'tiny' (random-init preset) or a local CLIPModel checkpoint."""
     resolution: int = 32
     """Input image size after resize-shorter-side + center crop."""
     codebook_size: Optional[int] = None
@@ -83,6 +84,10 @@ class ImageConfig:
     seed: int = 0
     seed_weights: dict[str, str] = field(default_factory=dict)
     """SEED-2 local weight paths: quantizer, eva_clip, unclip (only for model='real')."""
+    codebook: str = ""
+    """clip_kmeans: the `lumo codec fit-kmeans` folder (codebook.npy + codebook.json). Fitted on the
+    `patches` column: one token per CLIP patch; on `image`: one token per image. Encode only: no
+    pixel decoder, so text-to-image is refused."""
     load: bool = True
 
 
@@ -188,6 +193,9 @@ class EmbedConfig:
     num_cpus_per_loader: float = 0.5
     threads: int = 1
     """Torch threads per embedding actor (fixed: CPU float sums depend on how work is split)."""
+    patches: bool = False
+    """Also write each image's per-patch embeddings (column `patches`: what `fit-kmeans --column
+    patches` clusters for the clip_kmeans image tokenizer)."""
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """A CLIP model for embeddings: the tiny random-initialised preset (offline: tests, the demo) or a local
 transformers CLIPModel checkpoint with its processor. Embeddings are L2-normalised float32.
 
-Images are preprocessed here, not by a processor object, for the preset (resize the shorter side,
-centre crop, CLIP's mean/std): the same arithmetic on every worker, so the same bytes out. A checkpoint
-directory brings its own CLIPProcessor (its size, crop and normalisation).
+Images go through the image tokenizers' preprocessing (codecs.image_seed.preprocess: RGB, shorter side
+resized bicubic, centre crop) and CLIP's mean/std (a checkpoint's processor supplies its size, mean
+and std): the same arithmetic on every worker, so the same bytes out. Besides the pooled image
+embedding, `embed_patches` gives one embedding per patch (the vision tower's patch states through its
+final norm and the image projection: the pooled embedding's space), what the clip_kmeans image
+tokenizer quantises.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..codecs.seed import CLIP_MEAN, CLIP_STD
+
 TINY_IMAGE = 32
 TEXT_LEN = 64
 
@@ -25,12 +28,18 @@ class ClipModel:
     model: Any  # transformers.CLIPModel, eval mode
     tokenizer: Any
     image_size: int
-    processor: Any = None  # a checkpoint's CLIPImageProcessor; None for the preset
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
     name: str = "tiny"
 
     @property
     def dim(self) -> int:
         return int(self.model.config.projection_dim)
+
+    @property
+    def patches(self) -> int:
+        v = self.model.config.vision_config
+        return (v.image_size // v.patch_size) ** 2
 
     def identity(self) -> str:
         """sha256 of the weights (names, shapes, bytes in name order): what an embedding depends on."""
@@ -41,30 +50,41 @@ class ClipModel:
             h.update(t.numpy().tobytes())
         return h.hexdigest()
 
-    def pixels(self, image) -> np.ndarray:
+    def normalise(self, pixels01: np.ndarray) -> np.ndarray:
+        """[3, S, S] in [0, 1] -> CLIP's input (mean / std)."""
+        m, s = np.asarray(self.mean, np.float32)[:, None, None], np.asarray(self.std, np.float32)[:, None, None]
+        return np.ascontiguousarray((pixels01 - m) / s, np.float32)
+
+    def pixels(self, image, name: str = "<image>") -> np.ndarray:
         """A PIL image -> [3, S, S] float32, normalised (the CPU half: loader actors run it)."""
-        if self.processor is not None:
-            return self.processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0].astype(np.float32)
-        return preprocess(image, self.image_size)
+        from ..codecs.image_seed import preprocess
+
+        return self.normalise(preprocess(image, self.image_size, name).pixels)
 
     @torch.no_grad()
     def embed_images(self, pixels: Sequence[np.ndarray], device: str | torch.device = "cpu") -> np.ndarray:
         if not len(pixels):
             return np.zeros((0, self.dim), np.float32)
-        x = torch.from_numpy(np.stack(pixels)).to(device)
-        return _unit(self.model.get_image_features(pixel_values=x))
+        return _unit(self.model.get_image_features(pixel_values=torch.from_numpy(np.stack(pixels)).to(device)))
+
+    @torch.no_grad()
+    def embed_patches(self, pixels: Sequence[np.ndarray], device: str | torch.device = "cpu") -> np.ndarray:
+        """[n, patches, d]: each patch's state through the vision tower's final norm and the image
+        projection, L2-normalised."""
+        if not len(pixels):
+            return np.zeros((0, self.patches, self.dim), np.float32)
+        vm = self.model.vision_model
+        h = vm(pixel_values=torch.from_numpy(np.stack(pixels)).to(device)).last_hidden_state[:, 1:]  # no CLS
+        return _unit(self.model.visual_projection(vm.post_layernorm(h)))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], device: str | torch.device = "cpu") -> np.ndarray:
         if not len(texts):
             return np.zeros((0, self.dim), np.float32)
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.text_len(),
-                             return_tensors="pt")
+        n = int(self.model.config.text_config.max_position_embeddings)
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=n, return_tensors="pt")
         return _unit(self.model.get_text_features(input_ids=enc["input_ids"].to(device),
                                                   attention_mask=enc["attention_mask"].to(device)))
-
-    def text_len(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
 
 
 def _unit(feats) -> np.ndarray:
@@ -72,21 +92,6 @@ def _unit(feats) -> np.ndarray:
         feats = feats.pooler_output
     f = torch.nn.functional.normalize(feats.float(), dim=-1)
     return f.cpu().numpy().astype(np.float32)
-
-
-def preprocess(image, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (bicubic), centre crop, scale to [0, 1], CLIP mean/std."""
-    from PIL import Image
-
-    im = image.convert("RGB")
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    a = np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255.0
-    a = (a - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
 def tiny_clip(seed: int = 0) -> ClipModel:
@@ -105,14 +110,22 @@ def tiny_clip(seed: int = 0) -> ClipModel:
                                       bos_token_id=tok.bos_token_id or tok.eos_token_id, **common),
                      vision_config=dict(image_size=TINY_IMAGE, patch_size=8, **common), projection_dim=64)
     torch.manual_seed(seed)
-    model = CLIPModel(cfg).eval()
-    return ClipModel(model, tok, TINY_IMAGE, None, "tiny")
+    return ClipModel(CLIPModel(cfg).eval(), tok, TINY_IMAGE)
+
+
+_CACHE: dict[tuple, ClipModel] = {}
 
 
 def load_clip(name: str, seed: int = 0) -> ClipModel:
-    """`tiny` (the preset) or a CLIPModel checkpoint directory / cached hub id with its processor."""
-    if name == "tiny":
-        return tiny_clip(seed)
+    """`tiny` (the preset) or a CLIPModel checkpoint directory / cached hub id with its processor
+    (built once per process)."""
+    key = (name, seed if name == "tiny" else 0)
+    if key not in _CACHE:
+        _CACHE[key] = tiny_clip(seed) if name == "tiny" else _load_checkpoint(name)
+    return _CACHE[key]
+
+
+def _load_checkpoint(name: str) -> ClipModel:
     from transformers import CLIPModel, CLIPProcessor
 
     try:
@@ -120,19 +133,21 @@ def load_clip(name: str, seed: int = 0) -> ClipModel:
         model = CLIPModel.from_pretrained(name).eval()
     except OSError as e:
         from ..errors import UserError
-        raise UserError("data.embed.model", name, "is not a CLIP checkpoint this machine has",
+        raise UserError("CLIP model", name, "is not a CLIP checkpoint this machine has",
                         f"give a local directory holding a transformers CLIPModel and its processor ({e})") from None
-    crop = proc.image_processor.crop_size
-    return ClipModel(model, proc.tokenizer, int(crop["height"] if isinstance(crop, dict) else crop),
-                     proc.image_processor, name)
+    ip = proc.image_processor
+    crop = ip.crop_size
+    size = int(crop["height"] if isinstance(crop, dict) else crop)
+    return ClipModel(model, proc.tokenizer, size, tuple(ip.image_mean), tuple(ip.image_std), name)
 
 
-def image_preprocessor(name: str):
-    """image -> [3, S, S] float32 without the model (the loader actors' half): the preset's arithmetic,
-    or a checkpoint's CLIPImageProcessor."""
+def image_preprocessor(name: str, seed: int = 0):
+    """image -> [3, S, S] float32 (the loader actors' half: a checkpoint's processor settings only)."""
     if name == "tiny":
-        return lambda image: preprocess(image, TINY_IMAGE)
+        return load_clip(name, seed).pixels
     from transformers import CLIPImageProcessor
 
-    proc = CLIPImageProcessor.from_pretrained(name)
-    return lambda image: proc(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0].astype(np.float32)
+    ip = CLIPImageProcessor.from_pretrained(name)
+    crop = ip.crop_size
+    return ClipModel(None, None, int(crop["height"] if isinstance(crop, dict) else crop), tuple(ip.image_mean),
+                     tuple(ip.image_std), name).pixels

@@ -30,28 +30,35 @@ def stats_of(part: Loc) -> Loc:
     return part.with_name(part.name[: -len(".parquet")] + ".stats.json")
 
 
-def parquet_bytes(ids: list[str], split: str, image: np.ndarray, text: np.ndarray) -> bytes:
-    """One part as Parquet bytes (no timestamps: the same rows give the same bytes)."""
+def parquet_bytes(ids: list[str], split: str, image: np.ndarray, text: np.ndarray,
+                  patches: np.ndarray | None = None) -> bytes:
+    """One part as Parquet bytes (no timestamps: the same rows give the same bytes). image, text:
+    [rows, d]; patches (optional): [rows, patches, d]."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dim = int(image.shape[1]) if image.ndim == 2 and image.shape[0] else int(text.shape[1]) if text.ndim == 2 else 0
+    dim = int(image.shape[-1])
     vec = pa.list_(pa.float32(), dim)
-    table = pa.table({
-        "id": pa.array(ids, pa.string()), "split": pa.array([split] * len(ids), pa.string()),
-        "image": pa.FixedSizeListArray.from_arrays(pa.array(image.reshape(-1), pa.float32()), dim),
-        "text": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1), pa.float32()), dim)},
-        schema=pa.schema([("id", pa.string()), ("split", pa.string()), ("image", vec), ("text", vec)]))
+    cols = {"id": pa.array(ids, pa.string()), "split": pa.array([split] * len(ids), pa.string()),
+            "image": pa.FixedSizeListArray.from_arrays(pa.array(image.reshape(-1), pa.float32()), dim),
+            "text": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1), pa.float32()), dim)}
+    fields = [("id", pa.string()), ("split", pa.string()), ("image", vec), ("text", vec)]
+    if patches is not None:
+        n = int(patches.shape[1])
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(patches.reshape(-1), pa.float32()), dim)
+        cols["patches"] = pa.FixedSizeListArray.from_arrays(inner, n)
+        fields.append(("patches", pa.list_(vec, n)))
+    table = pa.table(cols, schema=pa.schema(fields))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
 
 
 def write_part(out: Loc, key: Key, ids: list[str], image: np.ndarray, text: np.ndarray, errors: list[dict],
-               digest: str, no_image: int = 0) -> dict:
+               digest: str, no_image: int = 0, patches: np.ndarray | None = None) -> dict:
     """The part and its stats (temp name, then moved: a part that exists is complete). Run by the
     worker that embedded it."""
-    data = parquet_bytes(ids, key[0], image, text)
+    data = parquet_bytes(ids, key[0], image, text, patches)
     part = part_of(out, key)
     with part.atomic_writer() as fh:
         w = HashingWriter(fh)
