@@ -1,4 +1,4 @@
-"""`lumo data ...` commands: synth (library), normalize / tokenize / embed / verify (Ray Data jobs in pipelines/)."""
+"""`lumo data ...` commands: synth and dedup (library), normalize / tokenize / embed / verify (Ray Data jobs in pipelines/)."""
 from __future__ import annotations
 
 import sys
@@ -52,6 +52,12 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_dedup(args) -> int:
+    from ..embed.dedup import run_dedup
+    run_dedup(args.embeddings, args.manifest, args.out, args.threshold, args.min_clip_score)
+    return 0
+
+
 def cmd_verify(args) -> int:
     from pipelines.verify import run_verify
     rep = run_verify(args.shards, command_config(args), args.out, manifest=args.manifest, baseline=args.baseline,
@@ -63,7 +69,7 @@ def cmd_verify(args) -> int:
 
 
 def add_commands(sub, common) -> None:
-    data = sub.add_parser("data", help="datasets: synth, normalize, tokenize, embed, verify").add_subparsers(dest="sub", required=True)
+    data = sub.add_parser("data", help="datasets: synth, normalize, tokenize, embed, dedup, verify").add_subparsers(dest="sub", required=True)
 
     s = data.add_parser("synth", help="write a learnable synthetic dataset in the raw formats")
     common(s, config=False)
@@ -93,6 +99,18 @@ def add_commands(sub, common) -> None:
     e.add_argument("--out", required=True, help="embeddings folder: a path or an object-store URI (s3://, gs://)")
     e.add_argument("--actors", type=int, default=None, help="embedding actors (default: data.embed.actors)")
     e.set_defaults(func=cmd_embed)
+
+    dd = data.add_parser("dedup", help="drop exact and near-duplicate images (CLIP cosine) and, optionally, "
+                                       "pairs whose caption disagrees with the image; writes a filtered manifest")
+    common(dd, config=False)
+    dd.add_argument("--embeddings", required=True, help="the `lumo data embed` folder of this manifest")
+    dd.add_argument("--manifest", required=True, help="manifest.jsonl to filter")
+    dd.add_argument("--out", required=True, help="folder: manifest.jsonl, duplicates.jsonl, errors.jsonl, summary.json")
+    dd.add_argument("--threshold", type=float, default=0.95, help="image cosine at or above which two records are "
+                    "near-duplicates (on mean-centred embeddings; > 1 turns near-duplicate removal off)")
+    dd.add_argument("--min-clip-score", type=float, default=None,
+                    help="drop records whose caption-image cosine is below this (meaningful with real CLIP weights)")
+    dd.set_defaults(func=cmd_dedup)
 
     v = data.add_parser("verify", help="the data verify gate over every record (exit 1 when it fails)")
     common(v)

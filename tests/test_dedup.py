@@ -1,0 +1,95 @@
+"""`lumo data dedup`: exact duplicates by content hash, planted near-duplicates (resized, re-encoded as
+JPEG) found by CLIP cosine at the default threshold without dropping a distinct image, every drop
+recorded; the caption-image agreement filter drops below its threshold, with the score."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lumo_ray.cli import main
+from lumo_ray.data.manifest import Record, read_manifest, write_manifest
+from lumo_ray.data.probe import probe_image
+
+N, PLANTED = 100, 20
+
+
+def grid(i: int) -> Image.Image:
+    """A distinct image: a 6 x 6 grid of random colours, 96 x 96."""
+    r = np.random.default_rng([i, 1])
+    return Image.fromarray(r.integers(0, 256, (6, 6, 3)).astype(np.uint8)).resize((96, 96), Image.NEAREST)
+
+
+def jpeg(im: Image.Image) -> Image.Image:
+    b = io.BytesIO()
+    im.save(b, "JPEG", quality=75)
+    return Image.open(io.BytesIO(b.getvalue())).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, ray_local):
+    d = tmp_path_factory.mktemp("dedup")
+    files = {f"d{i:03d}": grid(i) for i in range(N)}
+    files.update({f"r{i:03d}": grid(i).resize((72, 72), Image.BICUBIC) for i in range(PLANTED)})  # resized
+    files.update({f"j{i:03d}": jpeg(grid(PLANTED + i)) for i in range(PLANTED)})  # re-encoded
+    recs = []
+    for rid, im in files.items():
+        im.save(d / f"{rid}.png")
+        recs.append(Record(id=rid, source="synth", group=rid, task="i2t", modalities={"image": {"path": str(d / f"{rid}.png")}},
+                           text={"prompt": "", "caption": f"picture {rid}"}, split="train",
+                           meta={"probe": {"image": probe_image(d / f"{rid}.png")}}))
+    for i in range(5):  # the same bytes under another name and id
+        shutil.copy(d / f"d{50 + i:03d}.png", d / f"c{i:03d}.png")
+        recs.append(Record(id=f"c{i:03d}", source="synth", group=f"c{i:03d}", task="i2t",
+                           modalities={"image": {"path": str(d / f"c{i:03d}.png")}}, text={"prompt": "", "caption": "copy"},
+                           split="train", meta={"probe": {"image": probe_image(d / f"c{i:03d}.png")}}))
+    write_manifest(recs, d / "manifest.jsonl")
+    assert main(["data", "embed", "--manifest", str(d / "manifest.jsonl"), "--out", str(d / "emb")]) == 0
+    assert main(["data", "dedup", "--embeddings", str(d / "emb"), "--manifest", str(d / "manifest.jsonl"),
+                 "--out", str(d / "out")]) == 0
+    return d
+
+
+def test_planted_duplicates_are_found_and_no_distinct_image_is_dropped(curated):
+    d = curated
+    groups = [json.loads(x) for x in (d / "out" / "duplicates.jsonl").read_text().splitlines()]
+    pairs = {(g["kept"], x) for g in groups for x in g["dropped"]}
+    planted = {(f"d{i:03d}", f"r{i:03d}") for i in range(PLANTED)} | {(f"d{PLANTED + i:03d}", f"j{i:03d}") for i in range(PLANTED)}
+    found = planted & pairs
+    near = {(g["kept"], x) for g in groups if g["kind"] == "near" for x in g["dropped"]}
+    recall, precision = len(found) / len(planted), len(found) / max(1, len(near))
+    assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+    kept = {r.id for r in read_manifest(d / "out" / "manifest.jsonl")[0]}
+    # no distinct image dropped (d050..d054 leave as exact copies of c000..c004, which stay)
+    assert {f"d{i:03d}" for i in range(N) if not 50 <= i < 55} | {f"c{i:03d}" for i in range(5)} <= kept
+    exact = [g for g in groups if g["kind"] == "exact"]
+    assert sorted((g["kept"], g["dropped"]) for g in exact) == [(f"c{i:03d}", [f"d{50 + i:03d}"]) for i in range(5)]
+    errs = [json.loads(x) for x in (d / "out" / "errors.jsonl").read_text().splitlines()]
+    assert len(errs) == sum(len(g["dropped"]) for g in groups) and all(e["stage"] == "dedup" for e in errs)
+    assert any("cosine" in e["detail"] for e in errs) and any("same image bytes" in e["detail"] for e in errs)
+    s = json.loads((d / "out" / "summary.json").read_text())
+    assert s["kept"] + len(errs) == s["records"] == N + 2 * PLANTED + 5
+
+
+def test_clip_score_filter_drops_below_its_threshold_with_the_score(curated, tmp_path):
+    from lumo_ray.embed.dedup import curate
+    from lumo_ray.embed.parts import read_embeddings
+
+    e = read_embeddings(curated / "emb")
+    scores = (e.image * e.text).sum(1)
+    cut = float(np.median(scores))
+    cur = curate(e.ids, e.image, e.text, {}, threshold=2.0, min_clip_score=cut)  # near-dup removal off
+    low = {x["id"]: x["score"] for x in cur.low_score}
+    assert set(low) == {i for i, s in zip(e.ids, scores) if s < cut} and all(s < cut for s in low.values())
+    assert set(cur.keep) == set(e.ids) - set(low) and not cur.groups
+    rc = main(["data", "dedup", "--embeddings", str(curated / "emb"), "--manifest", str(curated / "manifest.jsonl"),
+               "--out", str(tmp_path / "f"), "--threshold", "2", "--min-clip-score", str(cut)])
+    errs = [json.loads(x) for x in (tmp_path / "f" / "errors.jsonl").read_text().splitlines()]
+    exact = {f"d{50 + i:03d}" for i in range(5)}  # the CLI drops exact copies first (by the manifest's hashes)
+    assert rc == 0 and {x["id"] for x in errs if x["reason"] == "low clip score"} == set(low) - exact
+    assert {x["id"] for x in errs if x["reason"] == "exact duplicate"} == exact
+    assert all(float(x["detail"].split()[2]) < cut for x in errs if x["reason"] == "low clip score")
