@@ -7,7 +7,10 @@
 #     the peak memory beside `lumo plan`'s estimate; freeze full and new_rows, checkpointing off and on;
 #  2. the serve load sweep on the GPU (python -m benchmarks.serve), the same table as on CPU;
 #  3. EnCodec-24k encode speed as a multiple of real time, when LUMO_ENCODEC points at a local
-#     facebook/encodec_24khz directory (nothing is downloaded).
+#     facebook/encodec_24khz directory (nothing is downloaded);
+#  4. CLIP embeddings per second per actor on the GPU (`lumo data embed`, num_gpus_per_actor 1), when
+#     LUMO_CLIP points at a local transformers CLIPModel directory (else the tiny preset), beside the
+#     CPU table of benchmarks/README.md (python -m benchmarks.curation).
 # Write what it printed, with the machine and the commit, into benchmarks/README.md.
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -32,3 +35,17 @@ PY
 else
   echo "EnCodec-24k encode: skipped (set LUMO_ENCODEC to a local facebook/encodec_24khz directory)"
 fi
+CLIP=${LUMO_CLIP:-tiny}
+$PY - "$CLIP" <<'PY'
+import sys, tempfile, time
+from pathlib import Path
+from benchmarks.curation import synth_manifest
+from lumo_ray.config import LumoConfig, load_config
+from pipelines.embed import run_embed
+root = Path(tempfile.mkdtemp())
+m = synth_manifest(root, 4096)
+cfg = load_config(LumoConfig, None, [f"data.embed.model={sys.argv[1]}", "data.embed.num_gpus_per_actor=1",
+                                     "data.embed.batch_size=256", "data.embed.loaders=4"])
+t = time.time(); run_embed(m, cfg, root / "emb", actors=1, log=lambda *a, **k: None)
+print(f"CLIP {sys.argv[1]} embeddings on 1 GPU actor: {4096 / (time.time() - t):,.0f} images/s (4,096 images, whole command)")
+PY

@@ -93,3 +93,21 @@ def test_clip_score_filter_drops_below_its_threshold_with_the_score(curated, tmp
     assert rc == 0 and {x["id"] for x in errs if x["reason"] == "low clip score"} == set(low) - exact
     assert {x["id"] for x in errs if x["reason"] == "exact duplicate"} == exact
     assert all(float(x["detail"].split()[2]) < cut for x in errs if x["reason"] == "low clip score")
+
+
+def test_records_of_one_item_are_not_duplicates_of_each_other():
+    """Two captions of one item (one manifest group, the same image bytes) both stay; the same image
+    under another item goes, as an exact duplicate; a near copy under another item goes too."""
+    from lumo_ray.embed.dedup import curate
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 16)).astype(np.float32)
+    X[1], X[2] = X[0], X[0]
+    X[4] = X[3] + 0.01 * rng.normal(size=16)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    ids = ["a1", "a2", "b", "c", "d", "e"]
+    group = {"a1": "a", "a2": "a", "b": "b", "c": "c", "d": "d", "e": "e"}
+    hashes = {"a1": "h", "a2": "h", "b": "h"}
+    cur = curate(ids, X, X, hashes, group=group)
+    assert cur.keep == ["a1", "a2", "c", "e"]
+    assert [(g["kind"], g["kept"], g["dropped"]) for g in cur.groups] == [("exact", "a1", ["b"]), ("near", "c", ["d"])]

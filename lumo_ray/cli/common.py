@@ -1,6 +1,8 @@
 """What every command shares: its config and how it ends on a gate's verdict."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import LumoConfig, load_config
 
 
@@ -8,7 +10,11 @@ def command_config(args, defaults: list[str] | None = None, sets: list[str] | No
     """--config (default: the embedded tiny preset) with the command's own `defaults` under the file
     and --set (or `sets`, when the command adds its own) over it."""
     sets = getattr(args, "set", None) or [] if sets is None else sets
-    return load_config(LumoConfig, getattr(args, "config", None), sets, defaults=defaults)
+    cfg = load_config(LumoConfig, getattr(args, "config", None), sets, defaults=defaults)
+    book = cfg.uti.image.codebook
+    if book and "://" not in book:  # Ray workers run elsewhere: hand them an absolute path
+        cfg.uti.image.codebook = str(Path(book).resolve())
+    return cfg
 
 
 def mark(ok: bool) -> str:

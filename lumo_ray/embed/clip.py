@@ -96,7 +96,7 @@ def _unit(feats) -> np.ndarray:
 
 def tiny_clip(seed: int = 0) -> ClipModel:
     """The offline preset: a 2-layer CLIP (64 wide, 8 x 8 patches of 32 x 32 images, 64-d embeddings)
-    over the project's tiny text tokenizer, random weights from `seed`."""
+    over the project's tiny text tokenizer, random weights from `seed` (codecs/exact_init.py)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     from ..codecs.text import TINY_TOKENIZER_DIR
@@ -109,8 +109,11 @@ def tiny_clip(seed: int = 0) -> ClipModel:
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                       bos_token_id=tok.bos_token_id or tok.eos_token_id, **common),
                      vision_config=dict(image_size=TINY_IMAGE, patch_size=8, **common), projection_dim=64)
-    torch.manual_seed(seed)
-    return ClipModel(CLIPModel(cfg).eval(), tok, TINY_IMAGE)
+    from ..codecs.exact_init import reinit_
+
+    model = CLIPModel(cfg).eval()
+    reinit_(model, seed)  # integer draws: the same weights (and identity) on every CPU, as the other presets
+    return ClipModel(model, tok, TINY_IMAGE)
 
 
 _CACHE: dict[tuple, ClipModel] = {}

@@ -30,18 +30,26 @@ def centred(X: np.ndarray) -> np.ndarray:
     return Y / np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), 1e-12)
 
 
-def exact_groups(ids: list[str], hashes: dict[str, str]) -> list[dict]:
-    """Records whose image bytes are identical: the smallest id of each hash is kept."""
+def exact_groups(ids: list[str], hashes: dict[str, str], group: dict[str, str]) -> list[dict]:
+    """Records whose image bytes are identical: the smallest id of each hash is kept, with the other
+    records of its group (another caption of the same item is not a duplicate, as in normalize)."""
     by: dict[str, list[str]] = {}
     for i in sorted(ids):
         if hashes.get(i):
             by.setdefault(hashes[i], []).append(i)
-    return [{"kept": g[0], "dropped": g[1:], "similarity": [1.0] * (len(g) - 1), "kind": "exact"}
-            for g in by.values() if len(g) > 1]
+    out = []
+    for g in by.values():
+        drop = [i for i in g[1:] if group.get(i, i) != group.get(g[0], g[0])]
+        if drop:
+            out.append({"kept": g[0], "dropped": drop, "similarity": [1.0] * len(drop), "kind": "exact"})
+    return out
 
 
-def near_groups(ids: list[str], X: np.ndarray, threshold: float, bucket_size: int = 2048, seed: int = 0) -> list[dict]:
-    """Groups of rows linked by cosine >= threshold (centred embeddings) within k-means buckets."""
+def near_groups(ids: list[str], X: np.ndarray, threshold: float, bucket_size: int = 2048, seed: int = 0,
+                group: dict[str, str] | None = None) -> list[dict]:
+    """Groups of rows linked by cosine >= threshold (centred embeddings) within k-means buckets; two
+    records of one group (the same item) are never linked."""
+    group = group or {}
     if len(ids) < 2:
         return []
     order = np.argsort(np.asarray(ids))  # id order: the result does not depend on the input order
@@ -68,6 +76,8 @@ def near_groups(ids: list[str], X: np.ndarray, threshold: float, bucket_size: in
         rows, cols = np.nonzero(np.triu(S >= threshold, 1))
         for r, c in zip(rows, cols):
             i, j = int(idx[r]), int(idx[c])
+            if group.get(ids[i], ids[i]) == group.get(ids[j], ids[j]):
+                continue
             ri, rj = find(i), find(j)
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)  # the root is the smallest index: the smallest id
@@ -85,14 +95,17 @@ def near_groups(ids: list[str], X: np.ndarray, threshold: float, bucket_size: in
 
 
 def curate(ids: list[str], image: np.ndarray, text: np.ndarray, hashes: dict[str, str], threshold: float = 0.95,
-           min_clip_score: float | None = None, bucket_size: int = 2048, seed: int = 0) -> Curation:
+           min_clip_score: float | None = None, bucket_size: int = 2048, seed: int = 0,
+           group: dict[str, str] | None = None) -> Curation:
     """Exact duplicates first (content hash), then near-duplicates among what is left, then the
-    caption-image agreement filter (cosine of the raw, uncentred embeddings) on the survivors."""
+    caption-image agreement filter (cosine of the raw, uncentred embeddings) on the survivors.
+    group: each id's manifest group (records of one group are never duplicates of each other)."""
     pos = {i: n for n, i in enumerate(ids)}
-    groups = exact_groups(ids, hashes)
+    group = group or {}
+    groups = exact_groups(ids, hashes, group)
     gone = {d for g in groups for d in g["dropped"]}
     rest = [i for i in ids if i not in gone]
-    near = near_groups(rest, image[[pos[i] for i in rest]], threshold, bucket_size, seed) if threshold <= 1 else []
+    near = near_groups(rest, image[[pos[i] for i in rest]], threshold, bucket_size, seed, group) if threshold <= 1 else []
     groups += near
     gone |= {d for g in near for d in g["dropped"]}
     low = []
@@ -126,7 +139,8 @@ def run_dedup(embeddings, manifest, out_dir, threshold: float = 0.95, min_clip_s
     pos = {i: n for n, i in enumerate(emb.ids)}
     idx = [pos[i] for i in known]
     hashes = {i: ((by_id[i].meta.get("probe") or {}).get("image") or {}).get("sha256", "") for i in known}
-    cur = curate(known, emb.image[idx], emb.text[idx], hashes, threshold, min_clip_score, bucket_size)
+    cur = curate(known, emb.image[idx], emb.text[idx], hashes, threshold, min_clip_score, bucket_size,
+                 group={i: by_id[i].group for i in known})
     dropped = set(known) - set(cur.keep)
     kept = [r for r in recs if r.id not in dropped]
     write_manifest(kept, out / "manifest.jsonl")

@@ -114,8 +114,8 @@ def verified_index(path: PathLike) -> dict:
     return {**json.loads(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def read_part(root: Loc, name: str, sha256: str, column: str) -> np.ndarray:
-    """One part's `column` ([rows, d] float32), refusing bytes that are not the ones index.json records."""
+def read_table(root: Loc, name: str, sha256: str, columns: list[str] | None = None):
+    """One part as a pyarrow table, refusing bytes that are not the ones index.json records."""
     import pyarrow.parquet as pq
 
     from ..errors import UserError
@@ -124,13 +124,24 @@ def read_part(root: Loc, name: str, sha256: str, column: str) -> np.ndarray:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise UserError("embeddings part", locate(root) / name, "sha256 does not match index.json",
                         "its bytes changed after `lumo data embed` wrote it; embed again into a fresh folder")
-    t = pq.read_table(io.BytesIO(data), columns=[column] if column in ("image", "text", "patches") else None)
-    if column not in t.column_names:
-        raise UserError("embeddings column", column, "is not in the parts", "give image or text")
-    arr = t.column(column).combine_chunks()
-    if column == "patches":  # [rows, patches * d] -> [rows * patches, d]
+    t = pq.read_table(io.BytesIO(data))
+    for c in columns or []:
+        if c not in t.column_names:
+            raise UserError("embeddings column", c, f"is not in {locate(root) / name}",
+                            "give image or text (patches: embed with data.embed.patches=true)")
+    return t
+
+
+def column(t, name: str) -> np.ndarray:
+    """A vector column as float32 [rows, d]; `patches` as [rows * patches, d]."""
+    arr = t.column(name).combine_chunks()
+    if name == "patches":
         return arr.values.values.to_numpy(zero_copy_only=False).reshape(-1, arr.type.value_type.list_size)
     return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+
+
+def read_part(root: Loc, name: str, sha256: str, col: str) -> np.ndarray:
+    return column(read_table(root, name, sha256, [col]), col)
 
 
 @dataclass
@@ -144,15 +155,13 @@ class Embeddings:
 
 def read_embeddings(path: PathLike) -> Embeddings:
     """Every part of a finished embeddings folder, in index order, each checked against its sha256."""
-    import pyarrow.parquet as pq
-
     root = locate(path)
     index = verified_index(root)
     ids, splits, image, text = [], [], [], []
     for p in index["parts"]:
-        image.append(read_part(root, p["name"], p["sha256"], "image"))
-        text.append(read_part(root, p["name"], p["sha256"], "text"))
-        t = pq.read_table(io.BytesIO((root / p["name"]).read_bytes()), columns=["id", "split"])
+        t = read_table(root, p["name"], p["sha256"])
+        image.append(column(t, "image"))
+        text.append(column(t, "text"))
         ids += t.column("id").to_pylist()
         splits += t.column("split").to_pylist()
     dim = index["model"].get("dim", 0)

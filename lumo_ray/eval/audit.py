@@ -212,42 +212,47 @@ def _run_audit(cfg: LumoConfig, out_dir: str | Path, baseline: str | None, write
         checks["image_determinism"] = all(np.array_equal(x, y) for x, y in zip(c1, c2))
         checks["image_range"] = all(ts.check_ids(ts.image_to_global(c), "image") == [] for c in c1)
         checks["image_shape"] = all(c.shape == (im.tokens_per_image,) for c in c1)
-        size_ok = True
-        for (name, _), x, c in zip(inputs["image"], imgs, c1):
-            dec = im.decode(c, seed=cfg.audit.seed)
-            size_ok &= dec.shape == (im.image_size, im.image_size, 3) and dec.dtype == np.uint8
-            rec = {"tokens_sha256": _sha(c), "decoded_shape": list(dec.shape), "record": x.record}
-            if im.deterministic_decode:
-                ref = (np.transpose(x.pixels, (1, 2, 0)) * 255.0).round().clip(0, 255)
-                rec.update(psnr=metrics.psnr(ref, dec), ssim=metrics.ssim(ref, dec))
-                m["image_psnr"].append(rec["psnr"])
-                m["image_ssim"].append(rec["ssim"])
-            per_input[name] = rec
-            if not np.isfinite(np.asarray(dec, np.float64)).all():
-                non_finite.append(f"{name}: decoded image has non-finite pixels")
-        Image.fromarray(dec).save(out / "recon.png")
-        checks["image_decode_size"] = bool(size_ok)
-        if im.deterministic_decode:
-            checks["image_decode_repeatable"] = np.array_equal(im.decode(c1[0], seed=0), im.decode(c1[0], seed=0))
-            details["image_decode"] = "deterministic"
-            real = [v for k, v in per_input.items() if k.startswith("real:") and "psnr" in v]
-            extra["image_real_psnr"] = _mean([v["psnr"] for v in real])
-            extra["image_real_ssim"] = _mean([v["ssim"] for v in real])
-        if uses_tiny_vq_weights(cfg.uti.image):
-            fl = tiny_vq_floor_check(im)
-            extra.update(image_synth_psnr=fl["psnr"], image_synth_ssim=fl["ssim"])
-            if im.image_size == TINY_VQ_RESOLUTION:
-                checks["image_tiny_synth_psnr_floor"] = fl["psnr_pass"]
-                checks["image_tiny_synth_ssim_floor"] = fl["ssim_pass"]
-                log(f"[audit] tiny VQ synthetic reconstruction: PSNR {fl['psnr']:.2f} dB (floor {TINY_VQ_PSNR_FLOOR}), "
-                    f"SSIM {fl['ssim']:.3f} (floor {TINY_VQ_SSIM_FLOOR}) on {fl['n']} images")
-            else:
-                fl["note"] = f"floors apply at resolution {TINY_VQ_RESOLUTION}; reported only"
-            details["image_tiny_synth"] = fl
+        if not getattr(im, "decodable", True):  # clip_kmeans: semantic tokens, no pixels to compare
+            for (name, _), x, c in zip(inputs["image"], imgs, c1):
+                per_input[name] = {"tokens_sha256": _sha(c), "record": x.record}
+            details["image_decode"] = "none (encode-only image tokenizer)"
         else:
-            # Diffusion decoding is stochastic: repeatable for a seed, different across seeds; no PSNR/SSIM.
-            checks["image_decode_repeatable_for_seed"] = np.array_equal(im.decode(c1[0], seed=1), im.decode(c1[0], seed=1))
-            details["image_decode"] = "stochastic (seeded diffusion); PSNR/SSIM not computed"
+            size_ok = True
+            for (name, _), x, c in zip(inputs["image"], imgs, c1):
+                dec = im.decode(c, seed=cfg.audit.seed)
+                size_ok &= dec.shape == (im.image_size, im.image_size, 3) and dec.dtype == np.uint8
+                rec = {"tokens_sha256": _sha(c), "decoded_shape": list(dec.shape), "record": x.record}
+                if im.deterministic_decode:
+                    ref = (np.transpose(x.pixels, (1, 2, 0)) * 255.0).round().clip(0, 255)
+                    rec.update(psnr=metrics.psnr(ref, dec), ssim=metrics.ssim(ref, dec))
+                    m["image_psnr"].append(rec["psnr"])
+                    m["image_ssim"].append(rec["ssim"])
+                per_input[name] = rec
+                if not np.isfinite(np.asarray(dec, np.float64)).all():
+                    non_finite.append(f"{name}: decoded image has non-finite pixels")
+            Image.fromarray(dec).save(out / "recon.png")
+            checks["image_decode_size"] = bool(size_ok)
+            if im.deterministic_decode:
+                checks["image_decode_repeatable"] = np.array_equal(im.decode(c1[0], seed=0), im.decode(c1[0], seed=0))
+                details["image_decode"] = "deterministic"
+                real = [v for k, v in per_input.items() if k.startswith("real:") and "psnr" in v]
+                extra["image_real_psnr"] = _mean([v["psnr"] for v in real])
+                extra["image_real_ssim"] = _mean([v["ssim"] for v in real])
+            if uses_tiny_vq_weights(cfg.uti.image):
+                fl = tiny_vq_floor_check(im)
+                extra.update(image_synth_psnr=fl["psnr"], image_synth_ssim=fl["ssim"])
+                if im.image_size == TINY_VQ_RESOLUTION:
+                    checks["image_tiny_synth_psnr_floor"] = fl["psnr_pass"]
+                    checks["image_tiny_synth_ssim_floor"] = fl["ssim_pass"]
+                    log(f"[audit] tiny VQ synthetic reconstruction: PSNR {fl['psnr']:.2f} dB (floor {TINY_VQ_PSNR_FLOOR}), "
+                        f"SSIM {fl['ssim']:.3f} (floor {TINY_VQ_SSIM_FLOOR}) on {fl['n']} images")
+                else:
+                    fl["note"] = f"floors apply at resolution {TINY_VQ_RESOLUTION}; reported only"
+                details["image_tiny_synth"] = fl
+            else:
+                # Diffusion decoding is stochastic: repeatable for a seed, different across seeds; no PSNR/SSIM.
+                checks["image_decode_repeatable_for_seed"] = np.array_equal(im.decode(c1[0], seed=1), im.decode(c1[0], seed=1))
+                details["image_decode"] = "stochastic (seeded diffusion); PSNR/SSIM not computed"
 
     log("[audit] cross-process determinism")
     here = token_hashes(cfg)
