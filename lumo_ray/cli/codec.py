@@ -1,4 +1,5 @@
 """`lumo codec train-vq`: train the tiny VQ image codec on Ray Train (section `codec` of the config);
+`lumo codec train-clip`: train the tiny CLIP preset (embed/clip_train.py; one process, one thread);
 `lumo codec fit-kmeans`: a k-means codebook over CLIP embeddings on Ray (pipelines/kmeans.py)."""
 from __future__ import annotations
 
@@ -25,6 +26,32 @@ def cmd_codec_train_vq(args) -> int:
     return 0
 
 
+def cmd_codec_train_clip(args) -> int:
+    """Small enough for one CPU thread in minutes: no Ray; one thread keeps the weights byte-identical."""
+    import platform
+
+    from ..embed.clip import tiny_clip
+    from ..embed.clip_train import near_duplicate_eval, save_preset, train_tiny_clip
+
+    t0 = time.time()
+    before = near_duplicate_eval(tiny_clip(args.seed, trained=False))
+    clip, hist = train_tiny_clip(args.seed, args.steps, args.batch, args.lr)
+    meta = {"what": "trained weights of the data.embed 'tiny' CLIP preset (transformers.CLIPModel, "
+                    "architecture lumo_ray.embed.clip.tiny_clip)",
+            "command": f"lumo codec train-clip --out {args.out} --seed {args.seed} --steps {args.steps} "
+                       f"--batch {args.batch} --lr {args.lr}",
+            "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "params": sum(p.numel() for p in clip.model.parameters()),
+            "machine": f"{platform.machine()} CPU, 1 torch thread", "train_seconds": round(time.time() - t0, 1),
+            "near_duplicates": {"untrained": before, "trained": near_duplicate_eval(clip)}, "history": hist}
+    meta = save_preset(clip, args.out, meta)
+    nd = meta["near_duplicates"]["trained"]
+    print(f"[train-clip] near-duplicate recall at {nd['threshold']}: resize {nd['resize_recall']}, "
+          f"jpeg {nd['jpeg_recall']}, shift {nd['shift_recall']}; distinct pairs above: "
+          f"{nd['distinct_pairs_above']} -> {args.out} ({meta['train_seconds']:.0f} s)")
+    return 0
+
+
 def cmd_codec_fit_kmeans(args) -> int:
     from pipelines.kmeans import fit_kmeans
 
@@ -41,6 +68,16 @@ def add_commands(sub, common) -> None:
     common(t)
     t.add_argument("--out", default=None, help="run directory (default: codec.out)")
     t.set_defaults(func=cmd_codec_train_vq)
+
+    c = g.add_parser("train-clip", help="train the tiny CLIP preset (data.embed.model 'tiny') on synthetic images: "
+                                        "writes model.safetensors + meta.json (near-duplicate recall)")
+    c.add_argument("--out", required=True, help="folder for the weights (the shipped preset: "
+                                                "lumo_ray/embed/assets/clip_tiny)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the init and of the drawn images")
+    c.add_argument("--steps", type=int, default=3000)
+    c.add_argument("--batch", type=int, default=128, help="images per step (half of them captioned scenes)")
+    c.add_argument("--lr", type=float, default=2e-3)
+    c.set_defaults(func=cmd_codec_train_clip)
 
     k = g.add_parser("fit-kmeans", help="a k-means codebook over `lumo data embed` embeddings (Lloyd passes on "
                                         "Ray Data); writes codebook.npy + codebook.json (its sha256)")

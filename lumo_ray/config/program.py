@@ -176,10 +176,11 @@ class VerifyConfig:
 class EmbedConfig:
     """`lumo data embed`: CLIP image and caption embeddings of a manifest (docs/curation.md)."""
     model: str = "tiny"
-    """tiny: a random-initialised CLIP preset (offline: tests, demo); else a local directory holding a
+    """tiny: the trained tiny CLIP preset (offline: tests, demo; seed 0 loads its shipped weights, other
+    seeds a random init); else a local directory holding a
     transformers CLIPModel checkpoint and its processor (or a hub id already in the local cache)."""
     seed: int = 0
-    """Initialisation seed of the tiny preset."""
+    """Seed of the tiny preset (0: the shipped trained weights; others: a random init)."""
     shard_size: int = 256
     """Records per Parquet part (assigned in id order within a split, as tokenize's shards)."""
     batch_size: int = 32

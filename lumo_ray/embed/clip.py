@@ -1,5 +1,9 @@
-"""A CLIP model for embeddings: the tiny random-initialised preset (offline: tests, the demo) or a local
-transformers CLIPModel checkpoint with its processor. Embeddings are L2-normalised float32.
+"""A CLIP model for embeddings: the tiny preset (offline: tests, the demo) or a local transformers
+CLIPModel checkpoint with its processor. Embeddings are L2-normalised float32.
+
+The tiny preset (seed 0) loads TRAINED weights shipped in the package (embed/assets/clip_tiny, made by
+`lumo codec train-clip`, embed/clip_train.py: near-duplicate copies embed together, synthetic scenes
+beside their captions); other seeds are the random init that training starts from.
 
 Images go through the image tokenizers' preprocessing (codecs.image_seed.preprocess: RGB, shorter side
 resized bicubic, centre crop) and CLIP's mean/std (a checkpoint's processor supplies its size, mean
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,6 +26,8 @@ from ..codecs.seed import CLIP_MEAN, CLIP_STD
 
 TINY_IMAGE = 32
 TEXT_LEN = 64
+ASSET_DIR = Path(__file__).parent / "assets" / "clip_tiny"  # the tiny preset's trained weights
+WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -94,9 +101,10 @@ def _unit(feats) -> np.ndarray:
     return f.cpu().numpy().astype(np.float32)
 
 
-def tiny_clip(seed: int = 0) -> ClipModel:
+def tiny_clip(seed: int = 0, trained: bool | None = None) -> ClipModel:
     """The offline preset: a 2-layer CLIP (64 wide, 8 x 8 patches of 32 x 32 images, 64-d embeddings)
-    over the project's tiny text tokenizer, random weights from `seed` (codecs/exact_init.py)."""
+    over the project's tiny text tokenizer. Seed 0 (trained=None) loads the shipped trained weights;
+    otherwise random weights from `seed` (codecs/exact_init.py)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     from ..codecs.text import TINY_TOKENIZER_DIR
@@ -113,6 +121,10 @@ def tiny_clip(seed: int = 0) -> ClipModel:
 
     model = CLIPModel(cfg).eval()
     reinit_(model, seed)  # integer draws: the same weights (and identity) on every CPU, as the other presets
+    if seed == 0 if trained is None else trained:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ASSET_DIR / WEIGHTS)))
     return ClipModel(model, tok, TINY_IMAGE)
 
 

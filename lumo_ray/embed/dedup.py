@@ -1,9 +1,9 @@
 """Semantic curation of a manifest from its CLIP embeddings (library, no Ray): exact duplicates by content
 hash, near-duplicates by image-embedding cosine, and the caption-image agreement filter.
 
-Near-duplicates: the image embeddings are centred on their mean and re-normalised (CLIP embeddings
-share a common direction that makes unrelated images look alike), bucketed by k-means (about
-`bucket_size` rows a bucket), and within each bucket every pair at cosine >= threshold is linked;
+Near-duplicates: the L2-normalised image embeddings (each record's own: no dataset statistic, so a
+record's fate depends only on the records it resembles) are bucketed by k-means (about `bucket_size`
+rows a bucket), and within each bucket every pair at cosine >= threshold is linked;
 each linked group keeps its smallest id. Pairs split across buckets are not compared (SemDedup's
 trade: pairwise work stays bucket-sized). Every dropped record is written with its reason, nothing
 is dropped silently.
@@ -25,8 +25,8 @@ class Curation:
     low_score: list[dict] = field(default_factory=list)  # {"id", "score"}
 
 
-def centred(X: np.ndarray) -> np.ndarray:
-    Y = X.astype(np.float64) - X.astype(np.float64).mean(0)
+def unit(X: np.ndarray) -> np.ndarray:
+    Y = X.astype(np.float64)
     return Y / np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), 1e-12)
 
 
@@ -47,14 +47,14 @@ def exact_groups(ids: list[str], hashes: dict[str, str], group: dict[str, str]) 
 
 def near_groups(ids: list[str], X: np.ndarray, threshold: float, bucket_size: int = 2048, seed: int = 0,
                 group: dict[str, str] | None = None) -> list[dict]:
-    """Groups of rows linked by cosine >= threshold (centred embeddings) within k-means buckets; two
+    """Groups of rows linked by cosine >= threshold within k-means buckets; two
     records of one group (the same item) are never linked."""
     group = group or {}
     if len(ids) < 2:
         return []
     order = np.argsort(np.asarray(ids))  # id order: the result does not depend on the input order
     ids = [ids[i] for i in order]
-    Y = centred(X[order])
+    Y = unit(X[order])
     k = max(1, math.ceil(len(ids) / bucket_size))
     if k > 1:
         C = K.fit(Y, k, seed, lambda c: [K.partial(Y, c)], max_iter=20).centers
@@ -98,7 +98,7 @@ def curate(ids: list[str], image: np.ndarray, text: np.ndarray, hashes: dict[str
            min_clip_score: float | None = None, bucket_size: int = 2048, seed: int = 0,
            group: dict[str, str] | None = None) -> Curation:
     """Exact duplicates first (content hash), then near-duplicates among what is left, then the
-    caption-image agreement filter (cosine of the raw, uncentred embeddings) on the survivors.
+    caption-image agreement filter (cosine of the image and caption embeddings) on the survivors.
     group: each id's manifest group (records of one group are never duplicates of each other)."""
     pos = {i: n for n, i in enumerate(ids)}
     group = group or {}

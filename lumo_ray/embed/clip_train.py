@@ -1,0 +1,201 @@
+"""Training of the tiny CLIP preset (`data.embed.model: tiny`), plain PyTorch (no Ray).
+
+A random CLIP separates images by their pixels, not their content: a copy shifted by one pixel lands
+further away than a different picture would, so `lumo data dedup` could not find it. The preset is
+therefore trained, from its seeded init, on two contrastive terms over procedurally drawn images:
+
+- image-image (InfoNCE between two edited copies of each image): synthetic shape scenes, random colour
+  grids and procedural scenes, each copy downscaled, JPEG re-encoded and/or shifted by a few pixels as
+  near-duplicates are; the copies must embed closer to each other than to any other image;
+- image-text (CLIP's symmetric loss): the synthetic shape scenes against their captions
+  (lumo_ray.data.synth), images whose captions are equal being positives of each other, so the
+  caption-image agreement score means something on the synthetic data.
+
+One thread, per-step seeded draws: the same arguments give byte-identical weights.
+`lumo codec train-clip` runs it and writes the preset's weights (embed/assets/clip_tiny).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .clip import WEIGHTS, tiny_clip
+
+
+def _synth_scene(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    from ..data import synth
+
+    shape = synth.SHAPES[rng.integers(len(synth.SHAPES))]
+    colour = list(synth.COLOURS)[rng.integers(len(synth.COLOURS))]
+    count, position = int(rng.integers(1, 5)), synth.POSITIONS[rng.integers(len(synth.POSITIONS))]
+    background = synth.BACKGROUNDS[rng.integers(len(synth.BACKGROUNDS))]
+    jitter = (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)))
+    return (synth.make_image(shape, colour, count, position, background, jitter),
+            synth.image_caption(shape, colour, count, position))
+
+
+def _grid(rng: np.random.Generator) -> Image.Image:
+    g, side = int(rng.integers(2, 9)), int(rng.integers(48, 129))
+    cells = rng.integers(0, 256, (g, g, 3)).astype(np.uint8)
+    return Image.fromarray(cells).resize((side, side), Image.NEAREST)
+
+
+def _scene(rng: np.random.Generator) -> Image.Image:
+    from ..codecs.image_vq import procedural_images
+
+    side = int(rng.integers(48, 129))
+    x = procedural_images(1, side, int(rng.integers(2**31)))[0]
+    return Image.fromarray((np.transpose(x, (1, 2, 0)) * 255).round().astype(np.uint8))
+
+
+def shift(im: Image.Image, dx: int, dy: int) -> Image.Image:
+    """`im` moved by (dx, dy) pixels, the uncovered border repeating the edge."""
+    a = np.asarray(im.convert("RGB"))
+    h, w = a.shape[:2]
+    p = max(abs(dx), abs(dy))
+    a = np.pad(a, ((p, p), (p, p), (0, 0)), mode="edge")
+    return Image.fromarray(np.ascontiguousarray(a[p - dy:p - dy + h, p - dx:p - dx + w]))
+
+
+def jpeg(im: Image.Image, quality: int) -> Image.Image:
+    b = io.BytesIO()
+    im.convert("RGB").save(b, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(b.getvalue())).convert("RGB")
+
+
+def near_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What a near-duplicate looks like: downscale (50-100 %), a shift of up to 3 % of the side and a
+    JPEG re-encode (quality 40-95), each applied with probability 0.5, 0.7 and 0.5."""
+    w, h = im.size
+    if rng.random() < 0.5:
+        s = rng.uniform(0.5, 1.0)
+        im = im.resize((max(8, round(w * s)), max(8, round(h * s))), Image.BICUBIC)
+    if rng.random() < 0.7:
+        m = max(1, round(0.03 * min(im.size)))
+        im = shift(im, int(rng.integers(-m, m + 1)), int(rng.integers(-m, m + 1)))
+    if rng.random() < 0.5:
+        im = jpeg(im, int(rng.integers(40, 96)))
+    return im
+
+
+def _batch(clip, step: int, seed: int, n: int):
+    """Step `step`'s draws: n images (half synthetic scenes with captions, a quarter grids, a quarter
+    procedural scenes), two near copies of each as pixels, and the scenes' captions."""
+    rng = np.random.default_rng([seed, 7, step])
+    ims, caps = [], []
+    for j in range(n):
+        if j < n // 2:
+            im, cap = _synth_scene(rng)
+            caps.append(cap)
+        else:
+            im = _grid(rng) if j < 3 * n // 4 else _scene(rng)
+        ims.append(im)
+    v1 = np.stack([clip.pixels(near_copy(im, rng)) for im in ims])
+    v2 = np.stack([clip.pixels(near_copy(im, rng)) for im in ims])
+    return torch.from_numpy(v1), torch.from_numpy(v2), caps
+
+
+def _unit(feats) -> torch.Tensor:
+    if not isinstance(feats, torch.Tensor):  # newer transformers return an output object
+        feats = feats.pooler_output
+    return F.normalize(feats, dim=-1)
+
+
+def _image_image(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    logits = z1 @ z2.T / tau
+    y = torch.arange(len(z1))
+    return 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y))
+
+
+def _image_text(zi: torch.Tensor, zt: torch.Tensor, caps: list[str], tau: float) -> torch.Tensor:
+    same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
+    target = same / same.sum(1, keepdim=True)
+    logits = zi @ zt.T / tau
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def train_tiny_clip(seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 2e-3, tau: float = 0.05, align: float = 1.0,
+                    log: Callable[[str], None] = print):
+    """The trained preset: returns (ClipModel, history). `tau`: the contrastive temperature; `align`:
+    the weight of a plain 1 - cosine term between the two copies, which lifts their cosine over dedup's
+    0.95 threshold (InfoNCE alone ranks them first but leaves shifted copies near 0.9)."""
+    torch.set_num_threads(1)
+    clip = tiny_clip(seed, trained=False)
+    model = clip.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    n_text = int(model.config.text_config.max_position_embeddings)
+    hist, t0 = [], time.time()
+    for step in range(steps):
+        v1, v2, caps = _batch(clip, step, seed, batch)
+        zi1, zi2 = _unit(model.get_image_features(pixel_values=v1)), _unit(model.get_image_features(pixel_values=v2))
+        enc = clip.tokenizer(caps, padding="max_length", truncation=True, max_length=n_text, return_tensors="pt")
+        zt = _unit(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+        l_ii = _image_image(zi1, zi2, tau)
+        l_it = _image_text(zi1[:len(caps)], zt, caps, tau)
+        loss = l_ii + l_it + align * (1 - (zi1 * zi2).sum(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            hist.append({"step": step, "image_image": round(l_ii.item(), 4), "image_text": round(l_it.item(), 4)})
+            log(f"[train-clip] step {step}/{steps} image-image {l_ii.item():.3f} image-text {l_it.item():.3f} "
+                f"({time.time() - t0:.0f} s)")
+    model.eval()
+    return clip, hist
+
+
+def save_preset(clip, out_dir: str | Path, meta: dict) -> dict:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in clip.model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    import hashlib
+
+    data = (out / WEIGHTS).read_bytes()
+    meta = dict(meta, weights_sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def near_duplicate_eval(clip, n: int = 200, copies: int = 40, seed: int = 1000, threshold: float = 0.95) -> dict:
+    """Held-out images (seed stream `seed`, never drawn in training): n distinct images (synthetic
+    scenes, grids, procedural scenes in turn) and, of the first `copies`, a 75 % resize, a JPEG
+    re-encode (quality 75) and a 2 % shift. Recall: copies whose cosine to their source is >= threshold;
+    precision: found copies over found copies plus pairs of the distinct images that close (at 32 px a
+    few distinct images are near-identical: a flat background with and without a 4-px shape)."""
+    rng = np.random.default_rng([seed, 9])
+    ims = [(_synth_scene(rng)[0], _grid(rng), _scene(rng))[i % 3] for i in range(n)]
+    edits = {"resize": lambda im: im.resize((round(im.width * 0.75), round(im.height * 0.75)), Image.BICUBIC),
+             "jpeg": lambda im: jpeg(im, 75),
+             "shift": lambda im: shift(im, max(1, round(0.02 * im.width)), max(1, round(0.02 * im.height)))}
+    z = clip.embed_images([clip.pixels(im) for im in ims])
+    sim = z @ z.T
+    np.fill_diagonal(sim, -1)
+    out = {"n": n, "copies": copies, "threshold": threshold,
+           "distinct_pairs_above": int((np.triu(sim, 1) >= threshold).sum()),
+           "distinct_max_cosine": round(float(sim.max()), 4)}
+    found = 0
+    for name, edit in edits.items():
+        zc = clip.embed_images([clip.pixels(edit(im)) for im in ims[:copies]])
+        cos = (zc * z[:copies]).sum(1)
+        found += int((cos >= threshold).sum())
+        out[f"{name}_recall"] = round(float((cos >= threshold).mean()), 4)
+        out[f"{name}_min_cosine"] = round(float(cos.min()), 4)
+    out["precision"] = round(found / max(1, found + out["distinct_pairs_above"]), 4)
+    return out
