@@ -1,5 +1,5 @@
 """Semantic image tokens end to end: synthetic images -> normalize -> `lumo data embed` (CLIP patches,
-the tiny random-initialised preset) -> `lumo codec fit-kmeans` on the patches -> tokenize with
+the tiny trained preset) -> `lumo codec fit-kmeans` on the patches -> tokenize with
 `uti.image.kind: clip_kmeans` -> verify -> base LM -> token LM (new rows) -> the modality ablation for
 images; beside it the same run with the VQ image tokenizer (the demo's), as the baseline.
 

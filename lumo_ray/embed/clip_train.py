@@ -1,12 +1,14 @@
 """Training of the tiny CLIP preset (`data.embed.model: tiny`), plain PyTorch (no Ray).
 
-A random CLIP separates images by their pixels, not their content: a copy shifted by one pixel lands
-further away than a different picture would, so `lumo data dedup` could not find it. The preset is
-therefore trained, from its seeded init, on two contrastive terms over procedurally drawn images:
+A random CLIP does not embed by content: the preset's random init puts nearly every pair of images
+at cosine > 0.95 (another random init kept shifted copies apart instead), so `lumo data dedup` could
+not tell copies from distinct images. The preset is therefore trained, from its seeded init, on two
+contrastive terms over procedurally drawn images:
 
 - image-image (InfoNCE between two edited copies of each image): synthetic shape scenes, random colour
   grids and procedural scenes, each copy downscaled, JPEG re-encoded and/or shifted by a few pixels as
-  near-duplicates are; the copies must embed closer to each other than to any other image;
+  near-duplicates are; the copies must embed closer to each other than to any other image, including
+  the same scenes drawn in another shape (hard negatives); plus a 1 - cosine term between the copies;
 - image-text (CLIP's symmetric loss): the synthetic shape scenes against their captions
   (lumo_ray.data.synth), images whose captions are equal being positives of each other, so the
   caption-image agreement score means something on the synthetic data.
@@ -31,16 +33,33 @@ from PIL import Image
 from .clip import WEIGHTS, tiny_clip
 
 
-def _synth_scene(rng: np.random.Generator) -> tuple[Image.Image, str]:
+def _scene_attrs(rng: np.random.Generator) -> dict:
     from ..data import synth
 
-    shape = synth.SHAPES[rng.integers(len(synth.SHAPES))]
-    colour = list(synth.COLOURS)[rng.integers(len(synth.COLOURS))]
-    count, position = int(rng.integers(1, 5)), synth.POSITIONS[rng.integers(len(synth.POSITIONS))]
-    background = synth.BACKGROUNDS[rng.integers(len(synth.BACKGROUNDS))]
-    jitter = (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)))
-    return (synth.make_image(shape, colour, count, position, background, jitter),
-            synth.image_caption(shape, colour, count, position))
+    return dict(shape=synth.SHAPES[rng.integers(len(synth.SHAPES))],
+                colour=list(synth.COLOURS)[rng.integers(len(synth.COLOURS))],
+                count=int(rng.integers(1, 5)), position=synth.POSITIONS[rng.integers(len(synth.POSITIONS))],
+                background=synth.BACKGROUNDS[rng.integers(len(synth.BACKGROUNDS))],
+                jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))))
+
+
+def _draw_scene(a: dict) -> tuple[Image.Image, str]:
+    from ..data import synth
+
+    return (synth.make_image(a["shape"], a["colour"], a["count"], a["position"], a["background"], a["jitter"]),
+            synth.image_caption(a["shape"], a["colour"], a["count"], a["position"]))
+
+
+def _synth_scene(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A synthetic shape scene drawn as lumo_ray.data.synth draws them, and its caption."""
+    return _draw_scene(_scene_attrs(rng))
+
+
+def _sibling(a: dict, rng: np.random.Generator) -> dict:
+    """The same scene with another shape: at 32 px a few pixels apart, a distinct image all the same."""
+    from ..data import synth
+
+    return dict(a, shape=[x for x in synth.SHAPES if x != a["shape"]][rng.integers(len(synth.SHAPES) - 1)])
 
 
 def _grid(rng: np.random.Generator) -> Image.Image:
@@ -88,13 +107,15 @@ def near_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _batch(clip, step: int, seed: int, n: int):
-    """Step `step`'s draws: n images (half synthetic scenes with captions, a quarter grids, a quarter
-    procedural scenes), two near copies of each as pixels, and the scenes' captions."""
+    """Step `step`'s draws: n images (half synthetic scenes with captions, the second quarter being the
+    first quarter's shape siblings: hard negatives; a quarter grids, a quarter procedural scenes), two
+    near copies of each as pixels, and the scenes' captions."""
     rng = np.random.default_rng([seed, 7, step])
-    ims, caps = [], []
+    ims, caps, attrs = [], [], []
     for j in range(n):
         if j < n // 2:
-            im, cap = _synth_scene(rng)
+            attrs.append(_scene_attrs(rng) if j < n // 4 else _sibling(attrs[j - n // 4], rng))
+            im, cap = _draw_scene(attrs[-1])
             caps.append(cap)
         else:
             im = _grid(rng) if j < 3 * n // 4 else _scene(rng)
@@ -123,7 +144,7 @@ def _image_text(zi: torch.Tensor, zt: torch.Tensor, caps: list[str], tau: float)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def train_tiny_clip(seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 2e-3, tau: float = 0.05, align: float = 1.0,
+def train_tiny_clip(seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 2e-3, tau: float = 0.05, align: float = 6.0,
                     log: Callable[[str], None] = print):
     """The trained preset: returns (ClipModel, history). `tau`: the contrastive temperature; `align`:
     the weight of a plain 1 - cosine term between the two copies, which lifts their cosine over dedup's
@@ -178,7 +199,9 @@ def near_duplicate_eval(clip, n: int = 200, copies: int = 40, seed: int = 1000, 
     scenes, grids, procedural scenes in turn) and, of the first `copies`, a 75 % resize, a JPEG
     re-encode (quality 75) and a 2 % shift. Recall: copies whose cosine to their source is >= threshold;
     precision: found copies over found copies plus pairs of the distinct images that close (at 32 px a
-    few distinct images are near-identical: a flat background with and without a 4-px shape)."""
+    few distinct images are near-identical: a flat background with and without a 4-px shape).
+    shape_siblings_above: of `copies` scenes and the same scene with another shape, the fraction that
+    close (the hardest distinct pairs of the synthetic data)."""
     rng = np.random.default_rng([seed, 9])
     ims = [(_synth_scene(rng)[0], _grid(rng), _scene(rng))[i % 3] for i in range(n)]
     edits = {"resize": lambda im: im.resize((round(im.width * 0.75), round(im.height * 0.75)), Image.BICUBIC),
@@ -198,4 +221,8 @@ def near_duplicate_eval(clip, n: int = 200, copies: int = 40, seed: int = 1000, 
         out[f"{name}_recall"] = round(float((cos >= threshold).mean()), 4)
         out[f"{name}_min_cosine"] = round(float(cos.min()), 4)
     out["precision"] = round(found / max(1, found + out["distinct_pairs_above"]), 4)
+    a = [_scene_attrs(rng) for _ in range(copies)]
+    za = clip.embed_images([clip.pixels(_draw_scene(x)[0]) for x in a])
+    zb = clip.embed_images([clip.pixels(_draw_scene(_sibling(x, rng))[0]) for x in a])
+    out["shape_siblings_above"] = round(float(((za * zb).sum(1) >= threshold).mean()), 4)
     return out
