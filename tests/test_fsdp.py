@@ -82,8 +82,8 @@ def test_two_fsdp_workers_match_ddp_resume_exactly_and_reshard(data, tmp_path, o
     ck = tmp_path / "fsdp" / "checkpoints" / "step-0000005"
     assert sorted(p.name for p in (ck / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     # sharded checkpoint files: each rank wrote (and reported to Ray Train) its own shard; Ray merged them
-    ray_ck = next(p for p in (tmp_path / "fsdp" / "ray" / "token_lm").glob("checkpoint_*")
-                  if torch.load(p / "state.pt", weights_only=False)["step"] == 5)
+    ray_ck = next(p.parent for p in (tmp_path / "fsdp" / "ray" / "token_lm").glob("checkpoint_*/state.pt")
+                  if torch.load(p, weights_only=False)["step"] == 5)  # (not Ray's checkpoint_manager_snapshot.json)
     assert sorted(p.name for p in (ray_ck / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert "trainable" not in torch.load(ray_ck / "state.pt", weights_only=False)  # no gathered weights
     again = run_token_lm(make_cfg(shards, tmp_path / "again", *STEPS, *two, "token_lm.train.strategy=fsdp",
