@@ -8,8 +8,7 @@ import json
 import subprocess
 import sys
 
-from lumo_ray.embed.clip import tiny_clip
-from lumo_ray.embed.clip import ASSET_DIR, WEIGHTS
+from lumo_ray.embed.clip import ASSET_DIR, WEIGHTS, tiny_clip
 from lumo_ray.embed.clip_train import near_duplicate_eval
 
 

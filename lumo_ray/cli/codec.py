@@ -27,24 +27,9 @@ def cmd_codec_train_vq(args) -> int:
 
 
 def cmd_codec_train_clip(args) -> int:
-    """Small enough for one CPU thread in minutes: no Ray; one thread keeps the weights byte-identical."""
-    import platform
+    from ..embed.clip_train import train_preset
 
-    from ..embed.clip import tiny_clip
-    from ..embed.clip_train import near_duplicate_eval, save_preset, train_tiny_clip
-
-    t0 = time.time()
-    before = near_duplicate_eval(tiny_clip(args.seed, trained=False))
-    clip, hist = train_tiny_clip(args.seed, args.steps, args.batch, args.lr)
-    meta = {"what": "trained weights of the data.embed 'tiny' CLIP preset (transformers.CLIPModel, "
-                    "architecture lumo_ray.embed.clip.tiny_clip)",
-            "command": f"lumo codec train-clip --out {args.out} --seed {args.seed} --steps {args.steps} "
-                       f"--batch {args.batch} --lr {args.lr}",
-            "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "params": sum(p.numel() for p in clip.model.parameters()),
-            "machine": f"{platform.machine()} CPU, 1 torch thread", "train_seconds": round(time.time() - t0, 1),
-            "near_duplicates": {"untrained": before, "trained": near_duplicate_eval(clip)}, "history": hist}
-    meta = save_preset(clip, args.out, meta)
+    meta = train_preset(args.out, args.seed, args.steps, args.batch, args.lr)
     nd = meta["near_duplicates"]["trained"]
     print(f"[train-clip] near-duplicate recall at {nd['threshold']}: resize {nd['resize_recall']}, "
           f"jpeg {nd['jpeg_recall']}, shift {nd['shift_recall']}; distinct pairs above: "

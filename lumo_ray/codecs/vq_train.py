@@ -48,14 +48,9 @@ def synthetic_shape_images(n: int, seed: int, resolution: int = 32) -> list[Imag
     prep = _adapter(resolution, None)
     out = []
     for i in range(n):
-        rng = np.random.default_rng([seed, 0, i])
-        shape, colour = synth.SHAPES[rng.integers(len(synth.SHAPES))], list(synth.COLOURS)[rng.integers(len(synth.COLOURS))]
-        count, position = int(rng.integers(1, 5)), synth.POSITIONS[rng.integers(len(synth.POSITIONS))]
-        background = synth.BACKGROUNDS[rng.integers(len(synth.BACKGROUNDS))]
-        jitter = (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)))
-        im = synth.make_image(shape, colour, count, position, background, jitter)
-        x = prep.prepare(im, f"synth:{seed}:{i}")
-        x.record.update(shape=shape, colour=colour, count=count, position=position)
+        a = synth.draw_scene(np.random.default_rng([seed, 0, i]))
+        x = prep.prepare(synth.make_image(**a), f"synth:{seed}:{i}")
+        x.record.update(shape=a["shape"], colour=a["colour"], count=a["count"], position=a["position"])
         out.append(x)
     return out
 

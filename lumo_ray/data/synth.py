@@ -52,6 +52,14 @@ def _rng(seed: int, kind: int, i: int) -> np.random.Generator:
     return np.random.default_rng([seed, kind, i])  # per-sample stream: independent of n
 
 
+def draw_scene(rng: np.random.Generator) -> dict:
+    """One synthetic image's content, drawn in this order from `rng`: make_image's arguments."""
+    return dict(shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
+                count=int(rng.integers(1, 5)), position=POSITIONS[rng.integers(len(POSITIONS))],
+                background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+                jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))))
+
+
 def image_caption(shape: str, colour: str, count: int, position: str) -> str:
     noun = shape if count == 1 else shape + "s"
     return f"{COUNT_WORDS[count - 1]} {colour} {noun} {POSITION_WORDS[position]}"
@@ -128,17 +136,14 @@ def write_synth(out_dir: str | Path, n_images: int, n_audio: int, seed: int = 0)
     entries = []
     for i in range(n_images):
         rng = _rng(seed, 0, i)
-        shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
-        count, position = int(rng.integers(1, 5)), POSITIONS[rng.integers(len(POSITIONS))]
-        background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-        jitter = (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)))
+        a = draw_scene(rng)
         sid = f"synth{i:06d}"
         buf = io.BytesIO()
-        make_image(shape, colour, count, position, background, jitter).save(buf, format="PNG")
+        make_image(**a).save(buf, format="PNG")
         _write_bytes(img_dir / "images" / f"{sid}.png", buf.getvalue())
         entries.append({"id": sid, "image": f"images/{sid}.png", "conversations": [
             {"from": "human", "value": PROMPTS[rng.integers(len(PROMPTS))]},
-            {"from": "gpt", "value": image_caption(shape, colour, count, position)}]})
+            {"from": "gpt", "value": image_caption(a["shape"], a["colour"], a["count"], a["position"])}]})
     if n_images:
         _write_bytes(img_dir / "blip_laion_cc_sbu_558k.json",
                      (json.dumps(entries, indent=1, ensure_ascii=False) + "\n").encode())

@@ -94,11 +94,15 @@ class ClipModel:
                                                   attention_mask=enc["attention_mask"].to(device)))
 
 
-def _unit(feats) -> np.ndarray:
+def unit_features(feats) -> torch.Tensor:
+    """get_image_features / get_text_features output, L2-normalised (float32)."""
     if not isinstance(feats, torch.Tensor):  # newer transformers return an output object
         feats = feats.pooler_output
-    f = torch.nn.functional.normalize(feats.float(), dim=-1)
-    return f.cpu().numpy().astype(np.float32)
+    return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+def _unit(feats) -> np.ndarray:
+    return unit_features(feats).cpu().numpy().astype(np.float32)
 
 
 def tiny_clip(seed: int = 0, trained: bool | None = None) -> ClipModel:
@@ -121,7 +125,7 @@ def tiny_clip(seed: int = 0, trained: bool | None = None) -> ClipModel:
 
     model = CLIPModel(cfg).eval()
     reinit_(model, seed)  # integer draws: the same weights (and identity) on every CPU, as the other presets
-    if seed == 0 if trained is None else trained:
+    if (seed == 0) if trained is None else trained:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(ASSET_DIR / WEIGHTS)))

@@ -30,29 +30,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .clip import WEIGHTS, tiny_clip
-
-
-def _scene_attrs(rng: np.random.Generator) -> dict:
-    from ..data import synth
-
-    return dict(shape=synth.SHAPES[rng.integers(len(synth.SHAPES))],
-                colour=list(synth.COLOURS)[rng.integers(len(synth.COLOURS))],
-                count=int(rng.integers(1, 5)), position=synth.POSITIONS[rng.integers(len(synth.POSITIONS))],
-                background=synth.BACKGROUNDS[rng.integers(len(synth.BACKGROUNDS))],
-                jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))))
+from .clip import WEIGHTS, tiny_clip, unit_features
 
 
 def _draw_scene(a: dict) -> tuple[Image.Image, str]:
     from ..data import synth
 
-    return (synth.make_image(a["shape"], a["colour"], a["count"], a["position"], a["background"], a["jitter"]),
-            synth.image_caption(a["shape"], a["colour"], a["count"], a["position"]))
+    return synth.make_image(**a), synth.image_caption(a["shape"], a["colour"], a["count"], a["position"])
 
 
 def _synth_scene(rng: np.random.Generator) -> tuple[Image.Image, str]:
     """A synthetic shape scene drawn as lumo_ray.data.synth draws them, and its caption."""
-    return _draw_scene(_scene_attrs(rng))
+    from ..data.synth import draw_scene
+
+    return _draw_scene(draw_scene(rng))
 
 
 def _sibling(a: dict, rng: np.random.Generator) -> dict:
@@ -110,11 +101,13 @@ def _batch(clip, step: int, seed: int, n: int):
     """Step `step`'s draws: n images (half synthetic scenes with captions, the second quarter being the
     first quarter's shape siblings: hard negatives; a quarter grids, a quarter procedural scenes), two
     near copies of each as pixels, and the scenes' captions."""
+    from ..data.synth import draw_scene
+
     rng = np.random.default_rng([seed, 7, step])
     ims, caps, attrs = [], [], []
     for j in range(n):
         if j < n // 2:
-            attrs.append(_scene_attrs(rng) if j < n // 4 else _sibling(attrs[j - n // 4], rng))
+            attrs.append(draw_scene(rng) if j < n // 4 else _sibling(attrs[j - n // 4], rng))
             im, cap = _draw_scene(attrs[-1])
             caps.append(cap)
         else:
@@ -123,12 +116,6 @@ def _batch(clip, step: int, seed: int, n: int):
     v1 = np.stack([clip.pixels(near_copy(im, rng)) for im in ims])
     v2 = np.stack([clip.pixels(near_copy(im, rng)) for im in ims])
     return torch.from_numpy(v1), torch.from_numpy(v2), caps
-
-
-def _unit(feats) -> torch.Tensor:
-    if not isinstance(feats, torch.Tensor):  # newer transformers return an output object
-        feats = feats.pooler_output
-    return F.normalize(feats, dim=-1)
 
 
 def _image_image(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
@@ -160,9 +147,9 @@ def train_tiny_clip(seed: int = 0, steps: int = 3000, batch: int = 128, lr: floa
     hist, t0 = [], time.time()
     for step in range(steps):
         v1, v2, caps = _batch(clip, step, seed, batch)
-        zi1, zi2 = _unit(model.get_image_features(pixel_values=v1)), _unit(model.get_image_features(pixel_values=v2))
+        zi1, zi2 = (unit_features(model.get_image_features(pixel_values=v)) for v in (v1, v2))
         enc = clip.tokenizer(caps, padding="max_length", truncation=True, max_length=n_text, return_tensors="pt")
-        zt = _unit(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+        zt = unit_features(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
         l_ii = _image_image(zi1, zi2, tau)
         l_it = _image_text(zi1[:len(caps)], zt, caps, tau)
         loss = l_ii + l_it + align * (1 - (zi1 * zi2).sum(1)).mean()
@@ -179,17 +166,33 @@ def train_tiny_clip(seed: int = 0, steps: int = 3000, batch: int = 128, lr: floa
     return clip, hist
 
 
+def train_preset(out_dir: str | Path, seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 2e-3,
+                 log: Callable[[str], None] = print) -> dict:
+    """`lumo codec train-clip`: train, measure before and after (near_duplicate_eval), write the weights
+    and meta.json (the command, the seconds, the measurements); returns the meta. No Ray: small enough
+    for one CPU thread in minutes, and one thread keeps the weights byte-identical."""
+    import platform
+
+    t0 = time.time()
+    before = near_duplicate_eval(tiny_clip(seed, trained=False))
+    clip, hist = train_tiny_clip(seed, steps, batch, lr, log=log)
+    meta = {"what": "trained weights of the data.embed 'tiny' CLIP preset (transformers.CLIPModel, "
+                    "architecture lumo_ray.embed.clip.tiny_clip)",
+            "command": f"lumo codec train-clip --out {out_dir} --seed {seed} --steps {steps} --batch {batch} --lr {lr}",
+            "seed": seed, "steps": steps, "batch": batch, "lr": lr,
+            "params": sum(p.numel() for p in clip.model.parameters()),
+            "machine": f"{platform.machine()} CPU, 1 torch thread", "train_seconds": round(time.time() - t0, 1),
+            "near_duplicates": {"untrained": before, "trained": near_duplicate_eval(clip)}, "history": hist}
+    return save_preset(clip, out_dir, meta)
+
+
 def save_preset(clip, out_dir: str | Path, meta: dict) -> dict:
-    from safetensors.torch import save_file
+    """The weights (codecs.image_vq.save_weights: bytes a function of the weights) and meta.json."""
+    from ..codecs.image_vq import save_weights
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in clip.model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
-    import hashlib
-
-    data = (out / WEIGHTS).read_bytes()
-    meta = dict(meta, weights_sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    sha = save_weights(clip.model, out / WEIGHTS)
+    meta = dict(meta, weights_sha256=sha, bytes=(out / WEIGHTS).stat().st_size)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -221,7 +224,9 @@ def near_duplicate_eval(clip, n: int = 200, copies: int = 40, seed: int = 1000, 
         out[f"{name}_recall"] = round(float((cos >= threshold).mean()), 4)
         out[f"{name}_min_cosine"] = round(float(cos.min()), 4)
     out["precision"] = round(found / max(1, found + out["distinct_pairs_above"]), 4)
-    a = [_scene_attrs(rng) for _ in range(copies)]
+    from ..data.synth import draw_scene
+
+    a = [draw_scene(rng) for _ in range(copies)]
     za = clip.embed_images([clip.pixels(_draw_scene(x)[0]) for x in a])
     zb = clip.embed_images([clip.pixels(_draw_scene(_sibling(x, rng))[0]) for x in a])
     out["shape_siblings_above"] = round(float(((za * zb).sum(1) >= threshold).mean()), 4)

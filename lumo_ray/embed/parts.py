@@ -124,12 +124,12 @@ def read_table(root: Loc, name: str, sha256: str, columns: list[str] | None = No
     if hashlib.sha256(data).hexdigest() != sha256:
         raise UserError("embeddings part", locate(root) / name, "sha256 does not match index.json",
                         "its bytes changed after `lumo data embed` wrote it; embed again into a fresh folder")
-    t = pq.read_table(io.BytesIO(data))
+    f = pq.ParquetFile(io.BytesIO(data))
     for c in columns or []:
-        if c not in t.column_names:
+        if c not in f.schema_arrow.names:
             raise UserError("embeddings column", c, f"is not in {locate(root) / name}",
                             "give image or text (patches: embed with data.embed.patches=true)")
-    return t
+    return f.read(columns=columns)  # only these decoded: `patches` is many times the rest
 
 
 def column(t, name: str) -> np.ndarray:
@@ -159,7 +159,7 @@ def read_embeddings(path: PathLike) -> Embeddings:
     index = verified_index(root)
     ids, splits, image, text = [], [], [], []
     for p in index["parts"]:
-        t = read_table(root, p["name"], p["sha256"])
+        t = read_table(root, p["name"], p["sha256"], ["id", "split", "image", "text"])
         image.append(column(t, "image"))
         text.append(column(t, "text"))
         ids += t.column("id").to_pylist()
