@@ -141,7 +141,9 @@ def eval_losses(run, out: Path, max_samples: int = 256) -> dict:
     from .models.token_lm import task_loss_means, task_loss_sums
     from .onnx_lm import load_onnx_lm
 
-    shards = run.cfg.token_lm.shards
+    from .data.mix import primary
+
+    shards = primary(run.cfg.token_lm.shards)  # a mix: its first source
     try:
         samples = list(ShardDataset(shards, "eval", shuffle=False, expected=run.ts))[:max_samples]
     except Exception as e:  # the export stands without them: say why there is no number

@@ -344,20 +344,26 @@ def max_over_ranks(x: float, ctx) -> float:
 
 class Throughput:
     """Tokens/s of this worker between two log steps, and MFU where the device's peak is known
-    (lumo_ray/flops.py). The caller counts tokens, target tokens and sequences as it trains."""
+    (lumo_ray/flops.py). The caller counts tokens (real, not padding), target tokens and sequences as
+    it trains, and optionally the input positions computed (padding included): then pad_fraction, the
+    share of computed positions that were padding since the last report."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model, self.device = model, device
-        self.t, self.tokens = time.time(), 0
+        self.t, self.tokens, self.positions = time.time(), 0, 0
 
-    def report(self, tokens: int, targets: int, seqs: int) -> dict:
+    def report(self, tokens: int, targets: int, seqs: int, positions: Optional[int] = None) -> dict:
         from lumo_ray.flops import flops_per_token, mfu
 
         now = time.time()
         rate = (tokens - self.tokens) / max(now - self.t, 1e-9)
+        out = {}
+        if positions is not None and positions > self.positions:
+            out["pad_fraction"] = 1.0 - (tokens - self.tokens) / (positions - self.positions)
+            self.positions = positions
         self.t, self.tokens = now, tokens
         per_token = flops_per_token(self.model, max(1, tokens // max(seqs, 1)), targets / max(tokens, 1))
-        out = {"tokens_per_s": rate, "model_tflops_per_s": rate * per_token / 1e12}
+        out.update({"tokens_per_s": rate, "model_tflops_per_s": rate * per_token / 1e12})
         u = mfu(rate, per_token, self.device)
         if u is not None:
             out["mfu"] = u

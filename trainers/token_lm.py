@@ -9,7 +9,8 @@ scheduler, RNG states, step, data position (epoch, position in this rank's order
 hash and the config. Crop/template randomness is a function of (seed, epoch, position, rank), so a
 resumed run sees exactly the sequences the uninterrupted run would have.
 
-Storage: `token_lm.shards` may be a local path or an object-store URI, and so may
+Storage: `token_lm.shards` may be a local path or an object-store URI (or a weighted list of them:
+lumo_ray/data/mix.py), and so may
 `train.storage_path` (where Ray Train persists the reported checkpoints; a run launched again on it
 resumes from the latest; default `<out>/ray`). The run directory `token_lm.out` (config.yaml,
 metrics.json, export/, rank 0's copy of checkpoints/) may be a URI too: rank 0 works in a local
@@ -22,15 +23,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from lumo_ray.config import LumoConfig, dump_config, to_dict
-from lumo_ray.data.sequences import SequenceBuilder, collate
+from lumo_ray.data.sequences import SequenceBuilder
 from lumo_ray.data.task_mix import MODALITY, draw_task, task_probs
 from lumo_ray.data.shard_reader import ShardDataset
+from lumo_ray.data import mix
 from lumo_ray.models.token_lm import (LOSS_TASKS, export, target_losses, task_loss_means, task_loss_sums, vocab_params,
                                      warm_start)
 from lumo_ray.runtime import rate_eta
@@ -59,30 +61,13 @@ def text_tokenizer(cfg: LumoConfig):
 
 
 
-def sample_stream(ds: ShardDataset, epoch: int, pos: int, modality: Optional[str] = None,
-                  ) -> Iterator[tuple[int, int, dict]]:
-    """(epoch, position, sample) forever, starting at a recorded data position; with `modality`
-    only the samples holding it (positions still count every sample of the rank's order)."""
-    while True:
-        ds.set_epoch(epoch)
-        found = False
-        for i, s in enumerate(ds):
-            if modality is not None and modality not in s:
-                continue
-            found = True
-            if i >= pos:
-                yield epoch, i, s
-        if modality is not None and not found:
-            raise ValueError(f"the train split holds no {modality} samples for this rank, but a task that needs "
-                             f"them has a positive weight (set its token_lm.mmpt.task_weights entry to 0)")
-        epoch, pos = epoch + 1, 0
-
-
 class TrainSequences:
     """This rank's training sequences with a recorded data position, so a resumed run sees exactly
-    the sequences the uninterrupted one would have. Crop / template randomness is a function of
-    (seed, epoch, position, rank); under layouts='any' (stage 4) each sequence's task is drawn from
-    the task mix at its step and takes the next sample of that task's modality stream."""
+    the sequences the uninterrupted one would have. Samples come from the shard mix (lumo_ray.data.mix:
+    one source, or several drawn by weight); crop / template randomness is a function of (seed, epoch,
+    position, rank, and the source in a mix). Under layouts='any' (stage 4) each sequence's task is drawn
+    from the task mix at its step and takes the next sample of that task's modality stream, itself a mix
+    of the sources holding that modality."""
 
     def __init__(self, c, seed: int, builder: SequenceBuilder, ts: TokenSpace, rank: int, world: int,
                  data: Optional[dict] = None):
@@ -90,35 +75,54 @@ class TrainSequences:
 
         self.c, self.seed, self.builder, self.rank = c, seed, builder, rank
         self.mixed = c.seq.layouts == "any"
+        self.sources = mix.sources(c.shards)
         data = data or {}
-        make = lambda: ShardDataset(c.shards, "train", seed=seed, rank=rank, world_size=world, expected=ts)  # noqa: E731
+
+        def stream(idx: list[int], state, modality=None, salt=0) -> tuple[list[int], mix.MixStream]:
+            ds = [ShardDataset(self.sources[k][0], "train", seed=seed, rank=rank, world_size=world, expected=ts)
+                  for k in idx]
+            return idx, mix.MixStream(ds, [self.sources[k][1] for k in idx], seed, rank, state, modality, salt)
+
         if self.mixed:
             self.weights = asdict(c.mmpt.task_weights)
-            self.pos = {m: list(v) for m, v in data.get("streams", {"image": [0, 0], "audio": [0, 0]}).items()}
-            self.streams = {m: sample_stream(make(), *self.pos[m], modality=m) for m in self.pos}
+            held = [mix.modalities(p) for p, _ in self.sources]
+            self.streams = {}
+            for salt, m in enumerate(("image", "audio"), 1):  # the sources holding m (all when none is known to)
+                idx = [k for k, h in enumerate(held) if h is None or m in h] or list(range(len(self.sources)))
+                self.streams[m] = stream(idx, data.get("streams", {}).get(m), m, salt)
         else:
-            self.pos = [data.get("epoch", 0), data.get("pos", 0)]
-            self.stream = sample_stream(make(), *self.pos)
+            self.stream = stream(list(range(len(self.sources))), data)
 
     def next(self, step: int, j: int):
         """The j-th sequence of this rank at optimizer step `step` (0-based)."""
         if not self.mixed:
-            epoch, i, s = next(self.stream)
-            self.pos = [epoch, i + 1]
-            return self.builder.build(s, rng=np.random.default_rng([self.seed, epoch, i, self.rank]))
+            k, epoch, i, s = self.stream[1].next()
+            return self.builder.build(s, rng=np.random.default_rng(self.crop_key(self.stream, k, epoch, i)))
         m = self.c.mmpt
         task = draw_task(task_probs(self.weights, step, m.ramp_steps, m.blend_steps),
                          np.random.default_rng([self.seed, step, j, self.rank, 4]))
         mod = MODALITY[task]
-        epoch, i, s = next(self.streams[mod])
-        self.pos[mod] = [epoch, i + 1]
-        return self.builder.build(s, task=task, rng=np.random.default_rng([self.seed, epoch, i, self.rank,
-                                                                            1 + (mod == "audio")]))
+        k, epoch, i, s = self.streams[mod][1].next()
+        key = self.crop_key(self.streams[mod], k, epoch, i, 1 + (mod == "audio"))
+        return self.builder.build(s, task=task, rng=np.random.default_rng(key))
+
+    def crop_key(self, stream, k: int, epoch: int, i: int, tag: int = 0) -> list[int]:
+        if len(self.sources) > 1:  # a mix: the source too
+            return [self.seed, epoch, i, self.rank, tag, stream[0][k]]
+        return [self.seed, epoch, i, self.rank] + ([tag] if tag else [])  # one source: the keys before mixing
 
     def state(self) -> dict:
         if self.mixed:
-            return {"streams": {k: list(v) for k, v in self.pos.items()}}
-        return {"epoch": self.pos[0], "pos": self.pos[1]}
+            return {"streams": {m: st.state() for m, (_, st) in self.streams.items()}}
+        return self.stream[1].state()
+
+    def seen(self) -> list[int]:
+        """Samples taken from each source so far (this rank; a resumed run counts from the start)."""
+        out = [0] * len(self.sources)
+        for idx, st in (self.streams.values() if self.mixed else [self.stream]):
+            for k, n in zip(idx, st.seen):
+                out[k] += n
+        return out
 
 
 def load_checkpoint(ck: Path, ts: TokenSpace) -> dict:
@@ -190,12 +194,13 @@ class Stepper:
         self.c, self.t, self.ts, self.per, self.autocast = c, t, ts, per, autocast
         self.task_sums: dict[str, list[float]] = {}
         self.tokens = self.targets = self.seqs = 0
+        self.positions = 0  # input positions computed, padding included (tokens: the real ones)
 
     def __call__(self, step: int, opt, sched) -> float:
         t, total = self.t, 0.0
         opt.zero_grad(set_to_none=True)
         for a in range(t.grad_accum):
-            batch = collate([self.source.next(step, a * self.per + j) for j in range(self.per)], self.builder.pad_id)
+            batch = self.builder.batch([self.source.next(step, a * self.per + j) for j in range(self.per)])
             loss_sum, n = target_losses(self.model, batch, self.autocast)
             for task, ls, k in zip(batch["tasks"], loss_sum.tolist(), n.tolist()):
                 acc = self.task_sums.setdefault(task, [0.0, 0.0])
@@ -203,7 +208,8 @@ class Stepper:
             loss = loss_sum.sum() / n.sum().clamp(min=1)
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
-            self.tokens += int(batch["attention_mask"].sum())
+            self.tokens += int((batch["sample_index"] >= 0).sum())
+            self.positions += batch["input_ids"].numel()
             self.targets += int(n.sum())
             self.seqs += len(batch["tasks"])
         text = self.ts.text_vocab
@@ -244,10 +250,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     ts = ts or run_token_space(cfg)
     if ctx.rank == 0:
         dump_config(cfg, run_dir)
-    if not c.shards:
-        raise ValueError("token_lm.shards is empty: point it at a `lumo data tokenize` output")
-    eval_samples = list(ShardDataset(c.shards, "eval", seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
-                                     shuffle=False, expected=ts))
+    mix.check_sources(c.shards, ts)  # before any training: one token space across the mix, the run's
+    eval_samples = mix.read_split(c.shards, "eval", rank=ctx.rank, world_size=ctx.world_size, expected=ts)
     tok = text_tokenizer(cfg)
     builder = SequenceBuilder(ts, c.seq, tok.encode)
     def start_model(log):
@@ -303,7 +307,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"},
                         **train_step.train_losses(ctx)})
         if due(step, t.log_every, last):
-            rep.update(speed.report(train_step.tokens, train_step.targets, train_step.seqs))
+            rep.update(speed.report(train_step.tokens, train_step.targets, train_step.seqs, train_step.positions))
         ck_dir = None
         if due(step, t.ckpt_every, last):
             state = {"strategy": t.strategy, "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
@@ -325,7 +329,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
                                                       if k.startswith("eval_") and k != "eval_loss") + ")"
                if "eval_loss" in rep else "") + f" ({rate_eta(step, t.steps, t0, step0)}, "
-            f"{rep['tokens_per_s']:,.0f} tokens/s" + (f", MFU {rep['mfu']:.1%}" if "mfu" in rep else "") + ")"))
+            f"{rep['tokens_per_s']:,.0f} tokens/s, {rep['pad_fraction']:.0%} padding"
+            + (f", MFU {rep['mfu']:.1%}" if "mfu" in rep else "") + ")"))
         if "eval_loss" in rep:
             metrics = rep
             evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})
@@ -333,6 +338,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
               "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}  # start: before the model; steps: in training steps
     if ctx.device.type == "cuda":
         memory["peak_gpu_gb"] = max_over_ranks(torch.cuda.max_memory_allocated(ctx.device) / 1e9, ctx)
+    seen = ctx.all_reduce(torch.tensor(source.seen(), dtype=torch.float64).to(ctx.device)).cpu()
+    data_mix = mix.mix_report(c.shards, [int(n) for n in seen.tolist()])  # the mix trained on, all ranks
     plain = raw
     if sharded:  # the export is a plain model: the gathered weights in a fresh copy of the warm start
         full = full_state(raw)
@@ -345,7 +352,9 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         out = export(plain, ts, run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed,
                                                      "init_scale": c.init_scale}, tok.tokenizer)
         metrics = {**final_metrics(metrics, history, evals, start, golden, ws.counts, ts, step, secs,
-                                   train_step.tokens * ctx.world_size, out, run), "memory": memory}
+                                   train_step.tokens * ctx.world_size, out, run), "memory": memory,
+                   "pad_fraction": 1.0 - train_step.tokens / max(train_step.positions, 1)}
+        metrics["data_mix"] = data_mix
         write_json(run_dir / "metrics.json", metrics)
         run.push()
     run.discard()
@@ -355,7 +364,8 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
 def final_metrics(last_eval: dict, history: list, evals: list, start: dict, golden, counts: dict, ts: TokenSpace,
                   steps: int, secs: float, tokens: int, out: Path, run: RunDir) -> dict:
     """metrics.json of a token-LM run: the last eval (overall, per task, train per task), the loss
-    history, every eval, the warm start's eval, golden dirs, trainable counts, throughput, the export."""
+    history, every eval, the warm start's eval, golden dirs, trainable counts, throughput (tokens_per_s
+    counts real tokens, padding excluded), the export."""
     m = last_eval
     return {**m, "train_loss": history[-1] if history else None, "loss_history": history,
             "eval": {k[5:]: v for k, v in m.items() if k.startswith("eval_") and k != "eval_loss"},
@@ -421,7 +431,11 @@ def prepare_run(cfg: LumoConfig) -> str:
     returns the run directory (path or URI)."""
     c = cfg.token_lm
     c.out = run_dir = resolve(c.out)
-    c.shards = resolve(c.shards) if c.shards else c.shards
+    if isinstance(c.shards, str):
+        c.shards = resolve(c.shards) if c.shards else c.shards
+    else:
+        for s in c.shards:
+            s.path = resolve(s.path) if s.path else s.path
     for k in ("storage_path", "resume"):
         v = getattr(c.train, k)
         if v and v != "auto":
@@ -437,8 +451,8 @@ def prepare_run(cfg: LumoConfig) -> str:
 def run_token_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     """`lumo train token-lm`: Ray Train DDP job; returns metrics.json."""
     run_dir = prepare_run(cfg)
-    # Refuse mismatched shards on the driver before any worker starts.
-    ShardDataset(cfg.token_lm.shards, "train", expected=run_token_space(cfg))
+    # Refuse mismatched shards (between the sources of a mix, then against the run) before any worker starts.
+    mix.check_sources(cfg.token_lm.shards, run_token_space(cfg))
     launch(_worker, {"cfg": cfg}, cfg.token_lm.train, storage_of(cfg.token_lm.train, run_dir), "token_lm", address)
     m = json.loads((locate(run_dir) / "metrics.json").read_text())
     log(f"token LM: eval loss {m.get('eval_loss', float('nan')):.4f} per task "

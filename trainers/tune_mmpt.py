@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.data.mix import primary
 from lumo_ray.storage import RunDir, locate, resolve
 from lumo_ray.token_space import TokenSpace
 
@@ -55,7 +56,7 @@ def score(model, ts: TokenSpace, cfg: LumoConfig, slices: dict, builder, encode=
     was = model.training
     ev = evaluate_tasks(model, builder, slices["eval"], LocalContext())
     pr = prompt_ablation(model, builder, slices["prompt"], seed=cfg.token_lm.mmpt.study.seed)
-    ab = modality_ablation(model, ts, cfg.token_lm.shards, cfg.token_lm.seq, cfg.token_lm.ablation,
+    ab = modality_ablation(model, ts, primary(cfg.token_lm.shards), cfg.token_lm.seq, cfg.token_lm.ablation,
                            encode, slices["ablation"])
     model.train(was)
     losses = [ev[t] for t in TASKS if t in ev]
@@ -77,8 +78,8 @@ def study_slices(cfg: LumoConfig, ts: TokenSpace) -> dict:
     from lumo_ray.eval.modality_ablation import ablation_slice
 
     c, st = cfg.token_lm, cfg.token_lm.mmpt.study
-    ab = ablation_slice(c.shards, ts, c.ablation)
-    return {"ablation": ab, "prompt": prompt_slice(c.shards, ts, st.n, st.seed),
+    ab = ablation_slice(primary(c.shards), ts, c.ablation)  # a mix: its first source
+    return {"ablation": ab, "prompt": prompt_slice(primary(c.shards), ts, st.n, st.seed),
             "eval": [s for m in ("image", "audio") for s in ab.get(m, [])]}
 
 

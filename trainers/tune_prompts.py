@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from lumo_ray.config import LumoConfig, dump_config
+from lumo_ray.data.mix import primary
 from lumo_ray.storage import RunDir, locate, resolve
 from lumo_ray.token_space import TokenSpace
 
@@ -40,7 +41,7 @@ def score(model, base, ts: TokenSpace, cfg: LumoConfig, slice_: dict, encode) ->
 
     c = cfg.token_lm
     was = model.training
-    rep = modality_ablation(model, ts, c.shards, c.seq, c.ablation, encode, slice_)
+    rep = modality_ablation(model, ts, primary(c.shards), c.seq, c.ablation, encode, slice_)
     inv = text_invariance(model, base, ts, c.invariance.prompts, encode, c.freeze)
     model.train(was)
     out: dict = {"text_invariance": inv["pass"], "ablation_pass": rep["pass"]}
@@ -73,7 +74,7 @@ def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
     c.ablation.n = ps.ablation_n
     encode = build_text_adapter(cfg.uti.text).encode
     base = load_causal_lm(c.base, ts.text_vocab, seed=c.train.seed)
-    slice_ = ablation_slice(c.shards, ts, c.ablation)
+    slice_ = ablation_slice(primary(c.shards), ts, c.ablation)  # a mix: its first source
     train_trial(cfg, ts, ps, trial_dir, lambda model: score(model, base, ts, cfg, slice_, encode))
 
 

@@ -46,7 +46,9 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
                 return _coerce(value, a, key, src)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{src}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+        # a value shaped like one member (a list of mappings) is better told what is wrong inside it
+        inner = [m for m in errors if f"'{key}[" in m or f"'{key}." in m]
+        raise ConfigError(inner[0] if inner else f"{src}: key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{src}: key '{key}': {value!r} is not one of {list(args)}")

@@ -70,6 +70,12 @@ class SequenceBuilder:
                 raise ValueError(f"instruction={cfg.instruction!r} needs the text tokenizer's encode")
             self.templates = {t: [np.asarray(encode(s), np.int64) for s in v] for t, v in cfg.templates.items() if v}
 
+    def batch(self, seqs: list[Sequence]) -> dict:
+        """The model batch of these sequences: packed rows when cfg.pack, else right-padded."""
+        if self.cfg.pack:
+            return pack(seqs, self.pad_id, self.cfg.pack_len)
+        return collate(seqs, self.pad_id)
+
     def _instruction(self, task: str, sample: dict, rng: Optional[np.random.Generator]) -> np.ndarray:
         mode = self.cfg.instruction
         if mode == "data":
@@ -170,7 +176,8 @@ def const_like(ts: TokenSpace, modality: str, n: int) -> np.ndarray:
 
 
 def collate(seqs: list[Sequence], pad_id: int) -> dict:
-    """Right-padded batch: input_ids, labels (IGNORE on padding), attention_mask, tasks, ids."""
+    """Right-padded batch: input_ids, labels (IGNORE on padding), attention_mask, tasks, ids,
+    sample_index (the row of each position, -1 on padding)."""
     n = max(s.input_ids.size for s in seqs)
     ids = np.full((len(seqs), n), pad_id, np.int64)
     labels = np.full((len(seqs), n), IGNORE, np.int64)
@@ -179,7 +186,53 @@ def collate(seqs: list[Sequence], pad_id: int) -> dict:
         m = s.input_ids.size
         ids[i, :m], labels[i, :m], mask[i, :m] = s.input_ids, s.labels, 1
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(mask), "tasks": [s.task for s in seqs], "ids": [s.id for s in seqs]}
+            "attention_mask": torch.from_numpy(mask), "tasks": [s.task for s in seqs], "ids": [s.id for s in seqs],
+            "sample_index": torch.from_numpy(np.where(mask > 0, np.arange(len(seqs))[:, None], -1))}
+
+
+def pack_rows(lengths: list[int], row_len: int = 0) -> list[list[int]]:
+    """Indices into `lengths` per row: as few rows as hold every sequence within max(row_len, the
+    longest) tokens, filled longest first, each into the least-filled row (the first on ties), so
+    the rows come out even and the widest, the width all are padded to, stays small. Deterministic."""
+    cap = max(row_len, max(lengths))
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])  # stable: ties keep their order
+    r = -(-sum(lengths) // cap)
+    while True:
+        rows: list[list[int]] = [[] for _ in range(r)]
+        fill = [0] * r
+        for i in order:
+            k = fill.index(min(fill))
+            rows[k].append(i)
+            fill[k] += lengths[i]
+        if max(fill) <= cap:
+            return rows
+        r += 1  # terminates: with a row per sequence every row fits
+
+
+def pack(seqs: list[Sequence], pad_id: int, row_len: int = 0) -> dict:
+    """Packed batch: the sequences end to end in rows of at most max(row_len, the longest sequence)
+    tokens (pack_rows), rows right-padded to the widest.
+    input_ids, labels, position_ids (restarting at 0 per sample and for the trailing padding:
+    transformers then masks attention block-diagonally, so no token sees another sample),
+    sample_index (the sample of each position, -1 on padding), tasks and ids in the order of seqs."""
+    rows = pack_rows([s.input_ids.size for s in seqs], row_len)
+    n = max(sum(seqs[i].input_ids.size for i in r) for r in rows)
+    ids = np.full((len(rows), n), pad_id, np.int64)
+    labels = np.full((len(rows), n), IGNORE, np.int64)
+    pos = np.zeros((len(rows), n), np.int64)
+    owner = np.full((len(rows), n), -1, np.int64)
+    for r, members in enumerate(rows):
+        a = 0
+        for i in members:
+            s, m = seqs[i], seqs[i].input_ids.size
+            ids[r, a:a + m], labels[r, a:a + m] = s.input_ids, s.labels
+            labels[r, a] = IGNORE  # a sample's first label is no target (as unpacked): never the previous sample's
+            pos[r, a:a + m], owner[r, a:a + m] = np.arange(m), i
+            a += m
+        pos[r, a:] = np.arange(n - a)
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos), "sample_index": torch.from_numpy(owner),
+            "tasks": [s.task for s in seqs], "ids": [s.id for s in seqs]}
 
 
 def check_ids(ts: TokenSpace, seq: Sequence) -> None:

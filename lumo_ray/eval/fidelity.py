@@ -62,6 +62,7 @@ import torch
 
 from ..config.lm import FidelityConfig
 from ..data import synth
+from ..data.mix import primary
 from ..data.sequences import crop_audio
 from ..runtime import torch_threads
 from ..token_space import TokenSpace
@@ -510,7 +511,7 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
 
     run: Run = run_or_dir if isinstance(run_or_dir, Run) else load_run(run_or_dir)
     cfg = cfg or run.cfg.token_lm.fidelity
-    shards = shards or run.cfg.token_lm.shards
+    shards = shards or primary(run.cfg.token_lm.shards)  # a mix: its first source
     if not shards:
         raise ValueError(f"{run.name}: no shards (set token_lm.shards in the run config or pass --shards)")
     opts = _gen_options(cfg)

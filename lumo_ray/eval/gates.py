@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..data import synth
+from ..data.mix import primary
 from ..generate import (TARGET, GenOptions, Run, SpanCheck, build_prompt, check_and_decode, generate_spans,
                         save_output, task_spec)
 from ..runtime import torch_threads
@@ -282,7 +283,7 @@ def prompt_slice(shards: str | Path, ts, n: int, seed: int = 0, split: str = "ev
 def run_prompt_gate(run: Run, out_dir: str | Path, n: int = 256, shards: Optional[str] = None, seed: int = 0,
                     split: str = "eval", log=print) -> dict:
     """`lumo gate prompts`: the run's export on its shards' eval split -> report.json / report.md."""
-    shards = shards or run.cfg.token_lm.shards
+    shards = shards or primary(run.cfg.token_lm.shards)  # a mix: its first source
     if not shards:
         raise ValueError(f"{run.name}: no shards (set token_lm.shards in the run config or pass --shards)")
     with torch_threads(1):

@@ -17,6 +17,7 @@ import torch
 
 from ..config.lm import AblationConfig, SequenceConfig
 from ..data.sequences import SequenceBuilder, collate, const_like, noise_like
+from ..data.mix import primary
 from ..data.shard_reader import ShardDataset
 from ..models.token_lm import target_losses
 from ..token_space import TokenSpace
@@ -145,7 +146,7 @@ def run_modality_ablation(run_dir: str | Path, out_dir: str | Path, cfg=None, sh
 
         model = load_onnx_lm(onnx, ts)
     encode = build_text_adapter(cfg.uti.text).encode if cfg.token_lm.seq.instruction in ("fixed", "templates") else None
-    rep = modality_ablation(model, ts, shards or cfg.token_lm.shards, cfg.token_lm.seq, cfg.token_lm.ablation, encode)
+    rep = modality_ablation(model, ts, shards or primary(cfg.token_lm.shards), cfg.token_lm.seq, cfg.token_lm.ablation, encode)
     rep["run"] = str(run_dir) + (f" (onnxruntime: {onnx})" if onnx else "")
     write_report(rep, out_dir)
     return rep

@@ -197,22 +197,32 @@ def load_token_lm(export_dir: str | Path, expected: Optional[TokenSpace] = None)
 
 
 def target_losses(model: torch.nn.Module, batch: dict, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed CE over target tokens and target token counts. The head runs only at the
-    positions that predict a target (logits_to_keep): x2t targets are a few tokens of a long sequence."""
+    """Per-sample summed CE over target tokens and target token counts, for a right-padded batch
+    (attention_mask) or a packed one (position_ids: several samples per row, attention kept within
+    each). The head runs only at the positions that predict a target (logits_to_keep): x2t targets
+    are a few tokens of a long sequence."""
     dev = next(model.parameters()).device
     ids = batch["input_ids"].to(dev)
     labels = batch["labels"].to(dev)
+    owner = batch.get("sample_index")  # hand-made batches without it: one sample per row
+    owner = torch.arange(ids.shape[0], device=dev)[:, None].expand_as(ids) if owner is None else owner.to(dev)
     tgt_all = labels[:, 1:]
     keep = torch.nonzero((tgt_all != -100).any(0)).flatten()  # positions p predicting label p + 1
     if keep.numel() == 0:
         keep = torch.zeros(1, dtype=torch.long, device=dev)
+    if "position_ids" in batch:  # no mask and no cache: transformers masks per run of positions 0, 1, ...
+        inputs = {"position_ids": batch["position_ids"].to(dev), "use_cache": False}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"].to(dev)}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and dev.type == "cuda"):
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), logits_to_keep=keep).logits
+        logits = model(input_ids=ids, logits_to_keep=keep, **inputs).logits
     logits, tgt = logits.float(), tgt_all[:, keep]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="none")
-    ce = ce.view(tgt.shape)
-    n = (tgt != -100).sum(1)
-    return ce.sum(1), n
+    on = tgt.reshape(-1) != -100
+    who = owner[:, 1:][:, keep].reshape(-1)[on]  # the sample whose label each target is
+    k = len(batch["tasks"]) if "tasks" in batch else ids.shape[0]
+    loss = torch.zeros(k, dtype=ce.dtype, device=dev).index_add(0, who, ce[on])
+    return loss, torch.zeros(k, dtype=torch.long, device=dev).index_add(0, who, torch.ones_like(who))
 
 
 LOSS_TASKS = ("a2t", "i2t", "t2a", "t2i", "t")  # the order of the per-task loss sums (all-reduced as one tensor)
@@ -222,15 +232,14 @@ def task_loss_sums(model, builder, samples: list[dict], batch_size: int = 16, au
                    batches: int = 0) -> torch.Tensor:
     """[len(LOSS_TASKS), 2] float64 (summed target CE, target tokens) per task over `samples`, each in
     its own layout and in the reverse one when the sequence config trains both directions. batches:
-    run at least this many forwards, repeating the last batch uncounted (sharded ranks must match)."""
-    from ..data.sequences import collate
-
+    run at least this many forwards, repeating the last batch uncounted (sharded ranks must match).
+    Batches are packed when the sequence config packs (the same sums)."""
     tot = torch.zeros(len(LOSS_TASKS), 2, dtype=torch.float64)
     pairs = [(s, task) for s in samples for task in builder.tasks_of(s)]
     batch = None
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
-            batch = collate([builder.build(s, task=task) for s, task in pairs[i: i + batch_size]], builder.pad_id)
+            batch = builder.batch([builder.build(s, task=task) for s, task in pairs[i: i + batch_size]])
             loss, n = target_losses(model, batch, autocast)
             for task, l, k in zip(batch["tasks"], loss.tolist(), n.tolist()):
                 tot[LOSS_TASKS.index(task)] += torch.tensor([l, k], dtype=torch.float64)
