@@ -1,8 +1,9 @@
 """Stage-1 VLM alignment on Ray Train: `lumo train vlm --config C [--set ...]`.
 
-Reads top to bottom: build the model, freeze by stage (logged), build the data + sampler, then the
-loop: global batch -> per-rank micro-batches -> token-weighted loss -> AdamW on the connector ->
-quick eval / checkpoint (full eval, golden dump) through `ray.train.report`.
+Reads top to bottom: build the model, freeze by stage (logged), open the rank's micro-batch stream
+(trainers/vlm_stream.py: decoded by Ray Data actors from the driver's data/train.arrow, in the
+sampler's order), then the loop: per-rank micro-batches -> token-weighted loss -> AdamW on the
+connector -> quick eval / checkpoint (full eval, golden dump) through `ray.train.report`.
 
 `run_loop` is the per-worker function, over a trainers/core.py context, so the same loop runs under
 TorchTrainer (DDP workers, RayContext), as an in-process Ray Tune trial and as the plain PyTorch loop
@@ -26,13 +27,15 @@ from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
 from lumo_ray.storage import RunDir, locate, resolve
-from lumo_ray.data.vlm_data import SequenceBuilder, StepSampler, collate, length_stats, prepare_data, to_device
+from lumo_ray.data.vlm_data import ImageStore, SequenceBuilder, StepSampler, prepare_data, to_device
+from lumo_ray.data.vlm_records import RecordTable, StreamSpec, data_dir, read_plan, write_tables
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
 
-from .core import (RayContext, checkpoint_activations, due, inject_fault, is_sharded, launch, load_shards, load_state,
-                   make_scheduler, resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint, seed_all,
-                   set_rng_state, storage_of)
+from .core import (RayContext, RssPeak, checkpoint_activations, due, inject_fault, is_sharded, launch, load_shards,
+                   load_state, make_scheduler, max_over_ranks, resolve_resume, rng_state, rss_gb, save_checkpoint,
+                   save_sharded_checkpoint, seed_all, set_rng_state, storage_of)
+from .vlm_stream import micro_batches
 
 
 # ------------------------------------------------------------------------------------------------
@@ -41,16 +44,18 @@ from .core import (RayContext, checkpoint_activations, due, inject_fault, is_sha
 
 def prepare_run(cfg: VLMConfig, run_dir: str | Path, log: Callable[[str], None] = print,
                 name: Optional[str] = None) -> tuple[VLMConfig, Path]:
-    """Written once by the driver before workers start: the persisted eval split, the tiny LLM's
-    text warm-up (when configured; the returned config then points llm.model at it, named inside
-    `name`: where the run lives, its path or the URI `run_dir` is a staging copy of; default
-    `run_dir`) and the resolved config copy."""
+    """Written once by the driver before workers start: the persisted eval split, the samples as
+    data/{train,eval}.arrow + data/plan.json (what the ranks read), the tiny LLM's text warm-up
+    (when configured; the returned config then points llm.model at it, named inside `name`: where
+    the run lives, its path or the URI `run_dir` is a staging copy of; default `run_dir`) and the
+    resolved config copy."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
     text = build_text(cfg)
     data = prepare_data(cfg.data, text, vlm_tokens(text), cfg.resampler.latents, cfg.vision.image_size,
-                        run / "splits.json", preload=False)
+                        run / "splits.json")
+    write_tables(data, run)
     if cfg.llm.text_warmup_steps > 0 and cfg.llm.model == "tiny":
         builder = SequenceBuilder(text, vlm_tokens(text), cfg.resampler.latents, cfg.data)
         warm = text_warmup(cfg, text, [builder.text_in_span(s) for s in data.train], run / "llm_text_warm", log)
@@ -94,13 +99,21 @@ class Trainee:
             f"{self.counts['frozen']:,} (vision {self.counts['vision']['frozen']:,}, llm {self.counts['llm']['frozen']:,})")
         self.model.to(ctx.device).train()
         checkpoint_activations(self.model.llm, t.activation_checkpointing)
-        split_path = run / "splits.json"
-        if ctx.world_size > 1 and not split_path.exists():
-            raise FileNotFoundError(f"{split_path}: the driver writes the split before starting workers (prepare_run)")
-        self.data = prepare_data(cfg.data, self.text, self.model.tokens, self.model.n_visual, cfg.vision.image_size,
-                                 split_path)
-        self.n_buckets = len(self.data.split["edges"]) + 1
-        self.sampler = StepSampler(len(self.data.train), t.global_batch, ctx.world_size, t.grad_accum, t.seed)
+        # the driver's plan (prepare_run): the rank reads samples from data/*.arrow, never the whole dataset
+        self.plan = read_plan(run)
+        self.builder = SequenceBuilder(self.text, self.model.tokens, self.model.n_visual, cfg.data)
+        ev = RecordTable(data_dir(run) / "eval.arrow")  # bounded by eval_size: tokenized here, images per batch
+        self.eval = ev.samples(range(len(ev)), self.builder)
+        gold = set(self.plan["golden"])
+        self.golden_samples = [s for s in self.eval if s.id in gold]
+        self.images = ImageStore(cfg.vision.image_size, keep=False)
+        self.n_buckets = len(self.plan["edges"]) + 1
+        self.sampler = StepSampler(self.plan["rows"]["train"], t.global_batch, ctx.world_size, t.grad_accum, t.seed)
+        self.spec = StreamSpec(table=str(data_dir(run) / "train.arrow"), data=cfg.data, tokenizer=cfg.llm.tokenizer,
+                               tokens=self.model.tokens, n_visual=self.model.n_visual,
+                               image_size=cfg.vision.image_size, global_batch=t.global_batch,
+                               world=ctx.world_size, accum=t.grad_accum, seed=t.seed, rank=ctx.rank)
+        self.stream = iter(())
         self.connector: torch.nn.Module = self.model.connector
         self.sharded = t.strategy == "fsdp"
         if self.sharded:  # every rank then runs every forward (evals, golden captions) in lockstep
@@ -132,13 +145,30 @@ class Trainee:
         set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
         return int(st["step"])
 
+    def open_stream(self, cfg: VLMConfig, start: int, stop: int) -> None:
+        """This rank's micro-batches of steps [start, stop): a resumed run starts at its checkpoint's step."""
+        self.stream = micro_batches(self.spec, cfg.data, start, stop)
+
+    def next_batches(self, step: int, accum: int, device) -> list[dict]:
+        out = []
+        for micro in range(accum):
+            b = next(self.stream)
+            if (b["step"], b["micro"]) != (step, micro):  # the stream is ordered: anything else is a bug
+                raise RuntimeError(f"vlm stream out of order: got step {b['step']} micro {b['micro']}, "
+                                   f"want {step} / {micro}")
+            out.append(to_device(b, device))
+        return out
+
     def step(self, step: int, ctx, t) -> dict:
         """One optimizer step over this rank's micro-batches: token-weighted loss over the global batch."""
         t0 = time.perf_counter()
         m, d = self.model, ctx.device
-        batches = [to_device(collate([self.data.train[i] for i in idx], self.data.images, m.tokens.pad), d)
-                   for idx in self.sampler.micro_batches(step, ctx.rank)]
-        n_tok = ctx.all_reduce(torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in batches))], device=d))
+        batches = self.next_batches(step, t.grad_accum, d)  # waits only when decode is behind the steps
+        # label tokens (the loss's weight), padded positions, all positions: over every rank
+        counts = ctx.all_reduce(torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in batches)),
+                                              float(sum(int((b["attention_mask"] == 0).sum()) for b in batches)),
+                                              float(sum(b["attention_mask"].numel() for b in batches))], device=d))
+        n_tok = counts[:1]
         t1 = time.perf_counter()
         loss_sum = torch.zeros((), device=d)
         for i, b in enumerate(batches):
@@ -159,10 +189,11 @@ class Trainee:
         self.opt.zero_grad(set_to_none=True)
         loss = float(ctx.all_reduce(loss_sum) / n_tok.clamp(min=1))
         return {"loss": loss, "lr": self.sched.get_last_lr()[0], "grad_norm": float(gnorm), "tokens": int(n_tok.item()),
-                "data_s": t1 - t0, "step_s": time.perf_counter() - t0}
+                "pad_fraction": float(counts[1] / counts[2].clamp(min=1)), "data_s": t1 - t0,
+                "step_s": time.perf_counter() - t0}
 
     def evaluate(self, samples: list, t) -> dict:
-        return eval_loss(self.model, samples, self.data.images, t.eval_batch_size, self.n_buckets,
+        return eval_loss(self.model, samples, self.images, t.eval_batch_size, self.n_buckets,
                          next(self.model.parameters()).device, self.autocast)
 
     def checkpoint(self, cfg: VLMConfig, step: int, run: Path, ctx) -> Optional[Path]:
@@ -192,8 +223,8 @@ class Trainee:
                 for k, v in self.model.connector.state_dict().items()}
 
     def golden(self, cfg: VLMConfig, device) -> list[dict]:
-        g = self.data.golden
-        return golden_captions(self.model, g, self.data.images, self.text, device=device,
+        g = self.golden_samples
+        return golden_captions(self.model, g, self.images, self.text, device=device,
                                max_new_tokens=cfg.data.max_seq_len - min((s.prompt_len for s in g), default=0))
 
 
@@ -203,6 +234,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
     (LocalContext in one process, RayContext in a Ray Train worker); tracking: TensorBoard / MLflow of
     rank 0 (lumo_ray/tracking.py; None: off)."""
     t, run, rank = cfg.train, Path(run_dir), ctx.rank
+    rss_start = rss_gb()  # the process before the model and the data: libraries, Ray
     say = log if rank == 0 else (lambda *_: None)
     seed_all(t.seed * 1000 + rank)
     tr = Trainee(cfg, run, ctx, say)
@@ -217,17 +249,22 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
     tracker = open_tracker(run, tracking, "vlm", to_dict(cfg), rank)
     final: dict = {}
     stop = min(t.steps, t.stop_after) if t.stop_after else t.steps
+    tr.open_stream(cfg, start, stop)
+    steps_rss, pads = RssPeak(), []
     for step in range(start, stop):
         epoch = sp.epoch_of(step)
         if epoch != last_epoch_logged and rank == 0:
-            st = {"epoch": epoch, **length_stats(tr.data.train)}
+            st = {"epoch": epoch, **tr.plan["stats"]["train"]}
             _append(run / "epochs.jsonl", st)
             if step == start:  # the same data every epoch: said once, every epoch's stats in epochs.jsonl
                 say(f"[vlm] epoch {epoch}: {st['n']} samples, truncated {st['truncated_pct']:.2f}%, zero-label "
                     f"{st['zero_label_pct']:.2f}%, avg label tokens {st['avg_label_tokens']:.2f}")
         last_epoch_logged = epoch
         inject_fault(t, step, rank, run, ctx)
+        steps_rss.measuring(True)
         r = tr.step(step, ctx, t)
+        steps_rss.measuring(False)
+        pads.append(r["pad_fraction"])
         step_times.append(r.pop("step_s"))
         data_times.append(r.pop("data_s"))
         done = step + 1
@@ -240,14 +277,14 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
                     f"({rate_eta(done, stop, t_run, start)})")
         is_ckpt = due(done, t.ckpt_every, done == stop)
         if due(done, t.eval_every) and not is_ckpt:
-            q = tr.evaluate(tr.data.eval[: t.quick_eval_size], t)
+            q = tr.evaluate(tr.eval[: t.quick_eval_size], t)
             if rank == 0:
                 _append(run / "evals.jsonl", {"step": done, "kind": "quick", **q})
                 if tracker is not None:
                     tracker.log(done, {"quick_eval_loss": q["loss"]})
                 say(f"[vlm] step {done} quick eval loss {q['loss']:.4f} ({q['samples']} samples)")
         if is_ckpt:
-            ev = tr.evaluate(tr.data.eval, t)
+            ev = tr.evaluate(tr.eval, t)
             final = {"step": done, "train_loss": r["loss"], "eval_loss": ev["loss"], "epoch": epoch,
                      "eval_buckets": {b: v["loss"] for b, v in ev["buckets"].items()}}
             # golden captions on rank 0; under fsdp every rank generates in lockstep (each forward gathers)
@@ -266,12 +303,17 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
                 shutil.rmtree(ckpt, ignore_errors=True)  # Ray copied it to storage
     if tracker is not None:
         tracker.close()
-    finish(cfg, tr, run, ctx, final, step_times, data_times, bench, stop)
+    # start: before the model; steps: while training steps run (the stream's decode is in other
+    # processes unless Ray is off); peak: the whole run so far. Max over ranks (a collective).
+    memory = {"start_rss_gb": max_over_ranks(rss_start, ctx), "steps_rss_gb": max_over_ranks(steps_rss.close(), ctx),
+              "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}
+    finish(cfg, tr, run, ctx, final, step_times, data_times, bench, stop,
+           {"memory": memory, "pad_fraction": float(np.mean(pads)) if pads else None})
     return final
 
 
 def finish(cfg: VLMConfig, tr: Trainee, run: Path, ctx, final: dict, step_times: list, data_times: list,
-           bench: Optional[dict], stop: int) -> None:
+           bench: Optional[dict], stop: int, extra: Optional[dict] = None) -> None:
     """The export (a run that ran all its steps) and metrics.json: the last row per step of the logs."""
     warm = slice(3, None) if len(step_times) > 6 else slice(None)
     timing = {"step_time_s": float(np.mean(step_times[warm])) if step_times else None,
@@ -287,7 +329,8 @@ def finish(cfg: VLMConfig, tr: Trainee, run: Path, ctx, final: dict, step_times:
            "steps": read_jsonl_last(run / "steps.jsonl"),
            "evals": read_jsonl_last(run / "evals.jsonl", key="step"),
            "epochs": read_jsonl_last(run / "epochs.jsonl", key="epoch"),
-           "data": tr.data.stats, "split": {"edges": tr.data.split["edges"], "bucket_counts": tr.data.split["bucket_counts"]}}
+           "data": tr.plan["stats"], "split": {"edges": tr.plan["edges"], "bucket_counts": tr.plan["bucket_counts"]},
+           **(extra or {})}
     (run / "metrics.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 

@@ -34,9 +34,13 @@ def cmd_eval_vlm_ablation(args) -> int:
     from ..eval.vlm_ablation import ablation_from_export, ablation_table, write_ablation  # torch: after the check
     # the split the run saved: in the run directory, or beside the export directory given as --run
     split_loc = locate(args.run) / "splits.json" if export != run else locate(args.run).parent / "splits.json"
-    with local_file(split_loc) as split:
-        rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed,
+    if export != run and (run / "splits.json").exists():  # the run's copy: its data/eval.arrow is beside
+        rep = ablation_from_export(export, run / "splits.json", n=args.n, seed=args.seed,
                                    allow_small_n=args.allow_small_n)
+    else:
+        with local_file(split_loc) as split:
+            rep = ablation_from_export(export, split if split.exists() else None, n=args.n, seed=args.seed,
+                                       allow_small_n=args.allow_small_n)
     with output_dir(args.out) as out:
         p = write_ablation(rep, out)
     print(ablation_table(rep))

@@ -86,6 +86,16 @@ class VLMDataConfig:
     """Golden-set samples (drawn from eval only) whose captions are dumped at checkpoints."""
     seed: int = 0
     """Seed of the eval split and golden draw."""
+    decode_actors: int = 1
+    """Ray Data actors per training rank that read, tokenize, decode and resize its micro-batches
+    (on the rank's node, in the rank's step order); 0 = decode in a thread of the training process
+    (what a run without Ray does)."""
+    decode_cpus: float = 0.0
+    """Ray CPUs each decode actor reserves. 0: they share the CPUs of the Train workers (the tiny
+    preset's 2 workers hold a 2-CPU machine); on a GPU node reserve what decode needs, e.g. 1-4."""
+    prefetch: int = 4
+    """Micro-batches decoded ahead of the step that consumes them; with Ray also the micro-batches
+    per Ray Data block (one decode call each: fewer, larger tasks)."""
 
 
 @dataclass

@@ -145,46 +145,47 @@ def length_stats(samples: Sequence[VLMSample]) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """RGB, shorter side resized to `size` (bicubic), center crop, normalised: float32 [3, size, size]."""
+    """RGB, shorter side resized to `size` (bicubic), center crop, normalised: float32 [3, size, size].
+    `path` may be an object-store URI (s3://, gs://), fetched as codecs.base.media_file does."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            if min(w, h) < 1:
-                raise MediaError(path, "empty image")
-            s = size / min(w, h)
-            nw, nh = max(size, round(w * s)), max(size, round(h * s))
-            im = im.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise MediaError(path, "image file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise MediaError(path, f"cannot decode image ({e})") from None
+    from ..codecs.base import media_file
+
+    with media_file(str(path)) as local:
+        try:
+            with Image.open(local) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                if min(w, h) < 1:
+                    raise MediaError(local, "empty image")
+                s = size / min(w, h)
+                nw, nh = max(size, round(w * s)), max(size, round(h * s))
+                im = im.resize((nw, nh), Image.BICUBIC)
+                left, top = (nw - size) // 2, (nh - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except FileNotFoundError:
+            raise MediaError(local, "image file not found") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise MediaError(local, f"cannot decode image ({e})") from None
     return (torch.from_numpy(arr).permute(2, 0, 1) - MEAN) / STD
 
 
 class ImageStore:
-    """Decoded images keyed by path; preloading keeps decode out of the training step."""
+    """Images by path for one batch or one bounded set (an ablation's n samples): `keep` memoizes
+    them for reuse within it; keep=False decodes on every get (nothing grows with the dataset)."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, keep: bool = True):
+        self.size, self.keep = size, keep
         self._cache: dict[str, torch.Tensor] = {}
 
     def get(self, path: str) -> torch.Tensor:
         t = self._cache.get(path)
         if t is None:
-            t = self._cache[path] = load_image(path, self.size)
+            t = load_image(path, self.size)
+            if self.keep:
+                self._cache[path] = t
         return t
-
-    def preload(self, samples: Sequence[VLMSample]) -> "ImageStore":
-        for s in samples:
-            for p in s.image_paths:
-                self.get(p)
-        return self
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +207,13 @@ def collate(samples: Sequence[VLMSample], images: ImageStore, pad_id: int, left_
         lab_t[i, sl] = torch.tensor(labels)
         am[i, sl] = 1
     paths = override_images or [s.image_paths for s in samples]
-    pix = [images.get(p) for ps in paths for p in ps]
+    pix = []
+    for s, ps in zip(samples, paths):
+        for p in ps:
+            try:
+                pix.append(images.get(p))
+            except MediaError as e:
+                raise VLMDataError(f"sample {s.id}: {e}") from None
     return {"input_ids": ids_t, "labels": lab_t, "attention_mask": am,
             "pixel_values": torch.stack(pix) if pix else torch.zeros(0, 3, images.size, images.size),
             "image_counts": [len(ps) for ps in paths], "ids": [s.id for s in samples]}
@@ -303,8 +310,10 @@ class VLMData:
 
 
 def prepare_data(cfg: VLMDataConfig, text: Any, tokens: Any, n_visual: int, image_size: int,
-                 split_path: Optional[str | Path] = None, preload: bool = True) -> VLMData:
-    """Records -> samples -> split (reused from `split_path` when it exists, else written there)."""
+                 split_path: Optional[str | Path] = None) -> VLMData:
+    """Records -> samples -> split (reused from `split_path` when it exists, else written there): the
+    driver's plan (trainers/vlm.py prepare_run writes it as data/*.arrow for the ranks). Images are
+    decoded when a batch is collated, never all up front."""
     builder = SequenceBuilder(text, tokens, n_visual, cfg)
     samples = [builder.build(r) for r in load_records(cfg)]
     sp = Path(split_path) if split_path else None
@@ -322,8 +331,6 @@ def prepare_data(cfg: VLMDataConfig, text: Any, tokens: Any, n_visual: int, imag
     train = [s for s in samples if s.id not in eval_ids]
     ev = [s for s in samples if s.id in eval_ids]
     by_id = {s.id: s for s in ev}
-    images = ImageStore(image_size)
-    if preload:
-        images.preload(samples)
-    return VLMData(train=train, eval=ev, golden=[by_id[i] for i in golden if i in by_id], images=images,
+    return VLMData(train=train, eval=ev, golden=[by_id[i] for i in golden if i in by_id],
+                   images=ImageStore(image_size, keep=False),
                    split=split, stats={"train": length_stats(train), "eval": length_stats(ev)})

@@ -174,13 +174,17 @@ def ablation_table(rep: dict) -> str:
 
 def ablation_from_export(export_dir: str | Path, split_path: Optional[str | Path], n: int, seed: int,
                          data_path: Optional[str] = None, allow_small_n: bool = False) -> dict:
-    """Load an exported VLM, rebuild its eval split (from the run's splits.json) and run the gate."""
-    from ..data.vlm_data import prepare_data
+    """Load an exported VLM, read its eval split (the run's data/eval.arrow beside splits.json, else
+    the records splits.json names) and run the gate: only the n chosen samples' images are decoded."""
+    from ..data.vlm_data import SequenceBuilder
+    from ..data.vlm_records import load_eval
     from ..models.vlm import load_export
 
     model, cfg, text = load_export(export_dir)
     if data_path:
         cfg.data.path = data_path
-    data = prepare_data(cfg.data, text, model.tokens, model.n_visual, cfg.vision.image_size, split_path)
-    return run_ablation(model, data.eval, data.images, n=n, seed=seed, batch_size=cfg.ablation.batch_size,
-                        min_win_rate=cfg.ablation.min_win_rate, allow_small_n=allow_small_n)
+    builder = SequenceBuilder(text, model.tokens, model.n_visual, cfg.data)
+    samples, _ = load_eval(cfg.data, builder, split_path, cfg.vision.image_size, tables=not data_path)
+    return run_ablation(model, samples, ImageStore(cfg.vision.image_size), n=n, seed=seed,
+                        batch_size=cfg.ablation.batch_size, min_win_rate=cfg.ablation.min_win_rate,
+                        allow_small_n=allow_small_n)
