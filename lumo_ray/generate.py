@@ -8,6 +8,7 @@ target span.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -69,8 +70,9 @@ class Run:
 
 def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[LumoConfig] = None,
              cfg_source: str = "") -> Run:
-    """Load export/ (model + token space) and the adapters of config.yaml. A token-space mismatch is
-    recorded in `hash_match` (the gate reports it; `require_same_space` refuses it)."""
+    """Load export/ (model + token space) and the adapters of config.yaml, on `device` (default
+    uti.runtime.device). A token-space mismatch is recorded in `hash_match` (the gate reports it;
+    `require_same_space` refuses it)."""
     from .models.token_lm import load_token_lm
     from .storage import fetch_run, locate
     from .uti import build_adapters, build_token_space
@@ -81,8 +83,11 @@ def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[Lu
             raise UserError("token-LM run", run_dir, "no config.yaml", "give a `lumo train token-lm` or "
                             "`lumo train mmpt` run directory (config.yaml + export/)")
         cfg = load_config(LumoConfig, d / "config.yaml")
+    if device is not None:  # told (a Ray unit's assigned device): the adapters run there too
+        cfg = copy.deepcopy(cfg)
+        cfg.uti.runtime.device = str(device)  # (runtime settings are never part of an identity)
     model, ts, _ = load_token_lm(d / "export")
-    model = model.to(device or cfg.uti.runtime.device).eval()  # the adapters' device unless told
+    model = model.to(cfg.uti.runtime.device).eval()
     adapters = build_adapters(cfg.uti)
     built = build_token_space(cfg.uti, adapters)
     encode = adapters.text.encode if adapters.text is not None else None

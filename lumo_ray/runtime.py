@@ -21,6 +21,19 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+def assigned_device(gpu_ids: list, visible: str | None = None) -> torch.device:
+    """The torch device of a Ray unit that Ray gave `gpu_ids` (ray.get_gpu_ids()): cuda:<local index> of
+    the first when a GPU was given and CUDA works here, else cpu (a fake GPU, or a CPU-only torch).
+    visible: CUDA_VISIBLE_DEVICES (default: this process's), where Ray lists the node's GPUs the unit sees."""
+    import os
+
+    if not gpu_ids or not torch.cuda.is_available():
+        return torch.device("cpu")
+    seen = (os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible).split(",")
+    first = str(gpu_ids[0])
+    return torch.device(f"cuda:{seen.index(first) if first in seen else 0}")
+
+
 def rate_eta(done: int, total: int, t0: float, start: int = 0, unit: str = "steps") -> str:
     """'12.3 steps/s, ETA 40 s' for a progress line: `done - start` units since t0 (time.time()), of total."""
     import time

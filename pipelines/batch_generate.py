@@ -16,17 +16,20 @@ from pathlib import Path
 import ray
 
 from lumo_ray.batch_generate import applicable, generate_unit, plan_units, unit_name, unit_payload
+from lumo_ray.config import LumoConfig
 from lumo_ray.data.manifest import ErrorRecord, dropped_warning, read_manifest, write_errors
 from lumo_ray.generate import GenOptions
+from lumo_ray.resources import job_resources
 from lumo_ray.runtime import Progress, rate_eta
 from lumo_ray.storage import resolve
 
-from .ray_env import init_ray
+from .ray_env import init_ray, placement, unit_device
+from .status import require_fit
 
 
 class UnitGenerator:
-    """Ray Data actor: the run loaded once (at one torch thread: sampling is bit-reproducible only at
-    a fixed count); one unit of records per call."""
+    """Ray Data actor: the run loaded once, on the device Ray gave the actor (at one torch thread:
+    sampling is bit-reproducible only at a fixed count); one unit of records per call."""
 
     def __init__(self, run_dir: str, task: str, opts: dict, n: int):
         import torch
@@ -34,17 +37,24 @@ class UnitGenerator:
         from lumo_ray.generate import load_run, require_same_space
 
         torch.set_num_threads(1)
-        self.run = load_run(run_dir)
+        device, ids = unit_device()
+        self.placed = placement(device, ids)
+        self.run = load_run(run_dir, device=str(device))
         require_same_space(self.run)
         self.task, self.opts, self.n = task, opts, n
 
     def __call__(self, batch: dict) -> dict:
         out = [json.dumps(generate_unit(self.run, self.task, json.loads(u), self.opts, self.n)) for u in batch["unit"]]
-        return {"k": batch["k"], "result": out}
+        return {"k": batch["k"], "result": out, "placed": [self.placed] * len(out)}
 
 
 def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Path, opts: GenOptions, n: int = 1,
-                       actors: int = 1, unit_size: int = 16, address: str | None = None, log=print) -> dict:
+                       actors: int | None = None, unit_size: int | None = None, address: str | None = None,
+                       log=print, cfg: LumoConfig | None = None) -> dict:
+    """cfg: its `generate` section sizes the actors (CPUs, GPUs); actors / unit_size override it."""
+    cfg = cfg or LumoConfig()
+    groups = job_resources(cfg, "generate", actors)
+    actors, unit_size = groups[0].count, unit_size or cfg.generate.unit_size
     out = Path(out_dir)
     records, read_errors = read_manifest(manifest)
     items, skipped = applicable(records, task)
@@ -65,12 +75,14 @@ def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Pa
         + (f"; not for {task}: " + ", ".join(f"{c} {w}" for w, c in skipped.items()) if skipped else ""))
     if todo:
         init_ray(address)
+        require_fit(groups)
         ds = ray.data.from_items([{"k": k, "unit": unit_payload(units[k])} for k in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(UnitGenerator, fn_constructor_args=(resolve(run_dir), task, asdict(opts), n), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
-        t0, bar = time.time(), Progress(len(todo), "[generate] units", "units", log)
+                            compute=ray.data.ActorPoolStrategy(size=actors), **groups[0].ray_options())
+        t0, bar, placed = time.time(), Progress(len(todo), "[generate] units", "units", log), set()
         for done, row in enumerate(ds.iter_rows(), 1):
             k, res = int(row["k"]), json.loads(row["result"])
+            placed.add(row["placed"])
             for name, b64 in res["files"].items():
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(base64.b64decode(b64))
@@ -79,6 +91,7 @@ def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Pa
             tmp.rename(parts / unit_name(k))  # the unit counts as done only now
             bar.update(done, lambda: f"[generate] {done}/{len(todo)} units ({rate_eta(done, len(todo), t0, unit='units')})")
         bar.close()
+        log(f"[generate] actors computed on: {'; '.join(sorted(placed))}")
     rows = [json.loads(line) for k in range(len(units)) for line in (parts / unit_name(k)).read_text().splitlines()]
     ok = [r for r in rows if "error" not in r]
     errors = [e for e in read_errors] + [ErrorRecord(id=r["id"], stage=r["error"]["stage"], reason=r["error"]["reason"],

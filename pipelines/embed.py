@@ -23,9 +23,11 @@ from lumo_ray.config.program import EmbedConfig
 from lumo_ray.data.manifest import require_manifest
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
 from lumo_ray.embed import parts
+from lumo_ray.resources import job_resources
 from lumo_ray.runtime import Progress, rate_eta
 from lumo_ray.storage import PathLike, locate
-from pipelines.ray_env import init_ray
+from pipelines.ray_env import init_ray, placement, unit_device
+from pipelines.status import require_fit
 
 MAX_BLOCKS = 512  # as tokenize: the driver keeps per-block state
 
@@ -71,7 +73,8 @@ class EmbedLoader:
 
 
 class EmbedWriter:
-    """Model stage: the CLIP model loaded once per actor; embeds a part in fixed batches and writes it."""
+    """Model stage: the CLIP model loaded once per actor, on the device Ray gave it; embeds a part in fixed
+    batches and writes it."""
 
     def __init__(self, cfg_blob: bytes, out: str):
         import torch
@@ -80,7 +83,8 @@ class EmbedWriter:
 
         self.cfg: EmbedConfig = pickle.loads(cfg_blob)
         torch.set_num_threads(self.cfg.threads)
-        self.device = "cuda" if self.cfg.num_gpus_per_actor and torch.cuda.is_available() else "cpu"
+        device, ids = unit_device()
+        self.device, self.placed = str(device), placement(device, ids)
         self.clip = load_clip(self.cfg.model, self.cfg.seed)
         self.clip.model.to(self.device)
         self.out = locate(out)
@@ -91,7 +95,7 @@ class EmbedWriter:
             task, loaded = ShardTask.from_json(t), pickle.loads(blob)
             stats.append(json.dumps(embed_part(self.clip, self.out, task, loaded, self.cfg.batch_size, self.device,
                                                self.cfg.patches)))
-        return {"stats": stats}
+        return {"stats": stats, "placed": [self.placed] * len(stats)}
 
 
 def embed_part(clip, out, task: ShardTask, loaded: list[dict], batch_size: int, device: str = "cpu",
@@ -125,7 +129,8 @@ def run_embed(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: in
 
     out = locate(out_dir)
     ecfg = cfg.data.embed
-    actors = actors or ecfg.actors
+    loaders, embedders = job_resources(cfg, "embed", actors)
+    actors = embedders.count
     require_manifest(manifest)
     clip = load_clip(ecfg.model, ecfg.seed)  # the driver: the identity the parts depend on
     model = {"name": ecfg.model, "seed": ecfg.seed, "identity": clip.identity(), "dim": clip.dim,
@@ -140,24 +145,26 @@ def run_embed(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: in
         f"{actors} embedding actor(s), CLIP {ecfg.model} ({model['dim']}-d, {model['identity'][:12]})")
     if todo:
         init_ray(address)
+        require_fit([loaders, embedders])
         blob = pickle.dumps(ecfg)
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=min(len(todo), MAX_BLOCKS))
         ds = ds.map_batches(EmbedLoader, fn_constructor_args=(blob, plan.manifest, plan.base), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=ecfg.loaders), num_cpus=ecfg.num_cpus_per_loader)
+                            compute=ray.data.ActorPoolStrategy(size=loaders.count), **loaders.ray_options())
         ds = ds.map_batches(EmbedWriter, fn_constructor_args=(blob, str(out)), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_gpus=ecfg.num_gpus_per_actor or None, num_cpus=ecfg.num_cpus_per_actor)
-        t0, before = time.time(), len(stats)
+                            compute=ray.data.ActorPoolStrategy(size=actors), **embedders.ray_options())
+        t0, before, placed = time.time(), len(stats), set()
         bar = Progress(len(todo), "[embed] parts", "parts", log)
         for row in ds.iter_rows():
             st = json.loads(row["stats"])
             key = (st["split"], st["index"])
             stats[key] = st
+            placed.add(row["placed"])
             done = len(stats) - before
             bar.update(done, lambda: f"[embed] {len(stats)}/{len(plan.tasks)} parts, last {key[0]}/"
                        f"{parts.part_of(out, key).name}: {st['rows']} rows, {len(st['errors'])} errors "
                        f"({rate_eta(done, len(todo), t0, unit='parts')})")
         bar.close()
+        log(f"[embed] embedding actors computed on: {'; '.join(sorted(placed))}")
     summary = parts.finish(out, stats, plan.read_errors, model, digest)
     log(f"[embed] done: {summary['rows']} images embedded in {len(plan.tasks)} parts, {summary['errors']} errors, "
         f"{summary['no_image']} records without an image -> {out / 'index.json'}")

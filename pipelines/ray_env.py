@@ -82,6 +82,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     print(f"[ray] started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, dashboard {url})")
 
 
+def unit_device():
+    """Inside a Ray actor, Serve replica or Train worker: (the torch device its compute runs on, the GPU ids
+    Ray gave it). The device follows Ray's assignment (lumo_ray.runtime.assigned_device), so a unit that
+    asked for no GPU stays on CPU, and a fake GPU (no CUDA here) computes on CPU too."""
+    from lumo_ray.runtime import assigned_device
+
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    return assigned_device(ids), ids
+
+
+def placement(device, gpu_ids: list) -> str:
+    """'cpu (Ray GPU ids 0)' for a job's log: where a unit computed and what Ray gave it."""
+    return f"{device} (Ray GPU ids {','.join(gpu_ids) or 'none'})"
+
+
 def quiet_tune() -> None:
     """Tune's console: our line per finished trial (trial_lines), not its experiment box, result tables
     and INFO lines (the new AIR output prints its box even at verbose=0; the legacy reporter does not)."""

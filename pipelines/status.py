@@ -7,7 +7,8 @@ Never starts a cluster. The address is taken from --address, else RAY_ADDRESS, e
 `ray start --head` leaves in the Ray temp dir (same order as `ray.init()`); an address that does
 not answer on TCP counts as "no cluster". With no cluster the report shows what local mode would
 start on this machine (every core, no GPU unless one is visible) instead of starting a Ray just to
-look. Only `cluster_offer` imports Ray; the rest is plain Python (tested without a cluster).
+look. Only `cluster_offer` and `alive_nodes` import Ray; the rest is plain Python (tested without a cluster).
+`require_fit` is every job's pre-launch check: a request the joined cluster cannot hold is refused.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from lumo_ray.errors import UserError
+from lumo_ray.resources import Resources, job_resources, train_resources
 
 GiB = 1024 ** 3
 # Resource keys Ray adds on its own: shown as node facts, not as custom resources.
@@ -69,25 +73,32 @@ def cluster_offer(address: str) -> dict:
     if joined_here:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
-        nodes = []
-        for n in ray.nodes():
-            if not n.get("Alive"):
-                continue
-            res = dict(n.get("Resources", {}))
-            nodes.append({
-                "node_id": n["NodeID"][:12], "ip": n.get("NodeManagerAddress", "?"),
-                "head": "node:__internal_head__" in res,
-                "cpus": res.get("CPU", 0.0), "gpus": res.get("GPU", 0.0),
-                "memory_gib": res.get("memory", 0.0) / GiB,
-                "object_store_gib": res.get("object_store_memory", 0.0) / GiB,
-                "custom": {k: v for k, v in sorted(res.items()) if k not in _BUILTIN and not k.startswith("node:")},
-            })
         avail = ray.available_resources()
-        return {"address": address, "nodes": sorted(nodes, key=lambda x: (not x["head"], x["ip"], x["node_id"])),
+        return {"address": address, "nodes": alive_nodes(),
                 "available": {k: avail.get(k, 0.0) for k in ("CPU", "GPU")}}
     finally:
         if joined_here:
             ray.shutdown()
+
+
+def alive_nodes() -> list[dict]:
+    """Every alive node of the Ray this process is connected to (head first)."""
+    import ray
+
+    nodes = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        res = dict(n.get("Resources", {}))
+        nodes.append({
+            "node_id": n["NodeID"][:12], "ip": n.get("NodeManagerAddress", "?"),
+            "head": "node:__internal_head__" in res,
+            "cpus": res.get("CPU", 0.0), "gpus": res.get("GPU", 0.0),
+            "memory_gib": res.get("memory", 0.0) / GiB,
+            "object_store_gib": res.get("object_store_memory", 0.0) / GiB,
+            "custom": {k: v for k, v in sorted(res.items()) if k not in _BUILTIN and not k.startswith("node:")},
+        })
+    return sorted(nodes, key=lambda x: (not x["head"], x["ip"], x["node_id"]))
 
 
 def local_offer() -> dict:
@@ -105,19 +116,12 @@ def local_offer() -> dict:
             "available": None}
 
 
-def _workers(node: Any, path: str) -> list[dict]:
-    """Training/tuning worker requests anywhere in the config: any section with `num_workers`."""
+def _workers(node: Any, path: str) -> list[Resources]:
+    """Ray Train worker groups anywhere in the config: every train section (one with `num_workers`)."""
     if not dataclasses.is_dataclass(node):
         return []
-    found = []
     names = {f.name for f in dataclasses.fields(node)}
-    if "num_workers" in names and isinstance(getattr(node, "num_workers"), int):
-        g = lambda *ks, d=0.0: next((getattr(node, k) for k in ks if k in names and getattr(node, k) is not None), d)  # noqa: E731
-        gpus = float(g("num_gpus_per_worker", "gpus_per_worker", d=0.0))
-        if not gpus and bool(g("use_gpu", d=False)):
-            gpus = 1.0
-        found.append({"what": f"{path or 'config'} workers", "count": int(node.num_workers),
-                      "cpus": float(g("num_cpus_per_worker", "cpus_per_worker", d=1.0)), "gpus": gpus})
+    found = [train_resources(node, path)] if "num_workers" in names else []
     for f in dataclasses.fields(node):
         found += _workers(getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
     return found
@@ -125,34 +129,71 @@ def _workers(node: Any, path: str) -> list[dict]:
 
 def config_asks(cfg: Any, actors: Optional[int] = None) -> list[dict]:
     """Resource requests of a LumoConfig: one row per actor/worker group (count x per-unit CPUs/GPUs)."""
-    t = cfg.data.tokenize
-    asks = [{"what": "data.tokenize loaders (CPU decode)", "count": t.loaders, "cpus": t.num_cpus_per_loader, "gpus": 0.0},
-            {"what": "data.tokenize actors (codec encode)", "count": actors or t.actors,
-             "cpus": t.num_cpus_per_actor, "gpus": t.num_gpus_per_actor}]
-    return asks + _workers(cfg, "")
+    groups = job_resources(cfg, "tokenize", actors) + job_resources(cfg, "embed") + job_resources(cfg, "generate") \
+        + job_resources(cfg, "serve") + _workers(cfg, "")
+    return [dataclasses.asdict(g) for g in groups]
 
 
 def fit_problems(asks: list[dict], offer: dict) -> list[str]:
-    """Why a request group cannot be scheduled: per-unit bundle larger than every node, or totals too big."""
+    """Why request groups cannot be scheduled: what the pre-launch check refuses (`misfit`), and, since
+    `lumo status` plans a whole config, groups whose CPUs exceed the cluster's (Ray would run them a part
+    at a time) and tokenize's loaders + actors, which run at once."""
     nodes = offer["nodes"]
-    problems = []
     tot_cpu = sum(n["cpus"] for n in nodes)
-    tot_gpu = sum(n["gpus"] for n in nodes)
+    problems = []
     for a in asks:
-        if a["count"] <= 0:
-            continue
-        if not any(n["cpus"] >= a["cpus"] and n["gpus"] >= a["gpus"] for n in nodes):
-            problems.append(f"{a['what']}: one unit needs {a['cpus']:g} CPU + {a['gpus']:g} GPU, no node has that")
-        elif a["count"] * a["gpus"] > tot_gpu:
-            problems.append(f"{a['what']}: {a['count']} x {a['gpus']:g} GPU > {tot_gpu:g} GPUs in the cluster")
+        err = misfit(Resources(**a), nodes)
+        if err is not None:
+            problems.append(f"{err.what}: {err.why}")
         elif a["count"] * a["cpus"] > tot_cpu:
             problems.append(f"{a['what']}: {a['count']} x {a['cpus']:g} CPU > {tot_cpu:g} CPUs in the cluster")
-    # Data stages run together: loaders + tokenizer actors share the cluster at once.
     data = [a for a in asks if a["what"].startswith("data.tokenize")]
     need_cpu = sum(a["count"] * a["cpus"] for a in data)
     if need_cpu > tot_cpu and not any("data.tokenize" in p for p in problems):
         problems.append(f"data.tokenize: loaders + actors need {need_cpu:g} CPUs together, the cluster has {tot_cpu:g}")
     return problems
+
+
+def misfit(r: Resources, nodes: list[dict]) -> Optional[UserError]:
+    """Why the cluster can never hold group `r`, as a one-line error naming its config key, or None:
+    more GPUs in all than the cluster has, one unit larger than every node (CPUs, GPUs, or both on one
+    node), an accelerator type no node has. (Total CPUs are not refused: Ray runs a CPU pool or a study
+    a part at a time as CPUs free up.)"""
+    if r.count <= 0:
+        return None
+    tot_gpu = sum(n["gpus"] for n in nodes)
+    big_cpu, big_gpu = max((n["cpus"] for n in nodes), default=0.0), max((n["gpus"] for n in nodes), default=0.0)
+    more = "or run on a cluster with more (`lumo status` shows what it has)"
+    if r.count * r.gpus > tot_gpu:
+        return UserError(r.key(r.gpus_key), None, f"{r.count} x {r.gpus:g} GPU = {r.count * r.gpus:g} GPUs asked "
+                         f"({r.what}), the cluster has {tot_gpu:g}", f"lower it or {r.key(r.count_key)}, {more}")
+    if r.gpus > big_gpu:
+        return UserError(r.key(r.gpus_key), None, f"one of the {r.what} asks {r.gpus:g} GPUs, the largest node has "
+                         f"{big_gpu:g}", f"lower it, {more}")
+    if r.cpus > big_cpu:
+        return UserError(r.key(r.cpus_key), None, f"one of the {r.what} asks {r.cpus:g} CPUs, the largest node has "
+                         f"{big_cpu:g}", f"lower it, {more}")
+    if not any(n["cpus"] >= r.cpus and n["gpus"] >= r.gpus for n in nodes):
+        most = max(n["cpus"] for n in nodes if n["gpus"] >= r.gpus)
+        return UserError(r.key(r.cpus_key), None, f"one of the {r.what} asks {r.cpus:g} CPUs + {r.gpus:g} GPU, "
+                         f"no node has both (its GPU nodes have {most:g} CPUs at most)", f"lower it, {more}")
+    kinds = sorted({k.split(":", 1)[1] for n in nodes for k in n.get("custom", {})
+                    if k.startswith("accelerator_type:")})
+    if r.accelerator_type and r.accelerator_type not in kinds:
+        return UserError(r.key("accelerator_type"), None, f"{r.what} ask for {r.accelerator_type!r} GPUs, no node "
+                         f"has that type (here: {', '.join(kinds) or 'none'})", f"set '' for any GPU, {more}")
+    return None
+
+
+def require_fit(groups: list[Resources]) -> None:
+    """Before a job starts its first actor, on the Ray this process joined: refuse (UserError: one line,
+    `lumo` exits 2) the first group the cluster cannot hold (`misfit`). A request Ray could only wait on
+    forever, or that would run on CPU unnoticed, fails here instead."""
+    nodes = alive_nodes()
+    for r in groups:
+        err = misfit(r, nodes)
+        if err is not None:
+            raise err
 
 
 def format_status(offer: dict, asks: list[dict], problems: list[str], source: str) -> str:

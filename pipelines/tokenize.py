@@ -22,10 +22,12 @@ from lumo_ray.data import shard_set
 from lumo_ray.data.manifest import dropped_warning, require_manifest
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
 from lumo_ray.data.tokenize import SampleTokenizer, tokenize_config_digest
+from lumo_ray.resources import job_resources
 from lumo_ray.runtime import Progress, rate_eta
 from lumo_ray.storage import PathLike, locate
 
-from .ray_env import init_ray
+from .ray_env import init_ray, placement, unit_device
+from .status import require_fit
 
 
 # Ray Data keeps per-block state on the driver: 15,626 one-shard blocks (1M records) cost it +203 MB and
@@ -49,10 +51,14 @@ class ShardLoader:
 
 
 class ShardWriter:
-    """Model stage: adapters loaded once per actor; encodes a shard in model batches and writes it."""
+    """Model stage: adapters loaded once per actor, on the device Ray gave it; encodes a shard in model
+    batches and writes it."""
 
     def __init__(self, cfg_blob: bytes, out: str, batch_size: int):
-        self.tok = SampleTokenizer(pickle.loads(cfg_blob))
+        uti = pickle.loads(cfg_blob)
+        device, ids = unit_device()
+        uti.runtime.device, self.placed = str(device), placement(device, ids)  # runtime: never in an identity
+        self.tok = SampleTokenizer(uti)
         self.out, self.batch_size = locate(out), batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -62,7 +68,7 @@ class ShardWriter:
             results = self.tok.tokenize_shard(loaded, self.batch_size)
             sources = {it["rec"]["id"]: it["rec"]["source"] for it in loaded}
             stats.append(json.dumps(shard_set.write_shard(self.out, task.key, results, sources, task.digest)))
-        return {"stats": stats}
+        return {"stats": stats, "placed": [self.placed] * len(stats)}
 
 
 def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: int | None = None,
@@ -70,7 +76,8 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     """Tokenize a manifest into `<out>/<split>/shard-NNNNNN.tar` + errors.jsonl + summary.json + index.json."""
     out = locate(out_dir)
     tcfg = cfg.data.tokenize
-    actors = actors or tcfg.actors
+    loaders, encoders = job_resources(cfg, "tokenize", actors)
+    actors = encoders.count
     require_manifest(manifest)  # before anything is written
     ts = SampleTokenizer(cfg.uti).ts
     shard_set.start(out, cfg, manifest, ts)
@@ -82,24 +89,26 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
         f"write), {actors} tokenizer actor(s), token space {ts.hash[:12]}")
     if todo:
         init_ray(address)
+        require_fit([loaders, encoders])
         blob = pickle.dumps(cfg.uti)
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=min(len(todo), MAX_BLOCKS))
         ds = ds.map_batches(ShardLoader, fn_constructor_args=(blob, plan.manifest, plan.base), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=tcfg.loaders), num_cpus=tcfg.num_cpus_per_loader)
+                            compute=ray.data.ActorPoolStrategy(size=loaders.count), **loaders.ray_options())
         ds = ds.map_batches(ShardWriter, fn_constructor_args=(blob, str(out), tcfg.batch_size), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_gpus=tcfg.num_gpus_per_actor or None, num_cpus=tcfg.num_cpus_per_actor)
-        t0, done_before = time.time(), len(stats)
+                            compute=ray.data.ActorPoolStrategy(size=actors), **encoders.ray_options())
+        t0, done_before, placed = time.time(), len(stats), set()
         bar = Progress(len(todo), "[tokenize] shards", "shards", log)
         for row in ds.iter_rows():  # each row: the stats of a shard its worker has written
             st = json.loads(row["stats"])
             key = (st["split"], st["index"])
             stats[key] = st
+            placed.add(row["placed"])
             written = len(stats) - done_before
             bar.update(written, lambda: f"[tokenize] {len(stats)}/{len(plan.tasks)} shards, last {key[0]}/"
                        f"{shard_set.tar_of(out, key).name}: {st['samples']} samples, {len(st['errors'])} errors "
                        f"({time.time() - t0:.1f}s, {rate_eta(written, len(todo), t0, unit='shards')})")
         bar.close()
+        log(f"[tokenize] tokenizer actors computed on: {'; '.join(sorted(placed))}")
     summary, errors = shard_set.finish(out, stats, plan.read_errors, plan.per_task, ts, cfg_digest,
                                        tcfg.error_rate_ceiling)
     log(f"[tokenize] done: {summary['samples']} samples in {len(plan.tasks)} shards, {len(errors)} errors -> "

@@ -28,18 +28,22 @@ def _error(status: int, field: str, message: str) -> JSONResponse:
 
 @serve.deployment
 class Generator:
-    """One replica: the run loaded once; a batch of concurrent requests generated together (rows keep
-    their own seeds), or one by one with serve.exact so each answer is `lumo generate`'s bytes."""
+    """One replica: the run loaded once, on the device Ray gave the replica; a batch of concurrent requests
+    generated together (rows keep their own seeds), or one by one with serve.exact so each answer is
+    `lumo generate`'s bytes."""
 
     def __init__(self, run_dir: str, limits: dict, token: str):
         import torch
 
         from lumo_ray.eval.gates import available_tasks
         from lumo_ray.generate import load_run, require_same_space
+        from pipelines.ray_env import unit_device
 
         torch.set_num_threads(1)
         self.limits = build(ServeConfig, limits, "serve config")
-        self.run = load_run(run_dir)
+        device, ids = unit_device()
+        self.replica = {"device": str(device), "ray_gpu_ids": ids}  # in /v1/model: where this replica computes
+        self.run = load_run(run_dir, device=str(device))
         require_same_space(self.run)
         self.tasks = available_tasks(self.run)
         self.token = token
@@ -71,7 +75,7 @@ class Generator:
         if path == "/health" and method == "GET":
             return JSONResponse({"status": "ok"})
         if path == "/v1/model" and method == "GET":
-            return JSONResponse(model_info(self.run, self.tasks, self.limits))
+            return JSONResponse({**model_info(self.run, self.tasks, self.limits), "replica": self.replica})
         if path != "/v1/generate":
             return _error(404, "path", f"{path} is not an endpoint: GET /health, GET /v1/model, POST /v1/generate")
         if method != "POST":
@@ -99,7 +103,8 @@ def build_app(args: dict):
     """The application for a run: `lumo serve` binds it, and so does a KubeRay RayService
     (serveConfigV2 `import_path: servers.generate:build_app` with `args: {run, config, set}`).
     args: run (directory or URI, required), config (a YAML file; default the tiny preset), set (a list
-    of KEY=VALUE); serve.replicas, serve.cpus_per_replica and the limits come from the config."""
+    of KEY=VALUE); the replicas, their CPUs / GPUs and the limits come from the config's serve section.
+    (No pre-launch check here: a KubeRay autoscaler may still be adding the GPU nodes.)"""
     from lumo_ray.config import load_config
 
     unknown = set(args) - {"run", "config", "set"}
@@ -109,16 +114,18 @@ def build_app(args: dict):
 
 
 def bind(cfg: LumoConfig, run_dir: str):
-    """The Generator deployment over a run, with serve.replicas, serve.cpus_per_replica, the limits and
-    the bearer token of the config."""
+    """The Generator deployment over a run, with the replicas and their resources (lumo_ray.resources), the
+    limits and the bearer token of the config."""
+    from lumo_ray.resources import job_resources
     from lumo_ray.storage import resolve
 
     s = cfg.serve
+    (replicas,) = job_resources(cfg, "serve")
     token = Path(s.token_file).read_text().strip() if s.token_file else ""
     # Serve's default of 5 requests in flight per replica would cap a batch at 5; twice the batch size
     # lets the next batch gather while one generates.
-    return Generator.options(num_replicas=s.replicas, max_ongoing_requests=2 * s.max_batch_size,
-                             ray_actor_options={"num_cpus": s.cpus_per_replica}).bind(resolve(run_dir), to_dict(s), token)
+    return Generator.options(num_replicas=replicas.count, max_ongoing_requests=2 * s.max_batch_size,
+                             ray_actor_options=replicas.ray_options()).bind(resolve(run_dir), to_dict(s), token)
 
 
 def run_server(cfg: LumoConfig, run_dir: str, address: Optional[str] = None, log=print,
@@ -127,12 +134,15 @@ def run_server(cfg: LumoConfig, run_dir: str, address: Optional[str] = None, log
     and serve until SIGINT / SIGTERM (or `stop` is set); then shut the application down."""
     import ray
 
+    from lumo_ray.resources import job_resources
     from lumo_ray.storage import resolve
     from pipelines.ray_env import init_ray
+    from pipelines.status import require_fit
 
     s = cfg.serve
     say = (lambda m: print(m, flush=True)) if log is print else log  # a pipe (ray job logs) sees it at once
     init_ray(address)
+    require_fit(job_resources(cfg, "serve"))  # before Serve starts its controller and proxies
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines: its logs, not the console
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"log_level": "WARNING"})
     serve.run(bind(cfg, run_dir), name="lumo", route_prefix="/", logging_config={"log_level": "WARNING"})

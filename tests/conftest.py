@@ -36,13 +36,18 @@ def real_data(tmp_path_factory) -> Path:
     return dst
 
 
+# Two fake GPUs: Ray hands out their ids, torch finds no CUDA and computes on CPU, so each job's GPU
+# request is tested end to end on this CPU machine (tests/test_gpu_requests.py); CPU-only jobs never see them.
+SESSION_RAY = dict(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole run (never one per test)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(**SESSION_RAY)
     yield ray
     ray.shutdown()
 
@@ -96,4 +101,4 @@ def sole_local_ray():
         ray.shutdown()
     yield
     if was:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(**SESSION_RAY)

@@ -38,7 +38,8 @@ def lumo_commands(text: str) -> list[str]:
     text = re.sub(r"\\\n\s*#?\s*", " ", text)
     cmds = []
     for line in text.splitlines():
-        m = re.search(r"(?:^|[\s`>-])(lumo (?:data|demo|status|uti|train|eval|tune|tokenizer)\b[^`#\n]*)", line)
+        m = re.search(r"(?:^|[\s`>-])(lumo (?:data|demo|status|uti|train|eval|tune|tokenizer|generate|serve)\b"
+                      r"[^`#\n]*)", line)
         if m and " --" in m.group(1):  # a command, not prose naming one (`lumo data normalize` probe tasks)
             cmds.append(m.group(1).strip())
     return cmds
@@ -185,7 +186,8 @@ def test_rayjob_cluster_fits_its_own_entrypoint_and_status_flags_what_does_not()
     assert asks[1]["gpus"] == 0.5 and fit_problems(asks, offer) == []
     too_many = load_config(LumoConfig, None, args.set + ["data.tokenize.actors=5"])
     problems = fit_problems(config_asks(too_many)[:2], offer)
-    assert problems == ["data.tokenize actors (codec encode): 5 x 0.5 GPU > 2 GPUs in the cluster"]
+    assert problems == ["data.tokenize.num_gpus_per_actor: 5 x 0.5 GPU = 2.5 GPUs asked (data.tokenize actors "
+                        "(codec encode)), the cluster has 2"]
 
 
 def test_launcher_gpu_type_matches_the_kuberay_gpu_group():
@@ -219,6 +221,6 @@ def test_status_cli_exit_codes_for_unreachable_address_and_strict_misfit(tmp_pat
     assert p.returncode == 1 and "no Ray cluster answers at 127.0.0.1:1 (from --address)" in p.stderr
     p = subprocess.run(lumo + ["--strict", "--set", "data.tokenize.num_gpus_per_actor=1"], env=env,
                        capture_output=True, text=True, cwd=REPO)
-    assert p.returncode == 1 and "DOES NOT FIT: data.tokenize actors (codec encode)" in p.stdout
+    assert p.returncode == 1 and "DOES NOT FIT: data.tokenize.num_gpus_per_actor: 1 x 1 GPU" in p.stdout
     p = subprocess.run(lumo + ["--strict"], env=env, capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0 and "fits: every request group can be scheduled" in p.stdout

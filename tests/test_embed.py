@@ -71,7 +71,10 @@ def test_embeddings_are_unit_vectors_with_errors_recorded(manifest, tmp_path, ra
 def test_actor_count_does_not_change_bytes_and_rerun_resumes(manifest, tmp_path, ray_local):
     one, two = tmp_path / "one", tmp_path / "two"
     run_embed(manifest, cfg(), one, actors=1, log=quiet)
-    run_embed(manifest, cfg(), two, actors=2, log=quiet)
+    lines = []  # the 2 actors each ask for one of the session's 2 fake GPUs: Ray gives them, CUDA is absent
+    run_embed(manifest, cfg("data.embed.num_gpus_per_actor=1"), two, actors=2, log=lines.append)
+    placed = next(x for x in lines if x.startswith("[embed] embedding actors computed on: "))
+    assert "Ray GPU ids none" not in placed and "cuda" not in placed  # (tests/test_gpu_requests.py: the rest)
     assert parts_bytes(one) == parts_bytes(two) and len(parts_bytes(one)) >= 4
     # interrupted: no index, one part gone, one truncated -> a re-run writes those two only, same bytes
     (two / "index.json").unlink()

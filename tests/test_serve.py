@@ -76,7 +76,9 @@ def server(tmp_path_factory):
     if p.poll() is None:
         p.kill()
     if was:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from conftest import SESSION_RAY
+
+        ray.init(**SESSION_RAY)
 
 
 def test_health_and_model_info(server):

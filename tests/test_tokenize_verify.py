@@ -83,7 +83,10 @@ def test_shards_layout_and_content(shards, manifest):
 
 def test_actor_count_does_not_change_bytes_and_rerun_skips(shards, shards_b1, manifest, tmp_path):
     out2 = tmp_path / "shards2"
-    run_tokenize(manifest, cfg(), out2, actors=2, log=quiet)
+    lines = []  # the 2 actors each ask for one of the session's 2 fake GPUs: Ray gives them, CUDA is absent
+    run_tokenize(manifest, cfg("data.tokenize.num_gpus_per_actor=1"), out2, actors=2, log=lines.append)
+    placed = next(x for x in lines if x.startswith("[tokenize] tokenizer actors computed on: "))
+    assert "Ray GPU ids none" not in placed and "cuda" not in placed  # (tests/test_gpu_requests.py: the rest)
     assert tree_bytes(out2) == tree_bytes(shards)
     lines = []
     run_tokenize(manifest, cfg(), out2, actors=2, log=lines.append)

@@ -49,7 +49,7 @@ def run_codec_vq(cfg: LumoConfig, address: Optional[str] = None, log=print) -> d
     if c.storage_path:
         c.storage_path = resolve(c.storage_path)
     dump_config(cfg, c.out)
-    launch(_worker, {"cfg": cfg}, c, storage_of(c, c.out), "codec_vq", address)
+    launch(_worker, {"cfg": cfg}, c, storage_of(c, c.out), "codec_vq", address, section="codec")
     m = json.loads((Path(c.out) / "metrics.json").read_text())
     log(f"tiny VQ codec: synthetic eval PSNR {m['synth_psnr']:.2f} dB SSIM {m['synth_ssim']:.3f}"
         + (f", real PSNR {m['real_psnr']:.2f} dB SSIM {m['real_ssim']:.3f}" if "real_psnr" in m else "")

@@ -82,14 +82,17 @@ class RayContext(LocalContext):
         import ray.train
         import ray.train.torch
 
-        from pipelines.ray_env import quiet_actor_exit, quiet_train_worker
+        from pipelines.ray_env import placement, quiet_actor_exit, quiet_train_worker, unit_device
 
         quiet_train_worker()
         quiet_actor_exit()
         self._train = ray.train
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        # the device follows the GPU Ray gave the worker, and falls back to CPU where CUDA is absent
+        # (ray.train.torch.get_device() would name cuda for a GPU this torch cannot use)
+        self.device, ids = unit_device()
+        self.placement = placement(self.device, ids)  # in every report: launch() names it at the end
         self.storage, self.run = storage, run
 
     def prepare(self, model: torch.nn.Module, strategy: str = "ddp", bf16: bool = False,
@@ -98,7 +101,7 @@ class RayContext(LocalContext):
 
         if strategy == "fsdp":
             return shard(model, self.device, bf16, forward_methods)
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, move_to_device=self.device)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -113,7 +116,8 @@ class RayContext(LocalContext):
             view = rank_files(Path(ckpt_dir), self.rank)
             # logs first: a restart resumes from this checkpoint and continues the logs it pulls
             self.sync()
-        self._train.report(metrics, checkpoint=Checkpoint.from_directory(str(view)) if view is not None else None)
+        self._train.report({**metrics, "placement": self.placement},
+                           checkpoint=Checkpoint.from_directory(str(view)) if view is not None else None)
         if view is not None and view != Path(ckpt_dir):
             shutil.rmtree(view, ignore_errors=True)
 
@@ -482,24 +486,35 @@ def resolve_resume(resume: str | None, run_dir: Path, ctx) -> Optional[Path]:
 # ------------------------------------------------------------------------------------------------
 
 def launch(worker_fn: Callable, loop_config: dict, t, storage: str, name: str, address: Optional[str] = None,
-           keep: int | None = None):
-    """Run worker_fn(loop_config) on t.num_workers Ray Train workers (DDP); `storage` (a path or URI)
-    is Ray's storage_path. Returns the Ray Train Result."""
+           keep: int | None = None, section: str = "train"):
+    """Run worker_fn(loop_config) on t.num_workers Ray Train workers (DDP) with the resources of train
+    section `t` (`section` names it in a refusal); `storage` (a path or URI) is Ray's storage_path.
+    Returns the Ray Train Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_env import init_ray, train_logging
+    from pipelines.status import require_fit
 
+    from lumo_ray.resources import train_resources
     from lumo_ray.storage import ray_storage
 
+    workers = train_resources(t, section)
     init_ray(address)
+    require_fit([workers])
+    # Ray picks NCCL for GPU workers; a torch built without it (a CPU wheel: the workers run this same
+    # install) gets gloo, so GPU ids without CUDA (a fake-GPU test cluster) still train, on CPU.
+    backend = None if not workers.gpus or torch.distributed.is_nccl_available() else "gloo"
     trainer = TorchTrainer(
-        worker_fn, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        worker_fn, train_loop_config=loop_config, torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=bool(workers.gpus),
+                                     resources_per_worker={"CPU": workers.cpus},
+                                     accelerator_type=workers.accelerator_type or None),
         run_config=RunConfig(**ray_storage(storage), name=name, failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep), logging_config=train_logging()))
-    return trainer.fit()
+    result = trainer.fit()
+    print(f"[train] {section} rank 0 computed on {(result.metrics or {}).get('placement', '?')}", flush=True)
+    return result
 
 
 def storage_of(t, run_dir: str | Path) -> str:

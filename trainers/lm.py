@@ -257,7 +257,8 @@ def run_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     if cfg.lm.train.storage_path:
         cfg.lm.train.storage_path = resolve(cfg.lm.train.storage_path)
     dump_config(cfg, cfg.lm.out)
-    launch(_lm_worker, {"cfg": cfg}, cfg.lm.train, storage_of(cfg.lm.train, cfg.lm.out), "lm", address)
+    launch(_lm_worker, {"cfg": cfg}, cfg.lm.train, storage_of(cfg.lm.train, cfg.lm.out), "lm", address,
+           section="lm.train")
     m = json.loads((locate(cfg.lm.out) / "metrics.json").read_text())
     log(f"base LM: eval loss {m['eval_loss']:.4f}, perplexity {m['perplexity']:.2f}; export {m['export']}")
     return m

@@ -453,7 +453,8 @@ def run_token_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> d
     run_dir = prepare_run(cfg)
     # Refuse mismatched shards (between the sources of a mix, then against the run) before any worker starts.
     mix.check_sources(cfg.token_lm.shards, run_token_space(cfg))
-    launch(_worker, {"cfg": cfg}, cfg.token_lm.train, storage_of(cfg.token_lm.train, run_dir), "token_lm", address)
+    launch(_worker, {"cfg": cfg}, cfg.token_lm.train, storage_of(cfg.token_lm.train, run_dir), "token_lm", address,
+           section="token_lm.train")
     m = json.loads((locate(run_dir) / "metrics.json").read_text())
     log(f"token LM: eval loss {m.get('eval_loss', float('nan')):.4f} per task "
         + ", ".join(f"{k} {v:.3f}" for k, v in m["eval"].items()) + f"; export {m['export']}")

@@ -366,7 +366,7 @@ def train_vlm(cfg: LumoConfig | VLMConfig, address: Optional[str] = None, log: C
     storage = storage_of(t, rundir.loc)
     loop_config = {"vlm": to_dict(vcfg), "run_dir": str(rundir), "storage": storage, "threads": t.cpus_per_worker,
                    "tracking": to_dict(cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig())}
-    result = launch(train_func, loop_config, t, storage, "train", address, keep=2)
+    result = launch(train_func, loop_config, t, storage, "train", address, keep=2, section="vlm.train")
     rundir.discard()
     run = rundir.loc
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}

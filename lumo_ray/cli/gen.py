@@ -72,8 +72,10 @@ def _generate_manifest(args) -> int:
         raise UserError("--manifest", args.manifest, "not found", "give a manifest.jsonl of `lumo data normalize`")
     from pipelines.batch_generate import run_batch_generate
 
+    from .lm import run_config
+    cfg = run_config(args.run, args.config, args.set)  # its generate: section sizes the actors
     s = run_batch_generate(args.manifest, args.run, args.task, args.out, _opts(args), n=args.n, actors=args.actors,
-                           unit_size=args.unit_size, address=args.address)
+                           unit_size=args.unit_size, address=args.address, cfg=cfg)
     return 0 if s["errors"] == 0 and s["compliant"] == s["samples"] else 1
 
 
@@ -121,9 +123,10 @@ def add_commands(sub, common) -> None:
     g.add_argument("--manifest", help="generate for every record of this manifest.jsonl the task can take (its "
                                       "caption, or its image / audio) on a Ray Data actor pool: results.jsonl, "
                                       "media/, errors.jsonl, summary.json; resumable")
-    g.add_argument("--actors", type=int, default=1, help="with --manifest: generator actors (each loads the run)")
-    g.add_argument("--unit-size", type=int, default=16, help="with --manifest: records per unit of work (a re-run "
-                                                              "keeps finished units)")
+    g.add_argument("--actors", type=int, default=None, help="with --manifest: generator actors, each loads the run "
+                                                            "(default generate.actors; CPUs / GPUs: generate.*)")
+    g.add_argument("--unit-size", type=int, default=None, help="with --manifest: records per unit of work, a re-run "
+                                                                "keeps finished units (default generate.unit_size)")
     g.add_argument("--out", required=True, help="output directory (path or URI): generations.jsonl, PNG / WAV files")
     g.add_argument("--n", type=int, default=1, help="samples")
     _sampling(g)

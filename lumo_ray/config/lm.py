@@ -38,6 +38,8 @@ class TrainConfig:
     """CPUs reserved per Ray Train worker."""
     use_gpu: bool = False
     """One GPU per worker; bf16 autocast is used only on CUDA."""
+    accelerator_type: str = ""
+    """With use_gpu: the Ray accelerator type every worker must land on (e.g. 'A100', 'H100'); '' = any GPU."""
     bf16: bool = True
     """bf16 autocast when the worker runs on CUDA (ignored on CPU, which always trains in fp32)."""
     activation_checkpointing: bool = False

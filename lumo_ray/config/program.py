@@ -153,6 +153,8 @@ class TokenizeConfig:
     """GPUs per tokenizer actor (0 in local CPU mode)."""
     num_cpus_per_actor: float = 0.5
     """CPUs reserved per tokenizer actor (fractional so 2 actors + a loader fit on 2 local cores)."""
+    accelerator_type: str = ""
+    """Ray accelerator type the tokenizer actors must land on (e.g. 'A100', 'H100'); '' = any GPU."""
     loaders: int = 1
     """Size of the CPU loader actor pool (decode, resample, resize) feeding the tokenizers."""
     num_cpus_per_loader: float = 0.5
@@ -188,7 +190,10 @@ class EmbedConfig:
     actors: int = 1
     """Size of the embedding actor pool."""
     num_gpus_per_actor: float = 0.0
+    """GPUs per embedding actor (0 in local CPU mode); the model runs on the GPU Ray gives it."""
     num_cpus_per_actor: float = 0.5
+    accelerator_type: str = ""
+    """Ray accelerator type the embedding actors must land on (e.g. 'A100', 'H100'); '' = any GPU."""
     loaders: int = 1
     """Size of the CPU loader actor pool (decode, resize, normalise) feeding the embedding actors."""
     num_cpus_per_loader: float = 0.5
@@ -317,6 +322,11 @@ class ServeConfig:
     replicas: int = 1
     """Serve replicas of the model (each loads the run; Serve restarts a replica that dies)."""
     cpus_per_replica: float = 1.0
+    """CPUs reserved per replica."""
+    gpus_per_replica: float = 0.0
+    """GPUs per replica (a fraction shares a GPU); the model runs on the GPU Ray gives the replica."""
+    accelerator_type: str = ""
+    """Ray accelerator type the replicas must land on (e.g. 'A100', 'H100'); '' = any GPU."""
     token_file: str = ""
     """A file holding a bearer token: requests must send `Authorization: Bearer <token>` ('' = open)."""
     max_body_bytes: int = 4 * 1024 * 1024
@@ -339,6 +349,21 @@ class ServeConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`lumo generate --manifest`: batch generation on a Ray Data actor pool (pipelines/batch_generate.py)."""
+    actors: int = 1
+    """Generator actors (each loads the run); --actors overrides."""
+    unit_size: int = 16
+    """Records per unit of work (a re-run keeps finished units); --unit-size overrides."""
+    num_cpus_per_actor: float = 1.0
+    """CPUs reserved per generator actor."""
+    num_gpus_per_actor: float = 0.0
+    """GPUs per generator actor (a fraction shares a GPU); the model runs on the GPU Ray gives the actor."""
+    accelerator_type: str = ""
+    """Ray accelerator type the generator actors must land on (e.g. 'A100', 'H100'); '' = any GPU."""
+
+
+@dataclass
 class LumoConfig:
     """The whole program's config; each command reads the sections it needs."""
     uti: UTIConfig = field(default_factory=UTIConfig)
@@ -351,3 +376,4 @@ class LumoConfig:
     codec: CodecTrainConfig = field(default_factory=CodecTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)

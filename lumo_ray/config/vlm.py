@@ -105,7 +105,11 @@ class VLMTrainConfig:
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
+    """One GPU per worker; bf16 autocast is used only on CUDA."""
+    accelerator_type: str = ""
+    """With use_gpu: the Ray accelerator type every worker must land on (e.g. 'A100', 'H100'); '' = any GPU."""
     cpus_per_worker: float = 1.0
+    """CPUs reserved per Ray Train worker."""
     global_batch: int = 16
     """Samples per optimizer step over all workers; per-worker micro batch = global / (workers x accum)."""
     grad_accum: int = 1
