@@ -53,6 +53,13 @@ def _pool(section: str, c: Any, actors: Optional[int], stage: str) -> list[Resou
                       c.num_gpus_per_actor, c.accelerator_type, "actors", "num_cpus_per_actor", "num_gpus_per_actor")]
 
 
+def task_resources(job: str, c: Any) -> Resources:
+    """normalize / verify: CPU-only Ray Data tasks (as many at once as the cluster holds), each reserving
+    the section's num_cpus_per_task."""
+    what = "probe tasks (media headers)" if job == "normalize" else "shard-check tasks"
+    return Resources(f"data.{job} {what}", f"data.{job}", 1, c.num_cpus_per_task, cpus_key="num_cpus_per_task")
+
+
 def train_resources(t: Any, section: str) -> Resources:
     """Ray Train workers of a train section: num_workers x (cpus_per_worker, one GPU each when use_gpu)."""
     return Resources(f"{section} workers", section, t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0,
@@ -60,8 +67,11 @@ def train_resources(t: Any, section: str) -> Resources:
 
 
 def job_resources(cfg: Any, job: str, count: Optional[int] = None) -> list[Resources]:
-    """The groups of a job of a LumoConfig: 'tokenize', 'embed', 'generate' (batch generation) or 'serve'.
+    """The groups of a job of a LumoConfig: 'normalize', 'verify', 'tokenize', 'embed', 'generate' (batch
+    generation) or 'serve'.
     `count`: a command-line override of the model actors / replicas."""
+    if job in ("normalize", "verify"):
+        return [task_resources(job, getattr(cfg.data, job))]
     if job == "tokenize":
         return _pool("data.tokenize", cfg.data.tokenize, count, "codec encode")
     if job == "embed":
@@ -75,4 +85,5 @@ def job_resources(cfg: Any, job: str, count: Optional[int] = None) -> list[Resou
         s = cfg.serve
         return [Resources("serve replicas", "serve", count or s.replicas, s.cpus_per_replica, s.gpus_per_replica,
                           s.accelerator_type, "replicas", "cpus_per_replica", "gpus_per_replica")]
-    raise ValueError(f"unknown job {job!r}: tokenize, embed, generate or serve (training: train_resources)")
+    raise ValueError(f"unknown job {job!r}: normalize, verify, tokenize, embed, generate or serve "
+                     "(training: train_resources)")

@@ -21,8 +21,10 @@ from typing import Iterable, Optional
 
 from lumo_ray.config import LumoConfig, NormalizeConfig, load_config
 from lumo_ray.data.normalize import NormalizeError, log, normalize_with, probe_batch, read_and_dedupe
+from lumo_ray.resources import task_resources
 from lumo_ray.runtime import Progress, rate_eta
 from pipelines.ray_env import init_ray
+from pipelines.status import require_fit
 
 
 def _ray_probe(cfg: NormalizeConfig):
@@ -34,7 +36,8 @@ def _ray_probe(cfg: NormalizeConfig):
         n_blocks = max(1, math.ceil(len(rows) / cfg.probe_batch_size))
         ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
         ds = ds.map_batches(probe_batch, batch_size=cfg.probe_batch_size, batch_format="numpy",
-                            fn_kwargs={"min_audio_seconds": cfg.min_audio_seconds})
+                            fn_kwargs={"min_audio_seconds": cfg.min_audio_seconds},
+                            **task_resources("normalize", cfg).ray_options())
         out: list[dict] = []
         log(f"probing {len(rows)} records on Ray Data ({n_blocks} batches of {cfg.probe_batch_size})")
         t0, bar = time.time(), Progress(len(rows), "[normalize] probed", "records", log, console=True)
@@ -60,6 +63,7 @@ def run_normalize(source: str, input_path: str | Path, out_dir: str | Path,
     cfg = cfg or NormalizeConfig()
     read = read or read_and_dedupe(source, input_path)  # a missing or malformed input fails here, before Ray starts
     init_ray(address)
+    require_fit([task_resources("normalize", cfg)])
     return normalize_with(_ray_probe(cfg), source, input_path, out_dir, cfg, read=read)
 
 

@@ -129,8 +129,8 @@ def _workers(node: Any, path: str) -> list[Resources]:
 
 def config_asks(cfg: Any, actors: Optional[int] = None) -> list[dict]:
     """Resource requests of a LumoConfig: one row per actor/worker group (count x per-unit CPUs/GPUs)."""
-    groups = job_resources(cfg, "tokenize", actors) + job_resources(cfg, "embed") + job_resources(cfg, "generate") \
-        + job_resources(cfg, "serve") + _workers(cfg, "")
+    groups = job_resources(cfg, "normalize") + job_resources(cfg, "tokenize", actors) + job_resources(cfg, "verify") \
+        + job_resources(cfg, "embed") + job_resources(cfg, "generate") + job_resources(cfg, "serve") + _workers(cfg, "")
     return [dataclasses.asdict(g) for g in groups]
 
 

@@ -202,3 +202,22 @@ def test_train_workers_get_gpus_and_train_the_cpu_weights(tmp_path, ray_local, c
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("a trainer was built"))
     refused(capsys, ["train", "lm", "--out", str(tmp_path / "over"), *(x for s in LM for x in ("--set", s)),
                      "--set", "lm.train.use_gpu=true", "--set", "lm.train.num_workers=3"], "lm.train.use_gpu")
+
+
+@pytest.mark.parametrize("job", ["normalize", "verify"])
+def test_cpu_tasks_asking_beyond_a_node_are_refused(job, run_and_manifest, tmp_path, ray_local, capsys, monkeypatch):
+    """normalize / verify reserve data.<job>.num_cpus_per_task per Ray Data task: a task no node can hold is
+    refused before any dataset is built (their normal runs are test_normalize.py / test_tokenize_verify.py)."""
+    import ray.data
+
+    src = run_and_manifest[1].parent / "synth" / "llava_pretrain"
+    argv = (["data", "normalize", "--source", "llava_pretrain", "--input", str(src)] if job == "normalize" else
+            ["data", "verify", "--shards", str(tmp_path / "shards")])
+    if job == "verify":  # verify reads the shard index before Ray: a tiny shard set to check
+        assert main(["data", "tokenize", "--manifest", str(run_and_manifest[1]), "--out", str(tmp_path / "shards")]) == 0
+    monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: pytest.fail("a dataset was built"))
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "out"), "--set", f"data.{job}.num_cpus_per_task=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: data.{job}.num_cpus_per_task: ") \
+        and "asks 64 CPUs, the largest node has" in err, err

@@ -136,6 +136,8 @@ class NormalizeConfig:
     """Fail the job when more than this fraction of samples is bad."""
     probe_batch_size: int = 16
     """Samples per Ray Data probe task."""
+    num_cpus_per_task: float = 1.0
+    """CPUs each probe task reserves (decoding media headers is CPU work; no GPU is ever asked)."""
     min_audio_seconds: float = 0.05
     """Shorter clips are rejected as too short."""
     dedupe: bool = True
@@ -172,6 +174,8 @@ class VerifyConfig:
     seed: int = 0
     drift_tolerance: float = 0.25
     """Relative change of length statistics against a baseline that counts as drift."""
+    num_cpus_per_task: float = 1.0
+    """CPUs each shard-check task reserves (one task per shard; CPU only)."""
 
 
 @dataclass
