@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .integrity import write_manifest
+from .storage import write_file
+
 PARITY = 1e-4
 OPSET = 17
 
@@ -170,5 +173,6 @@ def export_run(run_dir: str, fmt: str, out_dir: str | Path, quantize: str | None
     with torch.no_grad():
         rep = export_hf(run, out) if fmt == "hf" else export_onnx(run, out, quantize)
     rep.update(run=run.name, token_space_hash=run.ts.hash)
-    (out / "export.json").write_text(json.dumps(rep, indent=2) + "\n")
+    write_file(out / "export.json", json.dumps(rep, indent=2) + "\n")
+    write_manifest(out)  # last: the digests of the exported folder (lumo_ray/integrity.py)
     return rep

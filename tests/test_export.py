@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lumo_ray.generate import load_run
+from lumo_ray.integrity import write_manifest
 from test_generate_decode import make_tiny_run
 
 
@@ -22,6 +23,7 @@ def run(tmp_path_factory):
 
     d = make_tiny_run(tmp_path_factory.mktemp("export") / "run")
     build_adapters(load_config(LumoConfig).uti).text.tokenizer.save_pretrained(str(d / "export"))
+    write_manifest(d / "export")
     return d
 
 

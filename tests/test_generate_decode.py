@@ -15,6 +15,7 @@ from lumo_ray.config import LumoConfig, dump_config, load_config
 from lumo_ray.eval.gates import check_generations, golden_set, run_decode_gate, summarize
 from lumo_ray.generate import (GenOptions, build_prompt, generate, generate_spans, load_run, require_same_space,
                                row_seed, task_spec)
+from lumo_ray.integrity import write_manifest
 from lumo_ray.models.base_lm import build_base_lm
 from lumo_ray.models.constrained import SpanConstraint
 from lumo_ray.token_space import TokenSpaceError
@@ -28,6 +29,7 @@ def make_tiny_run(root):
     model = build_base_lm("tiny", ts.padded_size, seed=0)
     model.save_pretrained(str(root / "export"))
     ts.save(root / "export")
+    write_manifest(root / "export")  # as the trainer's export ends (loaders verify it)
     dump_config(cfg, root)
     return root
 

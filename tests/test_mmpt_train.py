@@ -20,7 +20,7 @@ from lumo_ray.cli.demo.lm import build_synth_shards
 from lumo_ray.models.token_lm import load_token_lm
 from lumo_ray.token_space import TokenSpaceMismatch
 from lumo_ray.uti import load_token_space
-from trainers.core import LocalContext
+from trainers.core import LocalContext, load_state
 from trainers.mmpt import MMPT_DEFAULTS
 from trainers.token_lm import evaluate_tasks, token_lm_loop
 
@@ -121,7 +121,7 @@ def test_resume_is_exact(data, stage33, straight, tmp_path):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         token_lm_loop(half, LocalContext(), hook=stop, ts=ts, **QUIET)
-    st = torch.load(tmp_path / "checkpoints" / "step-0000003" / "state.pt", weights_only=False)
+    st = load_state(tmp_path / "checkpoints" / "step-0000003")
     assert set(st["data"]["streams"]) == {"image", "audio"}
     resumed = copy.deepcopy(half)
     resumed.token_lm.train.resume = "auto"

@@ -21,7 +21,7 @@ from lumo_ray.data.synth import write_synth
 from lumo_ray.storage import locate, runs_root
 from pipelines.normalize import run_normalize
 from pipelines.tokenize import run_tokenize
-from trainers.core import LocalContext
+from trainers.core import LocalContext, load_state
 from trainers.token_lm import token_lm_loop
 
 DATA = ["data.normalize.eval_permille=400", "data.tokenize.shard_size=4", "data.tokenize.batch_size=4",
@@ -169,7 +169,7 @@ def test_token_lm_trains_on_s3_checkpoints_to_s3_and_resumes(data, s3, tmp_path)
     assert len(ref["loss_history"]) == 2
     assert all(abs(x - y) <= 1e-5 for x, y in zip(ref["loss_history"], b["loss_history"])), \
         (ref["loss_history"], b["loss_history"])
-    st = torch.load(tmp_path / "b" / "checkpoints" / "step-0000004" / "state.pt", weights_only=False)
+    st = load_state(tmp_path / "b" / "checkpoints" / "step-0000004")
     assert st["step"] == 4 and st["token_space_hash"] == load_index(data["uri"])["token_space_hash"]
 
 

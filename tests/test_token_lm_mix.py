@@ -16,7 +16,7 @@ from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.data import mix
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.uti import load_token_space
-from trainers.core import LocalContext
+from trainers.core import LocalContext, load_state
 from trainers.token_lm import token_lm_loop
 
 QUIET = dict(log=lambda *a, **k: None)
@@ -107,7 +107,7 @@ def test_mixed_run_records_the_mix_and_resumes_exactly(sets, tmp_path, layouts):
     resumed = copy.deepcopy(half)
     resumed.token_lm.train.resume = "auto"
     r = token_lm_loop(resumed, LocalContext(), ts=ts, eval_start=False, **QUIET)
-    st = torch.load(tmp_path / "half" / "checkpoints" / "step-0000002" / "state.pt", weights_only=False)["data"]
+    st = load_state(tmp_path / "half" / "checkpoints" / "step-0000002")["data"]
     assert "sources" in (st["streams"]["image"] if layouts == "any" else st)  # per-source positions recorded
     assert len(r["loss_history"]) == 2
     for x, y in zip(full["loss_history"][2:], r["loss_history"]):

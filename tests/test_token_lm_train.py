@@ -19,7 +19,7 @@ from lumo_ray.eval.text_invariance import text_invariance
 from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
 from lumo_ray.token_space import TokenSpaceMismatch
 from lumo_ray.uti import load_token_space
-from trainers.core import LocalContext
+from trainers.core import LocalContext, load_state
 from trainers.token_lm import evaluate_tasks, run_token_lm, token_lm_loop
 
 QUIET = dict(log=lambda *a, **k: None)
@@ -67,7 +67,7 @@ def test_resume_is_exact(data, straight, tmp_path):
     resumed_cfg = copy.deepcopy(half)
     resumed_cfg.token_lm.train.resume = "auto"
     r = token_lm_loop(resumed_cfg, LocalContext(), ts=ts, **QUIET)
-    first = torch.load(tmp_path / "checkpoints" / "step-0000003" / "state.pt", weights_only=False)
+    first = load_state(tmp_path / "checkpoints" / "step-0000003")
     assert first["data"]["pos"] == 12 and first["token_space_hash"] == ts.hash
     assert len(r["loss_history"]) == 3
     for a, b in zip(m["loss_history"][3:], r["loss_history"]):

@@ -11,7 +11,7 @@ from lumo_ray.cli import main
 from lumo_ray.config import TrackingConfig
 from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
-from trainers.core import LocalContext, fetch_checkpoint, latest_ray_checkpoint
+from trainers.core import LocalContext, fetch_checkpoint, latest_ray_checkpoint, load_state
 from trainers.vlm import Trainee, prepare_run, run_loop, train_vlm
 
 QUIET = lambda *_: None  # noqa: E731
@@ -108,11 +108,10 @@ def test_ray_train_ddp_restarts_failed_worker_from_checkpoint(synth, tmp_path, r
     assert set(m["final"]["eval_buckets"]) == {"0", "1", "2", "3"}
     gold = (run / "golden" / "step_000010.jsonl").read_text().splitlines()
     assert len(gold) == 4 and all(set(json.loads(g)) >= {"id", "reference", "generated"} for g in gold)
-    import torch
     last = latest_ray_checkpoint(cfg.train.storage_path)
     assert last.startswith("s3://lumo/vlm/ddp/train/checkpoint_") and not (run / "ray").exists()
     assert not (run / "checkpoints").exists()  # checkpoints reach the bucket through storage_path only
-    st = torch.load(fetch_checkpoint(last) / "state.pt", weights_only=False)
+    st = load_state(fetch_checkpoint(last))
     assert st["step"] == 10 and len(st["rng"]) == 2 and {"optimizer", "scheduler", "data_position", "config"} <= set(st)
 
     abl = locate(s3("vlm/abl"))

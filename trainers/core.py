@@ -23,11 +23,15 @@ import numpy as np
 import torch
 
 CKPT_STATE = "state.pt"
-# run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}: the one checkpoint layout. Checkpoints
-# reach an object store through Ray Train's storage_path, so a run directory's mirror skips the folder.
+# the non-tensor state (step, data position, RNG, scheduler, config): JSON, so resuming unpickles nothing
+CKPT_JSON = "state.json"
+RESUME_TODO = "resume another checkpoint (train.resume=auto takes the newest that verifies)"
+# run_dir/checkpoints/step-NNNNNNN/{state.pt, state.json, meta.json, ..., SHA256SUMS}: the one checkpoint
+# layout; SHA256SUMS (lumo_ray/integrity.py) is written last and verified before a resume reads anything.
+# Checkpoints reach an object store through Ray Train's storage_path, so a run directory's mirror skips the folder.
 CHECKPOINTS = "checkpoints"
 # train.strategy fsdp: <checkpoint>/shards/ holds torch.distributed.checkpoint files, each rank's shard of
-# the weights and the optimizer state (__<rank>_0.distcp) and rank 0's .metadata; state.pt the rest.
+# the weights and the optimizer state (__<rank>_0.distcp) and rank 0's .metadata; state.json the rest.
 SHARDS = "shards"
 HOLD_S = 300  # train.hold_at_step: long enough for a test to kill a node, short enough to end a forgotten run
 
@@ -170,16 +174,27 @@ def make_scheduler(opt: torch.optim.Optimizer, t) -> torch.optim.lr_scheduler.La
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every generator's state as JSON (torch's byte states as hex): a checkpoint's state.json."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state().numpy().tobytes().hex(),
+            "numpy": [kind, key.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(words), gauss_next],
+            "cuda": ([t.numpy().tobytes().hex() for t in torch.cuda.get_rng_state_all()]
+                     if torch.cuda.is_available() else None)}
 
 
 def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    def byte_state(h: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)
+
+    torch.set_rng_state(byte_state(s["torch"]))
+    kind, key, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    version, words, gauss_next = s["python"]
+    random.setstate((version, tuple(words), gauss_next))
     if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([byte_state(h) for h in s["cuda"]])
 
 
 def seed_all(seed: int) -> None:
@@ -246,7 +261,8 @@ def shard(model: torch.nn.Module, device: torch.device, bf16: bool, forward_meth
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):  # a meta-built model: fully_shard moves its real tensors
+        model.to(device)
     for m in list(model.modules()):
         if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer")):
             fully_shard(m, mp_policy=mp)
@@ -393,18 +409,40 @@ def commit_checkpoint(tmp: Path, final: Path, keep: int) -> Path:
     return final
 
 
+def _holds_tensor(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, dict):
+        return any(_holds_tensor(v) for v in x.values())
+    return isinstance(x, (list, tuple)) and any(_holds_tensor(v) for v in x)
+
+
+def _plain(o: Any) -> Any:
+    """json.dumps' fallback: NumPy numbers and arrays (a data position's counters) as Python ones."""
+    if isinstance(o, (np.generic, np.ndarray)):
+        return o.tolist()
+    raise TypeError(f"checkpoint state: {type(o).__name__} is neither a tensor nor JSON")
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, extra_files: dict[str, str] | None = None,
-                    keep: int = 2, fresh: bool = True) -> Path:
-    """run_dir/checkpoints/step-NNNNNNN/{state.pt, meta.json, ...}; written to a temp name, then renamed;
-    the newest `keep` stay. fresh=False: the temp folder already holds the sharded files."""
+                    keep: int = 2, fresh: bool = True, digests: dict[str, str] | None = None) -> Path:
+    """run_dir/checkpoints/step-NNNNNNN/{state.pt, state.json, meta.json, ..., SHA256SUMS}: the entries of
+    `state` that hold tensors in state.pt (read back with weights_only), the rest in state.json; the
+    digests last; written to a temp name, then renamed; the newest `keep` stay. fresh=False: the temp
+    folder already holds the sharded files (digests: those the other ranks hashed)."""
+    from lumo_ray.integrity import write_manifest
+
     tmp, final = checkpoint_paths(run_dir, step)
     if fresh:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    torch.save(state, tmp / CKPT_STATE)
+    torch.save({k: v for k, v in state.items() if _holds_tensor(v)}, tmp / CKPT_STATE)
+    plain = {k: v for k, v in state.items() if not _holds_tensor(v)}
+    (tmp / CKPT_JSON).write_text(json.dumps(plain, default=_plain) + "\n")
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     (tmp / "meta.json").write_text(json.dumps({"step": step, "token_space_hash": state.get("token_space_hash")}) + "\n")
+    write_manifest(tmp, digests)
     return commit_checkpoint(tmp, final, keep)
 
 
@@ -426,8 +464,16 @@ def save_sharded_checkpoint(ctx, run_dir: Path, step: int, model: torch.nn.Modul
     dist.barrier()
     tmp.mkdir(parents=True, exist_ok=True)
     dcp.save(sharded_state(model, opt, names), checkpoint_id=str(tmp / SHARDS))  # ends once .metadata is written
+    # each rank hashes its own shard files (rank 0 may not see them: a URI run's staging copy), rank 0
+    # lists them all in the checkpoint's SHA256SUMS
+    from lumo_ray.integrity import sha256_file
+
+    mine = {f"{SHARDS}/{f.name}": sha256_file(f) for f in sorted((tmp / SHARDS).glob(f"__{dist.get_rank()}_*.distcp"))}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
     if ctx.rank == 0:
-        save_checkpoint(run_dir, step, state, extra_files, keep, fresh=False)
+        save_checkpoint(run_dir, step, state, extra_files, keep, fresh=False,
+                        digests={k: v for d in every for k, v in d.items()})
     dist.barrier()  # rank 0 has renamed the shared folder
     if ctx.rank != 0 and tmp.exists():  # this process's own copy of the run directory
         commit_checkpoint(tmp, final, keep)
@@ -462,23 +508,64 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def load_state(ck: Path) -> dict:
-    return torch.load(Path(ck) / CKPT_STATE, map_location="cpu", weights_only=False)
+    """A checkpoint's state: state.pt's tensors (no pickle: weights_only) and state.json. Callers verify
+    the checkpoint first (resolve_resume)."""
+    from lumo_ray.integrity import IntegrityError, load_tensors
+
+    ck = Path(ck)
+    if not (ck / CKPT_JSON).is_file():
+        raise IntegrityError("checkpoint", ck, f"no {CKPT_JSON}: not a finished checkpoint of this version",
+                             "resume a checkpoint written by this version, or start a fresh run")
+    try:
+        plain = json.loads((ck / CKPT_JSON).read_text())
+    except ValueError as e:
+        raise IntegrityError("checkpoint file", ck / CKPT_JSON, f"not JSON ({e})") from None
+    return {**load_tensors(ck / CKPT_STATE), **plain}
 
 
-def resolve_resume(resume: str | None, run_dir: Path, ctx) -> Optional[Path]:
+def resolve_resume(resume: str | None, run_dir: Path, ctx, log: Callable[[str], None] = print) -> Optional[Path]:
     """Ray's restored checkpoint (worker restart) wins; else train.resume: 'auto' (the run directory's
-    newest), a checkpoint directory (path or URI), or none."""
+    newest), a checkpoint directory (path or URI), or none. Whatever is chosen is verified against its
+    SHA256SUMS before anything of it is read, and a mismatch refused (IntegrityError: one line naming the
+    file, exit 2). Only 'auto' falls back: it skips a checkpoint that does not verify, says which and why,
+    takes the next older one, and refuses, rather than starting over, when none verifies."""
+    from lumo_ray.errors import UserError
+    from lumo_ray.integrity import IntegrityError, check, verify
+
     ck = ctx.restored_checkpoint()
-    if ck is not None:
+    if resume != "auto":
+        if ck is None and resume:
+            ck = fetch_checkpoint(resume)
+            if not (ck / CKPT_STATE).exists():
+                raise UserError("train.resume", resume, f"no {CKPT_STATE} there", "give a checkpoints/step-N folder")
+        if ck is not None:
+            verify(ck, todo=RESUME_TODO)
         return ck
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    if resume:
-        p = fetch_checkpoint(resume)
-        if not (p / CKPT_STATE).exists():
-            raise FileNotFoundError(f"train.resume={resume}: no {CKPT_STATE} there")
-        return p
+    cands = ([ck] if ck is not None else []) + sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"), reverse=True)
+    skipped = []
+    for c in cands:
+        why = check(c)
+        if why is None:
+            if skipped:
+                log(f"train.resume=auto: resuming {c}, the newest checkpoint that verifies")
+            return c
+        log(f"train.resume=auto: skipped {c}: {why}")
+        skipped.append(Path(c).name)
+    if skipped:
+        raise IntegrityError("train.resume=auto", Path(run_dir) / CHECKPOINTS,
+                             f"none of {len(skipped)} checkpoints verifies ({', '.join(skipped)}; each logged with why)",
+                             "move the folder aside to start a fresh run")
     return None
+
+
+def check_resume(resume: str | None) -> None:
+    """The driver's look at train.resume=<local path> before any worker starts (the workers verify again
+    whatever they resume, a URI or Ray Train's restored checkpoint too)."""
+    from lumo_ray.integrity import verify
+    from lumo_ray.storage import is_uri
+
+    if resume and resume != "auto" and not is_uri(resume) and (Path(resume) / CKPT_STATE).exists():
+        verify(resume, todo=RESUME_TODO)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,10 +573,10 @@ def resolve_resume(resume: str | None, run_dir: Path, ctx) -> Optional[Path]:
 # ------------------------------------------------------------------------------------------------
 
 def launch(worker_fn: Callable, loop_config: dict, t, storage: str, name: str, address: Optional[str] = None,
-           keep: int | None = None, section: str = "train"):
+           keep: int | None = None, section: str = "train", callbacks: Optional[list] = None):
     """Run worker_fn(loop_config) on t.num_workers Ray Train workers (DDP) with the resources of train
-    section `t` (`section` names it in a refusal); `storage` (a path or URI) is Ray's storage_path.
-    Returns the Ray Train Result."""
+    section `t` (`section` names it in a refusal); `storage` (a path or URI) is Ray's storage_path;
+    callbacks: Ray Train's (a Tune trial's TuneReportCallback). Returns the Ray Train Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -500,6 +587,7 @@ def launch(worker_fn: Callable, loop_config: dict, t, storage: str, name: str, a
     from lumo_ray.storage import ray_storage
 
     workers = train_resources(t, section)
+    check_resume(getattr(t, "resume", None))  # before Ray: a refusal is the command's one line
     init_ray(address)
     require_fit([workers])
     # Ray picks NCCL for GPU workers; a torch built without it (a CPU wheel: the workers run this same
@@ -511,7 +599,8 @@ def launch(worker_fn: Callable, loop_config: dict, t, storage: str, name: str, a
                                      resources_per_worker={"CPU": workers.cpus},
                                      accelerator_type=workers.accelerator_type or None),
         run_config=RunConfig(**ray_storage(storage), name=name, failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep), logging_config=train_logging()))
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep), logging_config=train_logging(),
+                             callbacks=callbacks))
     result = trainer.fit()
     print(f"[train] {section} rank 0 computed on {(result.metrics or {}).get('placement', '?')}", flush=True)
     return result
@@ -525,6 +614,7 @@ def storage_of(t, run_dir: str | Path) -> str:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    from lumo_ray.storage import write_file  # temp + rename: a symlink planted at `path` is never followed
+
+    write_file(path, json.dumps(obj, indent=2, default=str) + "\n")
     return path

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import ImageConfig, RuntimeConfig
+from ..integrity import PRESET_TODO, verify_once
 from ..runtime import torch_threads
 from . import base
 from .base import (IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity, state_digest,
@@ -100,6 +101,7 @@ def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: i
                         up_block_types=("UpDecoderBlock2D",) * down, sample_size=resolution, **kw)
     model.eval()
     if name == "tiny" and trained:
+        verify_once(base.TINY_VQ_WEIGHTS.parent, "shipped VQ preset", PRESET_TODO)
         load_weights(model, base.TINY_VQ_WEIGHTS)
     elif name == "tiny":
         key = (name, seed, kw["num_vq_embeddings"], resolution)
@@ -136,12 +138,13 @@ def load_weights(model: Any, path: Path) -> None:
 def save_weights(model: Any, path: Path) -> str:
     """Write the state dict as safetensors (no metadata: the bytes are a function of the weights);
     returns the file's sha256."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ..storage import write_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in sorted(model.state_dict().items())}
-    save_file(sd, str(path))
+    write_file(path, save(sd))
     return base.file_sha256(path)
 
 

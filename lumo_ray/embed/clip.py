@@ -128,6 +128,9 @@ def tiny_clip(seed: int = 0, trained: bool | None = None) -> ClipModel:
     if (seed == 0) if trained is None else trained:
         from safetensors.torch import load_file
 
+        from ..integrity import PRESET_TODO, verify_once
+
+        verify_once(ASSET_DIR, "shipped CLIP preset", PRESET_TODO)
         model.load_state_dict(load_file(str(ASSET_DIR / WEIGHTS)))
     return ClipModel(model, tok, TINY_IMAGE)
 

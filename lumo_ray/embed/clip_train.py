@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..integrity import write_manifest
+from ..storage import write_file
 from .clip import WEIGHTS, tiny_clip, unit_features
 
 
@@ -193,7 +195,8 @@ def save_preset(clip, out_dir: str | Path, meta: dict) -> dict:
     out = Path(out_dir)
     sha = save_weights(clip.model, out / WEIGHTS)
     meta = dict(meta, weights_sha256=sha, bytes=(out / WEIGHTS).stat().st_size)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_file(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    write_manifest(out)  # the preset's digests, verified when it loads (lumo_ray/integrity.py)
     return meta
 
 
