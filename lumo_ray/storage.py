@@ -10,7 +10,14 @@ usual environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, instance roles, GO
 CREDENTIALS); keep them out of URIs, which end up in logs and reports.
 
 Write semantics, which resume and verify rely on:
-- local / shared FS: `write_atomic` writes `<name>.tmp`, fsyncs and renames: atomic.
+- local / shared FS: every write (`write_bytes`, `write_text`, `atomic_writer`, `write_atomic`, and
+  `write_file` for plain paths) goes through `safe_writer`: the bytes land in `<name>.tmp`, created
+  with O_CREAT|O_EXCL|O_NOFOLLOW in the destination's directory (a stale temp or a symlink planted at
+  that name is unlinked first, never followed), then `os.replace` puts it on the final name. A rename
+  replaces a symlink at the final name itself, never its target, so no write follows a symlink it did
+  not create. A Loc built below another (`out / "train" / "x.tar"`) remembers `out` as its output
+  folder: a destination whose directory resolves outside it (a symlinked subfolder) is refused with
+  one line (UnsafeOutput). `write_atomic` also fsyncs: atomic and durable.
 - object store: `write_atomic` uploads `<name>.tmp`, then moves it (server-side copy + delete). A
   reader of the final key sees the old object or the whole new one, never a partial upload (an
   interrupted or failed upload only ever lands on the `.tmp` key), but the move is not one atomic
@@ -37,8 +44,132 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from .errors import UserError
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 READ_BUFFER = 8 << 20  # object stores: one buffered read stream, not one ranged GET per small read
+
+
+class UnsafeOutput(UserError):
+    """An output path that resolves outside its output folder (a symlinked folder on the way)."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _real_dir(dest: Path, root: Union[str, os.PathLike, None]) -> Path:
+    """The symlink-free directory `dest` lands in; refused when it is not inside `root`'s real path."""
+    real = os.path.realpath(dest.parent)
+    if root is not None:
+        top = os.path.realpath(root)
+        if not _inside(real, top):
+            raise UnsafeOutput("output", dest, f"resolves to {os.path.join(real, dest.name)}, outside the output "
+                               f"folder {root} (a symlink on the way)",
+                               "remove the symlink, or write to another output folder")
+    return Path(real)
+
+
+def _open_dir(real: Path) -> int:
+    """An fd of the checked directory (created when missing): the temp file and the rename happen
+    relative to it, so a folder swapped after the check cannot redirect them."""
+    real.mkdir(parents=True, exist_ok=True)
+    dfd = os.open(real, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+    st, now = os.fstat(dfd), os.stat(real)
+    if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+        os.close(dfd)
+        raise UnsafeOutput("output", real, "the folder changed while it was being opened", "re-run")
+    return dfd
+
+
+@contextlib.contextmanager
+def safe_writer(dest: Union[str, os.PathLike], root: Union[str, os.PathLike, None] = None,
+                fsync: bool = False) -> Iterator[BinaryIO]:
+    """The one way lumo writes a local file: a binary writer on `<name>.tmp` (O_EXCL|O_NOFOLLOW, in
+    the destination's directory), renamed onto `dest` when the body ends without error (removed
+    when it raises). A symlink at `dest` or at its temp name is replaced, never followed; `root`:
+    the output folder `dest` must resolve inside (refused with UnsafeOutput). fsync: flush to disk
+    before the rename (atomic and durable)."""
+    dest = Path(os.fspath(dest)).expanduser().absolute()
+    dfd = _open_dir(_real_dir(dest, root))
+    tmp = dest.name + ".tmp"
+    try:
+        try:
+            os.unlink(tmp, dir_fd=dfd)  # a stale temp of a killed run, or a planted symlink: the name only
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     0o666, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+                if fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, dest.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
+
+
+def check_output(path: "PathLike", root: Union[str, os.PathLike, None] = None) -> None:
+    """Refuse now (UnsafeOutput, one line) a local output path whose folder resolves outside `root`
+    (default: the Loc's own output folder): a driver checks before its workers write there."""
+    loc = locate(path)
+    if loc.is_local:
+        _real_dir(Path(loc.path), root if root is not None else loc.root)
+
+
+def safe_move(src: Union[str, os.PathLike], dest: Union[str, os.PathLike],
+              root: Union[str, os.PathLike, None] = None) -> None:
+    """Rename a file this process wrote (`src`, e.g. in a staging folder of its own) onto `dest`, with
+    safe_writer's rules: a symlink at `dest` is replaced, a folder outside `root` refused."""
+    dest = Path(os.fspath(dest)).expanduser().absolute()
+    dfd = _open_dir(_real_dir(dest, root))
+    try:
+        os.replace(os.path.abspath(src), dest.name, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def write_file(path: "PathLike", data: Union[bytes, str], root: Union[str, os.PathLike, None] = None,
+               fsync: bool = False) -> None:
+    """Write a whole file at a path or URI (str is UTF-8): safe_writer for local paths, `root` the
+    output folder it must stay in; an object-store key is written as Loc.write_bytes does."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    loc = locate(path)
+    if not loc.is_local:
+        loc.write_bytes(raw)
+        return
+    with safe_writer(loc.path, root if root is not None else loc.root, fsync=fsync) as fh:
+        fh.write(raw)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Union[str, os.PathLike], root: Union[str, os.PathLike, None] = None) -> Iterator[Path]:
+    """For writers lumo does not control (Hugging Face save_pretrained, ...): a fresh folder beside
+    `dest` (mkdtemp: created by this process, nothing planted in it) to write into; when the body
+    ends, every file in it is moved onto the same relative name below `dest` with safe_move, in the
+    order they were written (default root: dest's parent, so a symlinked `dest` folder is refused),
+    then the staging folder goes."""
+    dest = Path(os.fspath(dest)).expanduser().absolute()
+    root = dest.parent if root is None else root
+    real = _real_dir(dest, root)
+    real.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=real))
+    try:
+        yield tmp
+        files = [f for f in tmp.rglob("*") if f.is_file() and not f.is_symlink()]
+        for f in sorted(files, key=lambda f: (f.stat().st_mtime_ns, str(f))):  # in the order written: last stays last
+            safe_move(f, dest / f.relative_to(tmp), root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_uri(p: object) -> bool:
@@ -49,10 +180,12 @@ def is_uri(p: object) -> bool:
 class Loc:
     """A file or directory on some filesystem; `str(loc)` is the absolute path or the URI."""
 
-    __slots__ = ("fs", "path", "_uri")
+    __slots__ = ("fs", "path", "_uri", "root")
 
-    def __init__(self, fs: pafs.FileSystem, path: str, uri: tuple[str, str, str, str] | None = None):
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: tuple[str, str, str, str] | None = None,
+                 root: str | None = None):
         self.fs, self.path, self._uri = fs, path, uri  # _uri: (scheme, netloc, path, query); None = local
+        self.root = root  # the output folder this Loc was built below (`out / name`): local writes stay in it
 
     # -- naming ---------------------------------------------------------------------------------
     @property
@@ -86,7 +219,7 @@ class Loc:
         name = str(name).strip("/")
         path = f"{self.path.rstrip('/')}/{name}"
         if self._uri is None:
-            return Loc(self.fs, str(Path(self.path) / name), None)
+            return Loc(self.fs, str(Path(self.path) / name), None, self.root or self.path)
         s, n, p, q = self._uri
         return Loc(self.fs, path, (s, n, f"{p.rstrip('/')}/{name}", q))
 
@@ -97,7 +230,8 @@ class Loc:
     @property
     def parent(self) -> "Loc":
         if self._uri is None:
-            return Loc(self.fs, str(Path(self.path).parent), None)
+            up = str(Path(self.path).parent)
+            return Loc(self.fs, up, None, self.root if self.root and _inside(up, self.root) else None)
         s, n, p, q = self._uri
         return Loc(self.fs, self.path.rstrip("/").rsplit("/", 1)[0], (s, n, p.rstrip("/").rsplit("/", 1)[0], q))
 
@@ -167,11 +301,11 @@ class Loc:
         else:
             self.fs.create_dir(self.path, recursive=True)
 
-    def open_write(self) -> BinaryIO:
-        """A plain (non-atomic) binary writer; parents are created."""
+    def open_write(self) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A binary writer (use it in `with`); parents are created. Local: safe_writer (the file
+        appears whole at the end, no symlink followed, never outside `root`); object store: a stream."""
         if self._uri is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            return open(self.path, "wb")
+            return safe_writer(self.path, self.root)
         return self.fs.open_output_stream(self.path, compression=None)
 
     def write_bytes(self, data: bytes) -> None:
@@ -186,12 +320,8 @@ class Loc:
         """Write `<name>.tmp`, then put it in place (see the module docstring for what that promises)."""
         tmp = self.with_name(self.name + ".tmp")
         if self._uri is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp.path, "wb") as fh:
+            with safe_writer(self.path, self.root, fsync=True) as fh:
                 yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp.path, self.path)
             return
         # pyarrow completes an upload when the stream closes, even after an error: write to .tmp and
         # only move it into place when the body ran to the end.
@@ -236,7 +366,11 @@ def locate(p: PathLike) -> Loc:
     if s.lower().startswith("file://"):
         s = urlsplit(s).path
     if not is_uri(s):
-        return Loc(pafs.LocalFileSystem(), str(Path(s).expanduser().resolve()), None)
+        # The folders resolved, the final name kept: a Loc names the file itself, never what a symlink
+        # there points at (writes replace such a link; reads and opens still go through it).
+        p = Path(s).expanduser().absolute()
+        p = p.resolve() if p.name in ("", "..") else p.parent.resolve() / p.name
+        return Loc(pafs.LocalFileSystem(), str(p), None)
     fs, path = pafs.FileSystem.from_uri(s)
     u = urlsplit(s)
     return Loc(fs, path.rstrip("/"), (u.scheme, u.netloc, u.path.rstrip("/"), u.query))

@@ -21,7 +21,7 @@ from lumo_ray.data.manifest import ErrorRecord, dropped_warning, read_manifest, 
 from lumo_ray.generate import GenOptions
 from lumo_ray.resources import job_resources
 from lumo_ray.runtime import Progress, rate_eta
-from lumo_ray.storage import resolve
+from lumo_ray.storage import resolve, write_file
 
 from .ray_env import init_ray, placement, unit_device
 from .status import require_fit
@@ -66,7 +66,7 @@ def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Pa
         raise ValueError(f"{out} holds a generation with other settings ({out / 'options.json'}); "
                          "give a new --out, or the same settings to finish it")
     parts.mkdir(parents=True, exist_ok=True)
-    (out / "options.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_file(out / "options.json", json.dumps(settings, indent=2) + "\n")
     for stale in parts.glob("*.tmp"):  # a unit a killed run was writing
         stale.unlink()
     todo = [k for k in range(len(units)) if not (parts / unit_name(k)).exists()]
@@ -85,10 +85,8 @@ def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Pa
             placed.add(row["placed"])
             for name, b64 in res["files"].items():
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
-                (out / name).write_bytes(base64.b64decode(b64))
-            tmp = parts / (unit_name(k) + ".tmp")
-            tmp.write_text(res["rows"])
-            tmp.rename(parts / unit_name(k))  # the unit counts as done only now
+                write_file(out / name, base64.b64decode(b64), root=out)
+            write_file(parts / unit_name(k), res["rows"])  # temp + rename: the unit counts as done only now
             bar.update(done, lambda: f"[generate] {done}/{len(todo)} units ({rate_eta(done, len(todo), t0, unit='units')})")
         bar.close()
         log(f"[generate] actors computed on: {'; '.join(sorted(placed))}")
@@ -97,13 +95,13 @@ def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Pa
     errors = [e for e in read_errors] + [ErrorRecord(id=r["id"], stage=r["error"]["stage"], reason=r["error"]["reason"],
                                                      source=str(r.get("input") or ""), detail=r["error"]["detail"])
                                          for r in rows if "error" in r]
-    (out / "results.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in ok))
+    write_file(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in ok))
     write_errors(errors, out / "errors.jsonl")
     samples = [s for r in ok for s in r["samples"]]
     summary = {"records": len(records), "for_task": len(items), "generated": len(ok), "errors": len(errors),
                "skipped": skipped, "units": len(units), "samples": len(samples),
                "compliant": sum(s["ok"] for s in samples)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_file(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     log(f"[generate] done: {len(ok)} records, {summary['compliant']}/{len(samples)} samples compliant, "
         f"{len(errors)} errors -> {out / 'results.jsonl'}")
     warn = dropped_warning([e.reason for e in errors], len(items) + len(read_errors), out / "errors.jsonl")

@@ -21,7 +21,7 @@ from lumo_ray.config import LumoConfig
 from lumo_ray.data import shard_set
 from lumo_ray.data.manifest import dropped_warning, require_manifest
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
-from lumo_ray.data.tokenize import SampleTokenizer, tokenize_config_digest
+from lumo_ray.data.tokenize import SampleTokenizer, text_token_bound, tokenize_config_digest
 from lumo_ray.resources import job_resources
 from lumo_ray.runtime import Progress, rate_eta
 from lumo_ray.storage import PathLike, locate
@@ -54,11 +54,11 @@ class ShardWriter:
     """Model stage: adapters loaded once per actor, on the device Ray gave it; encodes a shard in model
     batches and writes it."""
 
-    def __init__(self, cfg_blob: bytes, out: str, batch_size: int):
+    def __init__(self, cfg_blob: bytes, out: str, batch_size: int, max_text_tokens: int = 0):
         uti = pickle.loads(cfg_blob)
         device, ids = unit_device()
         uti.runtime.device, self.placed = str(device), placement(device, ids)  # runtime: never in an identity
-        self.tok = SampleTokenizer(uti)
+        self.tok = SampleTokenizer(uti, max_text_tokens)
         self.out, self.batch_size = locate(out), batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -81,8 +81,10 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     require_manifest(manifest)  # before anything is written
     ts = SampleTokenizer(cfg.uti).ts
     shard_set.start(out, cfg, manifest, ts)
-    cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash, tcfg.batch_size)
+    bound = text_token_bound(cfg)  # caption + prompt tokens: a longer sample is an error row, never in a shard
+    cfg_digest = tokenize_config_digest(cfg.uti, tcfg.shard_size, ts.hash, tcfg.batch_size, bound)
     plan = plan_manifest(manifest, tcfg.shard_size, cfg_digest, out, log=log)
+    shard_set.check_split_folders(out, [t.key for t in plan.tasks])  # one line, before a worker starts
     stats = shard_set.finished_shards(out, {t.key: t.digest for t in plan.tasks})  # resume: keep finished shards
     todo = [t for t in plan.tasks if t.key not in stats]
     log(f"[tokenize] {plan.records} records -> {len(plan.tasks)} shards ({len(stats)} complete, {len(todo)} to "
@@ -94,7 +96,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=min(len(todo), MAX_BLOCKS))
         ds = ds.map_batches(ShardLoader, fn_constructor_args=(blob, plan.manifest, plan.base), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=loaders.count), **loaders.ray_options())
-        ds = ds.map_batches(ShardWriter, fn_constructor_args=(blob, str(out), tcfg.batch_size), batch_size=1,
+        ds = ds.map_batches(ShardWriter, fn_constructor_args=(blob, str(out), tcfg.batch_size, bound), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=actors), **encoders.ray_options())
         t0, done_before, placed = time.time(), len(stats), set()
         bar = Progress(len(todo), "[tokenize] shards", "shards", log)

@@ -26,7 +26,7 @@ from lumo_ray.config import LumoConfig, TrackingConfig, build, dump_config, to_d
 from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.runtime import rate_eta
 from lumo_ray.tracking import open_tracker
-from lumo_ray.storage import RunDir, locate, resolve
+from lumo_ray.storage import RunDir, locate, resolve, write_file
 from lumo_ray.data.vlm_data import ImageStore, SequenceBuilder, StepSampler, prepare_data, to_device
 from lumo_ray.data.vlm_records import RecordTable, StreamSpec, data_dir, read_plan, write_tables
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
@@ -238,7 +238,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
     say = log if rank == 0 else (lambda *_: None)
     seed_all(t.seed * 1000 + rank)
     tr = Trainee(cfg, run, ctx, say)
-    ck = resolve_resume(t.resume, run, ctx)
+    ck = resolve_resume(t.resume, run, ctx, say)
     start = tr.restore(ck, rank) if ck is not None else 0
     sp = tr.sampler
     if start:
@@ -294,7 +294,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
                 if tracker is not None:
                     tracker.log(done, {"eval_loss": ev["loss"]})
                 (run / "golden").mkdir(exist_ok=True)
-                (run / "golden" / f"step_{done:06d}.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
+                write_file(run / "golden" / f"step_{done:06d}.jsonl", "".join(json.dumps(g) + "\n" for g in gold))
                 say(f"[vlm] step {done} eval loss {ev['loss']:.4f} over {ev['samples']} samples; golden "
                     f"{gold[0]['id'] if gold else '-'}: {gold[0]['generated'] if gold else ''!r}")
             ckpt = tr.checkpoint(cfg, done, run, ctx)
@@ -331,7 +331,7 @@ def finish(cfg: VLMConfig, tr: Trainee, run: Path, ctx, final: dict, step_times:
            "epochs": read_jsonl_last(run / "epochs.jsonl", key="epoch"),
            "data": tr.plan["stats"], "split": {"edges": tr.plan["edges"], "bucket_counts": tr.plan["bucket_counts"]},
            **(extra or {})}
-    (run / "metrics.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    write_file(run / "metrics.json", json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -219,14 +219,16 @@ def train_bpe(input_path: str, vocab_size: int, out_dir: str) -> Path:
     tk.train_from_iterator(texts, trainer=trainer, length=len(texts))
     hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=ENDOFTEXT, pad_token=PAD,
                                  clean_up_tokenization_spaces=False, model_max_length=1 << 20)
+    from ..storage import staged_dir
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out))
-    # the class name both transformers 4.x and 5.x resolve (5.x writes its own 'TokenizersBackend')
-    cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    with staged_dir(out) as tmp:  # save_pretrained writes into a folder of ours, then each file moves in
+        hf.save_pretrained(str(tmp))
+        # the class name both transformers 4.x and 5.x resolve (5.x writes its own 'TokenizersBackend')
+        cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(cfg_path.read_text())
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     return out
 
 

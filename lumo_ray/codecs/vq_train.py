@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..config import CodecTrainConfig, ImageConfig, RuntimeConfig
 from ..runtime import torch_threads
+from ..storage import write_file
 from .base import ImageInput
 from . import image_vq
 
@@ -190,7 +191,7 @@ def _train(c: CodecTrainConfig, log: Callable, report: Callable | None, out_dir:
         out_dir = Path(out_dir)
         metrics["weights_sha256"] = image_vq.save_weights(model, out_dir / "model.safetensors")
         metrics["weights_bytes"] = (out_dir / "model.safetensors").stat().st_size
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_file(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         log(f"[codec] wrote {out_dir / 'model.safetensors'} ({metrics['weights_bytes']} bytes, sha256 "
             f"{metrics['weights_sha256'][:16]}...) and metrics.json")
     return model, metrics

@@ -45,8 +45,9 @@ class TextConfig:
 class AudioConfig:
     kind: Literal["encodec", "none"] = "encodec"
     model: str = "tiny-24k"
-    """'tiny-24k' / 'tiny-48k' (random-init presets), 'full-24k' / 'full-48k' (full-size EnCodec
-    architecture, random weights), a hub id such as facebook/encodec_24khz, or a local directory."""
+    """'tiny-24k' (random-init; with `fitted: true` and seed 0 the shipped fitted weights of `lumo codec
+    train-audio`), 'tiny-48k' (random-init), 'full-24k' / 'full-48k' (full-size EnCodec architecture, random weights),
+    a hub id such as facebook/encodec_24khz, or a local directory."""
     bandwidth: float = 1.5
     """Target bandwidth in kbps; selects the number of codebooks."""
     sample_rate: Optional[int] = None
@@ -65,6 +66,11 @@ class AudioConfig:
     """Clips shorter than this are rejected as too short."""
     seed: int = 0
     """Seed of the random-init presets."""
+    fitted: bool = False
+    """tiny-24k, seed 0: load the shipped fitted weights (reconstructions keep count, length and pitch
+    audibly; docs/stage3_uti.md "Tiny audio codec") instead of the random init. Off by default: on them the
+    demo's stage-4 t2a pitch fidelity measured 0.66 against its 0.71 gate (seed 0), and the demo keeps
+    settings its gates pass."""
     load: bool = True
 
 
@@ -143,6 +149,14 @@ class NormalizeConfig:
     dedupe: bool = True
     """Record exact duplicates (same task and media content as an earlier record in another group, or
     with the same caption) in errors.jsonl as 'duplicate media' and keep only the first."""
+    max_caption_chars: int = 4096
+    """Longer captions are recorded as 'caption too long' errors (a 512-token sequence holds ~2,000
+    characters; tokenize also refuses text over the token LM's max_len, data.tokenize.max_text_tokens)."""
+    max_prompt_chars: int = 4096
+    """Longer prompts are recorded as 'prompt too long' errors."""
+    max_id_chars: int = 256
+    """Longer ids (with their '<source>:' prefix) are recorded as 'id too long' errors; an id must also
+    be printable (no NUL, newline or other control character: 'id not printable')."""
 
 
 @dataclass
@@ -163,6 +177,9 @@ class TokenizeConfig:
     batch_size: int = 16
     """Samples per model call; batches are cut in manifest order, so output never depends on actors."""
     error_rate_ceiling: float = 0.5
+    max_text_tokens: int = 0
+    """A sample whose caption + prompt tokens exceed this is a 'text too long' error, never in a shard.
+    0: token_lm.seq.max_len (a longer text cannot fit a training sequence)."""
 
 
 @dataclass
@@ -305,6 +322,61 @@ class CodecTrainConfig:
 
 
 @dataclass
+class AudioCodecTrainConfig:
+    """`lumo codec train-audio`: fit the tiny EnCodec preset ('tiny-24k' architecture through
+    transformers.EncodecModel) on Ray Train, deterministic for a seed (lumo_ray/codecs/audio_train.py:
+    PCA encoder, k-means RVQ, least-squares decoder). The shipped preset weights
+    (lumo_ray/codecs/assets/encodec_tiny24k/) come from this command with these defaults."""
+    seed: int = 0
+    """The random 'tiny-24k' preset of this seed is the starting point; seeds the k-means."""
+    bandwidths: list[float] = field(default_factory=lambda: [1.5, 3.0])
+    """Bandwidths whose RVQ levels are fitted on every frame (1.5 / 3 kbps: levels 0-3), and at which the
+    decoder is fitted (fit clip i quantized at bandwidths[i % len]) and the run is evaluated."""
+    synth_clips: int = 64
+    """Fit clips drawn like lumo_ray.data.synth's beeps (count, length, pitch, onset jitter, noise floor)."""
+    synth_seed: int = 1000
+    """Seed of the synthetic fit clips (disjoint from the demo's seeds 0-2 and eval_seed)."""
+    procedural_clips: int = 32
+    """Generic procedural fit clips (tones, chirps, noise bands at random levels): real-audio generality."""
+    procedural_seed: int = 1000
+    """Seed of the procedural fit clips."""
+    kmeans_iters: int = 8
+    """Lloyd iterations of the k-means of each bandwidth level (float64, k-means++ seeding)."""
+    deep_kmeans_iters: int = 2
+    """Lloyd iterations of the deeper levels (beyond the bandwidths; up to the 24 kbps 32 levels)."""
+    deep_max_frames: int = 8192
+    """Frames (a seeded subsample) the deeper levels' k-means run on."""
+    margin: float = 3.0
+    """ELU operating points: every channel an ELU reads is offset to margin x its largest excursion on
+    the fit data (louder inputs than any fit clip leave the identity range)."""
+    ridge: float = 1e-6
+    """Ridge penalty of the least-squares fits, relative to the mean feature variance."""
+    eval_clips: int = 48
+    """Held-out synthetic eval clips (waveform probe accuracy, SNR, log-mel L1 in metrics.json)."""
+    eval_seed: int = 2000
+    """Seed of the synthetic eval clips."""
+    real_data: str = ""
+    """Folder with real clips (*/audio/*.wav), reported with no floor; '' = the real samples shipped in the
+    package (lumo_ray/assets/real), as audit.real_data. max_real_clips=0 skips them."""
+    max_real_clips: int = 8
+    """Real clips evaluated."""
+    threads: int = 1
+    """torch intra-op threads (1: byte-identical weights for a seed)."""
+    out: str = "runs/codec_audio"
+    """Run directory: model.safetensors, metrics.json, config.yaml."""
+    num_workers: int = 1
+    """Ray Train workers (the tiny codec fits on exactly one)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved for the worker."""
+    use_gpu: bool = False
+    """Fit on a GPU worker (weights then differ from the CPU run's)."""
+    max_failures: int = 0
+    """Ray Train FailureConfig."""
+    storage_path: str = ""
+    """Ray Train storage ('' = <out>/ray)."""
+
+
+@dataclass
 class TrackingConfig:
     """Run tracking of every trainer and Tune study (lumo_ray/tracking.py)."""
     tensorboard: bool = True
@@ -332,15 +404,27 @@ class ServeConfig:
     accelerator_type: str = ""
     """Ray accelerator type the replicas must land on (e.g. 'A100', 'H100'); '' = any GPU."""
     token_file: str = ""
-    """A file holding a bearer token: requests must send `Authorization: Bearer <token>` ('' = open)."""
+    """A file holding a bearer token: requests must send `Authorization: Bearer <token>` ('' = open).
+    An empty or unreadable file refuses to start."""
+    insecure: bool = False
+    """Serve a host beyond loopback (e.g. 0.0.0.0) without a token; refused (exit 2) unless set."""
+    access_log: str = ""
+    """File that gets one line per request (time, client, method, route, status, ms, request id; never a
+    token or a body); '' = serve/access.log in the run directory (in the current directory for a run URI)."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest request body (base64 media included); larger is refused with 413."""
+    max_prompt_chars: int = 4000
+    """Longest caption prompt (t2i / t2a) in characters: longer is a 422 naming `prompt`, before any
+    tokenizing."""
+    max_prompt_tokens: int = 256
+    """Longest caption prompt in text tokens: longer is a 422 naming `prompt`; so is a prompt whose
+    sequence (prompt and the span it asks for) would exceed token_lm.seq.max_len."""
     max_n: int = 8
     """Most samples per request."""
     max_new_tokens: int = 256
     """Cap of a text answer's length (i2t / a2t `max_new_tokens`); media spans have fixed lengths."""
     timeout_s: float = 120.0
-    """A generation that takes longer is answered 504 (the replica keeps serving)."""
+    """A request not answered within this (waiting for a replica included) is a 504; the replica goes on."""
     max_batch_size: int = 8
     """Concurrent requests a replica takes in one batch (@serve.batch) and generates together."""
     batch_wait_s: float = 0.01
@@ -365,6 +449,9 @@ class GenerateConfig:
     """GPUs per generator actor (a fraction shares a GPU); the model runs on the GPU Ray gives the actor."""
     accelerator_type: str = ""
     """Ray accelerator type the generator actors must land on (e.g. 'A100', 'H100'); '' = any GPU."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance of t2i / t2a generations (`lumo generate`, with or without --manifest;
+    --guidance-scale overrides): in [1, 20], 1 = none. i2t / a2t always generate without it."""
 
 
 @dataclass
@@ -378,6 +465,7 @@ class LumoConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     token_lm: TokenLMConfig = field(default_factory=TokenLMConfig)
     codec: CodecTrainConfig = field(default_factory=CodecTrainConfig)
+    codec_audio: AudioCodecTrainConfig = field(default_factory=AudioCodecTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

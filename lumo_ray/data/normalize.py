@@ -7,6 +7,8 @@ the input files and the config:
     <out_dir>/manifest.jsonl   good records, sorted by id, with split and meta.probe
     <out_dir>/errors.jsonl     bad samples {id, stage, reason, source, detail}, sorted by id, and exact
                                duplicates (stage 'dedupe', reason 'duplicate media', 'duplicate of <id>')
+                               (stage 'bounds': an id, caption or prompt over its configured maximum,
+                               an id that is not printable, text that is not valid UTF-8)
     <out_dir>/summary.json     counts per source / split / task / stage / reason, error_rate, leakage
     <out_dir>/config.yaml      the resolved NormalizeConfig (as {"data": {"normalize": ...}})
 
@@ -49,6 +51,72 @@ def read_and_dedupe(source: str, input_path: str | Path) -> tuple[list[Record], 
         seen.add(r.id)
         kept.append(r)
     return kept, errors
+
+
+def shown(s: str, limit: int = 120) -> str:
+    """A string as one printable line of at most ~`limit` characters: control characters, NUL and
+    unencodable surrogates escaped (\\x00, \\udcff), the rest cut with its length named. Error ids and
+    details go through it, so a hostile id cannot break errors.jsonl or a log line."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                  for c in s[:limit])
+    return out + (f"... ({len(s)} characters)" if len(s) > limit else "")
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def bounds_error(r: Record, cfg: NormalizeConfig) -> Optional[ErrorRecord]:
+    """Why one record breaks the configured bounds (stage 'bounds'), or None: the id (length, printable),
+    caption and prompt (length), and every text field valid UTF-8 (a reader decodes bad bytes as lone
+    surrogates so the record, not the file, is refused)."""
+    def err(reason: str, why: str) -> ErrorRecord:
+        return ErrorRecord(id=shown(r.id, cfg.max_id_chars), stage="bounds", reason=reason,
+                           source=shown(r.source), detail=f"{shown(r.id)}: {why}")
+
+    if len(r.id) > cfg.max_id_chars:
+        return err("id too long", f"id has {len(r.id)} characters > data.normalize.max_id_chars {cfg.max_id_chars}")
+    if not r.id.isprintable():
+        bad = next(c for c in r.id if not c.isprintable())
+        return err("id not printable", f"id holds {shown(bad)} (ids must be printable: no NUL, newline or "
+                                       "control character)")
+    for field, limit, key in (("caption", cfg.max_caption_chars, "max_caption_chars"),
+                              ("prompt", cfg.max_prompt_chars, "max_prompt_chars")):
+        text = r.text.get(field) or ""
+        if len(text) > limit:
+            return err(f"{field} too long", f"text.{field} has {len(text)} characters > data.normalize.{key} {limit}")
+    fields = {"group": r.group, "source": r.source, **{f"text.{k}": v for k, v in r.text.items() if isinstance(v, str)},
+              **{f"modalities.{m}.path": r.media_path(m) or "" for m in r.modalities}}
+    for field, value in fields.items():
+        if not _utf8(value):
+            return err("bad encoding", f"{field} is not valid UTF-8 (undecodable bytes or a lone surrogate)")
+    try:
+        json.dumps(r.to_dict(), ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, TypeError, ValueError) as e:
+        return err("bad encoding", f"the record cannot be written as UTF-8 JSON ({type(e).__name__})")
+    return None
+
+
+def apply_bounds(records: list[Record], cfg: NormalizeConfig) -> tuple[list[Record], list[ErrorRecord]]:
+    """Records within the bounds, and an error row for each other one (the job goes on)."""
+    kept, errors = [], []
+    for r in records:
+        e = bounds_error(r, cfg)
+        (kept.append(r) if e is None else errors.append(e))
+    return kept, errors
+
+
+def safe_error(e: ErrorRecord, cfg: NormalizeConfig) -> ErrorRecord:
+    """An error row that can always be written: id bounded and printable, detail one printable line."""
+    if len(e.id) <= cfg.max_id_chars and e.id.isprintable() and _utf8(e.detail) and _utf8(e.source) \
+            and e.detail.isprintable() and len(e.detail) <= 4096:
+        return e
+    return ErrorRecord(id=shown(e.id, cfg.max_id_chars), stage=e.stage, reason=shown(e.reason),
+                       source=shown(e.source), detail=shown(e.detail, 4096))
 
 
 def drop_duplicates(records: list[Record]) -> tuple[list[Record], list[ErrorRecord]]:
@@ -139,6 +207,7 @@ def finalize(source: str, input_path: str | Path, out_dir: str | Path, cfg: Norm
     out = locate(out_dir)
     if out.is_local:
         out.local.mkdir(parents=True, exist_ok=True)
+    errors = [safe_error(e, cfg) for e in errors]
     apply_splits(records, cfg.eval_permille, cfg.min_eval)
     summary = summarize(source, input_path, records, errors, cfg)
     write_manifest(records, out / "manifest.jsonl")
@@ -171,6 +240,8 @@ def normalize_with(probe_rows: Callable[[list[dict]], Iterable[dict]], source: s
     result of read_and_dedupe when the caller read the metadata already (before starting Ray, so a
     bad input fails in a second)."""
     records, read_errors = read or read_and_dedupe(source, input_path)
+    records, bound_errors = apply_bounds(records, cfg)
+    read_errors = read_errors + bound_errors
     log(f"read {source} from {input_path}: {len(records)} records, {len(read_errors)} read errors")
     good, probe_errors = from_rows(probe_rows(to_rows(records)))
     good, dups = drop_duplicates(good) if cfg.dedupe else (good, [])

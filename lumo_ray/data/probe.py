@@ -1,9 +1,10 @@
 """Open a record's media and report what it is (SPEC §5), or why it is bad.
 
 `probe_record` is a pure function of one record (and a minimum length): it never raises for bad
-media, it returns an ErrorRecord with a short `reason` ('missing file', 'truncated audio',
-'undecodable audio', 'undecodable image', 'too short', 'missing modality') and a `detail` naming
-the file. Good records come back with `meta["probe"][modality]` filled.
+media, it returns an ErrorRecord with a short `reason` ('missing file', 'unreadable file' (a
+symlink loop, permission denied), 'truncated audio', 'undecodable audio', 'undecodable image', 'too
+short', 'missing modality', 'probe failed') and a `detail` naming the file. Good records come back
+with `meta["probe"][modality]` filled.
 
 libsndfile silently reads a truncated WAV (fewer frames than the header declares), so WAV files
 are also checked at the RIFF level: a `data` chunk that runs past the end of the file is truncated.
@@ -43,6 +44,20 @@ def _wav_truncation(path: Path) -> str | None:
         return "no data chunk before end of file"
 
 
+def _readable(p: Path) -> None:
+    """Raise MediaError unless the file opens for reading: 'missing file', or 'unreadable file' naming
+    the OS reason (a symlink loop, permission denied) so one bad path is one error row."""
+    try:
+        with open(p, "rb"):
+            pass
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise MediaError(p, "missing file") from None
+    except OSError as e:
+        raise MediaError(p, f"unreadable file: {e.strerror or type(e).__name__}") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise MediaError(p, f"unreadable file: {e}") from None
+
+
 def content_sha256(p: Path) -> str:
     """The file's content hash: normalize calls two files with equal hashes duplicates."""
     h = hashlib.sha256()
@@ -57,6 +72,7 @@ def probe_audio(path: str | Path, min_seconds: float = 0.0) -> dict:
     import soundfile as sf
 
     p = Path(path)
+    _readable(p)
     if not p.is_file():
         raise MediaError(p, "missing file")
     if p.stat().st_size == 0:
@@ -86,6 +102,7 @@ def probe_image(path: str | Path) -> dict:
     from PIL import Image
 
     p = Path(path)
+    _readable(p)
     if not p.is_file():
         raise MediaError(p, "missing file")
     try:
@@ -123,5 +140,11 @@ def probe_record(rec: Record, min_audio_seconds: float = 0.05) -> Union[Record, 
         except MediaError as e:
             return ErrorRecord(id=rec.id, stage="probe", reason=_category(e.reason), source=rec.source,
                                detail=f"{rec.id}: {e}")
+        except OSError as e:  # the file went away or became unreadable mid-probe: this record's error
+            return ErrorRecord(id=rec.id, stage="probe", reason="unreadable file", source=rec.source,
+                               detail=f"{rec.id}: {path}: {e.strerror or type(e).__name__}")
+        except Exception as e:  # anything else about this one record never stops the job
+            return ErrorRecord(id=rec.id, stage="probe", reason="probe failed", source=rec.source,
+                               detail=f"{rec.id}: {path}: {type(e).__name__}: {e}")
     out.meta["probe"] = probes
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
@@ -39,10 +40,16 @@ class ReaderError(UserError):
     """The input as a whole cannot be read (no metadata file, wrong top-level shape)."""
 
 
+def _text(meta_file: Loc) -> str:
+    """The metadata file as text; bytes that are not UTF-8 become lone surrogates, so the one record
+    holding them is refused by normalize ('bad encoding'), not the whole file."""
+    return meta_file.read_bytes().decode("utf-8", errors="surrogateescape")
+
+
 def _load_json(meta_file: Loc, source: str) -> Any:
     try:
-        return json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(_text(meta_file))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ReaderError(f"{source} metadata", meta_file, f"not valid JSON ({e})",
                           "give the dataset's metadata file or its folder") from None
 
@@ -68,7 +75,12 @@ def _abs(root: Loc, rel: str) -> str:
     """A media path from the metadata: absolute paths and URIs as they are, else below `root`."""
     if is_uri(rel) or Path(rel).is_absolute():
         return rel
-    return str((root.local / rel).resolve()) if root.is_local else str(root / rel)
+    if not root.is_local:
+        return str(root / rel)
+    try:
+        return str((root.local / rel).resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: probe records this one record
+        return os.path.abspath(root.local / rel)
 
 
 def read_llava_pretrain(input_path: Loc) -> Iterator[Item]:
@@ -102,7 +114,7 @@ def read_llava_pretrain(input_path: Loc) -> Iterator[Item]:
 
 
 def _csv_rows(meta_file: Loc, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    with io.StringIO(meta_file.read_text(), newline="") as fh:  # as open(newline=""): csv splits the rows
+    with io.StringIO(_text(meta_file), newline="") as fh:  # as open(newline=""): csv splits the rows
         reader = csv.DictReader(fh)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:

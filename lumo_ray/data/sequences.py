@@ -6,7 +6,9 @@ Layouts ('full' delimiters; 'compact' drops the generation token and, for x2t, <
   t2i  [instr] <|text_start|> CAPTION <|text_end|> <|gen_img|> <|img_start|> IMG <|img_end|>
   t2a  [instr] <|text_start|> CAPTION <|text_end|> <|gen_aud|> <|aud_start|> AUD <|aud_end|>
   t    <|text_start|> TEXT <|text_end|>
-Loss only on the target span (the part after the input, including its closing token). Audio is
+Loss only on the target span (the part after the input, including its closing token). In training a
+t2x caption may be dropped (cfg.caption_dropout: the unconditional form, no caption tokens between the
+same delimiters, for classifier-free guidance; `build(..., drop_caption=True)` is that form). Audio is
 cropped on frame boundaries, so position p keeps codebook p mod K: an input span at random in
 training and centred in eval, a target span (t2a) always centred (a caption cannot predict a
 random window). Boundary tokens come from the token space, never from the text tokenizer.
@@ -62,6 +64,8 @@ class SequenceBuilder:
 
     def __init__(self, ts: TokenSpace, cfg: SequenceConfig, encode: Optional[Callable[[str], list[int]]] = None):
         self.ts, self.cfg = ts, cfg
+        if not 0.0 <= cfg.caption_dropout <= 1.0:
+            raise ValueError(f"token_lm.seq.caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
         self.sp = {n: ts.special_id(n) for n in ts.specials}
         self.pad_id = self.sp.get("<|pad_mm|>", 0)
         self.templates: dict[str, list[np.ndarray]] = {}
@@ -111,9 +115,11 @@ class SequenceBuilder:
         return task
 
     def build(self, sample: dict, task: Optional[str] = None, rng: Optional[np.random.Generator] = None,
-              media_override: Optional[np.ndarray] = None) -> Sequence:
+              media_override: Optional[np.ndarray] = None, drop_caption: bool = False) -> Sequence:
         """rng=None means eval (centred crop, first template, no dropout). media_override replaces the
-        media ids as given (ablations)."""
+        media ids as given (ablations). drop_caption: a t2x sequence in its unconditional form (what
+        caption dropout trains; the unconditional prompt of classifier-free guidance); extra['caption_dropped']
+        says whether the caption was dropped."""
         task = task or self.task_of(sample, rng)
         sid = str(sample["json"].get("id", "?"))
         sp, compact = self.sp, self.cfg.delimiters == "compact"
@@ -138,11 +144,17 @@ class SequenceBuilder:
             parts = [(instr, False), (np.array([start]), False), (media, False), (np.array([end] + head), False),
                      (text, True), (np.array([sp["<|text_end|>"]]), True)]
             return self._join(parts, task, sid, 2)
+        p = self.cfg.caption_dropout  # drawn only when on: with 0 the generator's stream is as before
+        dropped = drop_caption or (rng is not None and p > 0 and rng.random() < p)
+        if dropped:
+            text = text[:0]
         head = [sp["<|text_start|>"]]
         tail = [sp["<|text_end|>"]] + ([] if compact else [gen]) + [start]
         parts = [(instr, False), (np.array(head), False), (text, False), (np.array(tail), False),
                  (media, True), (np.array([end]), True)]
-        return self._join(parts, task, sid, 4)
+        seq = self._join(parts, task, sid, 4)
+        seq.extra["caption_dropped"] = bool(dropped)
+        return seq
 
     def _join(self, parts: list[tuple[np.ndarray, bool]], task: str, sid: str, media_part: Optional[int]) -> Sequence:
         ids = np.concatenate([np.asarray(p, np.int64) for p, _ in parts])

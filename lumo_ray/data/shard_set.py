@@ -12,7 +12,7 @@ import json
 from collections import Counter
 
 from ..config import LumoConfig, dump_config
-from ..storage import Loc, locate
+from ..storage import Loc, check_output, locate
 from ..token_space import TokenSpace
 from .manifest import ErrorRecord, write_errors
 from .shards import shard_is_complete, shard_name, stats_path, write_tar
@@ -31,6 +31,13 @@ def start(out: Loc, cfg: LumoConfig, manifest, ts: TokenSpace) -> None:
 
 def tar_of(out: Loc, key: Key) -> Loc:
     return out / key[0] / shard_name(key[1])
+
+
+def check_split_folders(out: Loc, keys) -> None:
+    """Before any worker writes: each split folder must resolve inside `out` (a symlink planted at
+    `<out>/train` is refused with one line, storage.UnsafeOutput)."""
+    for split in sorted({k[0] for k in keys}):
+        check_output(tar_of(out, (split, 0)))
 
 
 def finished_shards(out: Loc, digests: dict[Key, str]) -> dict[Key, dict]:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..storage import write_file
+
 IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 30)}
@@ -120,7 +122,7 @@ def make_beeps(count: int, length: str, pitch: str, rng: np.random.Generator) ->
 
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    write_file(path, data)
 
 
 def write_synth(out_dir: str | Path, n_images: int, n_audio: int, seed: int = 0) -> dict:

@@ -50,11 +50,16 @@ def plan_units(recs: list, batch_size: int) -> list[list]:
     return [recs[i: i + batch_size] for i in range(0, len(recs), batch_size)]
 
 
-class SampleTokenizer:
-    """Adapters + token space, built once per worker."""
+class TextTooLong(ValueError):
+    """A sample's caption + prompt tokens exceed the bound (it could never fit a training sequence)."""
 
-    def __init__(self, cfg: UTIConfig):
-        self.cfg = cfg
+
+class SampleTokenizer:
+    """Adapters + token space, built once per worker. max_text_tokens: caption + prompt tokens above
+    it make the sample a 'text too long' error, never a shard member (0: no bound)."""
+
+    def __init__(self, cfg: UTIConfig, max_text_tokens: int = 0):
+        self.cfg, self.max_text_tokens = cfg, max_text_tokens
         self.adapters = build_adapters(cfg)
         self.ts: TokenSpace = build_token_space(cfg, self.adapters)
         self.dtype = token_dtype(self.ts.total)
@@ -110,7 +115,8 @@ class SampleTokenizer:
                 results[rec["id"]] = {"id": rec["id"], "members": self._sample(it, codes.get(("audio", i)),
                                                                              codes.get(("image", i)))}
             except Exception as e:
-                results[rec["id"]] = {"id": rec["id"], "error": {"stage": "tokenize", "reason": type(e).__name__,
+                reason = "text too long" if isinstance(e, TextTooLong) else type(e).__name__
+                results[rec["id"]] = {"id": rec["id"], "error": {"stage": "tokenize", "reason": reason,
                                                                  "detail": str(e)}}
         return [results.get(it["rec"]["id"]) or {"id": it["rec"]["id"], "error": it["error"]} for it in items]
 
@@ -121,6 +127,10 @@ class SampleTokenizer:
         arrays = {"text": np.asarray(text.encode(rec["text"]["caption"].strip()), np.int64)}
         if prompt:
             arrays["prompt"] = np.asarray(text.encode(prompt), np.int64)
+        n_text = sum(arrays[k].size for k in ("text", "prompt") if k in arrays)
+        if self.max_text_tokens and n_text > self.max_text_tokens:
+            raise TextTooLong(f"{rec['id']}: caption + prompt are {n_text} tokens > data.tokenize.max_text_tokens "
+                              f"{self.max_text_tokens} (0 means token_lm.seq.max_len)")
         pre: dict[str, Any] = {}
         side: dict[str, Any] = {}
         if audio_codes is not None:
@@ -137,12 +147,21 @@ class SampleTokenizer:
         return encode_sample(rec["id"], arrays, meta, self.dtype)
 
 
-def tokenize_config_digest(cfg: UTIConfig, shard_size: int, ts_hash: str, batch_size: int) -> str:
+def text_token_bound(cfg) -> int:
+    """The caption + prompt token bound of tokenize (a LumoConfig): data.tokenize.max_text_tokens, else
+    the token LM's max_len."""
+    return cfg.data.tokenize.max_text_tokens or cfg.token_lm.seq.max_len
+
+
+def tokenize_config_digest(cfg: UTIConfig, shard_size: int, ts_hash: str, batch_size: int,
+                           max_text_tokens: int = 0) -> str:
     """Digest of the settings that decide shard bytes: a finished shard made with other ones is redone.
     The batch size is one: batched encodes are not bitwise batch-invariant (padding, kernels), so a
     model batch is the unit of determinism. Not included: actors (tested not to matter) and the
-    device / thread count, which can move low-order floats: resume on the same kind of machine."""
+    device / thread count, which can move low-order floats: resume on the same kind of machine.
+    The text token bound is one: it decides which samples a shard holds."""
     ident = {"token_space": ts_hash, "shard_size": shard_size, "batch_size": batch_size,
+             "max_text_tokens": max_text_tokens,
              "audio": {k: v for k, v in to_dict(cfg.audio).items() if k in ("max_seconds", "channel_policy", "min_seconds")},
              "image": {"resolution": cfg.image.resolution}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -21,6 +21,7 @@ import torch
 
 from ..codecs.base import MediaError
 from ..config.vlm import VLMDataConfig
+from ..storage import write_file
 from .manifest import Record
 from .readers import read_source
 
@@ -295,7 +296,7 @@ def golden_ids(split: dict, size: int, seed: int) -> list[str]:
 def save_split(split: dict, golden: list[str], path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({**split, "golden": golden}, indent=1, sort_keys=True) + "\n")
+    write_file(p, json.dumps({**split, "golden": golden}, indent=1, sort_keys=True) + "\n")
     return p
 
 

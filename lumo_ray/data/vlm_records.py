@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from ..config.vlm import VLMDataConfig
+from ..storage import safe_writer, write_file
 from .manifest import Record
 from .vlm_data import (ImageStore, SequenceBuilder, StepSampler, VLMData, VLMDataError, VLMSample, collate,
                        load_records, prepare_data)
@@ -45,10 +46,8 @@ def write_table(samples: Sequence[VLMSample], path: str | Path) -> Path:
                       "image_paths": pa.array([s.image_paths for s in samples], type=pa.list_(pa.string())),
                       "bucket": pa.array([s.bucket for s in samples], type=pa.int32()),
                       "label_len": pa.array([s.label_len for s in samples], type=pa.int32())})
-    tmp = p.with_name(p.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+    with safe_writer(p) as raw, pa.PythonFile(raw, mode="w") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table, max_chunksize=BATCH_ROWS)
-    tmp.replace(p)
     return p
 
 
@@ -60,7 +59,7 @@ def write_tables(data: VLMData, run: str | Path) -> Path:
     plan = {"edges": data.split["edges"], "bucket_counts": data.split["bucket_counts"],
             "golden": [s.id for s in data.golden], "stats": data.stats,
             "rows": {"train": len(data.train), "eval": len(data.eval)}}
-    (d / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    write_file(d / "plan.json", json.dumps(plan, indent=1, sort_keys=True) + "\n")
     return d
 
 

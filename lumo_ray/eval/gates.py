@@ -20,6 +20,7 @@ from ..data.mix import primary
 from ..generate import (TARGET, GenOptions, Run, SpanCheck, build_prompt, check_and_decode, generate_spans,
                         save_output, task_spec)
 from ..runtime import torch_threads
+from ..storage import write_file
 from .stats import MAX_P, cell, paired, passes
 
 GOLDEN_TASKS = ("t2i", "t2a", "i2t", "a2t")
@@ -142,8 +143,8 @@ def run_decode_gate(run: Run, out_dir: str | Path, n: int = 64, opts: Optional[G
                 f"out-of-range {m['out_of_range_rate']:.3f}  exact length {m['exact_length']:.2f}  "
                 f"decoded {m['decoded']:.2f}" + (f"  phase errors {m['phase_errors']}" if TARGET[task] == "audio" else ""))
     rep["pass"] = bool(run.hash_match and tasks and all(rep["constrained"][t]["pass"] for t in tasks))
-    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "report.md").write_text(decode_report_md(rep))
+    write_file(out / "report.json", json.dumps(rep, indent=2) + "\n")
+    write_file(out / "report.md", decode_report_md(rep))
     return rep
 
 
@@ -291,7 +292,7 @@ def run_prompt_gate(run: Run, out_dir: str | Path, n: int = 256, shards: Optiona
     rep.update(gate="prompt_ablation", run=run.name, shards=str(shards), split=split)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    write_file(out / "report.json", json.dumps(rep, indent=2) + "\n")
     lines = [f"# Prompt ablation: {'PASS' if rep['pass'] else 'FAIL'}", "",
              f"win rate thresholds: vs swapped >= {rep['thresholds']['win_swapped']}, vs empty >= "
              f"{rep['thresholds']['win_empty']}, one-sided sign-test p < {rep['thresholds']['p']} each", "",
@@ -307,5 +308,5 @@ def run_prompt_gate(run: Run, out_dir: str | Path, n: int = 256, shards: Optiona
         log(f"  {t} n={r['n']} true {r['loss']['true']:.3f}  swapped {r['swapped']['gap']:+.3f} (win {r['swapped']['win']:.2f}, "
             f"p {r['swapped']['p']:.1g})  empty {r['empty']['gap']:+.3f} (win {r['empty']['win']:.2f}, p {r['empty']['p']:.1g})"
             f"  {'PASS' if r['pass'] else 'FAIL'}")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_file(out / "report.md", "\n".join(lines) + "\n")
     return rep

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..generate import TARGET, GenOptions, Run, check_and_decode, generate_spans, save_output, task_spec
+from ..storage import write_file
 from .gates import available_tasks, golden_set
 
 
@@ -40,7 +41,7 @@ def write_golden(run: Run, out_dir: str | Path, n: int = 4, seed: int = 0, log=N
     finally:
         run.model.train(was)
     rep = {"n": n, "seed": seed, "rows": rows, "compliant": sum(r["ok"] for r in rows) / max(1, len(rows))}
-    (out / "golden.json").write_text(json.dumps(rep, indent=2) + "\n")
+    write_file(out / "golden.json", json.dumps(rep, indent=2) + "\n")
     if log:
         log(f"golden: {len(rows)} generations ({rep['compliant']:.0%} compliant) -> {out}")
     return rep

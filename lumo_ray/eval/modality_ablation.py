@@ -20,6 +20,7 @@ from ..data.sequences import SequenceBuilder, collate, const_like, noise_like
 from ..data.mix import primary
 from ..data.shard_reader import ShardDataset
 from ..models.token_lm import target_losses
+from ..storage import write_file
 from ..token_space import TokenSpace
 from .stats import MAX_P, cell, paired, passes
 
@@ -110,7 +111,7 @@ def modality_ablation(model: torch.nn.Module, ts: TokenSpace, shards: str | Path
 def write_report(report: dict, out_dir: str | Path, title: str = "Modality ablation") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_file(out / "report.json", json.dumps(report, indent=2) + "\n")
     lines = [f"# {title}: {'PASS' if report['pass'] else 'FAIL'}", "",
              f"Each cell: mean gap (nats per caption token) [bootstrap 95% CI] (win rate, one-sided sign-test p). "
              f"Pass: shuffle gap >= {report['thresholds']['shuffle']['gap']} (win >= {report['thresholds']['shuffle']['win']}), "
@@ -125,7 +126,7 @@ def write_report(report: dict, out_dir: str | Path, title: str = "Modality ablat
         cells = [cell(r[k]) for k in ("shuffle", "noise", "const")]
         lines.append(f"| {m} | {report['n'][m]} | {r['loss']['correct']:.3f} | " + " | ".join(cells)
                      + f" | {'PASS' if r['pass'] else 'FAIL'} |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_file(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.json"
 
 

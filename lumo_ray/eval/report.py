@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+from ..storage import write_file
+
 # Everything is inlined; the policy makes the browser refuse any fetch a section might add, so the
 # report never touches the network (data: URIs for media, inline styles only, no scripts).
 CSP = "default-src 'none'; img-src data:; media-src data:; style-src 'unsafe-inline'"
@@ -184,7 +186,7 @@ table.gates tr.fail td.v{{color:#b5443a;font-weight:bold}} table.gates tr.fail{{
 {summary}
 {body}</body></html>"""
     p = out / "report.html"
-    p.write_text(page)
+    write_file(p, page)
     return p
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..storage import write_file
 from ..token_space import TokenSpace
 
 
@@ -38,7 +39,8 @@ def text_invariance(model: torch.nn.Module, base: torch.nn.Module, ts: TokenSpac
         if n not in bp:
             missing.append(n)
             continue
-        q = bp[n]
+        # an FSDP-sharded parameter is gathered whole (every rank runs this in step); compared on the base's device
+        p, q = (p.full_tensor() if hasattr(p, "full_tensor") else p).to(bp[n].device), bp[n]
         same = torch.equal(p[:t], q[:t]) if n in vocab else (p.shape == q.shape and torch.equal(p, q))
         if not same:
             changed.append(n)
@@ -46,8 +48,8 @@ def text_invariance(model: torch.nn.Module, base: torch.nn.Module, ts: TokenSpac
     with torch.no_grad():
         for text in prompts:
             ids = torch.tensor([encode(text)], dtype=torch.long)
-            a = model(input_ids=ids).logits.float()
-            b = base(input_ids=ids).logits.float()
+            b = base(input_ids=ids.to(next(base.parameters()).device)).logits.float().cpu()
+            a = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
             max_diff = max(max_diff, float((a[..., :t] - b[..., :t]).abs().max()))
             mass.append(float(torch.softmax(a, -1)[..., t:].sum(-1).mean()))
     applicable = freeze == "new_rows"
@@ -76,12 +78,12 @@ def run_text_invariance(run_dir: str | Path, base: str, out_dir: str | Path, cfg
     rep.update({"run": str(run_dir), "base": base})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    write_file(out / "report.json", json.dumps(rep, indent=2) + "\n")
     md = [f"# Text invariance: {'PASS' if rep['pass'] else 'FAIL'}", "",
           f"- freeze mode: {rep['freeze']} (gate applies to new_rows)",
           f"- max |logit diff| over the original vocabulary: {rep['max_abs_logit_diff']:.3g}",
           f"- frozen params changed: {len(rep['changed_frozen_params'])} {rep['changed_frozen_params'][:5]}",
           f"- probability mass text prompts put on new rows: mean {rep['new_row_prob_mass']['mean']:.4g}, "
           f"max {rep['new_row_prob_mass']['max']:.4g}"]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_file(out / "report.md", "\n".join(md) + "\n")
     return rep

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.vlm_data import ImageStore, VLMSample, collate, to_device
+from ..storage import write_file
 from .stats import MAX_P, paired, passes
 
 MIN_N = 64  # SPEC: a fixed held-out set of 64-256
@@ -152,7 +153,7 @@ def write_ablation(report: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = out / "ablation.json"
-    p.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_file(p, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return p
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from ..config import LumoConfig, TextConfig, to_dict
 from ..config.vlm import VLMConfig
+from ..integrity import verify, write_manifest
+from ..storage import staged_dir, write_file
 from .presets import pad_to, tiny_qwen3_config, tiny_siglip_vision_config
 
 IMAGE_TOKEN, IM_START, IM_END = "<image>", "<im_start>", "<im_end>"
@@ -265,12 +267,12 @@ def save_export(model: VLM, cfg: VLMConfig, out_dir: str | Path, extra: Optional
     """save_pretrained-style directory: model.safetensors (connector only: `connector`, else the model's)
     + config.json naming the frozen vision tower / LLM / tokenizer (preset + seed or checkpoint id) and
     the token ids."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in (connector or model.connector.state_dict()).items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+    write_file(out / "model.safetensors", save(state, metadata={"format": EXPORT_FORMAT}))
     doc = {"format": EXPORT_FORMAT,
            "frozen": {"vision": {"model": cfg.vision.model, "seed": cfg.vision.seed,
                                  "class": "SiglipVisionModel"},
@@ -278,7 +280,8 @@ def save_export(model: VLM, cfg: VLMConfig, out_dir: str | Path, extra: Optional
                       "tokenizer": cfg.llm.tokenizer},
            "tokens": asdict(model.tokens), "n_visual": model.n_visual,
            "vlm": to_dict(cfg), **(extra or {})}
-    (out / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_file(out / "config.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_manifest(out)  # last: the digests of what the folder holds (lumo_ray/integrity.py)
     return out
 
 
@@ -291,6 +294,7 @@ def load_export(export_dir: str | Path) -> tuple[VLM, VLMConfig, Any]:
     d = Path(export_dir)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d}: not a VLM export (no config.json)")
+    verify(d, "VLM export", "train the run again (its trainer writes SHA256SUMS)")
     doc = json.loads((d / "config.json").read_text())
     if doc.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{d / 'config.json'}: format {doc.get('format')!r}, expected {EXPORT_FORMAT}")
@@ -345,7 +349,8 @@ def text_warmup(cfg: VLMConfig, text: Any, seqs: Sequence[tuple[list[int], list[
             if step + 1 == steps or step % 100 == 0:
                 log(f"[vlm] text warm-up of the tiny LLM: step {step + 1}/{steps} loss {loss.item():.4f}")
     llm.eval()
-    llm.save_pretrained(str(out))
-    (out / "lumo_text_warmup.json").write_text(json.dumps(
+    with staged_dir(out) as tmp:  # save_pretrained's own writes land in a folder of ours, then move in
+        llm.save_pretrained(str(tmp))
+    write_file(out / "lumo_text_warmup.json", json.dumps(
         {"steps": steps, "lr": cfg.llm.text_warmup_lr, "seed": cfg.llm.seed, "sequences": len(seqs)}) + "\n")
     return out

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ...config import LumoConfig, load_config
+from ...storage import write_file
 
 # The lm stage's training budget, measured on the demo's 1024 synthetic images + 128 clips (table in
 # docs/stage3_token_lm.md): with the library defaults (base LM 200 steps; token LM 150 steps, new rows
@@ -150,5 +151,5 @@ def run_lm_demo(out_dir: Path, shards_dir: Path, manifest: Path, cfg: LumoConfig
             stage("text_invariance", invariance)
             stage("prompt_study", study)
     ok = all(s["pass"] for s in stages.values()) and len(stages) == 5
-    (out / "lm_demo.json").write_text(json.dumps({"pass": ok, "stages": stages}, indent=2, default=str) + "\n")
+    write_file(out / "lm_demo.json", json.dumps({"pass": ok, "stages": stages}, indent=2, default=str) + "\n")
     return {"pass": ok, "stages": stages}

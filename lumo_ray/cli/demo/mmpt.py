@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ...config import LumoConfig, load_config
+from ...storage import write_file
 
 # The stage-4 training budget of the demo (measured table in docs/stage4_mmpt.md), with its reasons:
 # - start from the stage-3.3 run: its new rows already read media;
@@ -81,5 +82,5 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
         stage("modality_ablation", ablation)
         stage("fidelity", fidelity)
     ok = all(s["pass"] for s in stages.values()) and len(stages) == 3
-    (out / "mmpt_demo.json").write_text(json.dumps({"pass": ok, "stages": stages}, indent=2, default=str) + "\n")
+    write_file(out / "mmpt_demo.json", json.dumps({"pass": ok, "stages": stages}, indent=2, default=str) + "\n")
     return {"pass": ok, "run": str(out / "mmpt"), "stages": stages}

@@ -19,6 +19,7 @@ from ...eval import report
 from ...eval.gate_rows import LOOK_AT, stage_gates
 from ...eval.report_sections import stage_section
 from ...runtime import torch_threads
+from ...storage import write_file
 
 
 def _real_data(cfg: LumoConfig) -> Path:
@@ -60,7 +61,7 @@ def stage_uti(cfg: LumoConfig, out: Path, log) -> dict:
                      "roundtrip": a.text.decode(ids) == text})
     for r in rows:
         log(f"  {r['modality']:5s} {r['tokens']:4d} tokens  {r['input']}")
-    (out / "samples.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_file(out / "samples.json", json.dumps(rows, indent=2) + "\n")
     return {"pass": all(r.get("roundtrip", True) for r in rows), "token_space_hash": ts.hash,
             "total_ids": ts.total, "samples": len(rows)}
 
@@ -193,7 +194,7 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
         ctx[name] = {k: res.pop(k) for k in [k for k in res if k.startswith("_")]}
         rows.append(res)
         log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']}s) ===")
-        (out / "summary.json").write_text(json.dumps({"stages": rows, "gates": gates}, indent=2, default=str) + "\n")
+        write_file(out / "summary.json", json.dumps({"stages": rows, "gates": gates}, indent=2, default=str) + "\n")
     page = report.write_report(out, "lumo demo", rows, sections, gates, LOOK_AT)
     log(f"\nlumo demo finished in {time.time() - t_all:.0f}s -> {out}  (report: {page})")
     for r in rows:

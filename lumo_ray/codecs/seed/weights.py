@@ -96,14 +96,16 @@ def load_seed_weights(model: nn.Module, quantizer: str | Path, eva_clip: str | P
 
 def save_seed_weights(model: nn.Module, quantizer: str | Path, eva_clip: str | Path) -> None:
     """Write the two files in the layout `load_seed_weights` reads (quantizer without the ViT)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ...storage import staged_dir, write_file
 
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     q = {k: v for k, v in sd.items() if not k.startswith("visual_encoder.")}
     e = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
     for path, part in ((quantizer, q), (eva_clip, e)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         if str(path).endswith(".safetensors"):
-            save_file(part, str(path))
-        else:
-            torch.save(part, str(path))
+            write_file(path, save(part))
+        else:  # torch.save names the archive after the file: save it under its name in a folder of ours
+            with staged_dir(Path(path).parent) as tmp:
+                torch.save(part, str(tmp / Path(path).name))
