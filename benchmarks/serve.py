@@ -7,9 +7,12 @@ a batch generated together), exact (8, serve.exact: one by one inside a batch) a
 client thread sends `--requests` t2i requests one after another (a fixed seed per request); the table
 has p50 / p95 / p99 latency, requests/s and errors per client count, and the throughput at 16 clients
 over 1 client (after one warm-up request per server, not counted). "same as exact" counts the batched answers whose bytes equal the exact setting's answer
-to the same request. Then the kill phase: 16 clients on a batched server, its replica killed (SIGKILL)
-after a third of the requests; clients retry a failed request (it is idempotent: same body, same
-answer) until it succeeds; every request must come back once Serve has restarted the replica.
+to the same request. Then the kill phase: 16 clients on a batched server, its model replica killed
+(SIGKILL) after a third of the requests; clients retry a failed request (it is idempotent: same body,
+same answer) until it succeeds; every request must come back once Serve has restarted the replica. It
+counts the failed answers that were a 503 with Retry-After (the server's answer for a lost replica)
+and any others, and times GET /health every 0.2 s from the kill to the end (it must answer at once
+while the replica restarts: 503 + Retry-After while none runs, then 200).
 Without --run it uses an untrained tiny run (the cost of a generation is the same). Prints the tables;
 nothing is asserted here (targets live in benchmarks/README.md).
 """
@@ -40,20 +43,22 @@ def _port() -> int:
 PROMPT = "two red circles on the left"
 
 
-def post(port: int, body: dict) -> tuple[int, float, str]:
-    """(status, seconds, sha256 of the answer); status 0: no HTTP answer (connection refused / reset)."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", data=json.dumps(body).encode(), method="POST")
+def post(port: int, body: dict, path: str = "/v1/generate") -> tuple[int, float, str, str]:
+    """(status, seconds, sha256 of the answer, its Retry-After header or ''); status 0: no HTTP answer
+    (connection refused / reset). body None: a GET."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST" if data else "GET")
     t0 = time.perf_counter()
-    digest = ""
+    digest, retry = "", ""
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             digest = hashlib.sha256(r.read()).hexdigest()
             code = r.status
     except urllib.error.HTTPError as e:
-        code = e.code
+        code, retry = e.code, e.headers.get("Retry-After") or ""
     except OSError:
         code = 0
-    return code, time.perf_counter() - t0, digest
+    return code, time.perf_counter() - t0, digest, retry
 
 
 def run_clients(client, n: int) -> float:
@@ -75,7 +80,7 @@ def sweep(port: int, clients: list[int], requests: int, answers: dict) -> list[d
 
         def client(i: int) -> None:
             for j in range(requests):
-                code, s, digest = post(port, {"task": "t2i", "prompt": PROMPT, "seed": i * 1000 + j})
+                code, s, digest, _ = post(port, {"task": "t2i", "prompt": PROMPT, "seed": i * 1000 + j})
                 with lock:
                     codes.append(code)
                     lat.append(s)
@@ -89,23 +94,34 @@ def sweep(port: int, clients: list[int], requests: int, answers: dict) -> list[d
 
 
 def kill_phase(port: int, clients: int, requests: int, server: subprocess.Popen) -> dict:
-    """Clients that retry through a replica kill: how many requests failed at least once, retries, and
-    how many never came back (lost)."""
+    """Clients that retry through a model-replica kill: how many requests failed at least once, retries,
+    how many never came back (lost), the failed answers that were 503 + Retry-After and the others, and
+    GET /health's latency and answers from the kill to the end."""
     import psutil
 
     done, failed_once, retries, lost, lock = [0], set(), [0], [0], threading.Lock()
-    killed = threading.Event()
+    killed, finished = threading.Event(), threading.Event()
+    failures: dict = {}  # (status, has Retry-After) -> count
+    health: list = []  # (status, seconds) of each /health after the kill
+
+    def poll_health() -> None:
+        killed.wait()
+        while not finished.is_set():
+            code, s, _, retry = post(port, None, "/health")
+            health.append((code, s, bool(retry)))
+            time.sleep(0.2)
 
     def client(i: int) -> None:
         for j in range(requests):
             deadline = time.time() + 180
             while True:
-                code, _, _ = post(port, {"task": "t2i", "prompt": PROMPT, "seed": i * 1000 + j})
+                code, _, _, retry = post(port, {"task": "t2i", "prompt": PROMPT, "seed": i * 1000 + j})
                 if code == 200:
                     break
                 with lock:
                     failed_once.add((i, j))
                     retries[0] += 1
+                    failures[(code, bool(retry))] = failures.get((code, bool(retry)), 0) + 1
                 if time.time() > deadline or code not in (0, 500, 502, 503, 504):
                     with lock:
                         lost[0] += 1
@@ -116,18 +132,34 @@ def kill_phase(port: int, clients: int, requests: int, server: subprocess.Popen)
                 if done[0] == clients * requests // 3 and not killed.is_set():
                     killed.set()
                     for proc in psutil.Process(server.pid).children(recursive=True):
-                        if "ServeReplica" in " ".join(proc.cmdline()):
-                            proc.kill()
+                        if "ServeReplica" in (cmd := " ".join(proc.cmdline())) and ":Generator" in cmd:
+                            proc.kill()  # the model replica, not the Gateway in front of it
 
+    poller = threading.Thread(target=poll_health, daemon=True)
+    poller.start()
     wall = run_clients(client, clients)
-    return {"clients": clients, "requests": clients * requests, "killed": killed.is_set(),
-            "failed_once": len(failed_once), "retries": retries[0], "lost": lost[0], "wall_s": wall}
+    finished.set()
+    was_killed = killed.is_set()
+    killed.set()  # (if the kill never came, the poller ends too)
+    poller.join()
+    lat = sorted(s for _, s, _ in health) or [0.0]
+    return {"clients": clients, "requests": clients * requests, "killed": was_killed,
+            "failed_once": len(failed_once), "retries": retries[0], "lost": lost[0], "wall_s": wall,
+            "retry_503": failures.get((503, True), 0),
+            "other_failures": ", ".join(f"{c}{'+RA' if r else ''} x{n}" for (c, r), n in sorted(failures.items())
+                                        if (c, r) != (503, True)) or "none",
+            "health_n": len(health), "health_p50_ms": 1000 * lat[len(lat) // 2], "health_max_ms": 1000 * lat[-1],
+            "health_503": sum(c == 503 and r for c, _, r in health),
+            "health_other": sum(c != 200 and not (c == 503 and r) for c, _, r in health)}
+
+
+GPUS = 0.0  # serve.gpus_per_replica of every server started (--gpus-per-replica)
 
 
 def serve(run: Path, port: int, batch: int, replicas: int, exact: bool = False) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "lumo_ray.cli", "serve", "--run", str(run), "--port", str(port),
                           "--replicas", str(replicas), "--set", f"serve.max_batch_size={batch}", "--set", "serve.max_n=1",
-                          "--set", f"serve.exact={str(exact).lower()}"],
+                          "--set", f"serve.exact={str(exact).lower()}", "--set", f"serve.gpus_per_replica={GPUS:g}"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -147,10 +179,13 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=8, help="requests per client")
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--gpus-per-replica", type=float, default=0.0, help="serve.gpus_per_replica (GPU servers)")
     ap.add_argument("--batch", type=int, default=8, help="serve.max_batch_size of the batched and exact settings")
     ap.add_argument("--settings", default="exact,batched,off", help="which settings to sweep (the kill phase runs "
                     "with batched)")
     a = ap.parse_args()
+    global GPUS
+    GPUS = a.gpus_per_replica
     clients = [int(x) for x in a.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="lumo-bench-serve-"))
     run = Path(a.run) if a.run else None
@@ -166,7 +201,7 @@ def main() -> None:
     ratio, answers = {}, {}
     b = a.batch
     settings = {"exact": (f"exact ({b})", b, True), "batched": (f"batched ({b})", b, False), "off": ("off (1)", 1, False)}
-    for name, batch, exact in (settings[k] for k in a.settings.split(",")):
+    for name, batch, exact in (settings[k] for k in a.settings.split(",") if k):  # --settings "": the kill phase only
         port = _port()
         p = serve(run, port, batch, a.replicas, exact)
         answers[name] = {}
@@ -193,10 +228,15 @@ def main() -> None:
     finally:
         p.send_signal(2)
         p.communicate(timeout=120)
-    print("\n| replica killed | clients | requests | failed at least once | retries | lost | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| replica killed | clients | requests | failed at least once | retries | 503 + Retry-After | other failures "
+          "| lost | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {'yes' if k['killed'] else 'NO'} | {k['clients']} | {k['requests']} | {k['failed_once']} | {k['retries']} "
-          f"| {k['lost']} | {k['wall_s']:.1f} |")
+          f"| {k['retry_503']} | {k['other_failures']} | {k['lost']} | {k['wall_s']:.1f} |")
+    print("\n| /health after the kill | answers | 200 | 503 + Retry-After | other | p50 ms | max ms |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| every 0.2 s to the end | {k['health_n']} | {k['health_n'] - k['health_503'] - k['health_other']} "
+          f"| {k['health_503']} | {k['health_other']} | {k['health_p50_ms']:.0f} | {k['health_max_ms']:.0f} |")
 
 
 if __name__ == "__main__":

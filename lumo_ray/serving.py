@@ -4,7 +4,9 @@ it asks for, and the JSON that goes back. servers/generate.py puts this behind R
 A generation is `lumo generate` in memory: the same prompt building, constrained decoding and media
 files, so for one seed a response carries the bytes `lumo generate` writes (base64); a batch of
 requests is generated together, each row with its own seed. Bad input is a `RequestError` naming the
-field, with the HTTP status it maps to; it never reaches the model.
+field, with the HTTP status it maps to; it never reaches the model. Oversize input is refused before
+anything large is tokenized (serve.max_prompt_chars), and no body, however malformed, is a 500.
+The server's guards (token file, bind check, bearer match, access log) are lumo_ray/serve_guards.py.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from .config import ServeConfig
 from .generate import TARGET, TASKS, GenOptions, Run
 
 MEDIA_SUFFIX = {"i2t": ".png", "a2t": ".wav"}
-FIELDS = ("task", "prompt", "input", "n", "seed", "temperature", "top_k", "top_p", "max_new_tokens")
+FIELDS = ("task", "prompt", "input", "n", "seed", "temperature", "top_k", "top_p", "max_new_tokens", "guidance_scale")
 
 
 class RequestError(ValueError):
@@ -44,15 +47,45 @@ class GenRequest:
     opts: GenOptions
 
 
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
 def _number(d: dict, key: str, kind: type, default: Any, lo: float, hi: float) -> Any:
     v = d.get(key, default)
     if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise RequestError(422, key, f"must be an integer, got {json.dumps(v)}")
+        raise RequestError(422, key, f"must be an integer, got {_clip(json.dumps(v))}")
     if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-        raise RequestError(422, key, f"must be a finite number, got {json.dumps(v)}")
+        raise RequestError(422, key, f"must be a finite number, got {_clip(json.dumps(v))}")
     if not lo <= v <= hi:
-        raise RequestError(422, key, f"must be in [{lo}, {hi}], got {v}")
+        raise RequestError(422, key, f"must be in [{lo}, {hi}], got {_clip(str(v))}")
     return kind(v)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(d: dict) -> Optional[str]:
+    """The top-level field holding a string with a lone surrogate (a \\ud800-\\udfff escape JSON lets
+    through, which is no Unicode text: it cannot be tokenized or written back), "body" when a key has one."""
+    def bad(s: str) -> bool:
+        return not s.isascii() and _SURROGATE.search(s) is not None  # isascii: a fast pass over most strings
+
+    for key, value in d.items():
+        if bad(key):
+            return "body"
+        stack = [value]
+        while stack:  # iterative: the parser already bounded the depth, this walk adds no recursion
+            v = stack.pop()
+            if isinstance(v, str) and bad(v):
+                return key
+            if isinstance(v, dict):
+                if any(bad(k) for k in v):
+                    return key
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+    return None
 
 
 def parse_request(body: bytes, tasks: list[str], limits: ServeConfig) -> GenRequest:
@@ -61,10 +94,17 @@ def parse_request(body: bytes, tasks: list[str], limits: ServeConfig) -> GenRequ
         raise RequestError(413, "body", f"{len(body)} bytes, over the {limits.max_body_bytes}-byte limit")
     try:
         d = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, "body", f"not JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "body", "not JSON this server reads: nested deeper than its parser goes") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and an integer of over 4,300 digits
+        why = "a number of over 4,300 digits" if "integer string conversion" in str(e) else _clip(str(e), 160)
+        raise RequestError(400, "body", f"not JSON this server reads: {why}") from None
     if not isinstance(d, dict):
         raise RequestError(400, "body", f"must be a JSON object, got {type(d).__name__}")
+    bad = _lone_surrogate(d)
+    if bad:
+        raise RequestError(400, bad, "holds a lone surrogate (a \\ud800-\\udfff escape without its pair): "
+                                     "not Unicode text")
     unknown = sorted(set(d) - set(FIELDS))
     if unknown:
         raise RequestError(422, unknown[0], f"unknown field; fields: {', '.join(FIELDS)}")
@@ -75,6 +115,9 @@ def parse_request(body: bytes, tasks: list[str], limits: ServeConfig) -> GenRequ
         raise RequestError(422, "task", f"{task} is not served by this run (its tasks: {', '.join(tasks)})")
     prompt, media = d.get("prompt"), None
     if task in ("t2i", "t2a"):
+        if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:  # before anything reads it
+            raise RequestError(422, "prompt", f"{len(prompt)} characters, over the {limits.max_prompt_chars}-character "
+                                              f"limit (serve.max_prompt_chars)")
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError(422, "prompt", f"{task} needs a non-empty caption string")
         if "input" in d:
@@ -96,15 +139,23 @@ def parse_request(body: bytes, tasks: list[str], limits: ServeConfig) -> GenRequ
         if TARGET[task] != "text":
             raise RequestError(422, "max_new_tokens", f"{task} generates a fixed-length {TARGET[task]} span")
         opts.max_text_tokens = _number(d, "max_new_tokens", int, 0, 2, limits.max_new_tokens)
+    if "guidance_scale" in d:  # classifier-free guidance (lumo_ray.generate.GenOptions.guidance_scale)
+        from .generate import GUIDANCE_MAX
+
+        opts.guidance_scale = _number(d, "guidance_scale", float, 1.0, 1.0, GUIDANCE_MAX)
+        if TARGET[task] == "text" and opts.guidance_scale != 1.0:
+            raise RequestError(422, "guidance_scale", f"{task} generates text from media: guidance applies to t2i / t2a")
     return GenRequest(task, prompt if task in ("t2i", "t2a") else None, media, n, opts)
 
 
-def respond_batch(run: Run, reqs: list[GenRequest]) -> list[dict | Exception]:
+def respond_batch(run: Run, reqs: list[GenRequest], limits: Optional[ServeConfig] = None) -> list[dict | Exception]:
     """Requests generated together (generate_jobs: one batch per task and options), each answered with
     ids, checks and the result: text, or the PNG / WAV bytes `lumo generate` writes, in base64. A
     request whose input media does not decode gets its own RequestError (422, input); the rest go on.
     Alone, a request's answer is `lumo generate`'s bytes; in a batch its rows keep their own seeds, so
-    only the float rounding of the batched matmuls can differ (serve.exact generates one by one)."""
+    only the float rounding of the batched matmuls can differ (serve.exact generates one by one). A
+    caption over limits.max_prompt_tokens, or a request whose sequence would not fit the run's
+    token_lm.seq.max_len, gets its own RequestError (422) too."""
     from .generate import generate_jobs, job_prompt, write_samples
 
     answers: list[dict | Exception] = [RuntimeError("not generated")] * len(reqs)
@@ -116,7 +167,11 @@ def respond_batch(run: Run, reqs: list[GenRequest]) -> list[dict | Exception]:
                 src = Path(tmp) / f"input-{k}{MEDIA_SUFFIX[req.task]}"
                 src.write_bytes(req.media)
             try:
-                jobs.append((req.task, job_prompt(run, req.task, req.prompt, src), req.n, req.opts))
+                if req.prompt is not None and limits is not None:
+                    _caption_fits(run, req.prompt, limits.max_prompt_tokens)
+                p = job_prompt(run, req.task, req.prompt, src)
+                _sequence_fits(run, req, p)
+                jobs.append((req.task, p, req.n, req.opts))
                 where.append(k)
             except Exception as e:
                 answers[k] = _input_error(req, src, e)
@@ -129,9 +184,32 @@ def respond_batch(run: Run, reqs: list[GenRequest]) -> list[dict | Exception]:
     return answers
 
 
+def _caption_fits(run: Run, prompt: str, max_tokens: int) -> None:
+    n = len(run.adapters.text.encode(prompt))  # at most serve.max_prompt_chars characters: cheap
+    if n > max_tokens:
+        raise RequestError(422, "prompt", f"{n} text tokens, over the {max_tokens}-token limit "
+                                          f"(serve.max_prompt_tokens)")
+
+
+def _sequence_fits(run: Run, req: GenRequest, p) -> None:
+    """The prompt, the span it asks for and its end token within the run's token_lm.seq.max_len: the
+    model never saw a longer sequence."""
+    from .generate import task_spec
+
+    span, cap = task_spec(run, req.task, req.opts).max_new_tokens, run.cfg.token_lm.seq.max_len
+    if len(p) + span > cap:
+        field = "prompt" if req.prompt is not None else "input" if len(p) + 2 > cap else "max_new_tokens"
+        raise RequestError(422, field, f"{len(p)} prompt tokens and up to {span} generated make {len(p) + span}, over "
+                                       f"the run's token_lm.seq.max_len of {cap}")
+
+
 def _input_error(req: GenRequest, src: Optional[Path], e: Exception) -> Exception:
     from .codecs.base import MediaError
 
+    if isinstance(e, RequestError):
+        return e
+    if src is None and type(e).__name__ == "SequenceError":  # a caption the sequence builder refuses
+        return RequestError(422, "prompt", str(e).replace("sample prompt: ", ""))
     if src is None or not isinstance(e, (MediaError, OSError, RuntimeError, ValueError)):
         return e
     why = str(e).replace(str(src), "the input")  # the temp path means nothing to the client
@@ -152,6 +230,9 @@ def model_info(run: Run, tasks: list[str], limits: ServeConfig) -> dict:
     """GET /v1/model: what the server loaded and accepts."""
     return {"run": run.name, "token_space_hash": run.ts.hash, "token_space_match": run.hash_match,
             "tasks": tasks, "vocab": run.ts.padded_size,
-            "limits": {k: getattr(limits, k) for k in ("max_body_bytes", "max_n", "max_new_tokens", "timeout_s")},
+            "limits": {**{k: getattr(limits, k) for k in ("max_body_bytes", "max_prompt_chars", "max_prompt_tokens",
+                                                          "max_n", "max_new_tokens", "timeout_s")},
+                       "max_len": run.cfg.token_lm.seq.max_len},
             "batching": {"max_batch_size": limits.max_batch_size, "batch_wait_s": limits.batch_wait_s,
                          "exact": limits.exact}}
+
