@@ -55,8 +55,8 @@ def main() -> None:
     print(f"| resident peak during the training steps (sampled every 10 ms) | {mem['steps_rss_gb']:.2f} |")
     print(f"| during the steps, less the start | {mem['steps_rss_gb'] - mem['start_rss_gb']:.2f} |")
     print(f"| lumo plan estimate (tensors of one step, every position a target) | {e.peak / 2**30:.2f} |")
-    print(f"| resident peak of the whole run (the model built whole before sharding, the export gathered "
-          f"on rank 0) | {mem['peak_rss_gb']:.2f} |")
+    print(f"| resident peak of the whole run (build, steps, export; train.meta_init: benchmarks/fsdp_meta.py) "
+          f"| {mem['peak_rss_gb']:.2f} |")
     (root / "smoke.json").write_text(json.dumps({"metrics_memory": mem, "estimate_gb": e.peak / 1e9}, indent=2))
 
 

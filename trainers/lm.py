@@ -15,7 +15,9 @@ import torch
 
 from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.config.lm import TrainConfig
+from lumo_ray.integrity import write_manifest
 from lumo_ray.runtime import rate_eta
+from lumo_ray.storage import staged_dir
 from lumo_ray.tracking import open_tracker
 
 from .core import (RayContext, checkpoint_activations, due, full_state, launch, load_shards, load_state, make_scheduler,
@@ -160,6 +162,8 @@ def lm_step(model, blocks: torch.Tensor, stream: BlockStream, per: int, t: Train
 def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     """Base LM training on one worker (rank ctx.rank of ctx.world_size)."""
     from lumo_ray.models.base_lm import build_base_lm, count_params
+    from lumo_ray.models.meta_init import meta_build
+    from lumo_ray.models.sharded_export import save_sharded_pretrained
     from lumo_ray.storage import RunDir
 
     c, t = cfg.lm, cfg.lm.train
@@ -174,18 +178,21 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     def build():
         return build_base_lm(c.preset, len(tok), seed=t.seed, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                              overrides=c.arch)
-    model = build()
+    meta = sharded and t.meta_init  # built on the meta device, each rank fills its own shards
+    model, fill = meta_build(build, t.seed) if meta else (build(), None)
     counts = count_params(model)
     checkpoint_activations(model, t.activation_checkpointing)
     if ctx.rank == 0:
         log(f"base LM {c.preset}: {counts['total']:,} params, vocab {len(tok)}, {len(train_blocks)} train / "
             f"{len(eval_blocks)} eval blocks of {c.seq_len}")
     model = ctx.prepare(model, t.strategy, t.bf16)
+    if fill is not None:
+        fill(model, ctx.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     sched = make_scheduler(opt, t)
     per = micro_batch(t, ctx.world_size)
     step, epoch, pos = 0, 0, 0
-    ck = resolve_resume(t.resume, run_dir, ctx)
+    ck = resolve_resume(t.resume, run_dir, ctx, log if ctx.rank == 0 else (lambda *_: None))
     if ck is not None:
         st = load_state(ck)
         kind = st.get("strategy", "ddp")
@@ -225,7 +232,9 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
             + f" ({rate_eta(step, t.steps, t0, step0)})"))
         metrics = rep if "eval_loss" in rep else metrics
     m = getattr(model, "module", model)
-    if sharded:  # the export is a plain model: the gathered weights in a fresh copy
+    if meta and ctx.rank != 0:  # each weight gathered in turn: rank 0 writes it
+        save_sharded_pretrained(model, None)
+    elif sharded and not meta:  # the export is a plain model: the gathered weights in a fresh copy
         full = full_state(model)
         if ctx.rank == 0:
             m = build()
@@ -233,8 +242,13 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     if ctx.rank == 0:
         tracker.close()
         export = run_dir / "export"
-        m.save_pretrained(str(export))
-        tok.save_pretrained(str(export))
+        with staged_dir(export) as tmp:  # HF's writes land in a folder of ours, then move in (no symlink followed)
+            if meta:
+                save_sharded_pretrained(model, tmp)
+            else:
+                m.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            write_manifest(tmp)  # last: the digests of what was written (lumo_ray/integrity.py)
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
                    "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tok)),
                    "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(run.loc / "export")}

@@ -254,21 +254,25 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     eval_samples = mix.read_split(c.shards, "eval", rank=ctx.rank, world_size=ctx.world_size, expected=ts)
     tok = text_tokenizer(cfg)
     builder = SequenceBuilder(ts, c.seq, tok.encode)
-    def start_model(log):
+    def start_model(log, meta: bool = False):
         return warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=log,
-                          init=c.mmpt.init if c.seq.layouts == "any" else "")
+                          init=c.mmpt.init if c.seq.layouts == "any" else "", meta=meta)
 
-    ws = start_model(say)
+    sharded = t.strategy == "fsdp"
+    meta = sharded and t.meta_init  # built on the meta device, each rank fills its own shards
+    ws = start_model(say, meta)
     raw = ws.model
     checkpoint_activations(raw, t.activation_checkpointing)
-    sharded = t.strategy == "fsdp"
     model = ctx.prepare(raw, t.strategy, t.bf16)  # fsdp shards raw in place: its parameters change
+    if ws.fill is not None:
+        ws.fill(raw, ctx.device)
+    rss_build = rss_gb()  # the peak through the model's build and sharding
     groups, vocab = param_groups(raw, c, t)
     opt = torch.optim.AdamW(groups)
     sched = make_scheduler(opt, t)
     autocast = t.bf16 and ctx.device.type == "cuda"
     step, data = 0, {}
-    ck = resolve_resume(t.resume, run_dir, ctx)
+    ck = resolve_resume(t.resume, run_dir, ctx, say)
     if ck is not None:
         step, data = restore(ck, ts, raw, opt, sched, sharded)
         say(f"resumed from {ck} at step {step} (data position {data})")
@@ -322,7 +326,9 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
                 ck_dir = save_checkpoint(run_dir, step, state, extra)
             if golden is not None:
                 golden.write(step)
-        if hook is not None and ctx.rank == 0:  # after the checkpoint: an interrupted trial can resume
+        # after the checkpoint: an interrupted trial can resume. fsdp: every rank runs the hook (its
+        # forwards gather the sharded layers), rank 0's result is the one reported
+        if hook is not None and (ctx.rank == 0 or sharded):
             rep.update(hook(step, raw) or {})
         end_of_step(ctx, t, step, rep, ck_dir, tracker, say, lambda: (
             f"token-lm step {step}/{t.steps} loss {total:.4f}"
@@ -334,23 +340,29 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         if "eval_loss" in rep:
             metrics = rep
             evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})
-    memory = {"start_rss_gb": max_over_ranks(rss_start, ctx), "steps_rss_gb": max_over_ranks(steps_rss.close(), ctx),
-              "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}  # start: before the model; steps: in training steps
-    if ctx.device.type == "cuda":
-        memory["peak_gpu_gb"] = max_over_ranks(torch.cuda.max_memory_allocated(ctx.device) / 1e9, ctx)
+    secs, steps_peak = time.time() - t0, steps_rss.close()
     seen = ctx.all_reduce(torch.tensor(source.seen(), dtype=torch.float64).to(ctx.device)).cpu()
     data_mix = mix.mix_report(c.shards, [int(n) for n in seen.tolist()])  # the mix trained on, all ranks
-    plain = raw
-    if sharded:  # the export is a plain model: the gathered weights in a fresh copy of the warm start
-        full = full_state(raw)
+    out, about = run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed, "init_scale": c.init_scale}
+    if meta:  # each weight gathered in turn (every rank), rank 0 writes it
+        export(raw, ts, out, about, tok.tokenizer, sharded=True, write=ctx.rank == 0)
+    else:
+        plain = raw
+        if sharded:  # the export is a plain model: the gathered weights in a fresh copy of the warm start
+            full = full_state(raw)
+            if ctx.rank == 0:
+                plain = start_model(lambda *a, **k: None).model
+                plain.load_state_dict(full)
         if ctx.rank == 0:
-            plain = start_model(lambda *a, **k: None).model
-            plain.load_state_dict(full)
+            export(plain, ts, out, about, tok.tokenizer)
+    # start: before the model; build: through its build and sharding; steps: in training steps; peak: the
+    # whole run, export included
+    memory = {"start_rss_gb": max_over_ranks(rss_start, ctx), "build_rss_gb": max_over_ranks(rss_build, ctx),
+              "steps_rss_gb": max_over_ranks(steps_peak, ctx), "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}
+    if ctx.device.type == "cuda":
+        memory["peak_gpu_gb"] = max_over_ranks(torch.cuda.max_memory_allocated(ctx.device) / 1e9, ctx)
     if ctx.rank == 0:
         tracker.close()
-        secs = time.time() - t0
-        out = export(plain, ts, run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed,
-                                                     "init_scale": c.init_scale}, tok.tokenizer)
         metrics = {**final_metrics(metrics, history, evals, start, golden, ws.counts, ts, step, secs,
                                    train_step.tokens * ctx.world_size, out, run), "memory": memory,
                    "pad_fraction": 1.0 - train_step.tokens / max(train_step.positions, 1)}

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..integrity import MANIFEST, verify, write_manifest
+from ..storage import staged_dir
 from ..token_space import TokenSpace, TokenSpaceError
 from .base_lm import build_base_lm
 
 META = "lumo_token_lm.json"
+EXPORT_TODO = "train or export it again (both write SHA256SUMS)"
 
 
 @dataclass
@@ -28,6 +31,8 @@ class WarmStart:
     freeze: str
     counts: dict
     """total / trainable parameters, and effective trainable (new rows only where masked)."""
+    fill: Optional[Callable[[torch.nn.Module, torch.device], None]] = None
+    """A meta-device model's materialiser (meta_warm_start): call fill(model, device) after fully_shard."""
 
 
 def load_causal_lm(base: str, text_vocab: int, seed: int = 0) -> torch.nn.Module:
@@ -43,6 +48,8 @@ def load_causal_lm(base: str, text_vocab: int, seed: int = 0) -> torch.nn.Module
 
     if is_uri(base):
         base = str(fetch_run(base))
+    if (Path(base) / MANIFEST).is_file():  # lumo's exports carry one; a Hugging Face folder from elsewhere not
+        verify(base, "base LM export", EXPORT_TODO)
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
@@ -50,6 +57,14 @@ def _new_rows(old: torch.Tensor, n: int, text_vocab: int, init_scale: float, gen
     w = old[:text_vocab].detach().float()
     noise = torch.randn(n - text_vocab, w.shape[1], generator=gen) * (init_scale * w.std(0))
     return (w.mean(0) + noise).to(old.dtype)
+
+
+def _extended(old: torch.Tensor, n: int, text_vocab: int, init_scale: float, seed: int, head: bool) -> torch.Tensor:
+    """extend_vocab's embedding (head: its untied head) from the base's: the TEXT rows, then new rows."""
+    gen = torch.Generator().manual_seed(seed)
+    if head:  # extend_vocab draws the embedding's new rows first
+        torch.randn(n - text_vocab, old.shape[1], generator=gen)
+    return torch.cat([old[:text_vocab], _new_rows(old, n, text_vocab, init_scale, gen)])
 
 
 def extend_vocab(model: torch.nn.Module, ts: TokenSpace, init_scale: float, seed: int = 0) -> torch.nn.Module:
@@ -132,27 +147,112 @@ def init_export(init: str) -> Path:
     d = fetch_run(init) if is_uri(init) else Path(init)
     for cand in (d / "export", d):
         if (cand / "token_space.json").exists():
+            verify(cand, "token-LM export", EXPORT_TODO)
             return cand
     raise FileNotFoundError(f"{init}: neither it nor its export/ holds a token-LM export (token_space.json)")
 
 
 def warm_start(base: str, ts: TokenSpace, freeze: str = "new_rows", init_scale: float = 0.02, seed: int = 0,
-               lora=None, log=print, init: str = "") -> WarmStart:
+               lora=None, log=print, init: str = "", meta: bool = False) -> WarmStart:
     """Load `base`, extend it to the token space and apply the freeze mode; logs trainable counts.
     init: a token-LM run (stage 4 starts from stage 3.3) whose extended vocabulary is loaded as it is,
-    after refusing another token space."""
-    if init:
-        d = init_export(init)
-        model = load_token_lm(d, expected=ts)[0].train()
-        base = f"{init} (token-LM export)"
+    after refusing another token space. meta: the same model built on the meta device, to be filled
+    shard by shard after fully_shard (WarmStart.fill; train.meta_init under fsdp)."""
+    fill = None
+    if meta:
+        model, fill = meta_warm_start(base, ts, freeze, init_scale, seed, lora, init)
+    elif init:
+        model = load_token_lm(init_export(init), expected=ts)[0].train()
     else:
         model = extend_vocab(load_causal_lm(base, ts.text_vocab, seed), ts, init_scale, seed)
-    model = apply_freeze(model, freeze, ts.text_vocab, lora)
+    if not meta:
+        model = apply_freeze(model, freeze, ts.text_vocab, lora)
+    if init:
+        base = f"{init} (token-LM export)"
     counts = trainable_counts(model, freeze, ts.text_vocab)
     log(f"token LM warm start from {base}: vocab {ts.text_vocab} -> {ts.padded_size} rows, freeze={freeze}, "
         f"params {counts['total']:,}, trainable {counts['trainable']:,} "
-        f"(effective {counts['effective_trainable']:,})")
-    return WarmStart(model, ts, freeze, counts)
+        f"(effective {counts['effective_trainable']:,})" + (" (meta device)" if meta else ""))
+    return WarmStart(model, ts, freeze, counts, fill)
+
+
+def _checkpoint_dir(base: str) -> Path:
+    """A base checkpoint's local directory: itself, an object-store URI's download, a hub id's snapshot."""
+    from ..storage import fetch_run, is_uri
+
+    d = fetch_run(base) if is_uri(base) else Path(base)
+    if not d.is_dir():  # a hub id: its config and safetensors in the local cache (from_pretrained's download)
+        from huggingface_hub import snapshot_download
+
+        d = Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors"]))
+    if (d / MANIFEST).is_file():  # as load_causal_lm
+        verify(d, "base LM export", EXPORT_TODO)
+    return d
+
+
+def _config_model(d: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d)), dtype=torch.float32).train()
+
+
+def meta_warm_start(base: str, ts: TokenSpace, freeze: str, init_scale: float, seed: int, lora, init: str = ""):
+    """warm_start's model on the meta device, and the Filler that gives each rank its shards of the same
+    values after fully_shard: a preset's random init replayed one weight at a time (meta_init.replay), a
+    checkpoint's (or token-LM export's) safetensors read tensor by tensor, each rank only its rows; the
+    new vocabulary rows and LoRA's init drawn as warm_start draws them. Returns (model, fill)."""
+    from .base_lm import PRESETS
+    from .meta_init import Filler, named_states, read_tensor, recording, replay, safetensors_files
+
+    t, n = ts.text_vocab, ts.padded_size
+    files = None
+    with recording() as build:
+        if init:
+            d = init_export(init)
+            ts.ensure_same(TokenSpace.load(d), what=f"token LM {d} token space")
+            model, files = _config_model(d), safetensors_files(d)
+        elif base in PRESETS:
+            model = build_base_lm(base, t, seed=seed)
+        else:
+            d = _checkpoint_dir(base)
+            model, files = _config_model(d), safetensors_files(d)
+    base_params = dict(model.named_parameters())
+    meta_states = {k: v for k, v in named_states(model).items() if v.is_meta}
+    old: list[torch.Tensor] = []  # the base's embedding (and untied head), replaced by the resize
+    with recording() as after:
+        if not init:
+            emb = model.get_input_embeddings().weight
+            if emb.shape[0] < t:
+                raise TokenSpaceError(f"base LM has {emb.shape[0]} embedding rows, fewer than the token space's "
+                                      f"TEXT range ({t}): the base LM was trained with another tokenizer")
+            old = vocab_params(model)
+            model.resize_token_embeddings(n, mean_resizing=False)
+            model.config.vocab_size = n
+        elif model.get_input_embeddings().weight.shape[0] != n:
+            raise TokenSpaceError(f"{init}: model has {model.get_input_embeddings().weight.shape[0]} rows, "
+                                  f"token space padded size is {n}")
+        model = apply_freeze(model, freeze, t, lora)
+    final = {id(v): k for k, v in named_states(model).items()}
+    new = [final[id(p)] for p in vocab_params(model)] if old else []
+
+    def put(target, p: torch.Tensor, value: torch.Tensor, rows_given: bool = False) -> None:
+        i = next((j for j, q in enumerate(old) if q is p), None)
+        if i is None:
+            target.put(final[id(p)], value, rows_given)
+        else:
+            target.put(new[i], _extended(value, n, t, init_scale, seed, head=i == 1))
+
+    def base_values(target) -> None:
+        if files is None:  # a preset: build_base_lm's draws, under its seed
+            replay(build, {id(v): k for k, v in meta_states.items()}, lambda k, v: put(target, meta_states[k], v), seed)
+            return
+        for k, p in base_params.items():  # every weight from the files, a rank its rows (the vocabulary whole)
+            whole = any(q is p for q in old)
+            put(target, p, read_tensor(files, k, None if whole else target.rows(final[id(p)])), rows_given=not whole)
+
+    produced = {final[id(p)] for p in base_params.values() if id(p) in final} | set(new)
+    drawn = {i: k for i, k in final.items() if k not in produced}  # LoRA's weights: drawn after the base
+    return model, Filler([base_values, lambda target: replay(after, drawn, target.put)])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -165,16 +265,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def export(model: torch.nn.Module, ts: TokenSpace, out_dir: str | Path, meta: dict, tokenizer=None) -> Path:
-    """HF directory (save_pretrained) + token_space.json + lumo_token_lm.json (+ the text tokenizer)."""
+def export(model: torch.nn.Module, ts: TokenSpace, out_dir: str | Path, meta: dict, tokenizer=None,
+           sharded: bool = False, write: bool = True) -> Path:
+    """HF directory (save_pretrained) + token_space.json + lumo_token_lm.json (+ the text tokenizer).
+    sharded: an FSDP-sharded model, written one gathered weight at a time (sharded_export): every rank
+    calls export, the one with write=True (rank 0) writes."""
+    from .sharded_export import save_sharded_pretrained
+
     out = Path(out_dir)
-    m = unwrap(model)
-    m.save_pretrained(str(out), safe_serialization=True)
-    ts.save(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    (out / META).write_text(json.dumps({**meta, "text_vocab": ts.text_vocab, "padded_size": ts.padded_size,
-                                        "token_space_hash": ts.hash}, indent=2) + "\n")
+    if sharded and not write:
+        save_sharded_pretrained(model, None)
+        return out
+    # written into a fresh folder of our own, then moved onto out/ name by name: a symlink planted
+    # at an export name (or at out/ itself) is replaced or refused, never written through
+    with staged_dir(out) as tmp:
+        if sharded:
+            save_sharded_pretrained(model, tmp)
+        else:
+            unwrap(model).save_pretrained(str(tmp), safe_serialization=True)
+        ts.save(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / META).write_text(json.dumps({**meta, "text_vocab": ts.text_vocab, "padded_size": ts.padded_size,
+                                            "token_space_hash": ts.hash}, indent=2) + "\n")
+        write_manifest(tmp)  # last: the digests of what was written (integrity.py)
     return out
 
 
@@ -185,6 +299,7 @@ def load_token_lm(export_dir: str | Path, expected: Optional[TokenSpace] = None)
     d = Path(export_dir)
     if not (d / "token_space.json").exists():
         raise FileNotFoundError(f"{d}: no token_space.json (not a token-LM export)")
+    verify(d, "token-LM export", EXPORT_TODO)
     ts = TokenSpace.load(d)
     if expected is not None:
         expected.ensure_same(ts, what=f"token LM {d} token space")
