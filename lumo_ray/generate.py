@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -23,10 +24,13 @@ from .data.sequences import IGNORE, MEDIA, SequenceBuilder, crop_audio
 from .errors import UserError
 from .models.constrained import SpanConstraint, SpanSpec, span_spec
 from .runtime import torch_threads
+from .storage import write_file
 from .token_space import TokenSpace, TokenSpaceError, TokenSpaceMismatch, first_difference
 
 TASKS = ("t2i", "t2a", "i2t", "a2t")
 TARGET = {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}
+GUIDANCE_MAX = 20.0
+"""Largest classifier-free guidance scale accepted (LlamaGen, Emu3 and Janus use 3-7.5)."""
 
 
 @dataclass
@@ -46,6 +50,11 @@ class GenOptions:
     threads: int = 1
     """torch intra-op threads while generating: one thread is much faster for small models on a busy CPU,
     and a fixed count keeps sampling bit-reproducible (float rounding depends on it)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance (t2i / t2a): logits = uncond + s x (cond - uncond), from the caption prompt
+    and the unconditional one (empty caption, what token_lm.seq.caption_dropout trains), each with its own
+    KV cache in one batch, before the constraint and sampling. 1 (default): no guidance, the plain path,
+    byte for byte. In [1, GUIDANCE_MAX]: below 1 would pull generations away from their caption."""
 
 
 @dataclass
@@ -140,15 +149,16 @@ def task_spec(run: Run, task: str, opts: GenOptions) -> SpanSpec:
 # -- prompts ------------------------------------------------------------------------------------
 
 def build_prompt(run: Run, task: str, *, caption: Optional[str] = None, media_ids: Optional[np.ndarray] = None,
-                 sid: str = "prompt") -> np.ndarray:
-    """The training layout up to (and including) the target span's opening token."""
+                 sid: str = "prompt", uncond: bool = False) -> np.ndarray:
+    """The training layout up to (and including) the target span's opening token. uncond (t2i / t2a): the
+    unconditional prompt of classifier-free guidance, no caption between the same delimiters."""
     b = run.builder
     if task in ("t2i", "t2a"):
-        if not caption:
+        if not caption and not uncond:
             raise ValueError(f"{task} needs a non-empty caption prompt")
-        text = np.asarray(run.adapters.text.encode(caption), np.int64)
+        text = np.zeros(1, np.int64) if uncond else np.asarray(run.adapters.text.encode(caption), np.int64)
         sample = {"json": {"id": sid, "task": task}, "text": text}
-        seq = b.build(sample, task=task, media_override=np.zeros(1, np.int64) + b.sp["<|pad_mm|>"])
+        seq = b.build(sample, task=task, media_override=np.zeros(1, np.int64) + b.sp["<|pad_mm|>"], drop_caption=uncond)
     elif task in ("i2t", "a2t"):
         if media_ids is None or len(media_ids) == 0:
             raise ValueError(f"{task} needs input media ids")
@@ -211,13 +221,27 @@ class RowSampler:
         return out
 
 
+def check_guidance(scale: Any, task: str, name: str = "guidance_scale") -> float:
+    """The guidance scale as a float, or a UserError (a ValueError) naming `name` (the flag, config key or
+    request field it came from) and saying what it takes."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or not 1.0 <= scale <= GUIDANCE_MAX:
+        raise UserError(name, None, f"must be a number in [1, {GUIDANCE_MAX:g}] (1: no guidance), got {scale!r}")
+    if scale != 1.0 and task not in ("t2i", "t2a"):
+        raise UserError(name, None, f"guidance applies to t2i / t2a (guided by their caption), not {task}; "
+                                    f"got {scale:g}", "leave it at 1")
+    return float(scale)
+
+
 def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOptions,
                    seeds: Optional[list[int]] = None) -> list[np.ndarray]:
     """Generated ids after each prompt (the span and its end token, pads stripped). Row i samples from
     its own generator, seeded `seeds[i]` (default row_seed(opts.seed, i)): its tokens do not depend on
-    batch_size or on the other prompts, up to float rounding (bit-identical for one call's arguments)."""
+    batch_size or on the other prompts, up to float rounding (bit-identical for one call's arguments).
+    opts.guidance_scale != 1 (t2i / t2a): classifier-free guidance (guided_generate); 1 never enters it."""
     from transformers import LogitsProcessorList
 
+    scale = check_guidance(opts.guidance_scale, task)
     spec = task_spec(run, task, opts)
     pad = run.builder.pad_id
     seeds = [row_seed(opts.seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
@@ -228,10 +252,11 @@ def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOpti
             raise ValueError(f"prompt {i} of {task} does not end with the span's opening token {spec.start_id}")
     dev = model_device(run.model)
     vocab = model_vocab(run.model)
+    uncond = build_prompt(run, task, uncond=True) if scale != 1.0 else None
     out: list[np.ndarray] = []
     for b0 in range(0, len(prompts), opts.batch_size):
         batch = prompts[b0: b0 + opts.batch_size]
-        n = max(len(p) for p in batch)
+        n = max(len(p) for p in list(batch) + ([] if uncond is None else [uncond]))  # (guided: its rows too)
         ids = torch.full((len(batch), n), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)
         for i, p in enumerate(batch):  # left padding: every row's next token sits at column n
@@ -241,12 +266,56 @@ def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOpti
         if not opts.greedy:
             procs.append(RowSampler(seeds[b0: b0 + len(batch)], opts))
         with torch.no_grad(), torch_threads(opts.threads):  # greedy selection: the sampler already chose
-            seqs = run.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                                      max_new_tokens=spec.max_new_tokens, eos_token_id=spec.terminators,
-                                      pad_token_id=pad, logits_processor=LogitsProcessorList(procs))
+            if uncond is not None:
+                seqs = guided_generate(run.model, batch, uncond, scale, LogitsProcessorList(procs),
+                                       spec.max_new_tokens, spec.terminators, pad, dev)
+            else:
+                seqs = run.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                          max_new_tokens=spec.max_new_tokens, eos_token_id=spec.terminators,
+                                          pad_token_id=pad, logits_processor=LogitsProcessorList(procs))
         for row in seqs[:, n:].cpu().numpy():
             out.append(_strip(row, spec.terminators, pad))
     return out
+
+
+def guided_generate(model, prompts: list[np.ndarray], uncond: np.ndarray, scale: float, procs, max_new_tokens: int,
+                    terminators: list[int], pad: int, dev) -> torch.Tensor:
+    """Classifier-free guidance, transformers' greedy search by hand: the conditional prompts and as many
+    copies of the unconditional one go through the model as one left-padded batch of 2B rows (a KV cache
+    row each; positions count real tokens, as `generate` sets them); per step the B rows' scores are
+    uncond + scale x (cond - uncond) on the float32 logits, then `procs` (the span constraint, the row
+    sampler) and argmax; both halves of a row are fed the chosen token, a finished row gets pads, and it
+    stops when every row has ended or after max_new_tokens. Returns [B, n + generated] like `generate`
+    (n = the widest prompt), the conditional rows."""
+    if not hasattr(model, "get_output_embeddings"):
+        raise ValueError("guidance_scale needs the PyTorch model (a KV cache per row), not an ONNX export")
+    rows = list(prompts) + [uncond] * len(prompts)
+    b, n = len(prompts), max(len(p) for p in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, n - len(p):] = torch.as_tensor(p)
+        mask[i, n - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    seqs = ids[:b]
+    stops = torch.as_tensor(list(terminators), device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        cond, unc = logits[:b], logits[b:]
+        scores = procs(seqs, unc + scale * (cond - unc))
+        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), scores.argmax(-1))
+        seqs = torch.cat([seqs, nxt[:, None]], 1)
+        done = done | torch.isin(nxt, stops)
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=torch.cat([nxt, nxt])[:, None], attention_mask=mask, position_ids=pos,
+                    cache=out.cache, use_cache=True)
+    return seqs
 
 
 def model_device(model) -> torch.device:
@@ -364,7 +433,7 @@ def save_output(run: Run, modality: str, value: Any, path_stem: Path) -> Path:
                  subtype="PCM_16")
     else:
         p = path_stem.with_suffix(".txt")
-        p.write_text(str(value) + "\n", encoding="utf-8")
+        write_file(p, str(value) + "\n")
     return p
 
 
@@ -404,10 +473,8 @@ def write_samples(run: Run, task: str, p: np.ndarray, gens: list[np.ndarray], ou
         else:
             log(f"[{i}] not decodable: {chk.error}")
         recs.append(rec)
-    with open(out / "generations.jsonl", "w") as fh:
-        for r in recs:
-            fh.write(json.dumps(r) + "\n")
-    (out / "options.json").write_text(json.dumps({**asdict(opts), "task": task, "n": len(gens)}, indent=2) + "\n")
+    write_file(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    write_file(out / "options.json", json.dumps({**asdict(opts), "task": task, "n": len(gens)}, indent=2) + "\n")
     return recs
 
 

@@ -18,12 +18,22 @@ def _run(args):
     return load_run(args.run, cfg=cfg, cfg_source=source)  # a URI run is downloaded once (export/, config.yaml)
 
 
-def _opts(args):
-    from ..generate import GenOptions
+def _opts(args, cfg=None):
+    """Generation options of the flags; the guidance scale from --guidance-scale, else (t2i / t2a) the
+    config's generate.guidance_scale (gates without the flag: 1)."""
+    from ..generate import GenOptions, check_guidance
 
+    flag = getattr(args, "guidance_scale", None)
+    task = args.task if isinstance(getattr(args, "task", None), str) else "t2i"
+    if flag is not None:
+        scale = check_guidance(flag, task, "--guidance-scale")
+    elif cfg is not None and task in ("t2i", "t2a"):
+        scale = check_guidance(cfg.generate.guidance_scale, task, "generate.guidance_scale")
+    else:
+        scale = 1.0
     return GenOptions(seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       greedy=args.greedy, constrained=not args.no_constraint, audio_frames=args.audio_frames,
-                      max_text_tokens=args.max_text_tokens)
+                      max_text_tokens=args.max_text_tokens, guidance_scale=scale)
 
 
 def cmd_generate(args) -> int:
@@ -46,9 +56,11 @@ def cmd_generate(args) -> int:
             raise UserError(f"--input of {args.task}", args.input, e.reason, f"give a readable {media} file") from None
     from ..generate import generate  # torch and the model: after the input checks
 
+    _opts(args)  # a bad --guidance-scale fails before the model loads
+    run = _run(args)
+    opts = _opts(args, run.cfg)  # (and a bad generate.guidance_scale before anything is written)
     with output_dir(args.out) as out:
-        recs = generate(_run(args), args.task, out, prompt=args.prompt, input_path=args.input, n=args.n,
-                        opts=_opts(args))
+        recs = generate(run, args.task, out, prompt=args.prompt, input_path=args.input, n=args.n, opts=opts)
     ok = sum(r["ok"] for r in recs)
     print(f"{ok}/{len(recs)} compliant; wrote {locate(args.out) / 'generations.jsonl'}")
     return 0 if ok == len(recs) else 1
@@ -74,7 +86,7 @@ def _generate_manifest(args) -> int:
 
     from .lm import run_config
     cfg = run_config(args.run, args.config, args.set)  # its generate: section sizes the actors
-    s = run_batch_generate(args.manifest, args.run, args.task, args.out, _opts(args), n=args.n, actors=args.actors,
+    s = run_batch_generate(args.manifest, args.run, args.task, args.out, _opts(args, cfg), n=args.n, actors=args.actors,
                            unit_size=args.unit_size, address=args.address, cfg=cfg)
     return 0 if s["errors"] == 0 and s["compliant"] == s["samples"] else 1
 
@@ -130,6 +142,9 @@ def add_commands(sub, common) -> None:
     g.add_argument("--out", required=True, help="output directory (path or URI): generations.jsonl, PNG / WAV files")
     g.add_argument("--n", type=int, default=1, help="samples")
     _sampling(g)
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance of t2i / t2a, in [1, 20]: logits = uncond + s x (cond - uncond) "
+                        "(the unconditional prompt has no caption); 1 = none (default generate.guidance_scale, 1)")
     g.set_defaults(func=cmd_generate)
 
     gate = sub.add_parser("gate", help="generation gates (exit 1 when they fail)").add_subparsers(dest="sub", required=True)

@@ -82,6 +82,10 @@ def cmd_fidelity(args) -> int:
         fc.n = args.n
     if args.seed is not None:
         fc.seed = args.seed
+    if args.guidance_scale is not None:
+        from ..generate import check_guidance
+
+        fc.guidance_scale = check_guidance(args.guidance_scale, "t2i", "--guidance-scale")
     run = with_onnx(load_run(args.run, cfg=cfg), args.onnx)
     with output_dir(args.out) as out:
         rep = run_fidelity(run, out, fc, shards=args.shards)  # prints one line per attribute
@@ -138,6 +142,8 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--shards", help="shard directory (default: the run's token_lm.shards)")
     p.add_argument("--n", type=int, default=None, help="eval captions per modality (default token_lm.fidelity.n)")
     p.add_argument("--seed", type=int, default=None, help="default token_lm.fidelity.seed")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance of the generations, "
+                   "in [1, 20] (default token_lm.fidelity.guidance_scale, 1: none)")
     onnx_option(p)
     p.set_defaults(func=cmd_fidelity)
 

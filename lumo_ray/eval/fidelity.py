@@ -65,6 +65,7 @@ from ..data import synth
 from ..data.mix import primary
 from ..data.sequences import crop_audio
 from ..runtime import torch_threads
+from ..storage import write_file
 from ..token_space import TokenSpace
 from .stats import bootstrap_ci, p_attainable, sign_test_p
 
@@ -498,7 +499,8 @@ def _available(run) -> list[str]:
 def _gen_options(cfg: FidelityConfig):
     from ..generate import GenOptions
 
-    return GenOptions(seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, batch_size=cfg.batch_size)
+    return GenOptions(seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, batch_size=cfg.batch_size,
+                      guidance_scale=cfg.guidance_scale)
 
 
 def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityConfig] = None,
@@ -537,7 +539,8 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
         log(f"  {m}: probe fitted on {len(train[m])} train samples; generated {len(prompts)} x 2 ({task})")
     rep = score_generations(probes, items, gen, swp, cfg)
     rep.update(run=run.name, shards=str(shards), split=cfg.split,
-               generation={k: getattr(opts, k) for k in ("seed", "temperature", "top_k", "batch_size", "constrained")},
+               generation={k: getattr(opts, k) for k in ("seed", "temperature", "top_k", "batch_size", "constrained",
+                                                         "guidance_scale")},
                probe={"features": {"image": "sqrt-frequency bags of the codes, or of the decoded image's colours "
                                             f"({PIXEL_LEVELS}^3 bins), over the whole grid (+ its 2x2 and 3x3 blocks)",
                                    "audio": f"sqrt-frequency bags per codebook over the clip (+ {AUDIO_BINS[1]} time bins)"},
@@ -620,6 +623,6 @@ def report_md(rep: dict) -> str:
 def write_report(rep: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "report.md").write_text(report_md(rep))
+    write_file(out / "report.json", json.dumps(rep, indent=2) + "\n")
+    write_file(out / "report.md", report_md(rep))
     return out / "report.json"
