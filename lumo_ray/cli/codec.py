@@ -1,4 +1,5 @@
 """`lumo codec train-vq`: train the tiny VQ image codec on Ray Train (section `codec` of the config);
+`lumo codec train-audio`: fit the tiny EnCodec audio preset on Ray Train (section `codec_audio`);
 `lumo codec train-clip`: train the tiny CLIP preset (embed/clip_train.py; one process, one thread);
 `lumo codec fit-kmeans`: a k-means codebook over CLIP embeddings on Ray (pipelines/kmeans.py)."""
 from __future__ import annotations
@@ -26,6 +27,23 @@ def cmd_codec_train_vq(args) -> int:
     return 0
 
 
+def cmd_codec_train_audio(args) -> int:
+    from trainers.codec_audio import run_codec_audio
+
+    sets = list(args.set or [])
+    if args.out:
+        sets.append(f"codec_audio.out={args.out}")
+    cfg = command_config(args, sets=sets)
+    t0 = time.time()
+    try:
+        run_codec_audio(cfg, args.address)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"[codec] {e}", file=sys.stderr)
+        return 2
+    print(f"[codec] wall time {time.time() - t0:.0f}s")
+    return 0
+
+
 def cmd_codec_train_clip(args) -> int:
     from ..embed.clip_train import train_preset
 
@@ -47,12 +65,21 @@ def cmd_codec_fit_kmeans(args) -> int:
 
 def add_commands(sub, common) -> None:
     """sub: the top-level subparsers; common(parser, config=True) adds --config/--set/--address."""
-    g = sub.add_parser("codec", help="codec training: the tiny VQ codec, k-means codebooks").add_subparsers(dest="sub", required=True)
+    g = sub.add_parser("codec", help="codec training: the tiny VQ codec, the tiny audio codec, k-means codebooks"
+                       ).add_subparsers(dest="sub", required=True)
     t = g.add_parser("train-vq", help="train the tiny VQ image codec (uti.image model 'tiny') on Ray Train; "
                                       "writes model.safetensors + metrics.json (synthetic / real PSNR, SSIM)")
     common(t)
     t.add_argument("--out", default=None, help="run directory (default: codec.out)")
     t.set_defaults(func=cmd_codec_train_vq)
+
+    a = g.add_parser("train-audio", help="fit the tiny EnCodec audio preset (uti.audio model 'tiny-24k', seed 0) on "
+                                         "Ray Train: writes model.safetensors + metrics.json (waveform-probe "
+                                         "accuracy, SNR, log-mel L1); the shipped preset: "
+                                         "lumo_ray/codecs/assets/encodec_tiny24k")
+    common(a)
+    a.add_argument("--out", default=None, help="run directory (default: codec_audio.out)")
+    a.set_defaults(func=cmd_codec_train_audio)
 
     c = g.add_parser("train-clip", help="train the tiny CLIP preset (data.embed.model 'tiny') on synthetic images: "
                                         "writes model.safetensors + meta.json (near-duplicate recall)")

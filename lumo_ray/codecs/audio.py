@@ -1,9 +1,12 @@
 """EnCodec audio adapter through `transformers.EncodecModel` (SPEC §4).
 
-Models: the offline presets 'tiny-24k' / 'tiny-48k' (tiny dims, random weights) and 'full-24k' /
-'full-48k' (the published facebook/encodec_24khz / _48khz architecture, random weights), all built
-from an `EncodecConfig` under the config seed; anything else goes to `EncodecModel.from_pretrained`
-(a hub id or a local directory holding real weights).
+Models: the offline presets 'tiny-24k' / 'tiny-48k' (tiny dims) and 'full-24k' / 'full-48k' (the
+published facebook/encodec_24khz / _48khz architecture, random weights), all built from an
+`EncodecConfig`; anything else goes to `EncodecModel.from_pretrained` (a hub id or a local directory
+holding real weights). 'tiny-24k' with seed 0 loads TRAINED weights shipped in the package
+(codecs/assets/encodec_tiny24k/model.safetensors, made by `lumo codec train-audio`,
+codecs/audio_train.py; its identity is their sha256); every other preset / seed is the random init
+drawn under the config seed (codecs/exact_init.py).
 
 Normalization (`load` / `prepare`), in this order:
   1. read with libsndfile (float WAV, FLAC, OGG...); a long file is read only up to max_seconds
@@ -42,8 +45,11 @@ import numpy as np
 import torch
 
 from ..config import AudioConfig, RuntimeConfig
+from ..integrity import PRESET_TODO, verify_once
 from ..token_space import AUDIO_SERIALIZATION
-from .base import AUDIO_PRESETS, AudioClip, AudioCodes, MediaError, model_identity, state_digest
+from . import base
+from .base import (AUDIO_PRESETS, AudioClip, AudioCodes, MediaError, audio_model_identity, model_identity, state_digest,
+                   uses_tiny_audio_weights)
 
 # Extra source seconds read / resampled beyond max_seconds, so the resampler's filter sees real
 # signal at the cut (checked: the kept samples are bit-identical to resampling the whole file).
@@ -69,11 +75,14 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# EMA bookkeeping buffers of the codebooks: unused at inference, not shipped (embed_avg = embed on load)
+_NOT_SHIPPED = (".codebook.embed_avg", ".codebook.cluster_size")
+_LOADED: dict[str, dict] = {}  # weights file digest -> state dict: one read per process
 
 
 def build_audio_adapter(cfg: AudioConfig, runtime: RuntimeConfig,
                         batch_invariant: Optional[bool] = None) -> "EncodecAdapter":
-    """Build the configured EnCodec adapter (presets are random-init and need no network).
+    """Build the configured EnCodec adapter (presets are built offline: shipped or random-init weights).
     batch_invariant (see EncodecAdapter.encode_batch): None takes runtime.batch_invariant."""
     if cfg.kind != "encodec":
         raise ValueError(f"audio.kind={cfg.kind!r}: only 'encodec' has an adapter")
@@ -82,12 +91,23 @@ def build_audio_adapter(cfg: AudioConfig, runtime: RuntimeConfig,
     return EncodecAdapter(cfg, runtime, batch_invariant=batch_invariant)
 
 
-def _build_preset(name: str, seed: int) -> Any:
+def _build_preset(name: str, seed: int, trained: bool = False) -> Any:
+    """A preset EncodecModel: the random init of (name, seed), or (trained=True, the 'tiny-24k' preset)
+    the shipped trained weights."""
     from transformers import EncodecConfig, EncodecModel
 
     from .exact_init import reinit_
 
     conf = EncodecConfig(**PRESET_CONFIGS[name])
+    if trained:
+        if name != base.TINY_AUDIO_PRESET:
+            raise ValueError(f"trained weights ship for {base.TINY_AUDIO_PRESET!r} only, not {name!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = EncodecModel(conf)
+        verify_once(base.TINY_AUDIO_WEIGHTS.parent, "shipped audio preset", PRESET_TODO)
+        load_weights(model, base.TINY_AUDIO_WEIGHTS)
+        return model.eval()
     # fork_rng: building does not disturb the caller's global RNG. The weights are then redrawn so
     # that they (and the preset's identity) are the same on every CPU (codecs/exact_init.py).
     with torch.random.fork_rng(devices=[]):
@@ -96,6 +116,49 @@ def _build_preset(name: str, seed: int) -> Any:
     reinit_(model, seed)
     _init_codebooks(model, seed)
     return model
+
+
+def tiny_init(seed: int) -> Any:
+    """The random 'tiny-24k' preset of a seed (the starting point of `lumo codec train-audio`)."""
+    return _build_preset(base.TINY_AUDIO_PRESET, seed, trained=False)
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load a weights file written by save_weights into `model` (every shipped key, exact shapes; the
+    codebooks' EMA buffers are rebuilt: embed_avg = embed, cluster_size = 0). Cached per file digest."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"EnCodec weights not found: {path} (the tiny audio preset's shipped asset: reinstall "
+                                f"the package, or rebuild it with `lumo codec train-audio`, docs/stage3_uti.md)")
+    key = base.file_sha256(path)
+    if key not in _LOADED:
+        _LOADED[key] = load_file(str(path))
+    sd = _LOADED[key]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    wrong = [k for k in missing if not k.endswith(_NOT_SHIPPED)] + list(unexpected)
+    if wrong:
+        raise ValueError(f"{path}: does not match the EnCodec architecture ({len(wrong)} keys differ, "
+                         f"e.g. {wrong[:3]})")
+    with torch.no_grad():
+        for layer in model.quantizer.layers:
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
+            layer.codebook.cluster_size.zero_()
+
+
+def save_weights(model: Any, path: Path) -> str:
+    """Write the state dict (without the codebooks' EMA buffers) as safetensors, no metadata: the bytes
+    are a function of the weights. Returns the file's sha256."""
+    from safetensors.torch import save
+
+    from ..storage import write_file
+
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in sorted(model.state_dict().items())
+          if not k.endswith(_NOT_SHIPPED)}
+    write_file(path, save(sd))
+    return base.file_sha256(path)
 
 
 @torch.no_grad()
@@ -175,8 +238,10 @@ class EncodecAdapter:
         self.runtime = runtime
         self.batch_invariant = batch_invariant
         self.device = torch.device(runtime.device)
-        # Half precision is for accelerators; CPU always runs float32.
-        self.dtype = torch.float32 if self.device.type == "cpu" else _DTYPES[runtime.dtype]
+        # Half precision is for accelerators; CPU always runs float32, and so does the fitted tiny preset
+        # (its ELUs work on offsets of up to a few hundred: half precision would lose the signal under them).
+        self.dtype = torch.float32 if self.device.type == "cpu" or uses_tiny_audio_weights(cfg) \
+            else _DTYPES[runtime.dtype]
         # Sizes come from the model config alone; the weights are built on first use (`model`), so a
         # loader worker (load/prepare) or a driver that only needs the token space never builds them.
         c = _model_config(cfg.model)
@@ -208,16 +273,21 @@ class EncodecAdapter:
             from ..runtime import torch_threads
 
             with torch_threads(getattr(self.runtime, "threads", torch.get_num_threads())):
-                m = _build_preset(self.cfg.model, self.cfg.seed) if self.cfg.model in AUDIO_PRESETS \
-                    else _load_pretrained(self.cfg.model)
+                m = _build_preset(self.cfg.model, self.cfg.seed, trained=uses_tiny_audio_weights(self.cfg)) \
+                    if self.cfg.model in AUDIO_PRESETS else _load_pretrained(self.cfg.model)
             self._model = m.to(device=self.device, dtype=self.dtype).eval()
         return self._model
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> dict:
-        # a preset is its weights: one changed init is another token space (a checkpoint or hub id: its files / id)
-        model = (f"{self.cfg.model}@{state_digest(self.model)}" if self.cfg.model in AUDIO_PRESETS
-                 else model_identity(self.cfg.model, self.cfg.seed, AUDIO_PRESETS))
+        # a preset is its weights: one changed init is another token space (a checkpoint or hub id: its files /
+        # id); the trained tiny preset is named by its shipped file's sha256, without building the model
+        if uses_tiny_audio_weights(self.cfg):
+            model = audio_model_identity(self.cfg)
+        elif self.cfg.model in AUDIO_PRESETS:
+            model = f"{self.cfg.model}@{state_digest(self.model)}"
+        else:
+            model = model_identity(self.cfg.model, self.cfg.seed, AUDIO_PRESETS)
         return {"kind": "encodec", "model": model,
                 "sample_rate": self.sample_rate, "channels": self.channels, "bandwidth": self.bandwidth,
                 "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,

@@ -25,6 +25,10 @@ IMAGE_SEED_PRESETS = ("tiny",)
 # other seed or codebook size builds the untrained data-dependent init (the training starting point).
 TINY_VQ_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vq_tiny" / "model.safetensors"
 TINY_VQ_TRAINED_SEED, TINY_VQ_TRAINED_CODEBOOK = 0, 256
+# The audio 'tiny-24k' preset's trained weights (EnCodec architecture, `lumo codec train-audio`, see
+# docs/stage3_uti.md "Tiny audio codec"): they serve seed 0 with `uti.audio.fitted: true`; else the random init.
+TINY_AUDIO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "encodec_tiny24k" / "model.safetensors"
+TINY_AUDIO_PRESET, TINY_AUDIO_TRAINED_SEED = "tiny-24k", 0
 _DIGESTS: dict[tuple, str] = {}
 
 
@@ -170,6 +174,21 @@ def uses_tiny_vq_weights(cfg: Any) -> bool:
     """Whether an ImageConfig selects the shipped trained tiny VQ weights."""
     return (cfg.kind == "vq" and cfg.model == "tiny" and cfg.seed == TINY_VQ_TRAINED_SEED
             and cfg.codebook_size in (None, TINY_VQ_TRAINED_CODEBOOK))
+
+
+def uses_tiny_audio_weights(cfg: Any) -> bool:
+    """Whether an AudioConfig selects the shipped trained tiny EnCodec weights."""
+    return (getattr(cfg, "kind", "encodec") == "encodec" and cfg.model == TINY_AUDIO_PRESET
+            and cfg.seed == TINY_AUDIO_TRAINED_SEED and bool(getattr(cfg, "fitted", False)))
+
+
+def audio_model_identity(cfg: Any) -> str:
+    """Identity of the trained tiny EnCodec preset: 'tiny-24k@sha256:<sha256 of the shipped weights file>'
+    (one changed weight is another token space)."""
+    if not TINY_AUDIO_WEIGHTS.is_file():
+        raise FileNotFoundError(f"the tiny audio preset's weights are missing: {TINY_AUDIO_WEIGHTS} (reinstall the "
+                                f"package, or rebuild them with `lumo codec train-audio`, docs/stage3_uti.md)")
+    return f"{TINY_AUDIO_PRESET}@sha256:" + file_sha256(TINY_AUDIO_WEIGHTS)
 
 
 def image_model_identity(cfg: Any) -> str:
