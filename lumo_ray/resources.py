@@ -66,6 +66,21 @@ def train_resources(t: Any, section: str) -> Resources:
                      getattr(t, "accelerator_type", ""), "num_workers", "cpus_per_worker", "use_gpu")
 
 
+def study_resources(st: Any, section: str) -> list[Resources]:
+    """One trial of a Tune study (a config.tune.TrialResources section): in-process, the trial's CPUs and
+    GPUs; launching Ray Train, the trial's own CPUs and its run's workers. A study runs as many trials
+    at a time as the cluster holds, so one trial is what must fit."""
+    if st.num_workers <= 0:
+        return [Resources(f"{section} trials", section, 1, st.cpus_per_trial, st.gpus_per_trial,
+                          st.accelerator_type, "", "cpus_per_trial", "gpus_per_trial")]
+    return [Resources(f"{section} trials", section, 1, st.cpus_per_trial, cpus_key="cpus_per_trial"),
+            Resources(f"{section} trial workers", section, st.num_workers, st.cpus_per_worker,
+                      1.0 if st.use_gpu else 0.0, st.accelerator_type, "num_workers", "cpus_per_worker", "use_gpu")]
+
+
+STUDIES = ("token_lm.prompt_study", "token_lm.mmpt.study", "vlm.sweep")  # the Tune studies' sections
+
+
 def job_resources(cfg: Any, job: str, count: Optional[int] = None) -> list[Resources]:
     """The groups of a job of a LumoConfig: 'normalize', 'verify', 'tokenize', 'embed', 'generate' (batch
     generation) or 'serve'.

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lumo_ray.errors import UserError
-from lumo_ray.resources import Resources, job_resources, train_resources
+from lumo_ray.config.tune import TrialResources
+from lumo_ray.resources import STUDIES, Resources, job_resources, study_resources, train_resources
 
 GiB = 1024 ** 3
 # Resource keys Ray adds on its own: shown as node facts, not as custom resources.
@@ -118,7 +119,7 @@ def local_offer() -> dict:
 
 def _workers(node: Any, path: str) -> list[Resources]:
     """Ray Train worker groups anywhere in the config: every train section (one with `num_workers`)."""
-    if not dataclasses.is_dataclass(node):
+    if not dataclasses.is_dataclass(node) or isinstance(node, TrialResources):  # a study: study_resources
         return []
     names = {f.name for f in dataclasses.fields(node)}
     found = [train_resources(node, path)] if "num_workers" in names else []
@@ -131,6 +132,11 @@ def config_asks(cfg: Any, actors: Optional[int] = None) -> list[dict]:
     """Resource requests of a LumoConfig: one row per actor/worker group (count x per-unit CPUs/GPUs)."""
     groups = job_resources(cfg, "normalize") + job_resources(cfg, "tokenize", actors) + job_resources(cfg, "verify") \
         + job_resources(cfg, "embed") + job_resources(cfg, "generate") + job_resources(cfg, "serve") + _workers(cfg, "")
+    for section in STUDIES:
+        st = cfg
+        for k in section.split("."):
+            st = getattr(st, k)
+        groups += study_resources(st, section)
     return [dataclasses.asdict(g) for g in groups]
 
 
@@ -166,7 +172,8 @@ def misfit(r: Resources, nodes: list[dict]) -> Optional[UserError]:
     more = "or run on a cluster with more (`lumo status` shows what it has)"
     if r.count * r.gpus > tot_gpu:
         return UserError(r.key(r.gpus_key), None, f"{r.count} x {r.gpus:g} GPU = {r.count * r.gpus:g} GPUs asked "
-                         f"({r.what}), the cluster has {tot_gpu:g}", f"lower it or {r.key(r.count_key)}, {more}")
+                         f"({r.what}), the cluster has {tot_gpu:g}",
+                         f"lower it{' or ' + r.key(r.count_key) if r.count_key else ''}, {more}")
     if r.gpus > big_gpu:
         return UserError(r.key(r.gpus_key), None, f"one of the {r.what} asks {r.gpus:g} GPUs, the largest node has "
                          f"{big_gpu:g}", f"lower it, {more}")

@@ -1,13 +1,14 @@
 """`lumo tune mmpt`: a Ray Tune study of the stage-4 task mix and optimisation (task weights, ramp
 length, LoRA rank, new-row LR, LoRA LR).
 
-Each trial is a function trainable that trains a short stage-4 run in-process from
-`token_lm.mmpt.init` (its own trial directory, no golden generations) and, every `report_every`
-steps, scores it on fixed seeded eval slices: objective = mean eval loss over i2t, a2t, t2i and t2a
-(minimised); constraints = the prompt ablation (t2i, t2a) and the modality ablation (image, audio),
-each at its SPEC thresholds. An infeasible trial reports objective + 100 so ASHA stops it early; the
-best trial is the feasible one with the lowest objective. Writes results.csv, results.md, best.json
-and best_config.yaml (the full config with the best choices applied).
+Each trial is a function trainable that trains a short stage-4 run from `token_lm.mmpt.init` (its own
+trial directory, no golden generations): in-process on what it reserves, or (study.num_workers > 0) as
+a Ray Train run whose rank 0 scores (trainers/tune_study.py). Every `report_every` steps it is scored
+on fixed seeded eval slices: objective = mean eval loss over i2t, a2t, t2i and t2a (minimised);
+constraints = the prompt ablation (t2i, t2a) and the modality ablation (image, audio), each at its
+SPEC thresholds. An infeasible trial reports objective + 100 so ASHA stops it early; the best trial is
+the feasible one with the lowest objective. Writes results.csv, results.md, best.json and
+best_config.yaml (the full config with the best choices applied).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from lumo_ray.token_space import TokenSpace
 AXES = ("t2x_share", "ramp_steps", "lora_r", "new_row_lr", "lora_lr")
 TASKS = ("i2t", "a2t", "t2i", "t2a")
 INFEASIBLE = 100.0  # added to the objective of a trial that fails a constraint
+SECTION = "token_lm.mmpt.study"
 
 
 def apply_choices(cfg: LumoConfig, choice: dict) -> LumoConfig:
@@ -83,20 +85,24 @@ def study_slices(cfg: LumoConfig, ts: TokenSpace) -> dict:
             "eval": [s for m in ("image", "audio") for s in ab.get(m, [])]}
 
 
-def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
+def make_score(cfg: LumoConfig, ts: TokenSpace):
+    """score(model) of one trial, built where its model trains (the trial, or rank 0 of its Ray Train run)."""
     from lumo_ray.codecs.text import build_text_adapter
     from lumo_ray.data.sequences import SequenceBuilder
 
-    from .tune_study import train_trial, trial_config
-
-    ts = TokenSpace.from_json(ts_json)
-    st = cfg.token_lm.mmpt.study
-    cfg, trial_dir = trial_config(cfg, choice, apply_choices, st)
-    cfg.token_lm.mmpt.golden_n = 0  # trials are scored, not looked at
     encode = build_text_adapter(cfg.uti.text).encode
     builder = SequenceBuilder(ts, cfg.token_lm.seq, encode)
     slices = study_slices(cfg, ts)
-    train_trial(cfg, ts, st, trial_dir, lambda model: score(model, ts, cfg, slices, builder, encode))
+    return lambda model: score(model, ts, cfg, slices, builder, encode)
+
+
+def _trial(choice: dict, cfg: LumoConfig, ts_json: dict, storage: str) -> None:
+    from .tune_study import train_trial, trial_config
+
+    st = cfg.token_lm.mmpt.study
+    cfg, trial_dir = trial_config(cfg, choice, apply_choices, st, storage)
+    cfg.token_lm.mmpt.golden_n = 0  # trials are scored, not looked at
+    train_trial(cfg, TokenSpace.from_json(ts_json), st, trial_dir, make_score, SECTION)
 
 
 def run_mmpt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
@@ -120,7 +126,7 @@ def run_mmpt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) ->
     dump_config(cfg, out)
     ts = run_token_space(cfg)
     init_ray(address)
-    grid = fit_study(_trial, cfg, ts.to_json(), st, AXES, storage, "min", "mmpt study", out, log)
+    grid = fit_study(_trial, cfg, ts.to_json(), st, AXES, storage, "min", "mmpt study", out, log, SECTION)
     rows = []
     for r in grid:
         m = r.metrics or {}

@@ -1,12 +1,14 @@
 """`lumo tune prompts`: a Ray Tune study of prompt / sequence choices for the token LM.
 
-Each trial is a function trainable that trains a short token-LM run in-process (in its own trial
-directory) and, every `report_every` steps, scores it: objective = the smaller of the per-modality
-relative noise gaps ((loss_noise - loss_correct) / loss_correct) on a fixed eval slice, shuffle gaps
-reported beside it; a trial whose text invariance fails scores -1. ASHA stops weak trials early;
-concurrency = cluster CPUs / cpus_per_trial. Writes results.csv, results.md, best.json and
-best_config.yaml (the full config with the best choices applied). The study passes when its best
-trial also passes the modality ablation (text invariance alone holds by construction for new_rows).
+Each trial is a function trainable that trains a short token-LM run (in its own trial directory):
+in-process on what it reserves, or (prompt_study.num_workers > 0) as a Ray Train run of that many
+workers whose rank 0 scores (trainers/tune_study.py). Every `report_every` steps it is scored:
+objective = the smaller of the per-modality relative noise gaps ((loss_noise - loss_correct) /
+loss_correct) on a fixed eval slice, shuffle gaps reported beside it; a trial whose text invariance
+fails scores -1. ASHA stops weak trials early; as many trials run at a time as the cluster holds.
+Writes results.csv, results.md, best.json and best_config.yaml (the full config with the best
+choices applied). The study passes when its best trial also passes the modality ablation (text
+invariance alone holds by construction for new_rows).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from lumo_ray.storage import RunDir, locate, resolve
 from lumo_ray.token_space import TokenSpace
 
 AXES = ("instruction", "delimiters", "new_row_lr", "init_scale", "max_audio_tokens", "modality_dropout")
+SECTION = "token_lm.prompt_study"
 
 
 def apply_choices(cfg: LumoConfig, choice: dict) -> LumoConfig:
@@ -60,22 +63,26 @@ def score(model, base, ts: TokenSpace, cfg: LumoConfig, slice_: dict, encode) ->
     return out
 
 
-def _trial(choice: dict, cfg: LumoConfig, ts_json: dict) -> None:
+def make_score(cfg: LumoConfig, ts: TokenSpace):
+    """score(model) of one trial, built where its model trains (the trial, or rank 0 of its Ray Train run)."""
     from lumo_ray.codecs.text import build_text_adapter
     from lumo_ray.eval.modality_ablation import ablation_slice
     from lumo_ray.models.token_lm import load_causal_lm
 
-    from .tune_study import train_trial, trial_config
-
-    ts = TokenSpace.from_json(ts_json)
-    ps = cfg.token_lm.prompt_study
-    cfg, trial_dir = trial_config(cfg, choice, apply_choices, ps)
     c = cfg.token_lm
-    c.ablation.n = ps.ablation_n
     encode = build_text_adapter(cfg.uti.text).encode
     base = load_causal_lm(c.base, ts.text_vocab, seed=c.train.seed)
     slice_ = ablation_slice(primary(c.shards), ts, c.ablation)  # a mix: its first source
-    train_trial(cfg, ts, ps, trial_dir, lambda model: score(model, base, ts, cfg, slice_, encode))
+    return lambda model: score(model, base, ts, cfg, slice_, encode)
+
+
+def _trial(choice: dict, cfg: LumoConfig, ts_json: dict, storage: str) -> None:
+    from .tune_study import train_trial, trial_config
+
+    ps = cfg.token_lm.prompt_study
+    cfg, trial_dir = trial_config(cfg, choice, apply_choices, ps, storage)
+    cfg.token_lm.ablation.n = ps.ablation_n
+    train_trial(cfg, TokenSpace.from_json(ts_json), ps, trial_dir, make_score, SECTION)
 
 
 def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
@@ -95,7 +102,7 @@ def run_prompt_study(cfg: LumoConfig, address: Optional[str] = None, log=print) 
     dump_config(cfg, out)
     ts = run_token_space(cfg)
     init_ray(address)
-    grid = fit_study(_trial, cfg, ts.to_json(), ps, AXES, storage, "max", "prompt study", out, log)
+    grid = fit_study(_trial, cfg, ts.to_json(), ps, AXES, storage, "max", "prompt study", out, log, SECTION)
     rows = []
     for r in grid:
         m = r.metrics or {}

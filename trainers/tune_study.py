@@ -1,6 +1,7 @@
 """What the token-LM Tune studies (prompt study, stage-4 study) share: the Tuner over a function
-trainable with ASHA on its report rungs (`fit_study`), and the results (`write_results`: results.csv /
-.md, best.json and best_config.yaml in the study directory)."""
+trainable with ASHA on its report rungs (`fit_study`), one trial's training (`train_trial`: in-process, or
+a Ray Train run whose rank 0 scores and reports), and the results (`write_results`: results.csv / .md,
+best.json and best_config.yaml in the study directory)."""
 from __future__ import annotations
 
 import csv
@@ -9,13 +10,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lumo_ray.config import LumoConfig, dump_config
-from lumo_ray.storage import ray_storage
+from lumo_ray.errors import UserError
+from lumo_ray.resources import study_resources
+from lumo_ray.storage import locate, ray_storage
+
+from .core import RayContext
 
 
-def trial_config(cfg: LumoConfig, choice: dict, apply: Callable[[LumoConfig, dict], LumoConfig], st: Any
-                 ) -> tuple[LumoConfig, Path]:
+def trial_config(cfg: LumoConfig, choice: dict, apply: Callable[[LumoConfig, dict], LumoConfig], st: Any,
+                 storage: str) -> tuple[LumoConfig, Path]:
     """Inside a trial: the config with its choices applied, training `st.steps` into the trial's own
-    directory (one eval and checkpoint at the end, no progress lines, never resuming), written there."""
+    directory (one eval and checkpoint at the end, no progress lines, never resuming), written there.
+    A Ray Train trial (st.num_workers) gets the study's workers / strategy in token_lm.train and its run
+    directory in the study's storage (`storage`: a shared path or a URI), where workers on any node reach
+    it: the config `lumo train token-lm` would run alone."""
     from ray import tune
     from transformers.utils import logging as hf_logging
 
@@ -23,36 +31,183 @@ def trial_config(cfg: LumoConfig, choice: dict, apply: Callable[[LumoConfig, dic
     cfg = apply(cfg, choice)
     c = cfg.token_lm
     trial_dir = Path(tune.get_context().get_trial_dir())
-    c.out = str(trial_dir / "run")
+    c.out = str(locate(storage) / "study" / trial_dir.name / "run") if st.num_workers else str(trial_dir / "run")
     c.train.steps, c.train.eval_every, c.train.ckpt_every = st.steps, st.steps, st.steps
     c.train.log_every, c.train.resume = 10 ** 9, ""
+    if st.num_workers:
+        t = c.train
+        t.num_workers, t.cpus_per_worker, t.use_gpu, t.accelerator_type, t.strategy = (
+            st.num_workers, st.cpus_per_worker, st.use_gpu, st.accelerator_type, st.strategy)
     # the trial's tracking is Tune's (its event files and MLflow callback, study_callbacks), not a second copy
     cfg.tracking.tensorboard, cfg.tracking.mlflow_uri = False, ""
     return cfg, trial_dir
 
 
-def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, score: Callable[[Any], dict]) -> None:
-    """Train the trial's run in-process; every `st.report_every` steps (and at the end) score(model) is
-    written to score.json and reported to Tune."""
+def scoring_hook(score: Callable[[Any], dict], st: Any, out: Any, placed: str, report: Callable[[dict], None]):
+    """hook(step, model) for token_lm_loop: every `st.report_every` steps (and at the end) score(model),
+    with where the model computed (`placed`), written to `out`/score.json (None: not here) and reported."""
+    def hook(step: int, model) -> Optional[dict]:
+        if step % st.report_every and step != st.steps:
+            return None
+        m = {"step": step, **score(model), "placement": placed}
+        if out is not None:
+            (out / "score.json").write_text(json.dumps(m, indent=2) + "\n")
+        report(m)
+        return m
+    return hook
+
+
+def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, make_score: Callable, section: str) -> None:
+    """Train the trial's run, scored by make_score(cfg, ts)(model) every `st.report_every` steps (and at
+    the end), each score written to score.json and reported to Tune: in-process on the device Ray gave
+    the trial, or (st.num_workers) as a Ray Train run whose rank 0 scores. Its scores before the last
+    reach Tune as they come (rung_reports), so ASHA can stop it; the last one once the run has ended, so
+    a trial that ASHA stops at its last rung (max_t) has its run complete, its workers gone."""
     from ray import tune
 
-    from pipelines.ray_env import quiet_actor_exit
+    from pipelines.ray_env import placement, quiet_actor_exit, unit_device
 
-    from .core import LocalContext
+    from .core import LocalContext, launch, storage_of
     from .token_lm import token_lm_loop
 
     quiet_actor_exit()
     dump_config(cfg, trial_dir)
+    if st.num_workers:
+        t = cfg.token_lm.train
+        res = launch(_trial_worker, {"cfg": cfg, "ts_json": ts.to_json(), "st": st, "make_score": make_score}, t,
+                     storage_of(t, cfg.token_lm.out), "token_lm", section=section, callbacks=[rung_reports(st.steps)])
+        tune.report({k: v for k, v in res.metrics.items() if k != PG_KEY})  # the last step's (it checkpoints)
+        return
+    device, ids = unit_device()
+    hook = scoring_hook(make_score(cfg, ts), st, trial_dir, placement(device, ids), tune.report)
+    token_lm_loop(cfg, LocalContext(device), log=lambda *a, **k: None, hook=hook, ts=ts, eval_start=False)
 
-    def hook(step: int, model) -> Optional[dict]:
-        if step % st.report_every and step != st.steps:
-            return None
-        m = {"step": step, **score(model)}
-        (trial_dir / "score.json").write_text(json.dumps(m, indent=2) + "\n")
-        tune.report(m)
-        return m
 
-    token_lm_loop(cfg, LocalContext(), log=lambda *a, **k: None, hook=hook, ts=ts, eval_start=False)
+# Rank 0's reports name its worker group's placement group: a trial stopped mid-run (ASHA) takes its Ray
+# Train controller down with it before the controller removes the group, and Ray Train's own cleaner
+# needs the dashboard's State API; the study's driver removes it then (reap_train_runs).
+PG_KEY = "ray_train_placement_group"
+
+
+def rung_reports(last: int):
+    """Ray Train's TuneReportCallback (rank 0's reports to the trial's Tune session), but for the report of
+    step `last`: the trial reports that one itself when the run has ended (train_trial)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class RungReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("step") != last:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return RungReports()
+
+
+def reap_train_runs():
+    """A Tune callback in the study's driver: when a trial ends (done, stopped, failed), remove the
+    placement group its Ray Train run reported, if the run did not remove it (see PG_KEY)."""
+    from ray.tune import Callback
+
+    class Reaper(Callback):
+        def _reap(self, trial) -> None:
+            from ray._raylet import PlacementGroupID
+            from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+            pg = (trial.last_result or {}).get(PG_KEY)
+            if pg:
+                try:
+                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg)))
+                except Exception:  # noqa: BLE001  removed already (the run ended) or unknown: nothing to do
+                    pass
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._reap(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._reap(trial)
+
+    return Reaper()
+
+
+class TrialReports(RayContext):
+    """A Ray Train worker of a trial: it reports on the trial's scoring steps only, rank 0 its score and
+    its worker group's placement group (PG_KEY), so the reports the trial's Tune session gets (rank 0's)
+    are those of an in-process trial (with `placement` beside them)."""
+    report_every_step = True  # end_of_step offers every step; the scoring steps are kept below
+
+    def __init__(self, st: Any):
+        import ray
+
+        super().__init__()
+        self.every, self.steps, self.score = st.report_every, st.steps, {}
+        self.pg = ray.util.get_current_placement_group()
+
+    def report(self, metrics: dict, ckpt_dir: Optional[Path] = None) -> None:
+        step = metrics["step"]
+        if step % self.every == 0 or step == self.steps:
+            own = {PG_KEY: self.pg.id.hex()} if self.pg is not None else {}
+            super().report({**self.score, **own} if self.rank == 0 else {}, ckpt_dir)
+
+
+def _trial_worker(config: dict) -> None:
+    """The Ray Train worker of a trial: `lumo train token-lm`'s loop; rank 0 scores its model (every
+    rank under fsdp: the scoring forwards gather the sharded layers, in step on all ranks)."""
+    from lumo_ray.token_space import TokenSpace
+
+    from .token_lm import token_lm_loop
+
+    cfg, st = config["cfg"], config["st"]
+    ts = TokenSpace.from_json(config["ts_json"])
+    ctx = TrialReports(st)
+    out = locate(cfg.token_lm.out).parent if ctx.rank == 0 else None  # the trial's directory in the storage
+
+    def keep(m: dict) -> None:
+        ctx.score = {k: v for k, v in m.items() if k != "placement"}  # the context adds the rank's own
+
+    hook = scoring_hook(config["make_score"](cfg, ts), st, out, ctx.placement, keep)
+    token_lm_loop(cfg, ctx, log=lambda *a, **k: None, hook=hook, ts=ts, eval_start=False)
+
+
+def trials_at_once(st: Any, section: str) -> int:
+    """How many trials of study section `st` the joined cluster holds at once, each with its workers.
+    Before any trial starts, the pre-launch check (pipelines.status.require_fit: one line, exit 2)
+    refuses a trial the cluster cannot hold, and one whose own CPUs and its workers' together exceed
+    the cluster's (its Ray Train run would wait forever)."""
+    import ray
+
+    from pipelines.status import require_fit
+
+    groups = study_resources(st, section)
+    require_fit(groups)
+    have = ray.cluster_resources()
+    cpus, gpus = sum(g.count * g.cpus for g in groups), sum(g.count * g.gpus for g in groups)
+    n = int(have.get("CPU", 0.0) / cpus + 1e-9) if cpus else 10 ** 6
+    if gpus:
+        n = min(n, int(have.get("GPU", 0.0) / gpus + 1e-9))
+    if n < 1:
+        raise UserError(f"{section}.num_workers", None, f"one trial takes {cpus:g} CPUs at once (cpus_per_trial + "
+                        f"num_workers x cpus_per_worker), the cluster has {have.get('CPU', 0.0):g}",
+                        "lower them, or run on a cluster with more (`lumo status` shows what it has)")
+    return n
+
+
+def trial_resources(st: Any) -> dict:
+    """What Tune reserves for each trial: its CPUs, and in-process its GPUs (a Ray Train trial's workers
+    reserve theirs when its run starts)."""
+    if st.num_workers:
+        return {"cpu": st.cpus_per_trial}
+    res = {"cpu": st.cpus_per_trial, "gpu": st.gpus_per_trial}
+    if st.gpus_per_trial and st.accelerator_type:
+        res[f"accelerator_type:{st.accelerator_type}"] = 0.001  # Ray's convention for a type constraint
+    return res
+
+
+def trial_kind(st: Any) -> str:
+    """How a trial trains, for the study's first line."""
+    if st.num_workers:
+        return (f"each a {st.num_workers}-worker Ray Train run ({st.strategy}, "
+                + ("1 GPU" if st.use_gpu else f"{st.cpus_per_worker:g} CPU") + " per worker)")
+    gpus = f", {st.gpus_per_trial:g} GPU" if st.gpus_per_trial else ""
+    return f"in-process ({st.cpus_per_trial:g} CPU{gpus})"
 
 
 def study_points(st: Any, axes: tuple) -> tuple[list[dict], int]:
@@ -68,25 +223,25 @@ def study_points(st: Any, axes: tuple) -> tuple[list[dict], int]:
 
 
 def fit_study(trial: Callable, cfg: LumoConfig, ts_json: dict, st: Any, axes: tuple, storage: str, mode: str,
-              title: str, out: Path, log=print):
-    """Run `trial(choice, cfg, ts_json)` on Ray Tune over the axes of the study config `st`
-    (study_points: num_samples distinct grid points, seeded; ASHA on the report_every rungs;
-    concurrency = cluster CPUs / cpus_per_trial); returns the ResultGrid."""
-    import ray
+              title: str, out: Path, log=print, section: str = ""):
+    """Run `trial(choice, cfg, ts_json, storage)` on Ray Tune over the axes of the study config `st` (its
+    config section `section`; study_points: num_samples distinct grid points, seeded; ASHA on the
+    report_every rungs; as many trials at a time as the cluster holds, trials_at_once); returns the ResultGrid."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from pipelines.ray_env import quiet_tune, study_callbacks, trial_lines
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    conc = max(1, int(cpus // st.cpus_per_trial))
+    conc = trials_at_once(st, section)
     rungs = max(1, -(-st.steps // st.report_every))
     points, size = study_points(st, axes)
-    log(f"{title}: {len(points)} trials (of a {size}-point grid), {conc} at a time, {rungs} reports each, out {out}")
+    log(f"{title}: {len(points)} trials (of a {size}-point grid), {min(conc, len(points))} at a time, {rungs} "
+        f"reports each, {trial_kind(st)}, out {out}")
     quiet_tune()
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, cfg=cfg, ts_json=ts_json), {"cpu": st.cpus_per_trial}),
+        tune.with_resources(tune.with_parameters(trial, cfg=cfg, ts_json=ts_json, storage=storage),
+                            trial_resources(st)),
         param_space={k: tune.choice(list(getattr(st, k))) for k in axes},
         # concurrency on the search algorithm: Tune ignores max_concurrent_trials beside a SearchGenerator
         tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=len(points),
@@ -96,7 +251,7 @@ def fit_study(trial: Callable, cfg: LumoConfig, ts_json: dict, st: Any, axes: tu
                                                             grace_period=min(st.grace_period, rungs),
                                                             reduction_factor=st.reduction_factor)),
         run_config=tune.RunConfig(**ray_storage(storage), name="study", verbose=0,
-                                  callbacks=[trial_lines(log, "objective", len(points)),
+                                  callbacks=[trial_lines(log, "objective", len(points)), reap_train_runs(),
                                              *study_callbacks(cfg.tracking, title)]))
     return tuner.fit()
 

@@ -1,8 +1,10 @@
 """`lumo tune vlm`: Ray Tune grid over learning rate x vision LayerNorm (stage 1.1 LR sweep).
 
-Each trial is a Tune *function trainable* that runs the VLM loop in-process on 1 worker (passing a
-TorchTrainer to Tuner is deprecated) in its own directory <out>/trials/<name> (a URI `out` is staged
-locally by each trial and uploaded when it ends), then runs the ablation on its export. Score = eval loss - 0.1 x (delta_shuffled + delta_zero); lower is better.
+Each trial is a Tune *function trainable* (passing a TorchTrainer to Tuner is deprecated) that trains
+in its own directory <out>/trials/<name> (a URI `out` is staged locally by each trial and uploaded when
+it ends): the VLM loop in-process on the device Ray gave the trial, or (sweep.num_workers > 0) the Ray
+Train run `lumo train vlm` would launch with the sweep's workers / use_gpu / strategy; then the trial
+runs the ablation on the export. Score = eval loss - 0.1 x (delta_shuffled + delta_zero); lower is better.
 The tiny LLM's text warm-up runs once in the driver and every trial reuses it.
 """
 from __future__ import annotations
@@ -28,12 +30,12 @@ def trial_name(lr: float, layernorm: bool) -> str:
 
 
 def trial_fn(config: dict) -> None:
-    """One trial: train, ablate, report the score (last report = the trial's result)."""
+    """One trial: train (in-process on the device Ray gave the trial, or as a Ray Train run of
+    sweep.num_workers workers), ablate the export, report the score (last report = the trial's result)."""
     import torch
     from ray import tune
 
-    from lumo_ray.eval.vlm_ablation import ablation_from_export, write_ablation
-    from pipelines.ray_env import quiet_actor_exit
+    from pipelines.ray_env import placement, quiet_actor_exit, unit_device
 
     quiet_actor_exit()
     torch.set_num_threads(1)
@@ -41,19 +43,52 @@ def trial_fn(config: dict) -> None:
     cfg.train.lr, cfg.vision.layernorm = float(config["lr"]), bool(config["layernorm"])
     trial = RunDir(locate(config["sweep_dir"]) / "trials" / trial_name(cfg.train.lr, cfg.vision.layernorm))
     cfg.train.out = str(trial)
+    sw, t = cfg.sweep, cfg.train
+    if sw.num_workers:  # the run `lumo train vlm` would launch with the sweep's workers
+        t.num_workers, t.cpus_per_worker, t.use_gpu, t.accelerator_type, t.strategy = (
+            sw.num_workers, sw.cpus_per_worker, sw.use_gpu, sw.accelerator_type, sw.strategy)
     cfg, run = prepare_run(cfg, trial.local, log=lambda *_: None)  # llm.model: the shared warm-up, path or URI
-    final = run_loop(cfg, run, LocalContext(), log=lambda *_: None)  # one tune.report per trial, below
-    # a sweep scores trials on a small slice (sweep.ablation_n): its checks rank trials, the gate is
-    # `lumo eval vlm-ablation` on the chosen run
-    rep = ablation_from_export(run / "export", run / "splits.json", n=config["ablation_n"], seed=cfg.ablation.seed,
-                               allow_small_n=True)
-    write_ablation(rep, run)
+    if sw.num_workers:
+        final, placed = train_run(cfg, trial)
+    else:
+        device, ids = unit_device()
+        final, placed = run_loop(cfg, run, LocalContext(device), log=lambda *_: None), placement(device, ids)
+    m = score_run(cfg, run, final, config["ablation_n"])
     trial.push()
     trial.discard()
+    tune.report({**m, "placement": placed})
+
+
+def score_run(cfg: VLMConfig, run: Path, final: dict, n: int) -> dict:
+    """A trial's report: its run's final metrics and the ablation of its export on n samples (written to
+    the run), score = eval loss - 0.1 x (d_shuffled + d_zero)."""
+    from lumo_ray.eval.vlm_ablation import ablation_from_export, write_ablation
+
+    # a sweep scores trials on a small slice (sweep.ablation_n): its checks rank trials, the gate is
+    # `lumo eval vlm-ablation` on the chosen run
+    rep = ablation_from_export(run / "export", run / "splits.json", n=n, seed=cfg.ablation.seed, allow_small_n=True)
+    write_ablation(rep, run)
     score = final["eval_loss"] - 0.1 * (rep["delta"]["shuffled"] + rep["delta"]["zero"])
-    tune.report({"score": score, "eval_loss": final["eval_loss"], "d_shuffled": rep["delta"]["shuffled"],
-                 "d_zero": rep["delta"]["zero"], "d_noise": rep["delta"]["noise"],
-                 "ablation_pass": float(all(rep["checks"].values())), "step": final["step"]})
+    return {"score": score, "eval_loss": final["eval_loss"], "d_shuffled": rep["delta"]["shuffled"],
+            "d_zero": rep["delta"]["zero"], "d_noise": rep["delta"]["noise"],
+            "ablation_pass": float(all(rep["checks"].values())), "step": final["step"]}
+
+
+def train_run(cfg: VLMConfig, trial: RunDir) -> tuple[dict, str]:
+    """A trial's Ray Train run (trainers/vlm.py's workers on the trial's prepared run directory);
+    returns its final metrics and where rank 0 computed. The run directory comes back into
+    `trial.local` for the ablation."""
+    from .core import launch, storage_of
+    from .vlm import train_func
+
+    t = cfg.train
+    trial.push()  # the workers pull the prepared run directory (a URI: each its own staging copy)
+    storage = storage_of(t, trial.loc)
+    loop = {"vlm": to_dict(cfg), "run_dir": str(trial), "storage": storage, "threads": t.cpus_per_worker}
+    result = launch(train_func, loop, t, storage, "train", keep=2, section="vlm.sweep")
+    trial.pull()
+    final = json.loads((trial.local / "metrics.json").read_text())["final"]
+    return final, (result.metrics or {}).get("placement", "?")
 
 
 def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
@@ -61,6 +96,8 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
     from ray import tune
 
     from pipelines.ray_env import init_ray, quiet_tune, study_callbacks, trial_lines
+
+    from .tune_study import trial_kind, trial_resources, trials_at_once
 
     vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
     tracking = cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig()
@@ -70,16 +107,18 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
     vcfg.train.steps = sw.steps
     vcfg.train.ckpt_every = sw.steps
     vcfg.train.eval_every = 0
+    init_ray(address)
+    conc = min(sw.max_concurrent, trials_at_once(sw, "vlm.sweep"))  # refuses a trial the cluster cannot hold
     # text warm-up once, shared by the trials
     vcfg, _ = prepare_run(vcfg, out / "shared", log, name=str(sweep.loc / "shared"))
     sweep.push()
-    init_ray(address)
     quiet_tune()
-    trainable = tune.with_resources(trial_fn, {"cpu": sw.cpus_per_trial})
+    log(f"vlm sweep: {len(sw.lrs) * len(sw.layernorm)} trials, {conc} at a time, {trial_kind(sw)}, out {sweep}")
+    trainable = tune.with_resources(trial_fn, trial_resources(sw))
     space = {"vlm": to_dict(vcfg), "sweep_dir": str(sweep), "ablation_n": sw.ablation_n,
              "lr": tune.grid_search(list(sw.lrs)), "layernorm": tune.grid_search(list(sw.layernorm))}
     tuner = tune.Tuner(trainable, param_space=space,
-                       tune_config=tune.TuneConfig(metric="score", mode="min", max_concurrent_trials=sw.max_concurrent),
+                       tune_config=tune.TuneConfig(metric="score", mode="min", max_concurrent_trials=conc),
                        run_config=tune.RunConfig(**ray_storage(sw.storage_path or sweep.loc / "ray"), name="tune", verbose=0,
                                                  callbacks=[trial_lines(log, "score", len(sw.lrs) * len(sw.layernorm)),
                                                             *study_callbacks(tracking, "vlm sweep")]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .tune import TrialResources
+
 DEFAULT_TEMPLATES = {
     "i2t": ["Describe the image.", "What is shown in this picture?", "Write a short caption for this image."],
     "a2t": ["Describe the sound.", "What can you hear?", "Write a short caption for this sound."],
@@ -51,6 +53,11 @@ class TrainConfig:
     across workers per decoder layer (bf16 parameters / fp32 reduction on CUDA with bf16, fp32 on CPU);
     checkpoints are sharded torch.distributed.checkpoint files (each rank writes its own shard), and a
     run resumes from them on any worker count."""
+    meta_init: bool = True
+    """With strategy fsdp, no worker holds the whole model: each builds it on the meta device, shards it,
+    then fills only its own shards (a preset's random init replayed weight by weight, a checkpoint's
+    safetensors read tensor by tensor: the whole build's values, bit for bit), and the export gathers
+    one weight at a time. false: every worker builds (or loads) the whole model before sharding it."""
     seed: int = 0
     """Model init, data order and crop randomness all derive from this seed."""
     eval_every: int = 100
@@ -62,8 +69,9 @@ class TrainConfig:
     max_failures: int = 0
     """Ray Train FailureConfig: worker restarts from the last checkpoint."""
     resume: str = ""
-    """'' (fresh run), 'auto' (latest checkpoint in the run directory, if any) or a checkpoint directory
-    (a local path or an object-store URI)."""
+    """'' (fresh run), 'auto' (the newest checkpoint in the run directory that verifies against its
+    SHA256SUMS, saying which it skipped; a fresh run when there is none, refused when none verifies) or a
+    checkpoint directory (a local path or an object-store URI; refused unless it verifies)."""
     storage_path: str = ""
     """Ray Train storage for this run's reported checkpoints: '' = <out>/ray, or a shared-FS path or
     an object-store URI (s3://bucket/prefix, gs://...). One per run: launching a run on a storage_path
@@ -135,6 +143,14 @@ class SequenceConfig:
     """Sequences longer than this are refused (the builder never truncates a target)."""
     modality_dropout: float = 0.0
     """Training only: probability of dropping the media input span of an x2t sample."""
+    caption_dropout: float = 0.0
+    """Training only: probability that a t2i / t2a sample's caption is replaced by the unconditional form
+    (no caption tokens between the same <|text_start|> ... <|text_end|> <|gen_*|> delimiters), so the
+    model also learns p(media | no caption), the unconditional half of classifier-free guidance
+    (`lumo generate --guidance-scale`). Drawn from the sample's training generator, a function of
+    (seed, epoch, position, rank) like the crops: the same samples are dropped on a resumed run.
+    Never applied to i2t / a2t, nor in eval. 0 (off) by default, the demo included: 0.1 (LlamaGen, Janus)
+    trains a model for guidance; docs/stage4_mmpt.md measures both and says why it is not the default."""
     pack: bool = True
     """Training and eval-loss batches lay their sequences end to end into as few rows as hold them
     (lumo_ray.data.sequences.pack) instead of padding each to the longest: the same sequences and the
@@ -191,6 +207,9 @@ class FidelityConfig:
     generations users get, and sharpening would hide a model that spreads mass over wrong codes."""
     top_k: int = 0
     """Top-k filter while sampling (0: off)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance of the t2i / t2a generations (lumo_ray.generate.GenOptions.guidance_scale;
+    1: none, the gate's default: it measures what `lumo generate` gives by default)."""
     batch_size: int = 64
     """Prompts per generation batch (the sampled ids depend on it: part of the determinism key)."""
     probe_min: float = 0.80
@@ -208,8 +227,9 @@ class FidelityConfig:
 
 
 @dataclass
-class PromptStudyConfig:
-    """`lumo tune prompts`: a Ray Tune study of sequence/prompt choices (each list is a search axis)."""
+class PromptStudyConfig(TrialResources):
+    """`lumo tune prompts`: a Ray Tune study of sequence/prompt choices (each list is a search axis);
+    what each trial reserves and how it trains: config/tune.py (cpus_per_trial, num_workers, ...)."""
     instruction: list[str] = field(default_factory=lambda: ["none", "fixed", "templates"])
     delimiters: list[str] = field(default_factory=lambda: ["full", "compact"])
     new_row_lr: list[float] = field(default_factory=lambda: [1e-2, 3e-2])
@@ -225,8 +245,6 @@ class PromptStudyConfig:
     grace_period: int = 1
     """ASHA: reports before a trial may be stopped."""
     reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
-    """Concurrency = floor(cluster CPUs / cpus_per_trial)."""
     ablation_n: int = 16
     """Eval samples per modality when scoring a trial."""
     out: str = "runs/tune_prompts"
@@ -247,11 +265,12 @@ class TaskWeights:
 
 
 @dataclass
-class MMPTStudyConfig:
+class MMPTStudyConfig(TrialResources):
     """`lumo tune mmpt`: a Ray Tune study of the stage-4 mix and optimisation (each list is a search
-    axis). Trials start from token_lm.mmpt.init like `lumo train mmpt`; objective = mean eval loss over
-    i2t, a2t, t2i, t2a on a fixed eval slice (lower is better), with the prompt ablation (t2i, t2a) and
-    the modality ablation (image, audio) as constraints: a trial failing one is infeasible."""
+    axis; what each trial reserves and how it trains: config/tune.py). Trials start from
+    token_lm.mmpt.init like `lumo train mmpt`; objective = mean eval loss over i2t, a2t, t2i, t2a on a
+    fixed eval slice (lower is better), with the prompt ablation (t2i, t2a) and the modality ablation
+    (image, audio) as constraints: a trial failing one is infeasible."""
     t2x_share: list[float] = field(default_factory=lambda: [0.5, 0.6])
     """Share of t2x sequences (split evenly between t2i and t2a; the rest evenly between i2t and a2t)."""
     ramp_steps: list[int] = field(default_factory=lambda: [0, 20])
@@ -269,8 +288,6 @@ class MMPTStudyConfig:
     """Steps between scored reports (the ASHA rungs)."""
     grace_period: int = 1
     reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
-    """Concurrency = floor(cluster CPUs / cpus_per_trial)."""
     n: int = 24
     """Eval samples per modality for the objective and each constraint."""
     out: str = "runs/tune_mmpt"

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .tune import TrialResources
+
 
 @dataclass
 class VisionTowerConfig:
@@ -171,13 +173,15 @@ class VLMAblationConfig:
 
 
 @dataclass
-class VLMSweepConfig:
+class VLMSweepConfig(TrialResources):
+    """`lumo tune vlm`: a grid of learning rate x vision LayerNorm; what each trial reserves and how it
+    trains (in-process, or a Ray Train run of num_workers workers): config/tune.py."""
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
     layernorm: list[bool] = field(default_factory=lambda: [False, True])
     steps: int = 60
-    """Steps per trial (trials run in-process on 1 worker)."""
-    cpus_per_trial: float = 1.0
+    """Steps per trial."""
     max_concurrent: int = 2
+    """Trials at a time, at most (fewer when the cluster holds fewer)."""
     ablation_n: int = 32
     out: str = "runs/vlm_sweep"
     """Sweep directory (shared warm-up, trials/<name>/ run directories, results): a path or an object-store URI."""
