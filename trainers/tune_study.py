@@ -109,7 +109,7 @@ def reap_train_runs():
 
     class Reaper(Callback):
         def _reap(self, trial) -> None:
-            from ray._raylet import PlacementGroupID
+            from ray import PlacementGroupID
             from ray.util.placement_group import PlacementGroup, remove_placement_group
 
             pg = (trial.last_result or {}).get(PG_KEY)
