@@ -83,7 +83,7 @@ def main() -> None:
         t0 = time.time()
         sk = KMeans(a.k, n_init=1, random_state=0).fit(X)
         skt = time.time() - t0
-        rows.append((f"k-means k={a.k}, {n:,} x 64 rows: fit-kmeans (Ray Data passes) vs scikit-learn",
+        rows.append((f"k-means k={a.k}, {n:,} x 64 rows: fit-kmeans ({doc['engine']['name']} engine) vs scikit-learn",
                      f"{ours:.1f} s, {doc['iterations']} iterations, inertia {doc['inertia']:.1f}",
                      f"{skt:.1f} s, {sk.n_iter_} iterations, inertia {sk.inertia_:.1f}"))
         t0 = time.time()

@@ -14,12 +14,12 @@ import torch
 
 import lumo_ray.generate as G
 from lumo_ray.cli import main
-from lumo_ray.config import DEFAULT_SPECIALS, LumoConfig, ServeConfig
+from lumo_ray.config import LumoConfig, ServeConfig
 from lumo_ray.config.lm import FidelityConfig, SequenceConfig
 from lumo_ray.data.sequences import IGNORE, SequenceBuilder
 from lumo_ray.generate import (GenOptions, build_prompt, check_guidance, generate, generate_jobs, generate_spans,
                                guided_generate, load_run, row_seed, task_spec)
-from lumo_ray.token_space import TokenSpace
+from small_space import small_token_space
 from test_generate_decode import make_tiny_run
 
 CAPTIONS = {"t2i": ["two red circles on the left", "one blue square in the center"],
@@ -131,14 +131,9 @@ def test_jobs_batch_generation_and_fidelity_carry_the_scale(run, tmp_path):
 
 # -- caption dropout ----------------------------------------------------------------------------
 
-ADAPTERS = {"text": {"kind": "hf_tokenizer", "name": "t", "vocab_size": 100},
-            "image": {"kind": "vq", "codebook_size": 16}, "audio": {"kind": "encodec", "num_codebooks": 2, "codebook_size": 8}}
-
-
 @pytest.fixture(scope="module")
 def ts():
-    return TokenSpace.from_sizes(text_vocab=100, specials=list(DEFAULT_SPECIALS), special_slots=16, image_codebook=16,
-                                 audio_codebooks=2, audio_codebook_size=8, adapters=ADAPTERS, pad_multiple=64)
+    return small_token_space()
 
 
 def _sample(ts, task: str, i: int) -> dict:

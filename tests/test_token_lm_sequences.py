@@ -9,15 +9,12 @@ from lumo_ray.data.sequences import IGNORE, SequenceBuilder, SequenceError, coll
 from lumo_ray.models.base_lm import build_base_lm
 from lumo_ray.models.token_lm import extend_vocab, warm_start
 from lumo_ray.token_space import TokenSpace, TokenSpaceError
-
-ADAPTERS = {"text": {"kind": "hf_tokenizer", "name": "t", "vocab_size": 100},
-            "image": {"kind": "vq", "codebook_size": 16}, "audio": {"kind": "encodec", "num_codebooks": 2, "codebook_size": 8}}
+from small_space import small_token_space
 
 
 @pytest.fixture(scope="module")
 def ts():
-    return TokenSpace.from_sizes(text_vocab=100, specials=list(DEFAULT_SPECIALS), special_slots=16, image_codebook=16,
-                                 audio_codebooks=2, audio_codebook_size=8, adapters=ADAPTERS, pad_multiple=64)
+    return small_token_space()
 
 
 def sample(ts, task, n_audio_frames=10):

@@ -1,59 +1,24 @@
 """`lumo codec train-audio`: fit the tiny EnCodec preset on Ray Train (one CPU worker by default).
 
-Thin: the fit and its metrics are library code (lumo_ray/codecs/audio_train.py); this file hands them
-to a TorchTrainer through trainers/core.py's `launch` / `RayContext` and reads metrics.json back.
+Thin: the fit and its metrics are library code (lumo_ray/codecs/audio_train.py); trainers/codec_fit.py launches it
+on one Ray Train worker and reads metrics.json back; this file words the result.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-from lumo_ray.config import LumoConfig, dump_config, to_dict
-from lumo_ray.tracking import open_tracker
+from lumo_ray.config import LumoConfig
 
-from trainers.core import RayContext, launch, storage_of
-
-
-def _worker(config: dict) -> None:
-    from lumo_ray.codecs.audio_train import train_tiny_audio
-
-    cfg: LumoConfig = config["cfg"]
-    ctx = RayContext()
-    if ctx.rank != 0:  # (run_codec_audio refuses num_workers != 1; kept for safety)
-        return
-    tracker = open_tracker(Path(cfg.codec_audio.out), cfg.tracking, "codec_audio", to_dict(cfg.codec_audio))
-    step = [0]
-
-    def report(m: dict) -> None:
-        step[0] += 1
-        ctx.report(m)
-        tracker.log(step[0], m)
-
-    train_tiny_audio(cfg.codec_audio, log=lambda s: print(s, flush=True), report=report,
-                     out_dir=Path(cfg.codec_audio.out))
-    tracker.close()
+from trainers.codec_fit import fit_codec
 
 
 def run_codec_audio(cfg: LumoConfig, address: Optional[str] = None, log=print) -> dict:
     """Fit on Ray Train; returns the run's metrics.json (model.safetensors beside it)."""
-    from lumo_ray.packaged import real_data_dir
-    from lumo_ray.storage import locate, resolve
-
+    m = fit_codec(cfg, "codec_audio", "lumo_ray.codecs.audio_train:train_tiny_audio", "codec_audio",
+                  "max_real_clips", "the tiny audio codec fits on exactly one worker (its statistics and "
+                  "k-means are single-stream)", address)
     c = cfg.codec_audio
-    if c.num_workers != 1:
-        raise ValueError(f"codec_audio.num_workers={c.num_workers}: the tiny audio codec fits on exactly one worker "
-                         f"(its statistics and k-means are single-stream)")
-    if not locate(c.out).is_local:
-        raise ValueError(f"codec_audio.out={c.out!r}: give a local or shared-FS directory")
-    c.out = resolve(c.out)  # absolute: the worker runs in another directory
-    if c.max_real_clips > 0:  # absolute, and a missing folder is an error rather than no real clips
-        c.real_data = str(real_data_dir(c.real_data).resolve())
-    if c.storage_path:
-        c.storage_path = resolve(c.storage_path)
-    dump_config(cfg, c.out)
-    launch(_worker, {"cfg": cfg}, c, storage_of(c, c.out), "codec_audio", address, section="codec_audio")
-    m = json.loads((Path(c.out) / "metrics.json").read_text())
     lo = f"bw{min(c.bandwidths):g}"
     b = m.get(lo, {})
     p = b.get("probe")

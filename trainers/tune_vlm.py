@@ -13,6 +13,7 @@ import copy
 import csv
 import io
 import json
+from pathlib import Path
 from typing import Callable, Optional
 
 import yaml

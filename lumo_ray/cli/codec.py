@@ -1,7 +1,8 @@
 """`lumo codec train-vq`: train the tiny VQ image codec on Ray Train (section `codec` of the config);
 `lumo codec train-audio`: fit the tiny EnCodec audio preset on Ray Train (section `codec_audio`);
 `lumo codec train-clip`: train the tiny CLIP preset (embed/clip_train.py; one process, one thread);
-`lumo codec fit-kmeans`: a k-means codebook over CLIP embeddings on Ray (pipelines/kmeans.py)."""
+`lumo codec fit-kmeans`: a k-means codebook over CLIP embeddings, in this process when they fit
+`codec_kmeans.in_process_max_bytes`, else on Ray Data (pipelines/kmeans.py)."""
 from __future__ import annotations
 
 import sys
@@ -10,38 +11,31 @@ import time
 from .common import command_config
 
 
-def cmd_codec_train_vq(args) -> int:
-    from trainers.codec_vq import run_codec_vq
-
+def _train(args, run, section: str) -> int:
     sets = list(args.set or [])
     if args.out:
-        sets.append(f"codec.out={args.out}")
+        sets.append(f"{section}.out={args.out}")
     cfg = command_config(args, sets=sets)
     t0 = time.time()
     try:
-        run_codec_vq(cfg, args.address)
-    except ValueError as e:
-        print(f"[codec] {e}", file=sys.stderr)
-        return 2
-    print(f"[codec] wall time {time.time() - t0:.0f}s")
-    return 0
-
-
-def cmd_codec_train_audio(args) -> int:
-    from trainers.codec_audio import run_codec_audio
-
-    sets = list(args.set or [])
-    if args.out:
-        sets.append(f"codec_audio.out={args.out}")
-    cfg = command_config(args, sets=sets)
-    t0 = time.time()
-    try:
-        run_codec_audio(cfg, args.address)
+        run(cfg, args.address)
     except (ValueError, FileNotFoundError) as e:
         print(f"[codec] {e}", file=sys.stderr)
         return 2
     print(f"[codec] wall time {time.time() - t0:.0f}s")
     return 0
+
+
+def cmd_codec_train_vq(args) -> int:
+    from trainers.codec_vq import run_codec_vq
+
+    return _train(args, run_codec_vq, "codec")
+
+
+def cmd_codec_train_audio(args) -> int:
+    from trainers.codec_audio import run_codec_audio
+
+    return _train(args, run_codec_audio, "codec_audio")
 
 
 def cmd_codec_train_clip(args) -> int:
@@ -58,8 +52,9 @@ def cmd_codec_train_clip(args) -> int:
 def cmd_codec_fit_kmeans(args) -> int:
     from pipelines.kmeans import fit_kmeans
 
+    cfg = command_config(args)
     fit_kmeans(args.embeddings, args.k, args.out, seed=args.seed, column=args.column, max_iter=args.max_iter,
-               n_init=args.n_init, address=args.address)
+               n_init=args.n_init, address=args.address, in_process_max_bytes=cfg.codec_kmeans.in_process_max_bytes)
     return 0
 
 
@@ -91,9 +86,10 @@ def add_commands(sub, common) -> None:
     c.add_argument("--lr", type=float, default=2e-3)
     c.set_defaults(func=cmd_codec_train_clip)
 
-    k = g.add_parser("fit-kmeans", help="a k-means codebook over `lumo data embed` embeddings (Lloyd passes on "
+    k = g.add_parser("fit-kmeans", help="a k-means codebook over `lumo data embed` embeddings (Lloyd in this "
+                                        "process when they fit codec_kmeans.in_process_max_bytes, else passes on "
                                         "Ray Data); writes codebook.npy + codebook.json (its sha256)")
-    common(k, config=False)
+    common(k)
     k.add_argument("--embeddings", required=True, help="an embeddings folder (index.json) from `lumo data embed`")
     k.add_argument("--k", type=int, required=True, help="codewords")
     k.add_argument("--out", required=True, help="folder for codebook.npy and codebook.json")

@@ -27,7 +27,6 @@ same machine. `trainers/codec_audio.py` runs it on Ray Train (`lumo codec train-
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,8 +36,8 @@ import torch
 
 from ..config import AudioCodecTrainConfig, AudioConfig, RuntimeConfig
 from ..runtime import torch_threads
-from ..storage import write_file
 from . import audio
+from .base import save_fit
 
 PRESET = "tiny-24k"
 RATE = 24_000
@@ -350,19 +349,11 @@ def _run(layer: Any, h: torch.Tensor, chunk: int) -> torch.Tensor:
 def _kmeans(z: np.ndarray, k: int, iters: int, rng: np.random.Generator, plus_plus: bool) -> np.ndarray:
     """Float64 Lloyd's k-means (image_vq.kmeans with k-means++ seeding; else seeded on k distinct random
     points, much faster for the deep levels); an empty cluster keeps its centre."""
-    from .image_vq import _assign, kmeans
+    from .image_vq import kmeans, lloyd
 
     if plus_plus:
         return kmeans(z, k, iters, rng)
-    centres = z[np.sort(rng.permutation(len(z))[:k])].copy()
-    for _ in range(iters):
-        a = _assign(z, centres)
-        sums = np.zeros_like(centres)
-        np.add.at(sums, a, z)
-        cnt = np.bincount(a, minlength=k)
-        full = cnt > 0
-        centres[full] = sums[full] / cnt[full, None]
-    return centres
+    return lloyd(z, z[np.sort(rng.permutation(len(z))[:k])].copy(), iters)
 
 
 def fit_rvq(model: Any, z: torch.Tensor, first: int, levels: int, seed: int, iters: int, deep_iters: int,
@@ -518,10 +509,5 @@ def _train(c: AudioCodecTrainConfig, log: Callable, report: Optional[Callable], 
     metrics = {**final, "init": init, "fit_seconds": fit_seconds, "seconds": seconds, "threads": c.threads,
                "fit_clips": len(fit), "params": int(sum(p.numel() for p in model.parameters()))}
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        metrics["weights_sha256"] = audio.save_weights(model, out_dir / "model.safetensors")
-        metrics["weights_bytes"] = (out_dir / "model.safetensors").stat().st_size
-        write_file(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        log(f"[codec] wrote {out_dir / 'model.safetensors'} ({metrics['weights_bytes']} bytes, sha256 "
-            f"{metrics['weights_sha256'][:16]}...) and metrics.json in {seconds:.0f}s")
+        save_fit(out_dir, model, metrics, audio.save_weights, log)
     return model, metrics

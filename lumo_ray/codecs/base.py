@@ -212,3 +212,18 @@ def image_model_identity(cfg: Any) -> str:
         parts = [f"{k}={model_identity(v, 0, ())}" for k, v in sorted(cfg.seed_weights.items())]
         return "seed2-weights:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
     return model_identity(cfg.model, cfg.seed, IMAGE_VQ_PRESETS if cfg.kind == "vq" else IMAGE_SEED_PRESETS)
+
+
+def save_fit(out_dir: Path | str, model: Any, metrics: dict, save_weights: Any, log: Any) -> None:
+    """Write a fitted codec's model.safetensors (through its module's `save_weights`, which returns the
+    weights digest) and metrics.json carrying that digest and the file size."""
+    import json
+
+    from ..storage import write_file
+
+    out_dir = Path(out_dir)
+    metrics["weights_sha256"] = save_weights(model, out_dir / "model.safetensors")
+    metrics["weights_bytes"] = (out_dir / "model.safetensors").stat().st_size
+    write_file(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    log(f"[codec] wrote {out_dir / 'model.safetensors'} ({metrics['weights_bytes']} bytes, sha256 "
+        f"{metrics['weights_sha256'][:16]}...) and metrics.json")

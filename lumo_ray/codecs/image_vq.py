@@ -224,11 +224,16 @@ def kmeans(z: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.nd
         i = rng.choice(n, p=d2 / tot) if tot > 0 else rng.integers(n)
         centres[j] = z[i]
         d2 = np.minimum(d2, ((z - z[i]) ** 2).sum(1))
+    return lloyd(z, centres, iters)
+
+
+def lloyd(z: np.ndarray, centres: np.ndarray, iters: int) -> np.ndarray:
+    """`iters` Lloyd steps from `centres` (updated in place and returned); an empty cluster keeps its centre."""
     for _ in range(iters):
         a = _assign(z, centres)
         sums = np.zeros_like(centres)
         np.add.at(sums, a, z)
-        cnt = np.bincount(a, minlength=k)
+        cnt = np.bincount(a, minlength=len(centres))
         full = cnt > 0
         centres[full] = sums[full] / cnt[full, None]
     return centres

@@ -14,7 +14,6 @@ restarts: the same config gives byte-identical weights. `trainers/codec_vq.py` r
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ import torch.nn.functional as F
 
 from ..config import CodecTrainConfig, ImageConfig, RuntimeConfig
 from ..runtime import torch_threads
-from ..storage import write_file
-from .base import ImageInput
+from .base import ImageInput, save_fit
 from . import image_vq
 
 
@@ -188,10 +186,5 @@ def _train(c: CodecTrainConfig, log: Callable, report: Callable | None, out_dir:
         f"({final['synth_codes_used']} codes used)" + (f"; real PSNR {final['real_psnr']:.2f} dB SSIM "
                                                        f"{final['real_ssim']:.3f}" if real else ""))
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        metrics["weights_sha256"] = image_vq.save_weights(model, out_dir / "model.safetensors")
-        metrics["weights_bytes"] = (out_dir / "model.safetensors").stat().st_size
-        write_file(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        log(f"[codec] wrote {out_dir / 'model.safetensors'} ({metrics['weights_bytes']} bytes, sha256 "
-            f"{metrics['weights_sha256'][:16]}...) and metrics.json")
+        save_fit(out_dir, model, metrics, image_vq.save_weights, log)
     return model, metrics

@@ -257,7 +257,22 @@ class DemoConfig:
 
 
 @dataclass
-class CodecTrainConfig:
+class CodecFitRun:
+    """The Ray Train run of a tiny codec fit (`lumo codec train-vq` / `train-audio`): one worker."""
+    num_workers: int = 1
+    """Ray Train workers (a tiny codec fits on exactly one: its data order and statistics are single-stream)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved for the worker."""
+    use_gpu: bool = False
+    """Fit on a GPU worker (weights then differ from the CPU run's)."""
+    max_failures: int = 0
+    """Ray Train FailureConfig."""
+    storage_path: str = ""
+    """Ray Train storage ('' = <out>/ray)."""
+
+
+@dataclass
+class CodecTrainConfig(CodecFitRun):
     """`lumo codec train-vq`: train the tiny VQ image codec (the `uti.image` 'tiny' preset's
     architecture) on Ray Train, deterministic for a seed. The shipped preset weights
     (lumo_ray/codecs/assets/vq_tiny/) come from this command with these defaults."""
@@ -309,20 +324,10 @@ class CodecTrainConfig:
     """torch intra-op threads (1: byte-identical weights for a seed)."""
     out: str = "runs/codec_vq"
     """Run directory: model.safetensors, metrics.json, config.yaml."""
-    num_workers: int = 1
-    """Ray Train workers (the tiny codec trains on exactly one)."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved for the worker."""
-    use_gpu: bool = False
-    """Train on a GPU worker (weights then differ from the CPU run's)."""
-    max_failures: int = 0
-    """Ray Train FailureConfig."""
-    storage_path: str = ""
-    """Ray Train storage ('' = <out>/ray)."""
 
 
 @dataclass
-class AudioCodecTrainConfig:
+class AudioCodecTrainConfig(CodecFitRun):
     """`lumo codec train-audio`: fit the tiny EnCodec preset ('tiny-24k' architecture through
     transformers.EncodecModel) on Ray Train, deterministic for a seed (lumo_ray/codecs/audio_train.py:
     PCA encoder, k-means RVQ, least-squares decoder). The shipped preset weights
@@ -364,16 +369,16 @@ class AudioCodecTrainConfig:
     """torch intra-op threads (1: byte-identical weights for a seed)."""
     out: str = "runs/codec_audio"
     """Run directory: model.safetensors, metrics.json, config.yaml."""
-    num_workers: int = 1
-    """Ray Train workers (the tiny codec fits on exactly one)."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved for the worker."""
-    use_gpu: bool = False
-    """Fit on a GPU worker (weights then differ from the CPU run's)."""
-    max_failures: int = 0
-    """Ray Train FailureConfig."""
-    storage_path: str = ""
-    """Ray Train storage ('' = <out>/ray)."""
+
+
+@dataclass
+class KMeansFitConfig:
+    """`lumo codec fit-kmeans`: which engine runs the Lloyd iterations (pipelines/kmeans.py). Either
+    gives the same codebook for a seed: same k-means++ sample, same part order of the float64 sums."""
+    in_process_max_bytes: int = 2 << 30
+    """Embeddings (vectors x dim x 4 bytes) up to this size are fitted in the command's own process
+    (read into memory once, no Ray: 100k x 64 is 24 MiB); larger ones by one Ray Data pass over the
+    parts per iteration. 0: always Ray Data."""
 
 
 @dataclass
@@ -466,6 +471,7 @@ class LumoConfig:
     token_lm: TokenLMConfig = field(default_factory=TokenLMConfig)
     codec: CodecTrainConfig = field(default_factory=CodecTrainConfig)
     codec_audio: AudioCodecTrainConfig = field(default_factory=AudioCodecTrainConfig)
+    codec_kmeans: KMeansFitConfig = field(default_factory=KMeansFitConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

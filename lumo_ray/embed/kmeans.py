@@ -1,7 +1,8 @@
 """k-means over embeddings (library, no Ray): seeded greedy k-means++ on a sample, then Lloyd
 iterations whose E-step is a pass over the data in parts (`run_pass(centers)` -> each part's partial
-sums, counts and inertia, in part order; pipelines/kmeans.py runs it on Ray Data). Partials are
-float64 and summed in part order, so a seed gives the same codebook whatever ran the pass.
+sums, counts and inertia, in part order). pipelines/kmeans.py runs the pass in this process over the
+parts held in memory (kmeans_local.py) when they fit, else on Ray Data. Partials are float64 and summed
+in part order, so a seed gives the same codebook whatever ran the pass.
 """
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ import numpy as np
 FORMAT = "lumo-kmeans-codebook-v1"
 
 
-def sq_dists(X: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """[n, k] squared euclidean distances, in float64."""
-    X, C = X.astype(np.float64, copy=False), C.astype(np.float64, copy=False)
-    d = (X * X).sum(1)[:, None] - 2.0 * X @ C.T + (C * C).sum(1)[None, :]
-    return np.maximum(d, 0.0)
+def sq_dists(X: np.ndarray, C: np.ndarray, xx: np.ndarray | None = None, cc: np.ndarray | None = None,
+             dtype=np.float64) -> np.ndarray:
+    """[n, k] squared euclidean distances, in float64 unless told (xx, cc: the rows' squared norms, when
+    known). Computed in place in one [n, k] buffer: |x|^2 - 2 x.c + |c|^2, the same floats as written out."""
+    X, C = X.astype(dtype, copy=False), C.astype(dtype, copy=False)
+    d = X @ C.T
+    d *= -2.0
+    d += ((X * X).sum(1) if xx is None else xx)[:, None]
+    d += ((C * C).sum(1) if cc is None else cc)[None, :]
+    return np.maximum(d, 0.0, out=d)
 
 
 def assign(X: np.ndarray, C: np.ndarray) -> np.ndarray:
@@ -30,12 +36,19 @@ def assign(X: np.ndarray, C: np.ndarray) -> np.ndarray:
 
 
 def partial(X: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """One part's E-step: per-centre sums of its rows (float64), counts, and its inertia."""
-    d = sq_dists(X, C)
-    lab = d.argmin(1)
+    """One part's E-step: per-centre sums of its rows (float64), counts, and its inertia. Each row goes
+    to the lowest float32 score |c|^2 - 2 x.c (as scikit-learn on float32 rows: half the float64
+    matmul's time, the [n, k] pass being most of an iteration); the inertia is each row's own squared
+    distance to its centre, in float64."""
+    C32 = C.astype(np.float32)
+    score = X.astype(np.float32, copy=False) @ (-2.0 * C32).T  # x 2: exact, so no pass of its own
+    score += (C32 * C32).sum(1)
+    lab = score.argmin(1)
+    X64 = X.astype(np.float64)
+    diff = X64 - C.astype(np.float64, copy=False)[lab]
     sums = np.zeros(C.shape, np.float64)
-    np.add.at(sums, lab, X.astype(np.float64))
-    return sums, np.bincount(lab, minlength=len(C)).astype(np.int64), float(d[np.arange(len(X)), lab].sum())
+    np.add.at(sums, lab, X64)
+    return sums, np.bincount(lab, minlength=len(C)).astype(np.int64), float((diff * diff).sum())
 
 
 def kmeans_pp(X: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -44,20 +57,31 @@ def kmeans_pp(X: np.ndarray, k: int, seed: int) -> np.ndarray:
     if len(X) < k:
         raise ValueError(f"k-means: {len(X)} rows, fewer than k={k}")
     rng = np.random.default_rng(seed)
-    X = X.astype(np.float64)
+    # distances in float32 (as scikit-learn's on float32 rows: each centre reads the whole sample, half
+    # the bytes of float64), their running sums in float64
+    X = np.ascontiguousarray(X, np.float32)
+    xx = (X * X).sum(1)  # once, not once per centre
     trials = 2 + int(math.log(k))
-    centers = [X[rng.integers(len(X))]]
-    closest = sq_dists(X, centers[0][None])[:, 0]
+    chosen = [int(rng.integers(len(X)))]
+    closest = sq_dists(X, X[chosen], xx, xx[chosen], np.float32)[:, 0]
     for _ in range(1, k):
-        cum = np.cumsum(closest)
+        cum = np.cumsum(closest, dtype=np.float64)
         cand = np.searchsorted(cum, rng.random(trials) * cum[-1])
         cand = np.minimum(cand, len(X) - 1)
-        d = np.minimum(closest[None, :], sq_dists(X[cand], X))  # [trials, n]
-        pot = d.sum(1)
-        best = int(pot.argmin())
-        centers.append(X[cand[best]])
+        d = sq_dists(X[cand], X, xx[cand], xx, np.float32)  # [trials, n]
+        np.minimum(d, closest[None, :], out=d)
+        best = int(d.sum(1, dtype=np.float64).argmin())
+        chosen.append(int(cand[best]))
         closest = d[best]
-    return np.stack(centers)
+    return X[chosen].astype(np.float64)
+
+
+def sample_index(total: int, limit: int, seed: int) -> np.ndarray:
+    """Which of `total` rows the k-means++ initialisation runs on: all when at most `limit`, else a
+    seeded sample of `limit` (sorted). Both engines take this one, so a seed starts from the same centres."""
+    if total <= limit:
+        return np.arange(total)
+    return np.sort(np.random.default_rng([seed, 7]).choice(total, limit, replace=False))
 
 
 @dataclass
