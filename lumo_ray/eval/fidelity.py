@@ -21,6 +21,12 @@ one-sided exact sign test (per sample: generated correct vs swapped correct) at 
 always (n < 7 cannot reach 0.01 and fails, saying so; lumo_ray/eval/stats.py). The report also holds
 n, the mean per-sample gap generated - swapped with a seeded bootstrap 95% CI and the win rate
 (share of samples where only the generated code is read right). Other attributes are reported.
+The same rule is eval/attribute_gate.py, shared with caption accuracy.
+
+With FidelityConfig.captions (default on) the run also captions the same eval samples (i2t / a2t) and
+scores what the captions say per attribute (eval/captions.py; counted in the verdict only with
+gate_captions), and reports the field's metrics: BLEU-4 / CIDEr-D of those captions, CLIPScore and a
+Fréchet CLIP distance of the t2i images (eval/field_metrics.py).
 
 Probe choice (why): per attribute, a multinomial logistic regression (weak L2, fitted with L-BFGS
 in float64 from zeros under one torch thread: deterministic, and no scikit-learn needed) on one of a
@@ -52,7 +58,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -67,9 +72,10 @@ from ..data.sequences import crop_audio
 from ..runtime import torch_threads
 from ..storage import write_file
 from ..token_space import TokenSpace
-from .stats import bootstrap_ci, p_attainable, sign_test_p
+from .attribute_gate import attribute_row, gate
+from .captions import ATTRIBUTES, CaptionError, parse_caption  # noqa: F401  (the synthetic caption grammar)
+from .captions import TASK as X2T, generate_captions, score_captions, summary_lines as caption_lines, swap_partners
 
-ATTRIBUTES = {"image": ("colour", "shape", "count", "position"), "audio": ("pitch", "count", "length")}
 CLASSES = {
     "image": {"colour": tuple(synth.COLOURS), "shape": synth.SHAPES, "count": (1, 2, 3, 4),
               "position": synth.POSITIONS},
@@ -87,43 +93,6 @@ L2 = 1e-3
 penalty; on the tiny synthetic sets 1e-4..1e-2 read the same within noise)."""
 MAX_ITER = 100
 CV_FOLDS = 3
-
-
-class CaptionError(ValueError):
-    """A caption outside the synthetic vocabulary (the fidelity gate is for synthetic data)."""
-
-
-def _alt(words) -> str:
-    return "|".join(re.escape(w) for w in words)
-
-
-_IMAGE_RE = re.compile(rf"^({_alt(synth.COUNT_WORDS)}) ({_alt(synth.COLOURS)}) ({_alt(synth.SHAPES)})(s?) "
-                       rf"({_alt(synth.POSITION_WORDS.values())})$")
-_AUDIO_RE = re.compile(rf"^({_alt(synth.COUNT_WORDS)}) ({_alt(synth.LENGTHS)}) ({_alt(synth.PITCHES)}) beep(s?)$")
-_POSITION_OF = {v: k for k, v in synth.POSITION_WORDS.items()}
-
-
-def parse_caption(modality: str, caption: str, sid: str = "?") -> dict:
-    """Attributes of a synthetic caption: image {colour, shape, count, position}, audio {pitch, count,
-    length}. Raises CaptionError naming the sample for anything else (number agreement included)."""
-    text = " ".join(str(caption).strip().lower().rstrip(".").split())
-    if modality == "image":
-        m = _IMAGE_RE.match(text)
-        if m:
-            count = synth.COUNT_WORDS.index(m.group(1)) + 1
-            if (m.group(4) == "s") == (count > 1):
-                return {"colour": m.group(2), "shape": m.group(3), "count": count, "position": _POSITION_OF[m.group(5)]}
-    elif modality == "audio":
-        m = _AUDIO_RE.match(text)
-        if m:
-            count = synth.COUNT_WORDS.index(m.group(1)) + 1
-            if (m.group(4) == "s") == (count > 1):
-                return {"pitch": m.group(3), "count": count, "length": m.group(2)}
-    else:
-        raise ValueError(f"unknown modality {modality!r}: image or audio")
-    raise CaptionError(f"sample {sid}: {modality} caption {caption!r} is not a synthetic caption "
-                       f"(e.g. {synth.image_caption('circle', 'red', 2, 'left')!r} / "
-                       f"{synth.audio_caption(3, 'short', 'high')!r}); the fidelity gate needs synthetic data")
 
 
 # -- items: samples with parsed attributes ------------------------------------------------------
@@ -385,15 +354,6 @@ def _fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, se
     return probe
 
 
-# -- statistics ---------------------------------------------------------------------------------
-
-def _chance(labels: list) -> float:
-    if not labels:
-        return float("nan")
-    _, counts = np.unique(np.array([str(v) for v in labels]), return_counts=True)
-    return float(counts.max() / len(labels))
-
-
 # -- scoring ------------------------------------------------------------------------------------
 
 def score_modality(probe: ModalityProbe, items: list[Item], generated: list[np.ndarray],
@@ -416,20 +376,12 @@ def score_modality(probe: ModalityProbe, items: list[Item], generated: list[np.n
     for a in ATTRIBUTES[m]:
         truth = [it.attrs[a] for it in items]
         hit = {k: np.array([pv == t for pv, t in zip(p[a], truth)], bool) for k, p in preds.items()}
-        acc = {k: float(v.mean()) if n else float("nan") for k, v in hit.items()}
-        chance = _chance(truth)
-        wins = int((hit["generated"] & ~hit["swapped"]).sum())
-        losses = int((~hit["generated"] & hit["swapped"]).sum())
-        d = hit["generated"].astype(float) - hit["swapped"].astype(float)
-        r = {"chance": chance, "ceiling": acc["real"], "generated": acc["generated"], "swapped": acc["swapped"],
-             "gated": a in gated,
-             "paired": {"gap": float(d.mean()) if n else float("nan"), "ci95": bootstrap_ci(d, cfg.seed),
-                        "win_rate": wins / n if n else float("nan"), "wins": wins, "losses": losses,
-                        "p": sign_test_p(wins, losses)},
-             "probe": {"features": probe.attributes[a].features, "cv_accuracy": probe.attributes[a].cv_accuracy,
-                       "train_n": probe.attributes[a].train_n}}
+        ceiling = float(hit["real"].mean()) if n else float("nan")
+        r = attribute_row(truth, hit["generated"], hit["swapped"], ceiling, a in gated, cfg)
+        r["probe"] = {"features": probe.attributes[a].features, "cv_accuracy": probe.attributes[a].cv_accuracy,
+                      "train_n": probe.attributes[a].train_n}
         if a in gated:
-            r.update(_gate(r, n, cfg))
+            r.update(gate(r, n, cfg))
             ok = ok and r["pass"]
         rep["attributes"][a] = r
     rep["pass"] = bool(ok)
@@ -437,31 +389,6 @@ def score_modality(probe: ModalityProbe, items: list[Item], generated: list[np.n
         rep["reason"] = f"no {m} eval samples"
     rep["predictions"] = {k: {a: [None if v is None else str(v) for v in p[a]] for a in p} for k, p in preds.items()}
     return rep
-
-
-def _gate(r: dict, n: int, cfg: FidelityConfig) -> dict:
-    vals = [r["chance"], r["ceiling"], r["generated"], r["swapped"], r["paired"]["p"]]
-    target = r["chance"] + cfg.fraction * (r["ceiling"] - r["chance"])
-    checks = {"finite": all(math.isfinite(v) for v in vals),
-              "probe_reads": r["ceiling"] >= cfg.probe_min,
-              "above_target": r["generated"] >= target,
-              "above_swapped": r["generated"] > r["swapped"],
-              "significant": r["paired"]["p"] < cfg.max_p}
-    reasons = []
-    if not checks["finite"]:
-        reasons.append("non-finite value")
-    if not checks["probe_reads"]:
-        reasons.append(f"the probe cannot read it (real eval accuracy {r['ceiling']:.2f} < {cfg.probe_min:.2f})")
-    else:
-        if not checks["above_target"]:
-            reasons.append(f"generated {r['generated']:.2f} < target {target:.2f}")
-        if not checks["above_swapped"]:
-            reasons.append(f"generated {r['generated']:.2f} <= swapped {r['swapped']:.2f}")
-        if not checks["significant"]:
-            reasons.append(f"sign test p {r['paired']['p']:.3g} >= {cfg.max_p}"
-                           + ("" if p_attainable(n, cfg.max_p) else f" (n = {n} cannot reach it)"))
-    return {"target": target, "checks": checks, "pass": all(checks.values()),
-            "reason": "; ".join(reasons)}
 
 
 def score_generations(probes: dict[str, ModalityProbe], items: dict[str, list[Item]],
@@ -513,6 +440,10 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
 
     run: Run = run_or_dir if isinstance(run_or_dir, Run) else load_run(run_or_dir)
     cfg = cfg or run.cfg.token_lm.fidelity
+    if cfg.gate_captions and not cfg.captions:
+        from ..errors import UserError
+        raise UserError("token_lm.fidelity.gate_captions", None, "gates caption accuracy, which "
+                        "token_lm.fidelity.captions=false turns off", "set captions true or gate_captions false")
     shards = shards or primary(run.cfg.token_lm.shards)  # a mix: its first source
     if not shards:
         raise ValueError(f"{run.name}: no shards (set token_lm.shards in the run config or pass --shards)")
@@ -553,12 +484,54 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
             r["ids"] = [it.id for it in items[m]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.captions and items:
+        rep["captions"], rep["field_metrics"] = _captions(run, items, gen, partners, cfg, opts, out, log)
+        if cfg.gate_captions:  # off by default: reported, not enforced (FidelityConfig.gate_captions)
+            rep["pass"] = bool(rep["pass"] and all(c["pass"] for c in rep["captions"].values()))
     rep["samples"] = {m: _save_samples(run, m, items[m], gen[m], rep["modalities"][m], out, cfg.samples, opts)
                       for m in items}
     write_report(rep, out)
     for line in summary_lines(rep):
         log(line)
     return rep
+
+
+def _decoded(run, m: str, ids: np.ndarray) -> Optional[Any]:
+    """The media a span's body decodes to (None: it does not), on one thread (the same floats every run)."""
+    from ..generate import decode_span
+
+    try:
+        with torch_threads(1):
+            return decode_span(run, m, _media_body(run.ts, ids))
+    except Exception:  # an undecodable span is a measured outcome, not a crash
+        return None
+
+
+def _captions(run, items: dict[str, list[Item]], gen: dict, partners: dict, cfg: FidelityConfig, opts, out: Path,
+              log) -> tuple[dict, dict]:
+    """Caption accuracy (i2t / a2t on the same eval samples' real codes; eval/captions.py) and the field's
+    metrics (CIDEr-D / BLEU-4 of those captions, CLIPScore / Fréchet distance of the t2i images;
+    eval/field_metrics.py). The first cfg.samples inputs are saved (decoded) for the report."""
+    from ..embed.clip import load_clip
+    from ..generate import save_output
+    from .field_metrics import caption_metrics, t2i_metrics
+
+    caps, field = {}, {}
+    for m, its in items.items():
+        texts = generate_captions(run, m, its, opts)
+        caps[m] = score_captions(m, its, texts, swap_partners(its, cfg.seed, m), cfg)
+        for i, row in enumerate(caps[m]["samples"][: cfg.samples]):
+            val = _decoded(run, m, its[i].ids)
+            f = save_output(run, m, val, out / "samples" / X2T[m] / f"{i:03d}") if val is not None else None
+            row["file"] = str(f.relative_to(out)) if f else None
+        field[X2T[m]] = caption_metrics([[it.caption] for it in its], texts)
+        log(f"  {m}: captioned {len(its)} eval samples ({X2T[m]}), {caps[m]['unparseable']} outside the grammar")
+    if "image" in items:
+        clip = load_clip(cfg.clip_model or "tiny")
+        field["t2i"] = t2i_metrics(clip, [_decoded(run, "image", g) for g in gen["image"]],
+                                   [_decoded(run, "image", it.ids) for it in items["image"]],
+                                   [it.caption for it in items["image"]], partners["image"])
+    return caps, field
 
 
 def _save_samples(run, m: str, items: list[Item], gens: list[np.ndarray], r: dict, out: Path, k: int,
@@ -586,7 +559,20 @@ def summary_lines(rep: dict) -> list[str]:
             verdict = ("PASS" if x["pass"] else f"FAIL ({x['reason']})") if x["gated"] else "reported"
             lines.append(f"  {m:5s} {a:8s} n={r['n']:3d} chance {x['chance']:.2f} ceiling {x['ceiling']:.2f} "
                          f"generated {x['generated']:.2f} swapped {x['swapped']:.2f} (p {x['paired']['p']:.3g})  {verdict}")
+    if rep.get("captions"):
+        lines += caption_lines(rep["captions"])
+    for task, f in (rep.get("field_metrics") or {}).items():
+        lines.append(f"  {task:5s} {field_metrics_text(f)} (reported)")
     return lines
+
+
+def field_metrics_text(f: dict) -> str:
+    """One task's field metrics in a line: BLEU-4 / CIDEr-D (captions) or CLIPScore / Fréchet distance (t2i)."""
+    if "clipscore" in f:
+        c = f["clipscore"]
+        return (f"CLIPScore {c['generated']:.2f} (swapped caption {c['generated_swapped_caption']:.2f}, real "
+                f"{c['real']:.2f}), Fréchet CLIP distance to real {f['frechet_clip']:.4f} ({f['clip']} CLIP)")
+    return f"BLEU-4 {f['bleu4']:.3f}, CIDEr-D {f['cider_d']:.3f} (n {f['n']})"
 
 
 def report_md(rep: dict) -> str:
@@ -607,6 +593,7 @@ def report_md(rep: dict) -> str:
             lines.append(f"| {m} | {a} | {r['n']} | {x['chance']:.3f} | {x['ceiling']:.3f} | {x['generated']:.3f} | "
                          f"{x['swapped']:.3f} | {p['gap']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
                          f"{p['p']:.3g} | {'yes' if x['gated'] else 'no'} | {verdict} |")
+    lines += _captions_md(rep)
     samples = rep.get("samples") or {}
     if samples:
         lines += ["", "## Generated samples", ""]
@@ -618,6 +605,28 @@ def report_md(rep: dict) -> str:
                 read = ", ".join(f"{a} {v}" for a, v in s["read"].items())
                 lines.append(f"- **{s['id']}** {s['caption']}: {media} (probe reads: {read})")
     return "\n".join(lines) + "\n"
+
+
+def _captions_md(rep: dict) -> list[str]:
+    caps, field = rep.get("captions") or {}, rep.get("field_metrics") or {}
+    lines = []
+    if caps:
+        gating = any(c["gating"] for c in caps.values())
+        lines += ["", f"## Caption accuracy (i2t / a2t): {'gated' if gating else 'reported, not gated'}", "",
+                  "Generated captions of the same eval samples, parsed with the synthetic grammar; swapped = the "
+                  "caption scored against another sample's attributes; ceiling 1; a caption outside the grammar is "
+                  "wrong on every attribute.", "",
+                  "| task | attribute | n | unparseable | chance | generated | swapped | gap (95% CI) | p | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in caps.values():
+            for a, x in c["attributes"].items():
+                p = x["paired"]
+                lines.append(f"| {c['task']} | {a} | {c['n']} | {c['unparseable']} | {x['chance']:.3f} | "
+                             f"{x['generated']:.3f} | {x['swapped']:.3f} | {p['gap']:+.3f} [{p['ci95'][0]:+.3f}, "
+                             f"{p['ci95'][1]:+.3f}] | {p['p']:.3g} | {'PASS' if x['pass'] else 'FAIL (' + x['reason'] + ')'} |")
+    if field:
+        lines += ["", "## The field's metrics (reported)", ""] + [f"- {t}: {field_metrics_text(f)}" for t, f in field.items()]
+    return lines
 
 
 def write_report(rep: dict, out_dir: str | Path) -> Path:

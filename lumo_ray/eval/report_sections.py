@@ -111,7 +111,68 @@ def mmpt_section(d: Path) -> str:
             + report.line_chart("stage-4 eval loss per task", curves, ylabel="nats per target token")
             + (f"<table><tr><th>attribute</th><th>chance</th><th>real eval (ceiling)</th><th>generated</th>"
                f"<th>swapped caption</th><th>verdict</th></tr>{fid_rows}</table>" if fid_rows else "")
-            + grids)
+            + captions_section(d / "fidelity") + grids)
+
+
+def _read(read: Any) -> str:
+    return ", ".join(f"{a} {v}" for a, v in read.items()) if read else "(outside the grammar)"
+
+
+def captions_section(d: Path) -> str:
+    """Caption accuracy (i2t / a2t) and the field's metrics from a fidelity report folder: per attribute the
+    accuracies and verdict, a few inputs with their generated and reference captions, what the parser read
+    and which attributes are right; then the metrics table."""
+    rep = _load(d / "report.json") or {}
+    caps, field = rep.get("captions") or {}, rep.get("field_metrics") or {}
+    if not caps and not field:
+        return ""
+    out = []
+    if caps:
+        gating = any(c.get("gating") for c in caps.values())
+        rows = "".join(
+            f"<tr><td>{c['task']}</td><td>{html.escape(a)}</td><td>{c['n']}</td><td>{c['unparseable']}</td>"
+            + "".join(f"<td>{_r(x.get(k))}</td>" for k in ("chance", "generated", "swapped"))
+            + f"<td>{x['paired']['p']:.2g}</td><td>{_mark(x['pass'])}{'' if gating else ' (reported)'}"
+            + (f": {html.escape(x['reason'])}" if x.get("reason") else "") + "</td></tr>"
+            for c in caps.values() for a, x in c["attributes"].items())
+        out.append(f"<h3>Caption accuracy (i2t / a2t): {'gated' if gating else 'reported, not gated'}</h3>"
+                   "<p>The stage-4 run captions the fidelity eval samples; each caption is parsed with the synthetic "
+                   "grammar and scored per attribute against its input's attributes (generated) and another "
+                   "sample's (swapped: the floor of a model that ignores its input); ceiling 1; a caption outside "
+                   "the grammar is wrong on every attribute.</p><table><tr><th>task</th><th>attribute</th><th>n</th>"
+                   "<th>unparseable</th><th>chance</th><th>generated</th><th>swapped</th><th>p</th><th>verdict</th>"
+                   f"</tr>{rows}</table>")
+        for c in caps.values():
+            ex = []
+            for s in c.get("samples", []):
+                if not s.get("file") or not (d / s["file"]).exists():
+                    continue
+                marks = ", ".join(f"{a} {'right' if ok else 'WRONG'}" for a, ok in s["right"].items())
+                ex.append(f"<tr><td>{report.media_block([d / s['file']], [s['id']])}</td>"
+                          f"<td>{html.escape(str(s['generated']))}</td><td>{html.escape(s['reference'])}</td>"
+                          f"<td>{html.escape(_read(s['read']))}</td><td>{marks}</td></tr>")
+            if ex:
+                out.append(f"<p>{c['task']} examples: the input as the codec decodes the codes the model read, its "
+                           "generated and reference captions, what the parser read and whether each attribute is right"
+                           f":</p><table><tr><th>input ({c['task']})</th><th>generated caption</th><th>reference caption"
+                           f"</th><th>the parser read</th><th>right or wrong</th></tr>{''.join(ex)}</table>")
+    if field:
+        def cells(f: dict) -> list:
+            c = f.get("clipscore", {})
+            return [f.get("n"), f.get("bleu4"), f.get("cider_d"), c.get("generated"), c.get("generated_swapped_caption"),
+                    c.get("real"), f.get("frechet_clip")]
+
+        rows = "".join(f"<tr><td>{t}</td>" + "".join(f"<td>{'-' if v is None else _r(v)}</td>" for v in cells(f))
+                       + "</tr>" for t, f in field.items())
+        clip = next((f["clip"] for f in field.values() if "clip" in f), "")
+        out.append("<h3>The field's metrics (reported, not gated)</h3><p>BLEU-4 and CIDEr-D of the captions against "
+                   "the reference captions (as the COCO caption evaluation computes them); CLIPScore = 100 x mean "
+                   "max(cos(image, caption), 0) of the t2i images with their own caption, with a swapped sample's "
+                   "caption, and of the real images; the Fréchet distance between the CLIP image features of "
+                   f"generated and real images ({html.escape(clip)} CLIP).</p><table><tr><th>task</th><th>n</th>"
+                   "<th>BLEU-4</th><th>CIDEr-D</th><th>CLIPScore</th><th>CLIPScore, swapped caption</th>"
+                   f"<th>CLIPScore, real images</th><th>Fréchet CLIP distance</th></tr>{rows}</table>")
+    return "".join(out)
 
 
 def generate_section(d: Path) -> str:
