@@ -1,6 +1,6 @@
 """`lumo serve` under load: a bounded sweep of concurrent clients against localhost.
 
-    python -m benchmarks.serve [--run DIR] [--clients 1,4,16,64] [--requests 8] [--replicas 1]
+    python -m benchmarks.serve [--run DIR] [--clients 1,4,16,64] [--requests 8] [--replicas 1] [--no-kill]
 
 Starts `lumo serve` (a subprocess, as a user does) once per setting: batched (serve.max_batch_size 8,
 a batch generated together), exact (8, serve.exact: one by one inside a batch) and off (1). Each
@@ -13,12 +13,16 @@ same answer) until it succeeds; every request must come back once Serve has rest
 counts the failed answers that were a 503 with Retry-After (the server's answer for a lost replica)
 and any others, and times GET /health every 0.2 s from the kill to the end (it must answer at once
 while the replica restarts: 503 + Retry-After while none runs, then 200).
+The openai setting (in --settings) sweeps OpenAI's routes on one batched server: chat with an image
+input (i2t) streamed and whole, completions (t2t) streamed, images (t2i); the table adds the time to
+first token of the streamed ones (the first content chunk) and the generated tokens per second.
 Without --run it uses an untrained tiny run (the cost of a generation is the same). Prints the tables;
 nothing is asserted here (targets live in benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import platform
@@ -153,6 +157,79 @@ def kill_phase(port: int, clients: int, requests: int, server: subprocess.Popen)
             "health_other": sum(c != 200 and not (c == 503 and r) for c, _, r in health)}
 
 
+def openai_call(port: int, route: str, body: dict) -> tuple[int, float, float, int]:
+    """One OpenAI request: (status, seconds, seconds to the first content chunk (a stream) or to the
+    answer, completion tokens). A stream is read line by line as its events arrive."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/{route}", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            if not body.get("stream"):
+                out = json.loads(r.read())
+                tokens = (out.get("usage") or {}).get("completion_tokens", 0)
+                return r.status, time.perf_counter() - t0, time.perf_counter() - t0, tokens
+            for line in r:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if first is None and any((c.get("delta") or {}).get("content") or c.get("text")
+                                         for c in chunk.get("choices", [])):
+                    first = time.perf_counter() - t0
+            code = r.status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    except OSError:
+        code = 0
+    total = time.perf_counter() - t0
+    return code, total, first if first is not None else total, tokens
+
+
+def openai_bodies(png: bytes) -> dict:
+    """route name -> (path, body of request j) of the openai sweep."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+    chat = {"max_tokens": 32, "messages": [{"role": "user", "content": [image]}]}
+    usage = {"stream": True, "stream_options": {"include_usage": True}}
+    return {"chat (stream)": ("chat/completions", lambda j: {**chat, **usage, "seed": j}),
+            "chat": ("chat/completions", lambda j: {**chat, "seed": j}),
+            "completions (stream)": ("completions", lambda j: {"prompt": "Once upon a time",
+                                                               "max_tokens": 32, "seed": j, **usage}),
+            "images": ("images/generations", lambda j: {"prompt": PROMPT, "seed": j})}
+
+
+def openai_sweep(port: int, clients: list[int], requests: int, model: str) -> list[dict]:
+    """Each route of openai_bodies at each client count: latency, time to first token, req/s, tokens/s."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/images/generations", data=json.dumps(
+            {"model": model, "prompt": PROMPT, "seed": 10**6}).encode(), timeout=300) as r:
+        png = base64.b64decode(json.loads(r.read())["data"][0]["b64_json"])  # the chat input; a warm-up too
+    rows = []
+    for name, (route, make) in openai_bodies(png).items():
+        for c in clients:
+            got, lock = [], threading.Lock()
+
+            def client(i: int) -> None:
+                for j in range(requests):
+                    r = openai_call(port, route, {**make(i * 1000 + j), "model": model})
+                    with lock:
+                        got.append(r)
+
+            wall = run_clients(client, c)
+            lat = [g[1] for g in got]
+            ttft = [g[2] for g in got]
+
+            def q(xs: list, k: int) -> float:
+                return 1000 * (statistics.quantiles(xs, n=100)[k - 1] if len(xs) > 1 else xs[0])
+
+            rows.append({"route": name, "clients": c, "requests": len(got), "errors": sum(g[0] != 200 for g in got),
+                         "p50_ms": q(lat, 50), "p99_ms": q(lat, 99), "ttft_p50_ms": q(ttft, 50),
+                         "ttft_p99_ms": q(ttft, 99), "rps": len(got) / wall,
+                         "tok_s": sum(g[3] for g in got) / wall, "stream": "stream" in name})
+    return rows
+
+
 GPUS = 0.0  # serve.gpus_per_replica of every server started (--gpus-per-replica)
 
 
@@ -181,8 +258,9 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--gpus-per-replica", type=float, default=0.0, help="serve.gpus_per_replica (GPU servers)")
     ap.add_argument("--batch", type=int, default=8, help="serve.max_batch_size of the batched and exact settings")
-    ap.add_argument("--settings", default="exact,batched,off", help="which settings to sweep (the kill phase runs "
-                    "with batched)")
+    ap.add_argument("--settings", default="exact,batched,off,openai", help="which settings to sweep (the kill "
+                    "phase runs with batched; openai: OpenAI's routes and streaming on a batched server)")
+    ap.add_argument("--no-kill", action="store_true", help="skip the kill phase")
     a = ap.parse_args()
     global GPUS
     GPUS = a.gpus_per_replica
@@ -196,12 +274,13 @@ def main() -> None:
         run = make_tiny_run(tmp / "run")
     print(f"# lumo serve load sweep: run {run}, {a.requests} t2i requests per client, {a.replicas} replica(s); "
           f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs")
-    print("| batching | clients | requests | errors | p50 ms | p95 ms | p99 ms | req/s | same as exact |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if set(a.settings.split(",")) - {"", "openai"}:
+        print("| batching | clients | requests | errors | p50 ms | p95 ms | p99 ms | req/s | same as exact |")
+        print("|---|---|---|---|---|---|---|---|---|")
     ratio, answers = {}, {}
     b = a.batch
     settings = {"exact": (f"exact ({b})", b, True), "batched": (f"batched ({b})", b, False), "off": ("off (1)", 1, False)}
-    for name, batch, exact in (settings[k] for k in a.settings.split(",") if k):  # --settings "": the kill phase only
+    for name, batch, exact in (settings[k] for k in a.settings.split(",") if k and k != "openai"):  # "": kill only
         port = _port()
         p = serve(run, port, batch, a.replicas, exact)
         answers[name] = {}
@@ -221,6 +300,24 @@ def main() -> None:
             ratio[name] = by[16] / by[1]
     for name, x in ratio.items():
         print(f"throughput at 16 clients / 1 client, {name}: {x:.2f}x (target with batching: >= 3x)")
+    if "openai" in a.settings.split(","):
+        port = _port()
+        p = serve(run, port, b, a.replicas)
+        try:
+            rows = openai_sweep(port, clients, a.requests, Path(run).name)
+        finally:
+            p.send_signal(2)
+            p.communicate(timeout=120)
+        print(f"\n| OpenAI route, batched ({b}) | clients | requests | errors | p50 ms | p99 ms | first token p50 ms "
+              "| first token p99 ms | req/s | tokens/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            ttft = (f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f}" if r["stream"] else "- | -")
+            toks = f"{r['tok_s']:.1f}" if r["tok_s"] else "-"
+            print(f"| {r['route']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} "
+                  f"| {r['p99_ms']:.0f} | {ttft} | {r['rps']:.2f} | {toks} |")
+    if a.no_kill:
+        return
     port = _port()
     p = serve(run, port, b, a.replicas)
     try:

@@ -1,5 +1,6 @@
 """Generation from a token-LM run (stage 3.4): prompts per task, constrained sampling, span checks,
-media decoding to PNG / WAV and text to files.
+media decoding to PNG / WAV and text to files. t2t (text from text) also runs on a base-LM run
+(`lumo train lm`), by the loop of lumo_ray.generate_text.
 
 A run directory holds `config.yaml` (its `uti` section rebuilds the adapters that decode media) and
 `export/` (a Hugging Face causal-LM directory with `token_space.json`). Prompts are cut from the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,8 +28,8 @@ from .runtime import torch_threads
 from .storage import write_file
 from .token_space import TokenSpace, TokenSpaceError, TokenSpaceMismatch, first_difference
 
-TASKS = ("t2i", "t2a", "i2t", "a2t")
-TARGET = {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}
+TASKS = ("t2i", "t2a", "i2t", "a2t", "t2t")
+TARGET = {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text", "t2t": "text"}
 GUIDANCE_MAX = 20.0
 """Largest classifier-free guidance scale accepted (LlamaGen, Emu3 and Janus use 3-7.5)."""
 
@@ -46,6 +47,10 @@ class GenOptions:
     audio_frames: Optional[int] = None
     """Generated audio code frames; default: the codec's clip length, capped by token_lm.seq.max_audio_tokens."""
     max_text_tokens: int = 48
+    """New text tokens at most: an i2t / a2t caption (with its end token), a t2t continuation."""
+    stop: list[str] = field(default_factory=list)
+    """t2t: stop strings; a row ends once its text holds one, which is cut off with what follows (OpenAI's
+    `stop`). (A list: options read back from JSON compare equal.)"""
     batch_size: int = 64
     threads: int = 1
     """torch intra-op threads while generating: one thread is much faster for small models on a busy CPU,
@@ -62,7 +67,7 @@ class Run:
     dir: Path
     cfg: LumoConfig
     model: Any
-    ts: TokenSpace
+    ts: Optional[TokenSpace]
     """The export's token space (what the model was trained on)."""
     adapters: Any
     builder: SequenceBuilder
@@ -75,26 +80,34 @@ class Run:
     """Where the adapters' config came from (the run's config.yaml, --config, --set items)."""
     differs_at: Optional[str] = None
     """The first token-space field that differs when hash_match is False."""
+    kind: str = "token-lm"
+    """'token-lm' (export/ holds token_space.json) or 'base-lm' (a `lumo train lm` run: t2t only; its
+    `adapters` hold just the export's tokenizer, `ts` and `builder` are None)."""
 
 
 def load_run(run_dir: str | Path, device: Optional[str] = None, cfg: Optional[LumoConfig] = None,
              cfg_source: str = "") -> Run:
     """Load export/ (model + token space) and the adapters of config.yaml, on `device` (default
     uti.runtime.device). A token-space mismatch is recorded in `hash_match` (the gate reports it;
-    `require_same_space` refuses it)."""
+    `require_same_space` refuses it). A base-LM run (`lumo train lm`) loads as kind 'base-lm', for t2t."""
+    from .generate_text import is_base_lm, load_base_lm
     from .models.token_lm import load_token_lm
     from .storage import fetch_run, locate
-    from .uti import build_adapters, build_token_space
+    from .uti import Adapters, build_adapters, build_token_space
 
     d = fetch_run(run_dir)  # a path, or the local cache of a URI
     if cfg is None:
         if not (d / "config.yaml").exists():
             raise UserError("token-LM run", run_dir, "no config.yaml", "give a `lumo train token-lm` or "
-                            "`lumo train mmpt` run directory (config.yaml + export/)")
+                            "`lumo train mmpt` run directory (config.yaml + export/), or for t2t a `lumo train lm` one")
         cfg = load_config(LumoConfig, d / "config.yaml")
     if device is not None:  # told (a Ray unit's assigned device): the adapters run there too
         cfg = copy.deepcopy(cfg)
         cfg.uti.runtime.device = str(device)  # (runtime settings are never part of an identity)
+    if is_base_lm(d):  # its model and tokenizer are all there is: t2t
+        model, text = load_base_lm(d / "export", cfg.uti.runtime.device)
+        return Run(d, cfg, model, None, Adapters(text=text), None, True, "", str(locate(run_dir)),
+                   cfg_source or "the run's config.yaml", kind="base-lm")
     model, ts, _ = load_token_lm(d / "export")
     model = model.to(cfg.uti.runtime.device).eval()
     adapters = build_adapters(cfg.uti)
@@ -234,14 +247,18 @@ def check_guidance(scale: Any, task: str, name: str = "guidance_scale") -> float
 
 
 def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOptions,
-                   seeds: Optional[list[int]] = None) -> list[np.ndarray]:
+                   seeds: Optional[list[int]] = None, on_token=None) -> list[np.ndarray]:
     """Generated ids after each prompt (the span and its end token, pads stripped). Row i samples from
     its own generator, seeded `seeds[i]` (default row_seed(opts.seed, i)): its tokens do not depend on
     batch_size or on the other prompts, up to float rounding (bit-identical for one call's arguments).
-    opts.guidance_scale != 1 (t2i / t2a): classifier-free guidance (guided_generate); 1 never enters it."""
+    opts.guidance_scale != 1 (t2i / t2a): classifier-free guidance (guided_generate); 1 never enters it.
+    on_token(i, id) (plain path, for a server that streams): called as row i's next token is chosen, up to
+    its end token; it changes nothing that is generated."""
     from transformers import LogitsProcessorList
 
     scale = check_guidance(opts.guidance_scale, task)
+    if task == "t2t":
+        return generate_text_ids(run, prompts, opts, seeds, on_token)
     spec = task_spec(run, task, opts)
     pad = run.builder.pad_id
     seeds = [row_seed(opts.seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
@@ -272,7 +289,8 @@ def generate_spans(run: Run, task: str, prompts: list[np.ndarray], opts: GenOpti
             else:
                 seqs = run.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                                           max_new_tokens=spec.max_new_tokens, eos_token_id=spec.terminators,
-                                          pad_token_id=pad, logits_processor=LogitsProcessorList(procs))
+                                          pad_token_id=pad, logits_processor=LogitsProcessorList(procs),
+                                          streamer=on_token and _row_streamer(on_token, b0, spec.terminators))
         for row in seqs[:, n:].cpu().numpy():
             out.append(_strip(row, spec.terminators, pad))
     return out
@@ -316,6 +334,31 @@ def guided_generate(model, prompts: list[np.ndarray], uncond: np.ndarray, scale:
         out = model(input_ids=torch.cat([nxt, nxt])[:, None], attention_mask=mask, position_ids=pos,
                     cache=out.cache, use_cache=True)
     return seqs
+
+
+def _row_streamer(on_token, first: int, terminators):
+    """transformers' streamer (put / end) for a batch: on_token(first + i, id) for row i's new token; the
+    prompt (the first put) and the pads after a row's end token are not passed on."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class RowStreamer(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen, self.done = False, set()
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            for i, t in enumerate(value.reshape(-1).tolist()):
+                if i not in self.done:
+                    on_token(first + i, t)
+                    if t in terminators:
+                        self.done.add(i)
+
+        def end(self):
+            pass
+
+    return RowStreamer()
 
 
 def model_device(model) -> torch.device:
@@ -440,10 +483,14 @@ def save_output(run: Run, modality: str, value: Any, path_stem: Path) -> Path:
 # -- one call for the CLI, and many at once for a server ------------------------------------------
 
 def job_prompt(run: Run, task: str, prompt: Optional[str] = None, input_path: Optional[str | Path] = None) -> np.ndarray:
-    """The prompt ids of one generation: a caption (t2x) or a media file (x2t)."""
+    """The prompt ids of one generation: a caption (t2x), a media file (x2t) or the text to continue (t2t)."""
     require_same_space(run)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: one of {TASKS}")
+    if task == "t2t":
+        return text_prompt(run, prompt)
+    if run.kind == "base-lm":
+        raise UserError("task", task, "a base-LM run (`lumo train lm`) generates text only", "use t2t, or a token-LM run")
     if task in ("t2i", "t2a"):
         return build_prompt(run, task, caption=prompt)
     if input_path is None:
@@ -454,6 +501,8 @@ def job_prompt(run: Run, task: str, prompt: Optional[str] = None, input_path: Op
 def write_samples(run: Run, task: str, p: np.ndarray, gens: list[np.ndarray], out_dir: str | Path, opts: GenOptions,
                   prompt: Optional[str] = None, input_path: Optional[str | Path] = None, log=print) -> list[dict]:
     """Check and decode each generated span of one prompt -> files in out_dir + generations.jsonl."""
+    if task == "t2t":
+        return write_text_samples(run, gens, out_dir, opts, prompt, log)
     spec = task_spec(run, task, opts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -473,9 +522,112 @@ def write_samples(run: Run, task: str, p: np.ndarray, gens: list[np.ndarray], ou
         else:
             log(f"[{i}] not decodable: {chk.error}")
         recs.append(rec)
+    return _write_index(out, task, recs, opts)
+
+
+def _write_index(out: Path, task: str, recs: list[dict], opts: GenOptions) -> list[dict]:
     write_file(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
-    write_file(out / "options.json", json.dumps({**asdict(opts), "task": task, "n": len(gens)}, indent=2) + "\n")
+    write_file(out / "options.json", json.dumps({**asdict(opts), "task": task, "n": len(recs)}, indent=2) + "\n")
     return recs
+
+
+# -- t2t ------------------------------------------------------------------------------------------
+
+def context_len(run: Run) -> tuple[int, str]:
+    """The longest sequence the run's model was trained on, and the config key that sets it."""
+    if run.kind == "base-lm":
+        return int(run.cfg.lm.seq_len), "lm.seq_len"
+    return int(run.cfg.token_lm.seq.max_len), "token_lm.seq.max_len"
+
+
+def max_new_tokens(run: Run, task: str, opts: GenOptions) -> int:
+    """Tokens a generation may add after its prompt (a span with its end token; t2t: max_text_tokens)."""
+    return int(opts.max_text_tokens) if task == "t2t" else task_spec(run, task, opts).max_new_tokens
+
+
+def text_prompt(run: Run, prompt: Optional[str]) -> np.ndarray:
+    """t2t: the prompt as plain text tokens (no delimiters; a token-LM run's TEXT ids)."""
+    if run.adapters is None or run.adapters.text is None:
+        raise UserError("task", "t2t", "this run has no text tokenizer (uti.text.load is off)",
+                        "set uti.text.load=true (--set)")
+    if not prompt:
+        raise ValueError("t2t needs a non-empty prompt")
+    return np.asarray(run.adapters.text.encode(prompt), np.int64)
+
+
+def generate_text_ids(run: Run, prompts: list[np.ndarray], opts: GenOptions, seeds: Optional[list[int]] = None,
+                      on_token=None) -> list[np.ndarray]:
+    """t2t ids after each prompt (lumo_ray.generate_text.text_loop): the text part of the vocabulary
+    (opts.constrained), each row drawn by its own generator (RowSampler, seeds[i] default
+    row_seed(opts.seed, i); argmax when greedy), up to and including the end token or the token that
+    completed a stop string. on_token(i, id): row i's token as it is chosen."""
+    from .generate_text import text_loop
+
+    text = run.adapters.text
+    seeds = [row_seed(opts.seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    cap, key = context_len(run)
+    for p in prompts:
+        if len(p) + opts.max_text_tokens > cap:
+            raise UserError("--max-new-tokens" if len(p) < cap else "--prompt", None,
+                            f"{len(p)} prompt tokens and up to {opts.max_text_tokens} new ones make "
+                            f"{len(p) + opts.max_text_tokens}, over the run's {key} of {cap}",
+                            "shorten the prompt or lower --max-new-tokens")
+    pad = text.pad_id if text.pad_id is not None else (text.eos_id or 0)  # (masked out: any id would do)
+    out: list[np.ndarray] = []
+    for b0 in range(0, len(prompts), opts.batch_size):
+        batch = prompts[b0: b0 + opts.batch_size]
+        if opts.greedy:
+            def pick(seqs, scores):
+                return scores.argmax(-1)
+        else:
+            sampler = RowSampler(seeds[b0: b0 + len(batch)], opts)
+
+            def pick(seqs, scores, sampler=sampler):  # the sampler leaves only its draw finite
+                return sampler(seqs, scores).argmax(-1)
+        hook = on_token and (lambda i, t, b0=b0: on_token(b0 + i, t))
+        with torch.no_grad(), torch_threads(opts.threads):
+            out += text_loop(run.model, batch, pick, vocab=text.vocab_size, constrained=opts.constrained,
+                             eos=text.eos_id, pad=pad, max_new_tokens=opts.max_text_tokens, stop=opts.stop,
+                             decode=text.decode, on_token=hook)
+    return out
+
+
+def text_result(run: Run, ids: np.ndarray, opts: GenOptions) -> dict:
+    """A t2t row's text (cut before a stop string, without the end token), its finish reason ('stop':
+    the end token or a stop string; 'length': max_text_tokens) and check; ok when every id is a text id."""
+    from .generate_text import finish_text
+
+    text = run.adapters.text
+    ids = np.asarray(ids, np.int64)
+    body = ids[:-1] if ids.size and text.eos_id is not None and ids[-1] == text.eos_id else ids
+    bad = int(((body < 0) | (body >= text.vocab_size)).sum())
+    chk = {"length": int(ids.size), "out_of_range": bad, "decoded": not bad,
+           "error": f"{bad} ids outside the text vocabulary" if bad else ""}
+    if bad:
+        return {"text": None, "finish_reason": None, "check": chk, "ok": False}
+    out, why = finish_text(ids.tolist(), text.decode, text.eos_id, opts.stop)
+    return {"text": out, "finish_reason": why, "check": chk, "ok": True}
+
+
+def write_text_samples(run: Run, gens: list[np.ndarray], out_dir: str | Path, opts: GenOptions,
+                       prompt: Optional[str] = None, log=print) -> list[dict]:
+    """t2t: each row's text -> t2t-NNN.txt in out_dir + generations.jsonl (ids, text, finish_reason)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i, g in enumerate(gens):
+        r = text_result(run, g, opts)
+        rec = {"task": "t2t", "index": i, "prompt": prompt, "input": None, "ids": np.asarray(g).tolist(), **r,
+               "file": None}
+        if r["ok"]:
+            rec["file"] = str(save_output(run, "text", r["text"], out / f"t2t-{i:03d}"))
+            log(f"[{i}] {prompt or ''}{r['text']}")
+        else:
+            log(f"[{i}] not decodable: {r['check']['error']}")
+        recs.append(rec)
+    return _write_index(out, "t2t", recs, opts)
 
 
 def generate(run: Run, task: str, out_dir: str | Path, *, prompt: Optional[str] = None,
@@ -489,10 +641,12 @@ def generate(run: Run, task: str, out_dir: str | Path, *, prompt: Optional[str] 
     return write_samples(run, task, p, gens, out_dir, opts, prompt, input_path, log)
 
 
-def generate_jobs(run: Run, jobs: list[tuple[str, np.ndarray, int, GenOptions]]) -> list[list[np.ndarray]]:
+def generate_jobs(run: Run, jobs: list[tuple[str, np.ndarray, int, GenOptions]],
+                  on_token=None) -> list[list[np.ndarray]]:
     """Many generations in as few batches as their options allow: job (task, prompt ids, n, opts) gets
     `generate(...)`'s spans (rows seeded row_seed(opts.seed, i)), up to the float rounding of batching
-    it with the others. Jobs with the same task and options but the seed share one batch."""
+    it with the others. Jobs with the same task and options but the seed share one batch. on_token(k, i,
+    id): row i of job k chose its next token (generate_spans' on_token)."""
     groups: dict[str, list[int]] = {}
     for k, (task, _, _, o) in enumerate(jobs):
         groups.setdefault(json.dumps([task, {**asdict(o), "seed": 0}]), []).append(k)
@@ -501,7 +655,10 @@ def generate_jobs(run: Run, jobs: list[tuple[str, np.ndarray, int, GenOptions]])
         task, o = jobs[ks[0]][0], jobs[ks[0]][3]
         prompts = [jobs[k][1] for k in ks for _ in range(jobs[k][2])]
         seeds = [row_seed(jobs[k][3].seed, i) for k in ks for i in range(jobs[k][2])]
-        spans = generate_spans(run, task, prompts, replace(o, batch_size=max(1, len(prompts))), seeds=seeds)
+        rows = [(k, i) for k in ks for i in range(jobs[k][2])]
+        hook = on_token and (lambda r, t, rows=rows: on_token(*rows[r], t))
+        spans = generate_spans(run, task, prompts, replace(o, batch_size=max(1, len(prompts))), seeds=seeds,
+                               on_token=hook)
         for k in ks:
             out[k], spans = spans[: jobs[k][2]], spans[jobs[k][2]:]
     return out

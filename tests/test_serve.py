@@ -10,10 +10,7 @@ import base64
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -22,15 +19,9 @@ import pytest
 from lumo_ray.config import ServeConfig
 from lumo_ray.generate import TASKS, GenOptions, generate, load_run
 from lumo_ray.serving import RequestError, parse_request, respond_batch
+
+from served import TOKEN, lumo_server
 from test_generate_decode import make_tiny_run
-
-TOKEN = "s3cret-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port: int, path: str, body: bytes | dict | None = None, token: str | None = TOKEN) -> tuple[int, dict]:
@@ -47,38 +38,8 @@ def call(port: int, path: str, body: bytes | dict | None = None, token: str | No
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import ray
-
-    was = ray.is_initialized()  # the server's own local Ray is the only one while it runs (conftest)
-    if was:
-        ray.shutdown()
-    d = tmp_path_factory.mktemp("serve")
-    run = make_tiny_run(d / "run")
-    (d / "token").write_text(TOKEN + "\n")
-    port = _free_port()
-    p = subprocess.Popen([sys.executable, "-m", "lumo_ray.cli", "serve", "--run", str(run), "--port", str(port),
-                          "--token-file", str(d / "token"), "--set", "serve.max_n=2",
-                          "--set", "serve.max_body_bytes=200000"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=d)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if call(port, "/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-            pass
-        assert p.poll() is None, p.stdout.read()[-4000:]
-        time.sleep(1)
-    else:
-        p.kill()
-        pytest.fail("lumo serve did not answer /health within 240 s:\n" + p.stdout.read()[-4000:])
-    yield {"port": port, "run": run, "dir": d, "proc": p}
-    if p.poll() is None:
-        p.kill()
-    if was:
-        from conftest import SESSION_RAY
-
-        ray.init(**SESSION_RAY)
+    with lumo_server(tmp_path_factory.mktemp("serve"), "serve.max_n=2", "serve.max_body_bytes=200000") as srv:
+        yield srv
 
 
 def test_health_and_model_info(server):
@@ -87,7 +48,7 @@ def test_health_and_model_info(server):
     code, info = call(port, "/v1/model")
     run = load_run(server["run"])
     assert code == 200 and info["token_space_hash"] == run.ts.hash and info["token_space_match"] is True
-    assert info["tasks"] == ["t2i", "t2a", "i2t", "a2t"] and info["limits"]["max_n"] == 2
+    assert info["tasks"] == ["t2i", "t2a", "i2t", "a2t", "t2t"] and info["limits"]["max_n"] == 2
 
 
 def test_fixed_seed_answers_are_lumo_generate_bytes(server, tmp_path):

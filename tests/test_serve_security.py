@@ -11,7 +11,6 @@ replica's in-flight request answered 503 with Retry-After.
 from __future__ import annotations
 
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,8 +22,7 @@ import urllib.request
 import pytest
 
 from lumo_ray.serve_guards import check_binding
-from test_generate_decode import make_tiny_run
-from test_serve import TOKEN, _free_port
+from served import TOKEN, lumo_server
 
 MARKER = "zebra-quartz-lantern"  # in prompts: must never reach the access log
 
@@ -112,41 +110,9 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(fake_run, tmp_path, c
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import ray
-
-    was = ray.is_initialized()  # the server's own local Ray is the only one while it runs (conftest)
-    if was:
-        ray.shutdown()
-    d = tmp_path_factory.mktemp("serve_security")
-    run = make_tiny_run(d / "run")
-    (d / "token").write_text(TOKEN + "\n")
-    port = _free_port()
-    p = subprocess.Popen([sys.executable, "-m", "lumo_ray.cli", "serve", "--run", str(run), "--port", str(port),
-                          "--token-file", str(d / "token"), "--set", "serve.max_n=2",
-                          "--set", "serve.max_prompt_tokens=1000"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=d)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if http(port, "/health", timeout=5)[0] == 200:
-                break
-        except (OSError, json.JSONDecodeError):  # not listening yet, or no answer within 5 s
-            pass
-        assert p.poll() is None, p.stdout.read()[-4000:]
-        time.sleep(0.5)
-    else:
-        p.kill()
-        pytest.fail("lumo serve did not answer /health within 240 s:\n" + p.stdout.read()[-4000:])
-    yield {"port": port, "run": run, "proc": p, "log": run / "serve" / "access.log"}
-    p.send_signal(signal.SIGINT)  # a clean stop takes its local Ray down with it
-    try:
-        p.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        p.kill()
-    if was:
-        from conftest import SESSION_RAY
-
-        ray.init(**SESSION_RAY)
+    with lumo_server(tmp_path_factory.mktemp("serve_security"), "serve.max_n=2",
+                     "serve.max_prompt_tokens=1000") as srv:
+        yield {**srv, "log": srv["run"] / "serve" / "access.log"}
 
 
 def test_bearer_scheme_is_case_insensitive_and_the_token_exact(server):

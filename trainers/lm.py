@@ -3,7 +3,6 @@ the LM trainers share beyond trainers/core.py: the micro-batch split, the Ray st
 end of a step (log line, report, tracker)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -15,6 +14,7 @@ import torch
 
 from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.config.lm import TrainConfig
+from lumo_ray.eval.perplexity import is_eval_text, pack  # (`lumo eval perplexity` splits and packs the same)
 from lumo_ray.integrity import write_manifest
 from lumo_ray.runtime import rate_eta
 from lumo_ray.storage import staged_dir
@@ -66,25 +66,11 @@ def lm_texts(inputs: list[str], eval_fraction: float) -> tuple[list[str], list[s
     train, ev = [], []
     for p in inputs:
         for t in read_training_texts(p):
-            h = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            (ev if h < eval_fraction else train).append(t)
+            (ev if is_eval_text(t, eval_fraction) else train).append(t)
     if not train or not ev:
         raise ValueError(f"lm.inputs {inputs}: {len(train)} train and {len(ev)} eval texts; need both "
                          f"(adjust lm.eval_fraction={eval_fraction})")
     return train, ev
-
-
-def pack(texts: list[str], tok, seq_len: int) -> torch.Tensor:
-    """Concatenate text + eos and cut into [N, seq_len + 1] blocks (inputs and shifted targets)."""
-    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
-    ids: list[int] = []
-    for t in texts:
-        ids += tok.encode(t, add_special_tokens=False) + [eos]
-    n = len(ids) // (seq_len + 1)
-    if n == 0:
-        reps = (seq_len + 1) // max(1, len(ids)) + 1
-        ids, n = ids * reps, 1
-    return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
 
 
 def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vocab: int) -> float:

@@ -1,4 +1,4 @@
-"""`lumo generate` and `lumo gate decode|prompts` (stage 3.4)."""
+"""`lumo generate` (stage 3.4; t2t also on a base-LM run) and `lumo gate decode|prompts`."""
 from __future__ import annotations
 
 import sys
@@ -21,8 +21,11 @@ def _run(args):
 def _opts(args, cfg=None):
     """Generation options of the flags; the guidance scale from --guidance-scale, else (t2i / t2a) the
     config's generate.guidance_scale (gates without the flag: 1)."""
+    from ..errors import UserError
     from ..generate import GenOptions, check_guidance
 
+    if not args.temperature > 0:  # (NaN too)
+        raise UserError("--temperature", None, f"must be > 0, got {args.temperature}", "use --greedy for argmax decoding")
     flag = getattr(args, "guidance_scale", None)
     task = args.task if isinstance(getattr(args, "task", None), str) else "t2i"
     if flag is not None:
@@ -33,21 +36,30 @@ def _opts(args, cfg=None):
         scale = 1.0
     return GenOptions(seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       greedy=args.greedy, constrained=not args.no_constraint, audio_frames=args.audio_frames,
-                      max_text_tokens=args.max_text_tokens, guidance_scale=scale)
+                      max_text_tokens=args.max_text_tokens, guidance_scale=scale,
+                      stop=list(getattr(args, "stop", None) or []))
 
 
 def cmd_generate(args) -> int:
     if args.manifest:
         return _generate_manifest(args)
     if (args.prompt is None) == (args.input is None):
-        print("give exactly one of --prompt TEXT (t2i, t2a), --input FILE (i2t, a2t) or --manifest M", file=sys.stderr)
+        print("give exactly one of --prompt TEXT (t2i, t2a, t2t), --input FILE (i2t, a2t) or --manifest M", file=sys.stderr)
         return 2
+    from ..errors import UserError
     from ..storage import locate, output_dir
 
+    texted = args.task in ("t2i", "t2a", "t2t")  # a text prompt; i2t / a2t take input media
+    if texted != (args.prompt is not None):
+        raise UserError("--task", args.task, f"takes {'--prompt TEXT' if texted else '--input FILE'}",
+                        f"give that instead of {'--input' if texted else '--prompt'}")
+    if texted and not args.prompt.strip():
+        raise UserError("--prompt", None, "empty", "give the caption" if args.task != "t2t" else "give the text to continue")
+    if args.stop and args.task != "t2t":
+        raise UserError("--stop", None, f"stop strings end t2t text, not {args.task}", "drop --stop")
     if args.input is not None:  # a bad input fails in a second, before the model loads
         from ..codecs.base import MediaError
         from ..data.probe import probe_audio, probe_image
-        from ..errors import UserError
 
         media = "image" if args.task == "i2t" else "audio"
         try:
@@ -74,6 +86,9 @@ def _generate_manifest(args) -> int:
     if args.prompt is not None or args.input is not None:
         print("--manifest generates from each record: drop --prompt / --input", file=sys.stderr)
         return 2
+    if args.task == "t2t":
+        raise UserError("--manifest", args.manifest, "batch generation covers t2i / t2a / i2t / a2t",
+                        "generate t2t with --prompt TEXT")
     for what, p in (("--manifest", args.manifest), ("--out", args.out)):
         if is_uri(p):
             raise UserError(what, p, "an object-store URI", "give a local or shared-FS path (batch generation "
@@ -121,16 +136,22 @@ def _sampling(p) -> None:
     p.add_argument("--no-constraint", action="store_true", help="turn constrained decoding off (to measure it)")
     p.add_argument("--audio-frames", type=int, default=None,
                    help="generated audio code frames (default: codec clip length capped by token_lm.seq.max_audio_tokens)")
-    p.add_argument("--max-text-tokens", type=int, default=48, help="cap of a generated caption's tokens")
+    p.add_argument("--max-text-tokens", "--max-new-tokens", dest="max_text_tokens", type=int, default=48,
+                   help="cap of a generated caption's tokens (i2t, a2t; with its end token) or of t2t's new tokens")
 
 
 def add_commands(sub, common) -> None:
     """sub: the top-level subparsers; common(parser) adds --config/--set/--address."""
     g = sub.add_parser("generate", help="generate from a token-LM run (constrained decoding; media to PNG/WAV)")
     common(g)
-    g.add_argument("--run", required=True, help="token-LM run directory or URI (config.yaml + export/)")
-    g.add_argument("--task", required=True, choices=["t2i", "t2a", "i2t", "a2t"], help="direction: text to image / audio, or back")
-    g.add_argument("--prompt", help="caption text (t2i, t2a)")
+    g.add_argument("--run", required=True, help="token-LM run directory or URI (config.yaml + export/); for t2t "
+                                                "also a base-LM run (`lumo train lm`)")
+    g.add_argument("--task", required=True, choices=["t2i", "t2a", "i2t", "a2t", "t2t"],
+                   help="direction: text to image / audio, or back; t2t: continue a text (the text part of a "
+                        "token LM's vocabulary, or a base LM)")
+    g.add_argument("--prompt", help="caption text (t2i, t2a); the text to continue (t2t)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="t2t: end a sample when its text holds TEXT, cut off with what follows (repeatable)")
     g.add_argument("--input", help="image or audio file (i2t, a2t)")
     g.add_argument("--manifest", help="generate for every record of this manifest.jsonl the task can take (its "
                                       "caption, or its image / audio) on a Ray Data actor pool: results.jsonl, "

@@ -1,6 +1,8 @@
 """`lumo train/eval/tune` commands of the lm stage (base LM, token LM, ablations, prompt study)."""
 from __future__ import annotations
 
+import json
+
 from .common import command_config, mark, onnx_option, verdict, with_onnx
 
 
@@ -40,6 +42,17 @@ def cmd_train_token_lm(args) -> int:
             setattr(cfg.token_lm, k, getattr(args, k))
     m = run_token_lm(cfg, address=args.address)
     return 0 if m.get("eval_loss") == m.get("eval_loss") else 1
+
+
+def cmd_eval_perplexity(args) -> int:
+    from ..eval.perplexity import run_perplexity
+
+    rep = run_perplexity(args.run, args.data, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
+                         device=args.device, out=args.out)
+    print(f"perplexity {rep['perplexity']:.4f} over {rep['tokens']:,} tokens ({rep['blocks']} blocks of "
+          f"{rep['seq_len']}, {rep['texts']} texts; eval loss {rep['eval_loss']:.4f} nats/token)")
+    print(f"wrote {args.out}" if args.out else json.dumps(rep))  # (no --out: the report on stdout)
+    return 0
 
 
 def cmd_modality_ablation(args) -> int:
@@ -116,6 +129,19 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--base", help="base causal LM: HF dir or URI of one, hub id or 'tiny' (default token_lm.base)")
     p.add_argument("--out", help="run directory, path or URI (default token_lm.out)")
     p.set_defaults(func=cmd_train_token_lm)
+
+    p = groups["eval"].add_parser("perplexity", help="held-out text perplexity of a base-LM run (`lumo train lm`), "
+                                  "the number its training reports as eval perplexity")
+    p.add_argument("--run", required=True, help="base-LM run directory or URI (config.yaml + export/)")
+    p.add_argument("--data", required=True, help="text file (one text per line) or manifest.jsonl, path or URI")
+    p.add_argument("--split", choices=["all", "eval"], default="all",
+                   help="all: every text of --data (default); eval: those the run's lm.eval_fraction holds out, "
+                        "as its training did")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed block (default the run's lm.seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--out", help="JSON report file, path or URI (default: the JSON is printed)")
+    p.set_defaults(func=cmd_eval_perplexity)
 
     p = groups["eval"].add_parser("modality-ablation", help="modality ablation of a token-LM run: caption loss with "
                                   "correct vs shuffled vs noise media (exit 1 when it fails)")

@@ -42,7 +42,7 @@ def cmd_serve(args) -> int:
 
 def add_commands(sub, common) -> None:
     p = sub.add_parser("serve", help="serve a token-LM or stage-4 run over HTTP (Ray Serve): GET /health, "
-                                     "GET /v1/model, POST /v1/generate (docs/serving.md)")
+                                     "GET /v1/model, POST /v1/generate, and OpenAI's /v1 routes (docs/serving.md)")
     common(p)
     p.add_argument("--run", required=True, help="token-LM or stage-4 run directory or URI (config.yaml + export/)")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1: this machine only; beyond it "
