@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,48 @@ def plan_units(recs: list, batch_size: int) -> list[list]:
     return [recs[i: i + batch_size] for i in range(0, len(recs), batch_size)]
 
 
+class StageClock:
+    """Seconds per named stage, summed over calls, as [wall clock, this process's CPU]: the per-stage
+    table of a tokenize run. Two clock reads a stage. `take()` hands the sums over and
+    starts again; `lap(stage)` books the time since the last `mark()` / `lap()`."""
+
+    def __init__(self):
+        self.s: dict[str, list[float]] = {}
+        self.mark()
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        w, c = self.now()
+        try:
+            yield
+        finally:
+            w1, c1 = self.now()
+            self.add({stage: (w1 - w, c1 - c)})
+
+    def mark(self) -> None:
+        self._mark = self.now()
+
+    def lap(self, stage: str) -> None:
+        w, c = self.now()
+        self.add({stage: (w - self._mark[0], c - self._mark[1])})
+        self._mark = (w, c)
+
+    def add(self, seconds: dict) -> None:
+        """Add {stage: (wall, cpu)} (another clock's `take()`)."""
+        for k, (w, c) in seconds.items():
+            cur = self.s.setdefault(k, [0.0, 0.0])
+            cur[0] += w
+            cur[1] += c
+
+    def take(self) -> dict[str, list[float]]:
+        s, self.s = self.s, {}
+        return s
+
+
 class TextTooLong(ValueError):
     """A sample's caption + prompt tokens exceed the bound (it could never fit a training sequence)."""
 
@@ -61,8 +105,19 @@ class SampleTokenizer:
     def __init__(self, cfg: UTIConfig, max_text_tokens: int = 0):
         self.cfg, self.max_text_tokens = cfg, max_text_tokens
         self.adapters = build_adapters(cfg)
-        self.ts: TokenSpace = build_token_space(cfg, self.adapters)
-        self.dtype = token_dtype(self.ts.total)
+        self._ts: TokenSpace | None = None
+
+    @property
+    def ts(self) -> TokenSpace:
+        """Built on first use: a random preset's identity is its weights, so the token space builds the
+        models, which a loader (`load` only) never needs."""
+        if self._ts is None:
+            self._ts = build_token_space(self.cfg, self.adapters)
+        return self._ts
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.ts.total)
 
     # -- CPU half ---------------------------------------------------------------------------
     def load(self, rec: dict) -> dict:
