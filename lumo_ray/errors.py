@@ -4,8 +4,9 @@ LUMO_DEBUG=1 shows it). Anything else is a bug or an environment failure: one li
 exception and how to see the traceback, exit 1."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 
 class UserError(ValueError):
@@ -53,3 +54,29 @@ def one_line(e: BaseException) -> str:
     e = unwrap(e)
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+# What to do when a Ray cluster wants a token this process does not send (Ray's token authentication,
+# docs.ray.io/en/latest/ray-security/token-auth.html): Ray reads RAY_AUTH_TOKEN, then the file named by
+# RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token, and sends it only when RAY_AUTH_MODE=token.
+RAY_TOKEN_TODO = ("set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on its head node prints it; "
+                  "or RAY_AUTH_TOKEN_PATH to a file holding it) and RAY_AUTH_MODE=token")
+
+
+def ray_auth_failure(e: BaseException) -> Optional[str]:
+    """Ray's refusal of a connection for want of the cluster's token (an AuthenticationError, or the
+    ConnectionError ray.init raises from one), as a user error's one line; None for anything else."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    texts = [str(x) for x in chain]
+    if not any(type(x).__name__ == "AuthenticationError" or "InvalidAuthToken" in t
+               or "Token authentication is enabled" in t for x, t in zip(chain, texts)):
+        return None
+    addr = next((m.group(1) for t in texts for m in [re.search(r"Ray cluster at (\S+)", t)] if m), None)
+    why = ("it uses token authentication and no token is set" if any("no authentication token was found" in t
+                                                                        for t in texts)
+           else "it uses token authentication and refused this process's token (missing or incorrect)")
+    return str(UserError("Ray cluster", addr, why, RAY_TOKEN_TODO))

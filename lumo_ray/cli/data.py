@@ -1,9 +1,10 @@
 """`lumo data ...` commands: synth and dedup (library), normalize / tokenize / embed / verify (Ray Data jobs in pipelines/)."""
 from __future__ import annotations
 
+import json
 import sys
 
-from .common import command_config, mark, verdict
+from .common import command_config, count, mark, positive_int, require_input, verdict
 
 SOURCES = ["llava_pretrain", "audiocaps", "clotho", "wavcaps", "jsonl"]
 
@@ -20,7 +21,11 @@ def cmd_synth(args) -> int:
 
 def cmd_normalize(args) -> int:
     from lumo_ray.data.normalize import NormalizeError, read_and_dedupe
+    from lumo_ray.storage import locate
     cfg = command_config(args).data.normalize
+    if args.source == "jsonl" and locate(args.input).is_file():  # a README or a JSON list is no JSONL of records
+        from lumo_ray.data.manifest import check_manifest
+        check_manifest(args.input, "jsonl input", "give a JSONL file of manifest records (one JSON object a line)")
     read = read_and_dedupe(args.source, args.input)  # a bad input fails here, before Ray is even imported
     from pipelines.normalize import run_normalize
     try:
@@ -32,12 +37,31 @@ def cmd_normalize(args) -> int:
     return 0
 
 
+def require_shards(path) -> None:
+    """The folder of a finished `lumo data tokenize` that holds samples (index.json is written last)."""
+    from ..errors import UserError
+    from ..storage import locate
+
+    todo = "give the --out folder of a finished `lumo data tokenize`"
+    require_input("shards", path, todo, folder=True)
+    index = locate(path) / "index.json"
+    if not index.exists():
+        raise UserError("shards", path, "no index.json: not a finished tokenize output", todo)
+    try:
+        samples = json.loads(index.read_text())["totals"]["samples"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError("shards", index, f"unreadable index.json ({type(e).__name__}: {e})", todo) from None
+    if not samples:
+        raise UserError("shards", path, "hold no samples", "tokenize a manifest that has samples")
+
+
 def cmd_tokenize(args) -> int:
-    from ..data.manifest import require_manifest
-    require_manifest(args.manifest)  # before Ray is imported
+    from ..data.manifest import check_manifest
+    check_manifest(args.manifest)  # before Ray is imported
+    cfg = command_config(args)  # a config error before Ray starts too
     from pipelines.tokenize import run_tokenize
     try:
-        run_tokenize(args.manifest, command_config(args), args.out, actors=args.actors, address=args.address)
+        run_tokenize(args.manifest, cfg, args.out, actors=args.actors, address=args.address)
     except RuntimeError as e:
         print(f"[tokenize] FAILED: {e}", file=sys.stderr)
         return 1
@@ -45,22 +69,35 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from ..data.manifest import require_manifest
-    require_manifest(args.manifest)  # before Ray is imported
+    from ..data.manifest import check_manifest
+    check_manifest(args.manifest)  # before Ray is imported
+    cfg = command_config(args)
     from pipelines.embed import run_embed
-    run_embed(args.manifest, command_config(args), args.out, actors=args.actors, address=args.address)
+    run_embed(args.manifest, cfg, args.out, actors=args.actors, address=args.address)
     return 0
 
 
 def cmd_dedup(args) -> int:
+    from ..data.manifest import check_manifest
+    check_manifest(args.manifest)
+    require_input("embeddings", args.embeddings, "give the --out folder of `lumo data embed` on this manifest",
+                  folder=True)
     from ..embed.dedup import run_dedup
     run_dedup(args.embeddings, args.manifest, args.out, args.threshold, args.min_clip_score)
     return 0
 
 
 def cmd_verify(args) -> int:
+    from ..data.manifest import check_manifest
+    require_shards(args.shards)  # the inputs before anything is written to --out
+    if args.manifest:
+        check_manifest(args.manifest)
+    if args.baseline:
+        require_input("baseline", args.baseline,
+                      "give the baseline.json of an earlier `lumo data verify --write-baseline`", folder=False)
+    cfg = command_config(args)
     from pipelines.verify import run_verify
-    rep = run_verify(args.shards, command_config(args), args.out, manifest=args.manifest, baseline=args.baseline,
+    rep = run_verify(args.shards, cfg, args.out, manifest=args.manifest, baseline=args.baseline,
                      write_baseline=args.write_baseline, address=args.address)
     for k, v in rep["checks"].items():
         print(f"  {mark(v['pass'])}  {k}: {v.get('summary', '')}")
@@ -74,9 +111,9 @@ def add_commands(sub, common) -> None:
     s = data.add_parser("synth", help="write a learnable synthetic dataset in the raw formats")
     common(s, config=False)
     s.add_argument("--out", required=True, help="dataset folder to write (llava_pretrain/ and audiocaps/ layouts)")
-    s.add_argument("--images", type=int, default=64, help="synthetic images (coloured shapes)")
-    s.add_argument("--audio", type=int, default=64, help="synthetic clips (beep patterns)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the images and clips (same seed, same bytes)")
+    s.add_argument("--images", type=count, default=64, help="synthetic images (coloured shapes)")
+    s.add_argument("--audio", type=count, default=64, help="synthetic clips (beep patterns)")
+    s.add_argument("--seed", type=count, default=0, help="seed of the images and clips (same seed, same bytes)")
     s.set_defaults(func=cmd_synth)
 
     n = data.add_parser("normalize", help="raw dataset -> manifest.jsonl, errors.jsonl, summary.json (Ray Data)")
@@ -90,14 +127,14 @@ def add_commands(sub, common) -> None:
     common(t)
     t.add_argument("--manifest", required=True, help="manifest.jsonl: a path or an object-store URI (s3://, gs://)")
     t.add_argument("--out", required=True, help="shard directory: a path or an object-store URI (s3://, gs://)")
-    t.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: data.tokenize.actors)")
+    t.add_argument("--actors", type=positive_int, default=None, help="tokenizer actors (default: data.tokenize.actors)")
     t.set_defaults(func=cmd_tokenize)
 
     e = data.add_parser("embed", help="CLIP image and caption embeddings of a manifest -> Parquet parts (Ray Data)")
     common(e)
     e.add_argument("--manifest", required=True, help="manifest.jsonl: a path or an object-store URI (s3://, gs://)")
     e.add_argument("--out", required=True, help="embeddings folder: a path or an object-store URI (s3://, gs://)")
-    e.add_argument("--actors", type=int, default=None, help="embedding actors (default: data.embed.actors)")
+    e.add_argument("--actors", type=positive_int, default=None, help="embedding actors (default: data.embed.actors)")
     e.set_defaults(func=cmd_embed)
 
     dd = data.add_parser("dedup", help="drop exact and near-duplicate images (CLIP cosine) and, optionally, "

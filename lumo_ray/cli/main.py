@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError, dump_config
-from .common import command_config, mark, verdict
+from .common import LumoParser, check_ray_address, command_config, mark, positive_int, require_input, verdict
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -24,8 +24,8 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 # -- uti -----------------------------------------------------------------------------------------
 
 def cmd_uti_build(args) -> int:
+    cfg = command_config(args)  # a config error before torch is imported
     from ..uti import build_adapters, build_token_space
-    cfg = command_config(args)
     adapters = build_adapters(cfg.uti)
     ts = build_token_space(cfg.uti, adapters)
     ts.save(args.out)
@@ -36,8 +36,11 @@ def cmd_uti_build(args) -> int:
 
 
 def cmd_uti_audit(args) -> int:
-    from ..eval.audit import run_audit
+    if args.baseline and args.baseline.lower() != "none":
+        require_input("baseline", args.baseline, "give the baseline.json of an earlier `lumo uti audit "
+                      "--write-baseline`, or none", folder=False)
     cfg = command_config(args)
+    from ..eval.audit import run_audit
     rep = run_audit(cfg, args.out, baseline=args.baseline, write_baseline=args.write_baseline)
     for k, v in rep["checks"].items():
         print(f"  {mark(v)}  {k}")
@@ -55,6 +58,7 @@ def cmd_uti_audit(args) -> int:
 # -- tokenizer -----------------------------------------------------------------------------------
 
 def cmd_tokenizer_train(args) -> int:
+    require_input("--input", args.input, "give a manifest.jsonl or a text file (one text per line)", folder=False)
     from ..codecs.text import train_bpe
     out = train_bpe(args.input, args.vocab_size, args.out)
     print(f"wrote tokenizer to {out}")
@@ -69,7 +73,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lumo", description="LumoOmni discrete-token multimodal program on Ray")
+    p = LumoParser(prog="lumo", description="LumoOmni discrete-token multimodal program on Ray")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also LUMO_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -98,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = tok.add_parser("train", help="train a byte-level BPE into a Hugging Face tokenizer directory")
     _common(t, config=False)
     t.add_argument("--input", required=True, help="manifest.jsonl or a text file (one text per line)")
-    t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size of the BPE (specials included)")
+    t.add_argument("--vocab-size", type=positive_int, required=True,
+                   help="vocabulary size of the BPE (specials included)")
     t.add_argument("--out", required=True, help="tokenizer directory to write")
     t.set_defaults(func=cmd_tokenizer_train)
 
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import is_user_error, one_line, unwrap
+    from ..errors import is_user_error, one_line, ray_auth_failure, unwrap
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-load "Loading weights" / "Writing model shards" bars: one console event per
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAY_ADDRESS"] = args.address
     debug = bool(getattr(args, "debug", False)) or os.environ.get("LUMO_DEBUG", "") not in ("", "0")
     try:
+        if hasattr(args, "address") and os.environ.get("RAY_ADDRESS"):
+            check_ray_address(os.environ["RAY_ADDRESS"])  # a cluster's token, before Ray retries without it
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -135,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, ConfigError):
             print(f"error: config: {one_line(e)}", file=sys.stderr)
+            return 2
+        auth = ray_auth_failure(e)  # the fallback where the check above could not tell (Ray's own refusal)
+        if auth:
+            print(f"error: {auth}", file=sys.stderr)
             return 2
         if is_user_error(unwrap(e)):  # also one raised in a Ray worker (a shard a training worker refused)
             print(f"error: {one_line(unwrap(e))}", file=sys.stderr)

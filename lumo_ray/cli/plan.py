@@ -1,7 +1,7 @@
 """`lumo plan`: the memory planner (lumo_ray/plan.py) over a token-LM config, or the reference table."""
 from __future__ import annotations
 
-from .common import command_config
+from .common import command_config, positive_float, positive_int
 
 REF = dict(base="qwen3-8b", vocab=164_032, gpus=8, gpu_mem=80.0, micro_batch=1, seq=4096, target=1024)
 
@@ -83,11 +83,11 @@ def cmd_plan(args) -> int:
 def add_commands(sub, common) -> None:
     p = sub.add_parser("plan", help="per-GPU memory of a token-LM training config before launch (fits / does not fit)")
     common(p)
-    p.add_argument("--gpus", type=int, default=None, help="GPUs (default token_lm.train.num_workers)")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary rows (default: the config's token space)")
-    p.add_argument("--target-tokens", type=int, default=None, help="positions the loss reads per sequence "
+    p.add_argument("--gpus", type=positive_int, default=None, help="GPUs (default token_lm.train.num_workers)")
+    p.add_argument("--gpu-mem", type=positive_float, default=80.0, help="GB per GPU")
+    p.add_argument("--vocab", type=positive_int, default=None, help="vocabulary rows (default: the config's token space)")
+    p.add_argument("--target-tokens", type=positive_int, default=None, help="positions the loss reads per sequence "
                    "(default: the longest target span of the config: audio crop, image tokens or 128 caption tokens)")
-    p.add_argument("--hours", type=float, default=None, help="target wall time: print the tokens/s it needs")
+    p.add_argument("--hours", type=positive_float, default=None, help="target wall time: print the tokens/s it needs")
     p.add_argument("--reference", action="store_true", help="the reference program's table: Qwen3-8B token LM on 8 x 80 GB")
     p.set_defaults(func=cmd_plan)

@@ -44,7 +44,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config import AudioConfig, RuntimeConfig
+from ..config import AudioConfig, ConfigError, RuntimeConfig
 from ..integrity import PRESET_TODO, verify_once
 from ..token_space import AUDIO_SERIALIZATION
 from . import base
@@ -249,8 +249,8 @@ class EncodecAdapter:
         self.bandwidth = float(cfg.bandwidth)
         supported = [float(b) for b in c.target_bandwidths]
         if self.bandwidth not in supported:
-            raise ValueError(f"audio.bandwidth={cfg.bandwidth} is not supported by audio.model={cfg.model!r}; "
-                             f"choose one of {supported} kbps")
+            raise ConfigError(f"audio.bandwidth={cfg.bandwidth} is not supported by audio.model={cfg.model!r}; "
+                              f"choose one of {supported} kbps")
         self.sample_rate: int = int(c.sampling_rate)
         self.channels: int = int(c.audio_channels)
         self.codebook_size: int = int(c.codebook_size)
@@ -262,8 +262,8 @@ class EncodecAdapter:
         self.chunk_stride: Optional[int] = c.chunk_stride
         self.max_frames = int(math.floor(cfg.max_seconds * self.sample_rate / self.samples_per_frame + 1e-9))
         if self.max_frames < 1:
-            raise ValueError(f"audio.max_seconds={cfg.max_seconds} is shorter than one codec frame "
-                             f"({self.samples_per_frame / self.sample_rate:.4f} s)")
+            raise ConfigError(f"audio.max_seconds={cfg.max_seconds} is shorter than one codec frame "
+                              f"({self.samples_per_frame / self.sample_rate:.4f} s)")
 
     @property
     def model(self) -> Any:

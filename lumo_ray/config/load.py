@@ -7,6 +7,7 @@ the key, the file and the valid keys. `dump_config` writes the resolved config i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -93,8 +94,9 @@ def build(cls: type[T], data: dict, src: str = "<dict>", prefix: str = "") -> T:
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            raise ConfigError(
-                f"{src}: unknown key '{prefix}{k}'; valid keys at this level: {', '.join(names)}")
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ConfigError(f"{src}: unknown key '{prefix}{k}'{hint}; valid keys at this level: {', '.join(names)}")
         kwargs[k] = _coerce(v, hints[k], prefix + k, src)
     return cls(**kwargs)
 
@@ -127,6 +129,45 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def nearest_path(p: Path) -> Path | None:
+    """The existing path the user most likely meant by a missing `p` (tiny.yml -> tiny.yaml,
+    configs/locl/x.yaml -> configs/local/x.yaml): each missing part replaced by its closest sibling."""
+    parts, i = p.parts, 0
+    while i < len(parts) and Path(*parts[:i + 1]).exists():
+        i += 1
+    here = Path(*parts[:i]) if i else Path(".")
+    for part in parts[i:]:
+        if not here.is_dir():
+            return None
+        names = [c.name for c in here.iterdir()]
+        close = difflib.get_close_matches(part, names, n=1, cutoff=0.6) or \
+            [n for n in names if n.split(".")[0] == part.split(".")[0]][:1]
+        if not close:
+            return None
+        here = here / close[0]
+    return here if here.exists() and here != p else None
+
+
+def _read_yaml(p: Path) -> Any:
+    """A config file's parsed YAML, or a ConfigError saying what is wrong with the file."""
+    if not p.exists():
+        guess = nearest_path(p)
+        raise ConfigError(f"config file not found: {p}" + (f"; did you mean {guess}?" if guess else
+                                                           "; give the path of a YAML config (see configs/)"))
+    if p.is_dir():
+        yamls = sorted(p.glob("*.yaml"))
+        raise ConfigError(f"config file {p} is a directory; give a YAML file" + (f", e.g. {yamls[0]}" if yamls else ""))
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not text; give a YAML config") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
+                          "fix it or give another config") from None
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 defaults: list[str] | None = None) -> T:
     """Load `cls` from a YAML file (or defaults when path is None) and apply `--set` overrides.
@@ -135,10 +176,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     src = str(path) if path else "<defaults>"
     data: dict = {}
     if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml(Path(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: top level must be a mapping")
     if defaults:

@@ -154,11 +154,53 @@ def manifest_base(path: PathLike, root: str | Path | None = None) -> Optional[Pa
     return Path(root) if root is not None else (loc.parent.local if loc.is_local else None)
 
 
+MANIFEST_TODO = "give the manifest.jsonl that `lumo data normalize` wrote"
+_HEAD_LINES = 20  # lines check_manifest reads: none of them a record -> not a manifest
+_MAX_LINE = 1 << 24  # characters of a line it reads (a binary file may hold no newline at all)
+
+
 def require_manifest(path) -> None:
     """A missing manifest is a user error, raised before anything is written (tokenize, read)."""
     if not locate(path).exists():
         from ..errors import UserError
-        raise UserError("manifest", path, "not found", "give the manifest.jsonl that `lumo data normalize` wrote")
+        raise UserError("manifest", path, "not found", MANIFEST_TODO)
+
+
+def check_manifest(path, what: str = "manifest", todo: str = MANIFEST_TODO) -> None:
+    """What a command that starts a job on a manifest checks first (a UserError, before Ray and before
+    anything is written): it exists, is a file, holds a sample, and its first lines hold records (a
+    README, an image or a raw dataset's metadata is no manifest). Reads only the head of the file."""
+    from ..errors import UserError
+
+    loc = locate(path)
+    if not loc.exists():
+        raise UserError(what, path, "not found", todo)
+    if loc.is_dir():
+        inside = loc / "manifest.jsonl"
+        raise UserError(what, path, "is a directory", f"did you mean {inside}?" if inside.exists() else todo)
+    first, lines = None, 0
+    with loc.open_read() as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=None) as fh:
+        for n, line in enumerate(iter(lambda: fh.readline(_MAX_LINE), ""), start=1):
+            if not line.strip():
+                continue
+            rec, err = parse_line(line, n, path, None)
+            if rec is not None or (err is not None and err.reason == "relative media path"):
+                return  # a record (its paths are the job's to resolve)
+            first = first or (line, err)
+            lines += 1
+            if lines >= _HEAD_LINES:
+                break
+    if first is None:
+        raise UserError(what, path, "is empty: no samples", "normalize a dataset that has samples "
+                        "(`lumo data normalize`) and give its manifest.jsonl")
+    line, err = first
+    if line.lstrip()[:1] in ("[", "{") and not loc.name.endswith(".jsonl"):
+        why = "a JSON document (a raw dataset's metadata?), not a manifest (one record per line)"
+        todo = "turn it into a manifest first: lumo data normalize --source SOURCE --input it --out DIR"
+    else:
+        why = (f"not a manifest: none of its first {lines} lines is a record" if lines > 1 else "not a manifest") \
+            + (f" ({err.detail[len(str(path)) + 2:]})" if err else "")
+    raise UserError(what, path, why, todo)
 
 
 def read_manifest(path: PathLike, root: str | Path | None = None,
