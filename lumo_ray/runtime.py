@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
+import threading
+import time
 from typing import Callable
 
 import torch
@@ -34,14 +37,26 @@ def assigned_device(gpu_ids: list, visible: str | None = None) -> torch.device:
     return torch.device(f"cuda:{seen.index(first) if first in seen else 0}")
 
 
-def rate_eta(done: int, total: int, t0: float, start: int = 0, unit: str = "steps") -> str:
-    """'12.3 steps/s, ETA 40 s' for a progress line: `done - start` units since t0 (time.time()), of total."""
-    import time
+# Where each loop's rate is measured from: (time, done) of its first progress line, by (t0, start). The
+# first unit carries the loop's start-up (Ray actors, a Train worker group, the first batch): a rate
+# through it made the first ETA absurd (ETA 1056 s for a 29 s job).
+_FIRST_TICK: dict[tuple[float, int], tuple[float, int]] = {}
 
-    secs = max(time.time() - t0, 1e-9)
-    rate = max(done - start, 0) / secs
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    return f"{rate:.1f} {unit}/s, ETA {eta:.0f} s" if eta != float("inf") else f"{rate:.1f} {unit}/s"
+
+def rate_eta(done: int, total: int, t0: float, start: int = 0, unit: str = "steps") -> str:
+    """The rate part of a progress line, for a loop that started at t0 (time.time()) at unit `start`
+    and has `done` of `total`: the first line says how long the first units took ('20 steps in 4.1 s');
+    later lines the rate measured since then and the ETA ('12.3 steps/s, ETA 40 s')."""
+    now, key = time.time(), (t0, start)
+    first = _FIRST_TICK.get(key)
+    if first is None or done <= first[1]:
+        if len(_FIRST_TICK) > 64:  # loops long finished
+            _FIRST_TICK.pop(next(iter(_FIRST_TICK)))
+        _FIRST_TICK[key] = (now, done)
+        n = done - start
+        return f"{n} {unit[:-1] if n == 1 and unit.endswith('s') else unit} in {now - t0:.1f} s"
+    rate = (done - first[1]) / max(now - first[0], 1e-9)
+    return f"{rate:.1f} {unit}/s, ETA {(total - done) / rate:.0f} s"
 
 
 class Progress:
@@ -63,7 +78,13 @@ class Progress:
     def update(self, done: int, line: Callable[[], str]) -> None:
         """`done` items so far; line() builds the plain line when one is due (not on a terminal)."""
         if self.bar is not None:
-            self.bar.update(done - self.bar.n)
+            if self.bar.n == 0 and done > 0:  # the first units carry the start-up: tqdm's rate starts after them
+                b = self.bar
+                b.n = b.last_print_n = b.initial = done
+                b.last_print_t = time.time()
+                b.refresh()
+            else:
+                self.bar.update(done - self.bar.n)
         elif self.last is None or done - self.last >= self.every or done == self.total:
             self.last = done
             self.log(line())
@@ -71,3 +92,102 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# -- the console: a clock, and a heartbeat line through a long silence ----------------------------
+
+HEARTBEAT_S = 7.0  # silence (s) after which a running activity prints "... still <what>": a line at least every 10 s
+
+
+class _Console:
+    """This process's console: when the command's clock started, when stdout / stderr last took a
+    write, and the running activities (innermost last) a heartbeat line names."""
+    t0 = time.monotonic()
+    last = time.monotonic()
+    activities: list[tuple[str, float, Callable[[str], None]]] = []
+    lock = threading.Lock()
+    beat: threading.Thread | None = None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Stamped:
+    """stdout / stderr, line-buffered (a line reaches a pipe, `tee` or `ray job logs` when printed, not
+    a buffer later), noting when each write came (Ray's thread prints the workers' lines through it
+    too), and without ANSI colour codes unless it is a terminal (Ray colours its "[repeated 2x across
+    cluster]" note with no switch to turn that off)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        try:
+            self._plain = not stream.isatty()
+        except (AttributeError, ValueError, OSError):
+            self._plain = True
+
+    def write(self, s: str) -> int:
+        _Console.last = time.monotonic()
+        if self._plain and "\x1b[" in s:
+            self._stream.write(_ANSI.sub("", s))
+            return len(s)
+        return self._stream.write(s)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def watch_console() -> None:
+    """Idempotent: stdout and stderr line-buffered and stamped (the heartbeat's measure of silence)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or isinstance(stream, _Stamped):
+            continue
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(line_buffering=True)
+        setattr(sys, name, _Stamped(stream))
+
+
+def start_clock() -> None:
+    """The command starts now: elapsed() counts from here (default: from this module's import)."""
+    _Console.t0 = time.monotonic()
+
+
+def elapsed() -> str:
+    """'elapsed 87 s' since the command's clock started, for the lines that start and end its stages."""
+    return f"elapsed {time.monotonic() - _Console.t0:.0f} s"
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, log: Callable[[str], None] = print):
+    """While the block runs, a console silent for HEARTBEAT_S gets '... still <what> (elapsed N s)' (N:
+    seconds in the block) from a small thread; nested blocks name the innermost. For the waits that print
+    nothing of their own: a Ray start, a Tune trial, an eval, a worker group starting."""
+    watch_console()
+    entry = (what, time.monotonic(), log)
+    with _Console.lock:
+        _Console.activities.append(entry)
+        if _Console.beat is None:
+            _Console.beat = threading.Thread(target=_beat, name="lumo-heartbeat", daemon=True)
+            _Console.beat.start()
+    try:
+        yield
+    finally:
+        with _Console.lock:
+            _Console.activities.remove(entry)
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(0.5)
+        with _Console.lock:
+            top = _Console.activities[-1] if _Console.activities else None
+        now = time.monotonic()
+        if top is not None and now - _Console.last >= HEARTBEAT_S:
+            what, t, log = top
+            with contextlib.suppress(Exception):  # a closed console must not kill the command's thread
+                log(f"... still {what} (elapsed {now - t:.0f} s)")
+            _Console.last = time.monotonic()

@@ -1,8 +1,13 @@
 """Connect to Ray: join the cluster at --address / RAY_ADDRESS, or a running local one, else start one."""
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
+import re
+import sys
+import threading
 
 import ray
 
@@ -59,27 +64,143 @@ def quiet_actor_exit() -> None:
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Idempotent. Joins --address, else RAY_ADDRESS, else a reachable `ray start` cluster; starts a
     private local Ray only when none is given or reachable ('local' forces one). Never "auto", which
-    would join whatever Ray happens to run on the machine."""
+    would join whatever Ray happens to run on the machine. Says so before it waits on Ray (a local
+    start takes 10-20 s), and keeps what Ray prints here plain (plain_worker_lines, native_lines_off_console)."""
     quiet_ray_data()
     if ray.is_initialized():
         return
+    from lumo_ray.runtime import heartbeat
+
     from .status import reachable, resolve_address
 
     addr, src = resolve_address(address)
+    plain_worker_lines()
     if addr and (src in ("--address", "RAY_ADDRESS") or reachable(addr)):
-        ray.init(address=addr)
+        print(f"[ray] joining the Ray cluster at {addr} ({src}) ...", flush=True)
+        with heartbeat(f"joining Ray at {addr}"):
+            ray.init(address=addr)
+        native_lines_off_console()
         return
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     # Ray's default (token auth on) announced as a WARNING at every start; the mode stays as Ray sets it
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    print("[ray] starting a local Ray ...", flush=True)
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls: without it the
     # cleaner logs "Failed to query Ray Train Controller actor state" every few seconds, forever.
     # Ray's own INFO lines ("Started a local Ray instance ...") stay in its session logs; one line here
-    ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True,
-                   logging_level=logging.WARNING)
+    with heartbeat("starting a local Ray"):
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True,
+                       logging_level=logging.WARNING)
+    native_lines_off_console()
     url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else "off"
-    print(f"[ray] started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, dashboard {url})")
+    logs = os.path.join(ctx.address_info["session_dir"], "logs")
+    print(f"[ray] started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, dashboard {url}; "
+          f"Ray's own logs: {logs})", flush=True)
+
+
+# -- what Ray prints on this driver's console -------------------------------------------------------
+
+# A line of Ray's C++ core (core worker, raylet): "[2026-12-07 09:21:39,739 E 8337 8337] core_worker.cc:2465: ...".
+NATIVE_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] [\w.-]+\.(cc|h):\d+: ")
+_NATIVE_BYTES = re.compile(NATIVE_LINE.pattern.encode())
+
+
+def plain_worker_lines() -> None:
+    """Ray prefixes the workers' lines it prints here with "(RayTrainWorker pid=..)" in ANSI colour;
+    through a pipe or into a file (CI, `ray job logs`, `| tee`) the colour codes are noise, so Ray's
+    own switch (RAY_COLOR_PREFIX=0, read as it prints) turns them off unless both streams are terminals."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def native_lines_off_console() -> None:
+    """Ray's C++ log lines stay in Ray's session logs (the driver's python-core-driver-*.log, each
+    worker's worker-*.err: Ray writes them there in any case) and off this console. The one seen on
+    every run: Ray Data passes each actor pool its map function as an object reference, and its actors
+    restart on failure (max_restarts=-1), so the core worker logs "has constructor arguments in the
+    object store and max_restarts > 0" once per process that starts a pool (ray-project/ray#57733, open;
+    the reference is held by the driver for the pool's life, so restarts do work: turning them off
+    to hide the line would give up the pools' fault tolerance)."""
+    _native_off_worker_lines()
+    _native_off_driver_stderr()
+
+
+def _native_off_worker_lines() -> None:
+    """The workers' stderr lines Ray prints here: its printing handler, without the C++ lines. Ray has
+    no public hook for this; should its dispatcher change, the lines simply show again."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover - another Ray
+        return
+    with dispatcher._lock:
+        handlers = []
+        for name, handle in dispatcher.handlers:
+            if name == "ray_print_logs" and not getattr(handle, "lumo_plain", False):
+                handle = _without_native(handle)
+            handlers.append((name, handle))
+        dispatcher.handlers = handlers
+
+
+def _without_native(handle):
+    def printed(data: dict) -> None:
+        lines = [s for s in data.get("lines", []) if not NATIVE_LINE.match(s)]
+        if lines:
+            handle({**data, "lines": lines})
+    printed.lumo_plain = True
+    return printed
+
+
+_stderr_pump: threading.Thread | None = None
+
+
+def _native_off_driver_stderr() -> None:
+    """This process's own C++ lines go straight to file descriptor 2: it becomes a pipe that a thread
+    copies to the real stderr, all but those lines; at exit the real stderr is back and the copy done."""
+    global _stderr_pump
+    if _stderr_pump is not None and _stderr_pump.is_alive():
+        return
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        real = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep clean
+        return
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:
+        held = b""
+        with os.fdopen(r, "rb", buffering=0) as src:
+            while True:
+                chunk = src.read(65536)
+                if not chunk:
+                    break
+                *lines, held = (held + chunk).split(b"\n")
+                out = b"".join(s + b"\n" for s in lines if not _NATIVE_BYTES.match(s))
+                if held and not held.startswith(b"["):  # a partial line that is no C++ line: on now
+                    out, held = out + held, b""
+                _write_all(real, out)
+        _write_all(real, held)
+
+    _stderr_pump = thread = threading.Thread(target=pump, name="lumo-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last write end here closes: the pump copies what is left and ends
+        thread.join(timeout=5)
+
+    atexit.register(restore)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of data to fd; a closed reader (`lumo ... 2>&1 | head`) drops it, and the pump keeps draining."""
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(fd, data):]
 
 
 def unit_device():

@@ -46,17 +46,21 @@ def token_lm_verdict(m: dict) -> bool:
 
 def step_runner(steps: dict, tag: str, log):
     """stage(name, fn): runs one step of a demo stage, records {pass, seconds, ...} under steps[name]
-    and logs it; an exception is a failed step with its reason, and the steps after it still run."""
+    and logs it (its start and end lines with the demo's elapsed time, a heartbeat line through its
+    silences); an exception is a failed step with its reason, and the steps after it still run."""
+    from ...runtime import elapsed, heartbeat
+
     def stage(name: str, fn) -> dict:
         t0 = time.time()
-        log(f"[{tag}] {name}")
+        log(f"[{tag}] {name} ({elapsed()})")
         try:
-            res = fn()
+            with heartbeat(f"in {tag}: {name}", log):
+                res = fn()
         except Exception as e:  # a failed step is a failed gate, reported with its reason
             res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         res["seconds"] = round(time.time() - t0, 1)
         steps[name] = res
-        log(f"[{tag}] {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']} s)"
+        log(f"[{tag}] {name}: {'PASS' if res['pass'] else 'FAIL'} in {res['seconds']} s ({elapsed()})"
             + (f" {res['error']}" if "error" in res else ""))
         return res
     return stage

@@ -18,7 +18,7 @@ from ...config import LumoConfig, dump_config
 from ...eval import report
 from ...eval.gate_rows import LOOK_AT, stage_gates
 from ...eval.report_sections import stage_section
-from ...runtime import torch_threads
+from ...runtime import elapsed, heartbeat, start_clock, torch_threads
 from ...storage import write_file
 
 
@@ -156,6 +156,7 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
              sets: list[str] | None = None) -> int:
     """`lumo demo`. cfg: the loaded config; config / sets: the --config file and --set items it came
     from, which the lm stage re-applies over its own training budget."""
+    start_clock()  # every line that starts or ends a stage says how long the demo has run
     out = Path(out).resolve()  # Ray workers do not share the driver's working directory
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out)
@@ -178,10 +179,11 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
     for i, (name, fn) in enumerate(stages, 1):
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
-        log(f"\n=== [{i}/{len(stages)}] {name} ===")
+        log(f"\n=== [{i}/{len(stages)}] {name} ({elapsed()}) ===")
         t0 = time.time()
         try:
-            res = fn(d)
+            with heartbeat(f"in stage {name}", log):  # a line at least every few seconds, whatever the stage waits on
+                res = fn(d)
         except Exception as e:  # a crashed stage is a failed stage; the rest still runs
             res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
@@ -193,9 +195,10 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
                           "threshold": "-", "pass": False, "meaning": "the stage's reports could not be read", "link": ""})
         ctx[name] = {k: res.pop(k) for k in [k for k in res if k.startswith("_")]}
         rows.append(res)
-        log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} ({res['seconds']}s) ===")
+        log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} in {res['seconds']} s ({elapsed()}) ===")
         write_file(out / "summary.json", json.dumps({"stages": rows, "gates": gates}, indent=2, default=str) + "\n")
-    page = report.write_report(out, "lumo demo", rows, sections, gates, LOOK_AT)
+    with heartbeat("writing report.html", log):
+        page = report.write_report(out, "lumo demo", rows, sections, gates, LOOK_AT)
     log(f"\nlumo demo finished in {time.time() - t_all:.0f}s -> {out}  (report: {page})")
     for r in rows:
         extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("stage", "pass", "seconds", "dir"))
