@@ -26,6 +26,7 @@ import soundfile as sf
 from PIL import Image
 
 from lumo_ray.eval import report
+from lumo_ray.eval.report_sections import number_label
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
@@ -47,16 +48,21 @@ PROBE = """(async () => {
     gates: [...document.querySelectorAll('table.gates')].map(t => [...t.rows].slice(1).map(tr => ({
       cells: [...tr.cells].map(c => c.innerText.trim()), verdictColor: getComputedStyle(tr.querySelector('td.v')).color,
       links: [...tr.querySelectorAll('a')].map(a => a.getAttribute('href'))}))),
-    rows: [...document.querySelectorAll('#stages tr')].slice(1).map(tr => ({
+    rows: [...document.querySelectorAll('#stages > tbody > tr')].slice(1).map(tr => ({
       cells: [...tr.cells].map(c => c.innerText.trim()), color: getComputedStyle(tr.cells[1]).color, box: box(tr)})),
     svgs: [...document.querySelectorAll('svg')].map(s => ({label: s.getAttribute('aria-label'), box: box(s),
       rects: [...s.querySelectorAll('rect')].map(r => ({fill: r.getAttribute('fill'), box: box(r)})),
       texts: [...s.querySelectorAll('text')].map(t => t.textContent),
+      // each text's box [left, top, right, bottom] relative to its SVG's, and whether it is a legend entry
+      textBoxes: [...s.querySelectorAll('text')].map(t => { const r = t.getBoundingClientRect(), o = s.getBoundingClientRect();
+        return {text: t.textContent, legend: t.classList.contains('legend'),
+                box: [r.left - o.left, r.top - o.top, r.right - o.left, r.bottom - o.top]}; }),
       lines: [...s.querySelectorAll('polyline')].map(box)})),
     imgs: [...document.images].map(i => ({alt: i.alt, nw: i.naturalWidth, nh: i.naturalHeight, box: box(i)})),
     audio: [...document.querySelectorAll('audio')].map(a => ({duration: a.duration, error: a.error && a.error.code,
       box: box(a)})),
     headings: [...document.querySelectorAll('h2')].map(h => h.innerText),
+    header: [...document.querySelectorAll('#header tr')].map(tr => [...tr.cells].map(c => c.innerText.trim())),
     text: document.body.innerText,
   };
 })()"""
@@ -196,7 +202,8 @@ def _build_report(out: Path) -> tuple[Path, dict]:
                 ("tokens", report.histogram("corpus words per line", lengths)),
                 ("media", report.media_block([media / "ramp.input.png", media / "beep.input.wav"]))]
     gates = [{"stage": "lm", **g} for g in _ablation_gates(out)]
-    page = report.write_report(out, "lumo demo", stages, sections, gates, {"training": "the falling loss"})
+    page = report.write_report(out, "lumo demo", stages, sections, gates, {"training": "the falling loss"},
+                               label=number_label)
     return page, {"curves": curves, "ablation": ablation, "lengths": lengths, "gates": gates}
 
 
@@ -230,7 +237,10 @@ def test_stage_table_shows_each_stage_with_pass_or_fail(rendered):
     assert all(row["box"][0] > 0 and row["box"][1] > 0 for row in rows.values())
     # pass green, fail red, as the stylesheet says; the error is shown escaped, not parsed as a tag
     assert rows["uti"]["color"] == "rgb(42, 122, 59)" and rows["data"]["color"] == "rgb(181, 68, 58)"
-    assert "RuntimeError: shard 3 <missing>" in rows["data"]["cells"][3] and "samples=6" in rows["uti"]["cells"][3]
+    assert "RuntimeError: shard 3 <missing>" in rows["data"]["cells"][3]
+    # the numbers as labelled rows, name then value with its unit
+    assert rows["uti"]["cells"][3] == "real samples tokenized and decoded\t6 samples"
+    assert rows["audit"]["cells"][3] == "audio SNR, all inputs\t3.1 dB"
     assert r["dom"]["headings"] == ["Gates", "training", "tokens", "media"]
 
 
@@ -254,6 +264,9 @@ def test_charts_render_with_their_data(rendered):
     svgs = {s["label"]: s for s in r["dom"]["svgs"]}
     assert set(svgs) == {"logistic loss", "feature ablation: eval loss", "corpus words per line"}
     assert all(s["box"][0] > 100 and s["box"][1] > 100 for s in svgs.values())
+    # every label, value and legend entry is drawn inside its chart, none clipped (test_report_header's check)
+    from test_report_header import _outside
+    assert _outside(r["dom"]) == []
     # one polyline per loss series, each spanning real width and height (the loss fell)
     loss = svgs["logistic loss"]
     assert len(loss["lines"]) == 2 and all(w > 50 and h > 5 for w, h in loss["lines"])

@@ -1,10 +1,12 @@
 """`lumo demo`: the whole program on the embedded tiny default, offline, stage by stage.
 
 Each stage prints progress, writes into its own folder under the demo directory, and adds a row
-(name, pass, seconds, key numbers, folder) to `summary.json`. The demo exits non-zero when a gate fails.
+(name, pass, seconds, key numbers, folder) to `summary.json`. The demo exits non-zero when a gate fails;
+summary.json and report.html open with where the run came from (eval/run_header.py), exit code included.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -14,10 +16,10 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from ...config import LumoConfig, dump_config
-from ...eval import report
+from ...config import ConfigError, LumoConfig, dump_config
+from ...eval import report, run_header
 from ...eval.gate_rows import LOOK_AT, stage_gates
-from ...eval.report_sections import stage_section
+from ...eval.report_sections import number_label, stage_section
 from ...runtime import elapsed, heartbeat, start_clock, torch_threads
 from ...storage import write_file
 
@@ -152,14 +154,26 @@ def _r(v, n: int = 4):
     return round(v, n) if isinstance(v, float) else v
 
 
+def _write_results(out: Path, head: dict, rows: list, sections: list, gates: list, exit_code: int | None, log=print):
+    """summary.json (header, stages, gates) and, once the exit code is known, report.html."""
+    final = run_header.finish(head, exit_code)
+    write_file(out / "summary.json", json.dumps({"header": final, "stages": rows, "gates": gates}, indent=2,
+                                                default=str) + "\n")
+    if exit_code is None:
+        return None, final
+    with heartbeat("writing report.html", log):
+        return report.write_report(out, "lumo demo", rows, sections, gates, LOOK_AT, header=run_header.rows(final),
+                                   label=number_label), final
+
+
 def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, config: str | None = None,
              sets: list[str] | None = None) -> int:
     """`lumo demo`. cfg: the loaded config; config / sets: the --config file and --set items it came
-    from, which the lm stage re-applies over its own training budget."""
+    from, which the lm stage re-applies over its own training budget. Returns the exit code, which
+    summary.json's and report.html's header carry (also when the run is cut short: 130, or what `lumo`
+    returns for the exception, written before it propagates)."""
     start_clock()  # every line that starts or ends a stage says how long the demo has run
     out = Path(out).resolve()  # Ray workers do not share the driver's working directory
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out)
     stages: list[tuple[str, Callable[[Path], dict]]] = [
         ("uti", lambda d: stage_uti(cfg, d, log)),
         ("audit", lambda d: stage_audit(cfg, d, log)),
@@ -172,35 +186,48 @@ def run_demo(cfg: LumoConfig, out: Path, address: str | None = None, log=print, 
     ]
     ctx: dict[str, dict] = {}
     unknown = set(cfg.demo.skip) - {n for n, _ in stages}
-    if unknown:
-        raise ValueError(f"demo.skip names unknown stages {sorted(unknown)}; stages: {[n for n, _ in stages]}")
+    if unknown:  # before anything is written
+        raise ConfigError(f"demo.skip names unknown stages {sorted(unknown)}; stages: {[n for n, _ in stages]}")
     stages = [(n, f) for n, f in stages if n not in cfg.demo.skip]
-    rows, sections, gates, t_all = [], [], [], time.time()
-    for i, (name, fn) in enumerate(stages, 1):
-        d = out / name
-        d.mkdir(parents=True, exist_ok=True)
-        log(f"\n=== [{i}/{len(stages)}] {name} ({elapsed()}) ===")
-        t0 = time.time()
-        try:
-            with heartbeat(f"in stage {name}", log):  # a line at least every few seconds, whatever the stage waits on
-                res = fn(d)
-        except Exception as e:  # a crashed stage is a failed stage; the rest still runs
-            res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
-        res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
-        try:  # the section and every gate's statistic, threshold and verdict, read back from the stage's files
-            sections.append((name, stage_section(name, d)))
-            gates += [{"stage": name, **g} for g in stage_gates(name, d)]
-        except Exception as e:  # a report that does not parse must not hide the stage's own verdict
-            gates.append({"stage": name, "gate": "report", "statistic": f"{type(e).__name__}: {e}"[:200],
-                          "threshold": "-", "pass": False, "meaning": "the stage's reports could not be read", "link": ""})
-        ctx[name] = {k: res.pop(k) for k in [k for k in res if k.startswith("_")]}
-        rows.append(res)
-        log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} in {res['seconds']} s ({elapsed()}) ===")
-        write_file(out / "summary.json", json.dumps({"stages": rows, "gates": gates}, indent=2, default=str) + "\n")
-    with heartbeat("writing report.html", log):
-        page = report.write_report(out, "lumo demo", rows, sections, gates, LOOK_AT)
-    log(f"\nlumo demo finished in {time.time() - t_all:.0f}s -> {out}  (report: {page})")
+    out.mkdir(parents=True, exist_ok=True)
+    head = run_header.start(dump_config(cfg, out), cfg.demo.seed)  # the digest is of the config.yaml written here
+    rows, sections, gates = [], [], []
+    i, name, t0, d = 0, "", time.time(), out
+    try:
+        for i, (name, fn) in enumerate(stages, 1):
+            d = out / name
+            d.mkdir(parents=True, exist_ok=True)
+            log(f"\n=== [{i}/{len(stages)}] {name} ({elapsed()}) ===")
+            t0 = time.time()
+            try:
+                with heartbeat(f"in stage {name}", log):  # a line at least every few seconds, whatever the stage waits on
+                    res = fn(d)
+            except Exception as e:  # a crashed stage is a failed stage; the rest still runs
+                res = {"pass": False, "error": f"{type(e).__name__}: {e}"}
+            res.update(stage=name, seconds=round(time.time() - t0, 1), dir=str(d))
+            try:  # the section and every gate's statistic, threshold and verdict, read back from the stage's files
+                sections.append((name, stage_section(name, d)))
+                gates += [{"stage": name, **g} for g in stage_gates(name, d)]
+            except Exception as e:  # a report that does not parse must not hide the stage's own verdict
+                gates.append({"stage": name, "gate": "report", "statistic": f"{type(e).__name__}: {e}"[:200],
+                              "threshold": "-", "pass": False, "meaning": "the stage's reports could not be read", "link": ""})
+            ctx[name] = {k: res.pop(k) for k in [k for k in res if k.startswith("_")]}
+            rows.append(res)
+            log(f"=== {name}: {'PASS' if res['pass'] else 'FAIL'} in {res['seconds']} s ({elapsed()}) ===")
+            _write_results(out, head, rows, sections, gates, None, log)
+    except BaseException as e:  # cut short (Ctrl-C, a failure outside any stage): a report with the code lumo exits with
+        code = run_header.exit_code_of(e)
+        rows.append({"stage": name, "pass": False, "seconds": round(time.time() - t0, 1), "dir": str(d),
+                     "error": f"cut short: {type(e).__name__}: {e}"} if len(rows) < i else
+                    {"stage": "demo", "pass": False, "seconds": 0, "dir": str(out),
+                     "error": f"{type(e).__name__}: {e}"})
+        with contextlib.suppress(Exception):
+            _write_results(out, head, rows, sections, gates, code, log)
+        raise
+    code = 0 if all(r["pass"] for r in rows) else 1
+    page, final = _write_results(out, head, rows, sections, gates, code, log)
+    log(f"\nlumo demo finished in {final['wall_s']:.0f}s with exit code {code} -> {out}  (report: {page})")
     for r in rows:
         extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("stage", "pass", "seconds", "dir"))
         log(f"  {'PASS' if r['pass'] else 'FAIL'}  {r['stage']:6s} {r['seconds']:6.1f}s  {r['dir']}  {extra}")
-    return 0 if all(r["pass"] for r in rows) else 1
+    return code
