@@ -37,37 +37,42 @@ def assigned_device(gpu_ids: list, visible: str | None = None) -> torch.device:
     return torch.device(f"cuda:{seen.index(first) if first in seen else 0}")
 
 
-# Where each loop's rate is measured from: (time, done) of its first progress line, by (t0, start). The
-# first unit carries the loop's start-up (Ray actors, a Train worker group, the first batch): a rate
-# through it made the first ETA absurd (ETA 1056 s for a 29 s job).
-_FIRST_TICK: dict[tuple[float, int], tuple[float, int]] = {}
+class Rate:
+    """The rate part of one loop's progress lines, for a loop that started at t0 (time.time(), default
+    now) at unit `start` and runs to `total`. The first line says how long the first units took ('20
+    steps in 4.1 s'): they carry the loop's start-up (Ray actors, a Train worker group, the first batch),
+    and a rate through them made the first ETA absurd (ETA 1056 s for a 29 s job). Later lines give the
+    rate measured since that first line and the ETA ('12.3 steps/s, ETA 40 s')."""
 
+    def __init__(self, total: int, start: int = 0, unit: str = "steps", t0: float | None = None):
+        self.total, self.start, self.unit = total, start, unit
+        self.t0 = time.time() if t0 is None else t0
+        self.first: tuple[float, int] | None = None
+        """(time, done) of the first line: where the rate is measured from."""
 
-def rate_eta(done: int, total: int, t0: float, start: int = 0, unit: str = "steps") -> str:
-    """The rate part of a progress line, for a loop that started at t0 (time.time()) at unit `start`
-    and has `done` of `total`: the first line says how long the first units took ('20 steps in 4.1 s');
-    later lines the rate measured since then and the ETA ('12.3 steps/s, ETA 40 s')."""
-    now, key = time.time(), (t0, start)
-    first = _FIRST_TICK.get(key)
-    if first is None or done <= first[1]:
-        if len(_FIRST_TICK) > 64:  # loops long finished
-            _FIRST_TICK.pop(next(iter(_FIRST_TICK)))
-        _FIRST_TICK[key] = (now, done)
-        n = done - start
-        return f"{n} {unit[:-1] if n == 1 and unit.endswith('s') else unit} in {now - t0:.1f} s"
-    rate = (done - first[1]) / max(now - first[0], 1e-9)
-    return f"{rate:.1f} {unit}/s, ETA {(total - done) / rate:.0f} s"
+    def __call__(self, done: int) -> str:
+        """The rate part of the line for `done` of `total` units."""
+        now = time.time()
+        if self.first is None or done <= self.first[1]:
+            self.first = (now, done)
+            n = done - self.start
+            unit = self.unit[:-1] if n == 1 and self.unit.endswith("s") else self.unit
+            return f"{n} {unit} in {now - self.t0:.1f} s"
+        rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
+        return f"{rate:.1f} {self.unit}/s, ETA {(self.total - done) / rate:.0f} s"
 
 
 class Progress:
     """Progress of a loop that runs in this process. On a terminal (stdout a TTY and the log the
     console: print, or `console=True` for a print wrapper): one tqdm bar redrawn in place, with count,
     rate and ETA. Elsewhere (CI, `ray job logs`, a pipe, a caller's own log): the caller's plain line
-    at the first update, then whenever `every` more items are done (default a tenth), and at the end."""
+    at the first update, then whenever `every` more items are done (default a tenth), and at the end.
+    `rate(done)` is the rate part of those lines (a Rate from now)."""
 
     def __init__(self, total: int, desc: str, unit: str, log: Callable[[str], None] = print,
                  every: int | None = None, console: bool | None = None):
         self.total, self.log, self.last = total, log, None
+        self.rate = Rate(total, unit=unit)
         self.every = every or max(1, total // 10)
         self.bar = None
         if (log is print if console is None else console) and sys.stdout.isatty():
@@ -115,8 +120,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 class _Stamped:
     """stdout / stderr, line-buffered (a line reaches a pipe, `tee` or `ray job logs` when printed, not
     a buffer later), noting when each write came (Ray's thread prints the workers' lines through it
-    too), and without ANSI colour codes unless it is a terminal (Ray colours its "[repeated 2x across
-    cluster]" note with no switch to turn that off)."""
+    too), and without ANSI colour codes unless it is a terminal: the one filter for every writer, Ray's
+    included (it colours its workers' "(pid=..)" prefixes and its "[repeated 2x across cluster]" note)."""
 
     def __init__(self, stream):
         self._stream = stream

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from lumo_ray.config import LumoConfig
 from lumo_ray.data.manifest import ErrorRecord, dropped_warning, read_manifest, write_errors
 from lumo_ray.generate import GenOptions
 from lumo_ray.resources import job_resources
-from lumo_ray.runtime import Progress, rate_eta
+from lumo_ray.runtime import Progress
 from lumo_ray.storage import resolve, write_file
 
 from .ray_env import init_ray, placement, unit_device
@@ -79,7 +78,7 @@ def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Pa
         ds = ray.data.from_items([{"k": k, "unit": unit_payload(units[k])} for k in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(UnitGenerator, fn_constructor_args=(resolve(run_dir), task, asdict(opts), n), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=actors), **groups[0].ray_options())
-        t0, bar, placed = time.time(), Progress(len(todo), "[generate] units", "units", log), set()
+        bar, placed = Progress(len(todo), "[generate] units", "units", log), set()
         for done, row in enumerate(ds.iter_rows(), 1):
             k, res = int(row["k"]), json.loads(row["result"])
             placed.add(row["placed"])
@@ -87,7 +86,7 @@ def run_batch_generate(manifest: str, run_dir: str, task: str, out_dir: str | Pa
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 write_file(out / name, base64.b64decode(b64), root=out)
             write_file(parts / unit_name(k), res["rows"])  # temp + rename: the unit counts as done only now
-            bar.update(done, lambda: f"[generate] {done}/{len(todo)} units ({rate_eta(done, len(todo), t0, unit='units')})")
+            bar.update(done, lambda: f"[generate] {done}/{len(todo)} units ({bar.rate(done)})")
         bar.close()
         log(f"[generate] actors computed on: {'; '.join(sorted(placed))}")
     rows = [json.loads(line) for k in range(len(units)) for line in (parts / unit_name(k)).read_text().splitlines()]

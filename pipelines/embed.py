@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import time
 
 import numpy as np
 import ray
@@ -24,7 +23,7 @@ from lumo_ray.data.manifest import require_manifest
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
 from lumo_ray.embed import parts
 from lumo_ray.resources import job_resources
-from lumo_ray.runtime import Progress, rate_eta
+from lumo_ray.runtime import Progress
 from lumo_ray.storage import PathLike, locate
 from pipelines.ray_env import init_ray, placement, unit_device
 from pipelines.status import require_fit
@@ -152,7 +151,7 @@ def run_embed(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: in
                             compute=ray.data.ActorPoolStrategy(size=loaders.count), **loaders.ray_options())
         ds = ds.map_batches(EmbedWriter, fn_constructor_args=(blob, str(out)), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=actors), **embedders.ray_options())
-        t0, before, placed = time.time(), len(stats), set()
+        before, placed = len(stats), set()
         bar = Progress(len(todo), "[embed] parts", "parts", log)
         for row in ds.iter_rows():
             st = json.loads(row["stats"])
@@ -162,7 +161,7 @@ def run_embed(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: in
             done = len(stats) - before
             bar.update(done, lambda: f"[embed] {len(stats)}/{len(plan.tasks)} parts, last {key[0]}/"
                        f"{parts.part_of(out, key).name}: {st['rows']} rows, {len(st['errors'])} errors "
-                       f"({rate_eta(done, len(todo), t0, unit='parts')})")
+                       f"({bar.rate(done)})")
         bar.close()
         log(f"[embed] embedding actors computed on: {'; '.join(sorted(placed))}")
     summary = parts.finish(out, stats, plan.read_errors, model, digest)

@@ -65,16 +65,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Idempotent. Joins --address, else RAY_ADDRESS, else a reachable `ray start` cluster; starts a
     private local Ray only when none is given or reachable ('local' forces one). Never "auto", which
     would join whatever Ray happens to run on the machine. Says so before it waits on Ray (a local
-    start takes 10-20 s), and keeps what Ray prints here plain (plain_worker_lines, native_lines_off_console)."""
+    start takes 10-20 s), and keeps what Ray prints here plain (runtime.watch_console: no colour codes off a
+    terminal; native_lines_off_console)."""
     quiet_ray_data()
     if ray.is_initialized():
         return
-    from lumo_ray.runtime import heartbeat
+    from lumo_ray.runtime import heartbeat, watch_console
 
     from .status import reachable, resolve_address
 
     addr, src = resolve_address(address)
-    plain_worker_lines()
+    watch_console()  # before Ray prints: the workers' "(pid=..)" prefixes lose their colour off a terminal
     if addr and (src in ("--address", "RAY_ADDRESS") or reachable(addr)):
         print(f"[ray] joining the Ray cluster at {addr} ({src}) ...", flush=True)
         with heartbeat(f"joining Ray at {addr}"):
@@ -104,14 +105,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 # A line of Ray's C++ core (core worker, raylet): "[2026-12-07 09:21:39,739 E 8337 8337] core_worker.cc:2465: ...".
 NATIVE_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] [\w.-]+\.(cc|h):\d+: ")
 _NATIVE_BYTES = re.compile(NATIVE_LINE.pattern.encode())
-
-
-def plain_worker_lines() -> None:
-    """Ray prefixes the workers' lines it prints here with "(RayTrainWorker pid=..)" in ANSI colour;
-    through a pipe or into a file (CI, `ray job logs`, `| tee`) the colour codes are noise, so Ray's
-    own switch (RAY_COLOR_PREFIX=0, read as it prints) turns them off unless both streams are terminals."""
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def native_lines_off_console() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-import time
 
 import numpy as np
 import ray
@@ -17,7 +16,7 @@ from lumo_ray.data.shards import load_index, read_verified, sample_key
 from lumo_ray.data.tokenize import SampleTokenizer, plan_shards, plan_units
 from lumo_ray.data.verify import MAX_LISTED, check_shard, drift, leakage, length_stats
 from lumo_ray.resources import task_resources
-from lumo_ray.runtime import Progress, rate_eta
+from lumo_ray.runtime import Progress
 from lumo_ray.storage import PathLike, local_file, locate
 from lumo_ray.token_space import TokenSpace
 
@@ -96,14 +95,14 @@ def run_verify(shards_dir: PathLike, cfg: LumoConfig, out_dir: PathLike, manifes
     rows = [{"path": str(shards_dir / s["name"]), "sha256": s["sha256"], "samples": s["samples"],
              "ts": json.dumps(ts_shards.to_json())} for s in index["shards"]]
     log(f"[verify] checking {len(rows)} shards, {index['totals']['samples']} records")
-    results, t0 = [], time.time()
+    results = []
     bar = Progress(len(rows), "[verify] shards", "shards", log)
     for r in ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(
             _check_row, **task_resources("verify", vcfg).ray_options()).iter_rows():
         results.append(json.loads(r["result"]))
         n_done = len(results)
         bar.update(n_done, lambda: f"[verify] {n_done}/{len(rows)} shards checked "
-                                   f"({rate_eta(n_done, len(rows), t0, unit='shards')})")
+                                   f"({bar.rate(n_done)})")
     bar.close()
     results.sort(key=lambda r: r["shard"])
     problems = [p for r in results for p in r["problems"]]

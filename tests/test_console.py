@@ -91,16 +91,20 @@ print("alive")
 def test_the_first_progress_line_gives_no_eta_the_rate_is_measured_after_it():
     """The first units carry the loop's start-up (27 s of Ray actors starting for a 29 s tokenize
     printed 'ETA 1056 s'): the first line says how long they took, later lines a rate from there on."""
-    from lumo_ray.runtime import rate_eta
+    from lumo_ray.runtime import Progress, Rate
 
-    t0 = time.time() - 27.0  # 27 s of start-up before the first shard
-    first = rate_eta(1, 40, t0, unit="shards")
+    shards = Rate(40, unit="shards", t0=time.time() - 27.0)  # 27 s of start-up before the first shard
+    first = shards(1)
     assert first.startswith("1 shard in 27.") and "ETA" not in first
     time.sleep(0.2)
-    later = rate_eta(3, 40, t0, unit="shards")  # 2 shards in ~0.2 s: ~10 shards/s, ETA a few seconds
+    later = shards(3)  # 2 shards in ~0.2 s: ~10 shards/s, ETA a few seconds
     rate, eta = re.fullmatch(r"([\d.]+) shards/s, ETA (\d+) s", later).groups()
     assert float(rate) > 2 and int(eta) < 20
-    assert rate_eta(20, 20, time.time(), start=0) == "20 steps in 0.0 s"  # a one-line loop
+    assert Rate(20)(20) == "20 steps in 0.0 s"  # a one-line loop
+    assert Rate(40, start=10)(11) == "1 step in 0.0 s"  # a resumed loop counts the units of this start
+    # each loop keeps its own first tick: two loops started in the same instant do not share one
+    a, b = Progress(10, "a", "parts", log=lambda _: None).rate, Progress(10, "b", "parts", log=lambda _: None).rate
+    assert a(2).startswith("2 parts in") and b(5).startswith("5 parts in") and "ETA" in a(4)
 
 
 HEARTBEAT = """

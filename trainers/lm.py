@@ -16,7 +16,7 @@ from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.config.lm import TrainConfig
 from lumo_ray.eval.perplexity import is_eval_text, pack  # (`lumo eval perplexity` splits and packs the same)
 from lumo_ray.integrity import write_manifest
-from lumo_ray.runtime import rate_eta
+from lumo_ray.runtime import Rate
 from lumo_ray.storage import staged_dir
 from lumo_ray.tracking import open_tracker
 
@@ -194,7 +194,7 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         step, epoch, pos = st["step"], st["data"]["epoch"], st["data"]["pos"]
     stream = BlockStream(len(train_blocks), t.seed, ctx.rank, ctx.world_size, epoch, pos)
     history, t0, metrics = [], time.time(), {}
-    step0 = step  # a resumed run's rate counts the steps of this start
+    rate = Rate(t.steps, step, t0=t0)  # a resumed run's rate counts the steps of this start
     tracker = open_tracker(run_dir, cfg.tracking, "lm", to_dict(cfg.lm), ctx.rank)
     model.train()
     while step < t.steps:
@@ -215,7 +215,7 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         end_of_step(ctx, t, step, rep, ck_dir, tracker, log, lambda: (
             f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
                                                           if "eval_loss" in rep else "")
-            + f" ({rate_eta(step, t.steps, t0, step0)})"))
+            + f" ({rate(step)})"))
         metrics = rep if "eval_loss" in rep else metrics
     m = getattr(model, "module", model)
     if meta and ctx.rank != 0:  # each weight gathered in turn: rank 0 writes it

@@ -35,7 +35,7 @@ from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.data import mix
 from lumo_ray.models.token_lm import (LOSS_TASKS, export, target_losses, task_loss_means, task_loss_sums, vocab_params,
                                      warm_start)
-from lumo_ray.runtime import rate_eta
+from lumo_ray.runtime import Rate
 from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
@@ -291,6 +291,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
         start = {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
         say(f"token-lm warm start: eval {ev['all']:.4f}")
     t0, step0 = time.time(), step
+    rate = Rate(t.steps, step0, t0=t0)
     speed = Throughput(raw, ctx.device)
     tracker = open_tracker(run_dir, cfg.tracking, "mmpt" if c.seq.layouts == "any" else "token_lm", to_dict(c),
                            ctx.rank)
@@ -334,7 +335,7 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
             f"token-lm step {step}/{t.steps} loss {total:.4f}"
             + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
                                                       if k.startswith("eval_") and k != "eval_loss") + ")"
-               if "eval_loss" in rep else "") + f" ({rate_eta(step, t.steps, t0, step0)}, "
+               if "eval_loss" in rep else "") + f" ({rate(step)}, "
             f"{rep['tokens_per_s']:,.0f} tokens/s, {rep['pad_fraction']:.0%} padding"
             + (f", MFU {rep['mfu']:.1%}" if "mfu" in rep else "") + ")"))
         if "eval_loss" in rep:

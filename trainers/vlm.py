@@ -24,7 +24,7 @@ import torch
 
 from lumo_ray.config import LumoConfig, TrackingConfig, build, dump_config, to_dict
 from lumo_ray.config.vlm import VLMConfig
-from lumo_ray.runtime import rate_eta
+from lumo_ray.runtime import Rate
 from lumo_ray.tracking import open_tracker
 from lumo_ray.storage import RunDir, locate, resolve, write_file
 from lumo_ray.data.vlm_data import ImageStore, SequenceBuilder, StepSampler, prepare_data, to_device
@@ -244,11 +244,11 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
     if start:
         say(f"[vlm] resumed at step {start} (epoch {sp.epoch_of(start)}, batch {start % sp.steps_per_epoch} of "
             f"{sp.steps_per_epoch})")
+    stop = min(t.steps, t.stop_after) if t.stop_after else t.steps
+    rate = Rate(stop, start)  # progress lines: steps/s and ETA since this (re)start
     last_epoch_logged, step_times, data_times = -1, [], []
-    t_run = time.time()  # progress lines: steps/s and ETA since this (re)start
     tracker = open_tracker(run, tracking, "vlm", to_dict(cfg), rank)
     final: dict = {}
-    stop = min(t.steps, t.stop_after) if t.stop_after else t.steps
     tr.open_stream(cfg, start, stop)
     steps_rss, pads = RssPeak(), []
     for step in range(start, stop):
@@ -274,7 +274,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
                 tracker.log(done, {k: r[k] for k in ("loss", "lr", "grad_norm")})
             if due(done, t.log_every) or done == 1:
                 say(f"[vlm] step {done}/{t.steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
-                    f"({rate_eta(done, stop, t_run, start)})")
+                    f"({rate(done)})")
         is_ckpt = due(done, t.ckpt_every, done == stop)
         if due(done, t.eval_every) and not is_ckpt:
             q = tr.evaluate(tr.eval[: t.quick_eval_size], t)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .common import command_config
+from .common import command_config, count, positive_float, positive_int
 
 
 def _train(args, run, section: str) -> int:
@@ -80,10 +80,10 @@ def add_commands(sub, common) -> None:
                                         "writes model.safetensors + meta.json (near-duplicate recall)")
     c.add_argument("--out", required=True, help="folder for the weights (the shipped preset: "
                                                 "lumo_ray/embed/assets/clip_tiny)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the init and of the drawn images")
-    c.add_argument("--steps", type=int, default=3000)
-    c.add_argument("--batch", type=int, default=128, help="images per step (half of them captioned scenes)")
-    c.add_argument("--lr", type=float, default=2e-3)
+    c.add_argument("--seed", type=count, default=0, help="seed of the init and of the drawn images")
+    c.add_argument("--steps", type=positive_int, default=3000)
+    c.add_argument("--batch", type=positive_int, default=128, help="images per step (half of them captioned scenes)")
+    c.add_argument("--lr", type=positive_float, default=2e-3)
     c.set_defaults(func=cmd_codec_train_clip)
 
     k = g.add_parser("fit-kmeans", help="a k-means codebook over `lumo data embed` embeddings (Lloyd in this "
@@ -91,11 +91,11 @@ def add_commands(sub, common) -> None:
                                         "Ray Data); writes codebook.npy + codebook.json (its sha256)")
     common(k)
     k.add_argument("--embeddings", required=True, help="an embeddings folder (index.json) from `lumo data embed`")
-    k.add_argument("--k", type=int, required=True, help="codewords")
+    k.add_argument("--k", type=positive_int, required=True, help="codewords")
     k.add_argument("--out", required=True, help="folder for codebook.npy and codebook.json")
-    k.add_argument("--seed", type=int, default=0, help="seed of the k-means++ initialisation")
-    k.add_argument("--n-init", type=int, default=1, help="fits from seeds seed..seed+N-1; the lowest inertia is kept")
-    k.add_argument("--max-iter", type=int, default=50, help="most Lloyd iterations per fit")
+    k.add_argument("--seed", type=count, default=0, help="seed of the k-means++ initialisation")
+    k.add_argument("--n-init", type=positive_int, default=1, help="fits from seeds seed..seed+N-1; the lowest inertia is kept")
+    k.add_argument("--max-iter", type=positive_int, default=50, help="most Lloyd iterations per fit")
     k.add_argument("--column", default="image", choices=["image", "text", "patches"],
                    help="which embeddings (patches: the per-patch image embeddings, when embedded)")
     k.set_defaults(func=cmd_codec_fit_kmeans)

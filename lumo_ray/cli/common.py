@@ -92,16 +92,16 @@ def require_input(what: str, path, todo: str, folder: bool) -> None:
         raise UserError(what, path, "is a file, not a folder" if folder else "is a folder, not a file", todo)
 
 
-def _number(kind, lo, strict: bool):
+def _number(kind, lo, strict: bool, hi=None):
     word = {int: "an integer", float: "a number"}[kind]
-    bound = f"> {lo}" if strict else f">= {lo}"
+    bound = (f"> {lo}" if strict else f">= {lo}") + (f" and <= {hi}" if hi is not None else "")
 
     def parse(s: str):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {word} {bound}, got {s!r}") from None
-        if not (v > lo if strict else v >= lo):  # also refuses nan
+        if not (v > lo if strict else v >= lo) or (hi is not None and not v <= hi):  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
         return v
 
@@ -110,9 +110,11 @@ def _number(kind, lo, strict: bool):
 
 
 # argparse `type=` of numeric flags: an out-of-range value is a parse error (one line, exit 2)
-count = _number(int, 0, strict=False)          # 0, 1, 2, ...
+count = _number(int, 0, strict=False)          # 0, 1, 2, ... (also seeds)
 positive_int = _number(int, 0, strict=True)    # 1, 2, ...
 positive_float = _number(float, 0.0, strict=True)
+fraction = _number(float, 0.0, strict=True, hi=1.0)  # (0, 1]: a probability mass such as top-p
+port = _number(int, 0, strict=True, hi=65535)
 
 
 # -- a Ray cluster with token authentication ---------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import onnx_option, verdict, with_onnx
+from .common import count, fraction, onnx_option, positive_int, verdict, with_onnx
 
 
 def _run(args):
@@ -110,8 +110,9 @@ def cmd_gate_decode(args) -> int:
     from ..eval.gates import run_decode_gate
     from ..storage import locate, output_dir
 
+    opts = _opts(args)  # a bad --temperature fails before the model loads and anything is written
     with output_dir(args.out) as out:
-        rep = run_decode_gate(with_onnx(_run(args), args.onnx), out, n=args.n, opts=_opts(args), tasks=args.task or None)
+        rep = run_decode_gate(with_onnx(_run(args), args.onnx), out, n=args.n, opts=opts, tasks=args.task or None)
     if not rep["token_space"]["match"]:
         print(f"  token space mismatch: export {rep['token_space']['export']} vs config {rep['token_space']['config']}")
     return verdict("decode compliance", rep["pass"], locate(args.out) / "report.json")
@@ -128,15 +129,15 @@ def cmd_gate_prompts(args) -> int:
 
 
 def _sampling(p) -> None:
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same tokens)")
+    p.add_argument("--seed", type=count, default=0, help="sampling seed (the same seed gives the same tokens)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of sampling")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely ids (0: no top-k filter)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--top-k", type=count, default=0, help="keep the k most likely ids (0: no top-k filter)")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass, in (0, 1] (1.0: off)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--no-constraint", action="store_true", help="turn constrained decoding off (to measure it)")
-    p.add_argument("--audio-frames", type=int, default=None,
+    p.add_argument("--audio-frames", type=positive_int, default=None,
                    help="generated audio code frames (default: codec clip length capped by token_lm.seq.max_audio_tokens)")
-    p.add_argument("--max-text-tokens", "--max-new-tokens", dest="max_text_tokens", type=int, default=48,
+    p.add_argument("--max-text-tokens", "--max-new-tokens", dest="max_text_tokens", type=positive_int, default=48,
                    help="cap of a generated caption's tokens (i2t, a2t; with its end token) or of t2t's new tokens")
 
 
@@ -156,12 +157,12 @@ def add_commands(sub, common) -> None:
     g.add_argument("--manifest", help="generate for every record of this manifest.jsonl the task can take (its "
                                       "caption, or its image / audio) on a Ray Data actor pool: results.jsonl, "
                                       "media/, errors.jsonl, summary.json; resumable")
-    g.add_argument("--actors", type=int, default=None, help="with --manifest: generator actors, each loads the run "
+    g.add_argument("--actors", type=positive_int, default=None, help="with --manifest: generator actors, each loads the run "
                                                             "(default generate.actors; CPUs / GPUs: generate.*)")
-    g.add_argument("--unit-size", type=int, default=None, help="with --manifest: records per unit of work, a re-run "
+    g.add_argument("--unit-size", type=positive_int, default=None, help="with --manifest: records per unit of work, a re-run "
                                                                 "keeps finished units (default generate.unit_size)")
     g.add_argument("--out", required=True, help="output directory (path or URI): generations.jsonl, PNG / WAV files")
-    g.add_argument("--n", type=int, default=1, help="samples")
+    g.add_argument("--n", type=positive_int, default=1, help="samples")
     _sampling(g)
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance of t2i / t2a, in [1, 20]: logits = uncond + s x (cond - uncond) "
@@ -173,7 +174,7 @@ def add_commands(sub, common) -> None:
     common(d)
     d.add_argument("--run", required=True, help="token-LM run directory or URI")
     d.add_argument("--out", required=True, help="report directory (path or URI)")
-    d.add_argument("--n", type=int, default=64, help="golden prompts per task")
+    d.add_argument("--n", type=positive_int, default=64, help="golden prompts per task")
     d.add_argument("--task", action="append", choices=["t2i", "t2a", "i2t", "a2t"], help="restrict to tasks (repeatable)")
     _sampling(d)
     onnx_option(d)
@@ -183,8 +184,8 @@ def add_commands(sub, common) -> None:
     common(p)
     p.add_argument("--run", required=True, help="token-LM run directory or URI")
     p.add_argument("--out", required=True, help="report directory (path or URI)")
-    p.add_argument("--n", type=int, default=256, help="eval samples per task (all when fewer)")
+    p.add_argument("--n", type=positive_int, default=256, help="eval samples per task (all when fewer)")
     p.add_argument("--shards", default=None, help="shard directory (default: token_lm.shards of the run config)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the eval-sample choice and the swapped pairs")
+    p.add_argument("--seed", type=count, default=0, help="seed of the eval-sample choice and the swapped pairs")
     onnx_option(p)
     p.set_defaults(func=cmd_gate_prompts)

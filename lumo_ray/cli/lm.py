@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import command_config, mark, onnx_option, verdict, with_onnx
+from .common import command_config, count, mark, onnx_option, positive_int, verdict, with_onnx
 
 
 def run_config(run: str, config, sets):
@@ -137,8 +137,8 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--split", choices=["all", "eval"], default="all",
                    help="all: every text of --data (default); eval: those the run's lm.eval_fraction holds out, "
                         "as its training did")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed block (default the run's lm.seq_len)")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per packed block (default the run's lm.seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="blocks per forward pass")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--out", help="JSON report file, path or URI (default: the JSON is printed)")
     p.set_defaults(func=cmd_eval_perplexity)
@@ -166,8 +166,8 @@ def add_commands(groups: dict, common) -> None:
     p.add_argument("--run", required=True, help="token-LM run directory or URI (holds config.yaml and export/)")
     p.add_argument("--out", required=True, help="report directory (path or URI)")
     p.add_argument("--shards", help="shard directory (default: the run's token_lm.shards)")
-    p.add_argument("--n", type=int, default=None, help="eval captions per modality (default token_lm.fidelity.n)")
-    p.add_argument("--seed", type=int, default=None, help="default token_lm.fidelity.seed")
+    p.add_argument("--n", type=positive_int, default=None, help="eval captions per modality (default token_lm.fidelity.n)")
+    p.add_argument("--seed", type=count, default=None, help="default token_lm.fidelity.seed")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance of the generations, "
                    "in [1, 20] (default token_lm.fidelity.guidance_scale, 1: none)")
     onnx_option(p)

@@ -1,7 +1,7 @@
 """`lumo serve`: a token-LM or stage-4 run over HTTP on Ray Serve (servers/generate.py)."""
 from __future__ import annotations
 
-from .common import command_config
+from .common import command_config, port, positive_int
 
 
 def cmd_serve(args) -> int:
@@ -47,8 +47,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--run", required=True, help="token-LM or stage-4 run directory or URI (config.yaml + export/)")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1: this machine only; beyond it "
                                   "needs --token-file or --insecure)")
-    p.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
-    p.add_argument("--replicas", type=int, help="model replicas (default serve.replicas, 1)")
+    p.add_argument("--port", type=port, help="HTTP port (default serve.port, 8000)")
+    p.add_argument("--replicas", type=positive_int, help="model replicas (default serve.replicas, 1)")
     p.add_argument("--token-file", help="file with a bearer token that every request must send (default: open; "
                                         "an empty or unreadable file refuses to start)")
     p.add_argument("--insecure", action="store_true", help="serve a --host beyond loopback without a token "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import command_config
+from .common import command_config, count, positive_int
 
 
 def cmd_train_vlm(args) -> int:
@@ -65,8 +65,8 @@ def add_commands(groups: dict, common) -> None:
     common(e, config=False)
     e.add_argument("--run", required=True, help="a `lumo train vlm` run directory or URI (or its export/)")
     e.add_argument("--out", required=True, help="report directory (path or URI)")
-    e.add_argument("--n", type=int, default=128, help="held-out samples (64-256; all of eval when fewer)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the held-out sample choice and the noise condition")
+    e.add_argument("--n", type=positive_int, default=128, help="held-out samples (64-256; all of eval when fewer)")
+    e.add_argument("--seed", type=count, default=0, help="seed of the held-out sample choice and the noise condition")
     e.add_argument("--allow-small-n", action="store_true",
                    help="run on fewer than 64 samples; the report then does not gate (exit 1)")
     e.set_defaults(func=cmd_eval_vlm_ablation)
