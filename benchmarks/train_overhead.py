@@ -1,4 +1,4 @@
-"""Ray Train overhead on the VLM loop (SPEC §8): step time of the TorchTrainer loop (1 worker)
+"""Ray Train overhead on the VLM loop: step time of the TorchTrainer loop (1 worker)
 over the same loop run as a plain PyTorch process, same model / batch / data, and the data-loading
 share of the step (batch assembly incl. host->device). Both times are measured inside the loop
 (steady state, first 3 steps dropped), so Ray start-up is not counted.

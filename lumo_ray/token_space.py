@@ -1,4 +1,4 @@
-"""The token space: the ABI every shard and checkpoint carries (SPEC §3).
+"""The token space: the ABI every shard and checkpoint carries (docs/stage3_uti.md).
 
 Ordered, contiguous, non-overlapping ranges of global ids: TEXT, SPECIAL, IMAGE, AUDIO_CB0..K-1.
 The identity hash covers layout and adapter identity only: never paths, timestamps, devices or

@@ -1,4 +1,4 @@
-"""Ray Data job for `lumo data normalize` (SPEC §5).
+"""Ray Data job for `lumo data normalize` (docs/stage2_data.md).
 
     from pipelines.normalize import run_normalize
     summary = run_normalize("clotho", "data/clotho", "runs/norm-clotho", NormalizeConfig())
@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Iterable, Optional
 
 from lumo_ray.config import LumoConfig, NormalizeConfig, load_config
 from lumo_ray.data.normalize import NormalizeError, log, normalize_with, probe_batch, read_and_dedupe
 from lumo_ray.resources import task_resources
-from lumo_ray.runtime import Progress, rate_eta
+from lumo_ray.runtime import Progress
 from pipelines.ray_env import init_ray
 from pipelines.status import require_fit
 
@@ -40,11 +39,11 @@ def _ray_probe(cfg: NormalizeConfig):
                             **task_resources("normalize", cfg).ray_options())
         out: list[dict] = []
         log(f"probing {len(rows)} records on Ray Data ({n_blocks} batches of {cfg.probe_batch_size})")
-        t0, bar = time.time(), Progress(len(rows), "[normalize] probed", "records", log, console=True)
+        bar = Progress(len(rows), "[normalize] probed", "records", log, console=True)
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):  # whole blocks as they finish
             out.extend({"id": str(i), "ok": bool(k), "json": str(j)} for i, k, j in zip(b["id"], b["ok"], b["json"]))
             n = len(out)  # plain lines: one per tenth, not per batch
-            bar.update(n, lambda: f"  probed {n}/{len(rows)} ({rate_eta(n, len(rows), t0, unit='records')})")
+            bar.update(n, lambda: f"  probed {n}/{len(rows)} ({bar.rate(n)})")
         bar.close()
         return out
     return run

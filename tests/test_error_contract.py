@@ -1,4 +1,4 @@
-"""The error contract for every user input (README "Errors, console and tracking"): a missing, empty or
+"""The error contract for every user input (docs/commands.md, "Errors, console and tracking"): a missing, empty or
 wrong kind of input, an out-of-range value, an unknown flag or command, a config file that is not there,
 a config value the codec refuses, a Ray cluster whose token this process lacks: one line on stderr,
 exit 2, within 3 s, nothing written to --out, and a hint ("did you mean ...") where a near name exists.

@@ -6,7 +6,7 @@ trial directory, no golden generations): in-process on what it reserves, or (stu
 a Ray Train run whose rank 0 scores (trainers/tune_study.py). Every `report_every` steps it is scored
 on fixed seeded eval slices: objective = mean eval loss over i2t, a2t, t2i and t2a (minimised);
 constraints = the prompt ablation (t2i, t2a) and the modality ablation (image, audio), each at its
-SPEC thresholds. An infeasible trial reports objective + 100 so ASHA stops it early; the best trial is
+gate thresholds (docs/gates.md). An infeasible trial reports objective + 100 so ASHA stops it early; the best trial is
 the feasible one with the lowest objective. Writes results.csv, results.md, best.json and
 best_config.yaml (the full config with the best choices applied).
 """

@@ -2,11 +2,36 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from shlex import quote as q
 
 from .common import command_config, count, mark, positive_int, require_input, verdict
 
 SOURCES = ["llava_pretrain", "audiocaps", "clotho", "wavcaps", "jsonl"]
+
+
+# Where the next command's output goes: a folder beside this command's --out (the README's quick start).
+SYNTH_NORMALIZED = {"llava_pretrain": "images", "audiocaps": "audio"}
+
+
+def _sibling(path, name: str) -> str:
+    """`name` in the folder that holds `path`, spelt as the user spelt `path` (relative stays relative;
+    an object-store URI keeps its query)."""
+    path = str(path)
+    head, sep, query = path.partition("?")
+    parent = os.path.dirname(head.rstrip("/"))
+    return (f"{parent}/{name}" if parent else name) + (sep + query)
+
+
+def _join(path, name: str) -> str:
+    head, sep, query = str(path).partition("?")
+    return f"{head.rstrip('/')}/{name}{sep}{query}"
+
+
+def _next(*commands: str) -> None:
+    """The last line of a command that leads to another: the next one, with the paths this one used."""
+    print("next: " + " && ".join(commands))
 
 
 def cmd_synth(args) -> int:
@@ -16,6 +41,10 @@ def cmd_synth(args) -> int:
     for k, v in info.items():
         if isinstance(v, (str, int, float)):
             print(f"  {k}: {v}")
+    made = [src for src, n in (("audiocaps", args.audio), ("llava_pretrain", args.images)) if n]
+    if made:
+        _next(*(f"lumo data normalize --source {src} --input {q(os.path.join(args.out, src))} "
+                f"--out {q(_sibling(args.out, SYNTH_NORMALIZED[src]))}" for src in made))
     return 0
 
 
@@ -34,6 +63,8 @@ def cmd_normalize(args) -> int:
         print(f"[normalize] FAILED: {e}", file=sys.stderr)
         return 1
     print(f"[normalize] {s.get('ok', '?')} records, {s.get('errors', '?')} errors -> {args.out}")
+    print("  (several datasets make one shard set: give each one's manifest.jsonl to one tokenize)")
+    _next(f"lumo data tokenize --manifest {q(_join(args.out, 'manifest.jsonl'))} --out {q(_sibling(args.out, 'shards'))}")
     return 0
 
 
@@ -57,14 +88,22 @@ def require_shards(path) -> None:
 
 def cmd_tokenize(args) -> int:
     from ..data.manifest import check_manifest
-    check_manifest(args.manifest)  # before Ray is imported
+    from ..data.manifest_merge import MERGED, merge_manifests
+    for m in args.manifest:
+        check_manifest(m)  # before Ray is imported
     cfg = command_config(args)  # a config error before Ray starts too
+    manifest = args.manifest[0]
+    if len(args.manifest) > 1:  # ids checked unique before anything is written; then one manifest, --out's
+        from ..storage import locate
+        manifest = merge_manifests(args.manifest, locate(args.out) / MERGED)
+        print(f"[tokenize] merged {len(args.manifest)} manifests, in the order given, into {manifest}")
     from pipelines.tokenize import run_tokenize
     try:
-        run_tokenize(args.manifest, cfg, args.out, actors=args.actors, address=args.address)
+        run_tokenize(manifest, cfg, args.out, actors=args.actors, address=args.address)
     except RuntimeError as e:
         print(f"[tokenize] FAILED: {e}", file=sys.stderr)
         return 1
+    _next(f"lumo data verify --shards {q(args.out)} --out {q(_sibling(args.out, 'verify'))}")
     return 0
 
 
@@ -102,7 +141,10 @@ def cmd_verify(args) -> int:
     for k, v in rep["checks"].items():
         print(f"  {mark(v['pass'])}  {k}: {v.get('summary', '')}")
     from ..storage import locate
-    return verdict("verify", rep["pass"], locate(args.out) / "report.json")
+    code = verdict("verify", rep["pass"], locate(args.out) / "report.json")
+    if rep["pass"]:
+        _next(f"lumo train token-lm --shards {q(args.shards)} --out {q(_sibling(args.shards, 'token_lm'))}")
+    return code
 
 
 def add_commands(sub, common) -> None:
@@ -123,9 +165,14 @@ def add_commands(sub, common) -> None:
     n.add_argument("--out", required=True, help="output folder: manifest.jsonl, errors.jsonl, summary.json")
     n.set_defaults(func=cmd_normalize)
 
-    t = data.add_parser("tokenize", help="manifest -> deterministic WebDataset shards (Ray Data actor pool)")
+    t = data.add_parser("tokenize", help="manifests -> deterministic WebDataset shards (Ray Data actor pool)")
     common(t)
-    t.add_argument("--manifest", required=True, help="manifest.jsonl: a path or an object-store URI (s3://, gs://)")
+    t.add_argument("--manifest", required=True, nargs="+", metavar="MANIFEST",
+                   help="manifest.jsonl, a path or an object-store URI (s3://, gs://); several (e.g. the images' "
+                        "and the audio's `normalize` outputs) make one shard set: their record ids must be "
+                        "unique, and they are merged in the order given into <out>/manifest.jsonl (A's lines, "
+                        "then B's), which `lumo data verify` reads back from <out>/source.json; shards take "
+                        "each split's records in id order, so the order changes no shard")
     t.add_argument("--out", required=True, help="shard directory: a path or an object-store URI (s3://, gs://)")
     t.add_argument("--actors", type=positive_int, default=None, help="tokenizer actors (default: data.tokenize.actors)")
     t.set_defaults(func=cmd_tokenize)
@@ -152,7 +199,9 @@ def add_commands(sub, common) -> None:
     v = data.add_parser("verify", help="the data verify gate over every record (exit 1 when it fails)")
     common(v)
     v.add_argument("--shards", required=True, help="shard directory: a path or an object-store URI")
-    v.add_argument("--manifest", help="manifest.jsonl for re-tokenize consistency from the raw files")
+    v.add_argument("--manifest", help="the manifest the shards were tokenized from, for re-tokenize consistency "
+                                      "from the raw files (default: the one <shards>/source.json names: the "
+                                      "--manifest of tokenize, or <shards>/manifest.jsonl when it merged several)")
     v.add_argument("--out", required=True, help="report directory: a path or an object-store URI")
     v.add_argument("--baseline", help="a baseline.json from an earlier verify: check drift")
     v.add_argument("--write-baseline", action="store_true", help="store this run's statistics as baseline.json")

@@ -165,7 +165,7 @@ class SequenceConfig:
 
 @dataclass
 class AblationConfig:
-    """SPEC §6 modality ablation on a fixed seeded eval slice."""
+    """The modality ablation (docs/gates.md) on a fixed seeded eval slice."""
     split: str = "eval"
     """Shard split the slice is drawn from."""
     n: int = 64
@@ -185,7 +185,7 @@ class AblationConfig:
 
 @dataclass
 class InvarianceConfig:
-    """SPEC §6 text invariance."""
+    """Text invariance (docs/gates.md)."""
     prompts: list[str] = field(default_factory=lambda: [
         "a red circle on the left", "two short high beeps", "The quick brown fox jumps over the lazy dog.",
         "Describe the image.", "three blue squares at the top"])
@@ -194,7 +194,7 @@ class InvarianceConfig:
 
 @dataclass
 class FidelityConfig:
-    """SPEC §6 generation fidelity (`lumo eval fidelity`): an attribute probe fitted on real train-split
+    """Generation fidelity (docs/gates.md) (`lumo eval fidelity`): an attribute probe fitted on real train-split
     codes reads codes generated for eval captions (lumo_ray.eval.fidelity)."""
     n: int = 64
     """Eval captions per modality (all when fewer), chosen by seed."""

@@ -1,4 +1,4 @@
-"""Manifest schema (SPEC §5): one JSON object per line, one sample per line.
+"""Manifest schema (docs/stage2_data.md): one JSON object per line, one sample per line.
 
 Fields: `id` (stable, from the source's own keys), `source`, `group` (never straddles train/eval),
 `task` ('a2t', 'i2t', 't2a', 't2i', 't'), `modalities` ({"image": {"path": ...}} and/or

@@ -1,4 +1,4 @@
-"""Normalization (SPEC §5), the Ray-free half: read, probe a batch, split, summarize, write.
+"""Normalization (docs/stage2_data.md), the Ray-free half: read, probe a batch, split, summarize, write.
 
 The Ray Data job (`pipelines/normalize.py:run_normalize`) only distributes `probe_batch` over
 record batches; everything else runs here, on the driver, so the outputs are a pure function of

@@ -1,4 +1,4 @@
-"""Open a record's media and report what it is (SPEC §5), or why it is bad.
+"""Open a record's media and report what it is (docs/stage2_data.md), or why it is bad.
 
 `probe_record` is a pure function of one record (and a minimum length): it never raises for bad
 media, it returns an ErrorRecord with a short `reason` ('missing file', 'unreadable file' (a

@@ -1,4 +1,4 @@
-"""Readers for the raw dataset formats (SPEC §5). Each yields `Record`s and `ErrorRecord`s.
+"""Readers for the raw dataset formats (docs/stage2_data.md). Each yields `Record`s and `ErrorRecord`s.
 
 Ids are `<source>:<key>` with the key taken from the source's own fields (never a list position),
 so they stay unique when manifests of several sources are concatenated:

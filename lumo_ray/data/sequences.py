@@ -1,4 +1,4 @@
-"""Sequence builder of the token LM (SPEC §7): shard sample -> (input ids, labels) per task layout.
+"""Sequence builder of the token LM (docs/stage3_token_lm.md): shard sample -> (input ids, labels) per task layout.
 
 Layouts ('full' delimiters; 'compact' drops the generation token and, for x2t, <|text_start|>):
   i2t  [instr] <|img_start|> IMG <|img_end|> <|gen_text|> <|text_start|> CAPTION <|text_end|>

@@ -1,4 +1,4 @@
-"""Deterministic WebDataset shards (SPEC §5): layout, sample encoding, tar writing and reading.
+"""Deterministic WebDataset shards (docs/stage2_data.md): layout, sample encoding, tar writing and reading.
 
 A shard is `<out>/<split>/shard-NNNNNN.tar`. Samples sit in manifest order, each sample's members
 sorted by name, with fixed mtime/uid/gid/mode, so one manifest + config gives byte-identical tars

@@ -1,4 +1,4 @@
-"""Train/eval split as a pure function of the group key (SPEC §5), plus the leakage audit.
+"""Train/eval split as a pure function of the group key (docs/stage2_data.md), plus the leakage audit.
 
 Rule: a group is eval iff int(sha256(group), 16) % 1000 < eval_permille. Adding or removing other
 samples never moves a group. Minimum eval size: when the rule gives fewer than `min_eval` eval

@@ -1,4 +1,4 @@
-"""Stage-4 task mix (SPEC §2, stage 4): which task each training sequence trains, per step.
+"""Stage-4 task mix (docs/stage4_mmpt.md): which task each training sequence trains, per step.
 
 Tasks are drawn from normalised weights; during the ramp only x2t tasks are drawn, then the t2x
 weights rise linearly over `blend` steps to their configured value. A pure function of

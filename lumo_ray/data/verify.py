@@ -1,4 +1,4 @@
-"""Data verify (SPEC §6): every record's range / shape / phase / dtype / hash checks, leakage,
+"""Data verify (docs/gates.md): every record's range / shape / phase / dtype / hash checks, leakage,
 length statistics and drift. Library code; pipelines/verify.py fans the shard checks out on Ray.
 Shards may sit on a local path or an object store (lumo_ray.storage): each is read once, as a
 stream, and hashed while its records are checked."""

@@ -1,4 +1,4 @@
-"""The per-attribute accuracy gate of SPEC §6 generation fidelity, shared by the attribute probe on generated
+"""The per-attribute accuracy gate of generation fidelity (docs/gates.md), shared by the attribute probe on generated
 media (eval/fidelity.py, t2i / t2a) and the caption parser on generated captions (eval/captions.py, i2t /
 a2t): per sample, was the attribute read right from the output made for this sample (generated) and when
 scored against another sample (swapped, the floor)? Chance is the majority-class rate of the labels. The

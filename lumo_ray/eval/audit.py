@@ -1,4 +1,4 @@
-"""UTI audit (SPEC §6): determinism (in-process and across processes), ranges, audio phase, shapes,
+"""UTI audit (docs/gates.md): determinism (in-process and across processes), ranges, audio phase, shapes,
 decode checks, reconstruction metrics on aligned signals, and baseline regression.
 
 Nothing non-finite is dropped: a decoded sample with NaN / inf fails the decode check naming the
@@ -42,12 +42,12 @@ AUDIO_EXT = (".wav", ".flac", ".ogg")
 TEXTS = ["a bike greeting card", "Three short high beeps.", "Wind blowing, bird chirping in a distance!",
          "unicode: café — ok", ""]
 
-# Regression rules of SPEC §6: metric -> (direction, tolerance kind, tolerance)
+# Regression rules of the audit (docs/stage3_uti.md): metric -> (direction, tolerance kind, tolerance)
 RULES = {"audio_snr_db": ("min", "abs", 1.0), "audio_log_mel_l1": ("max", "rel", 1.05),
          "image_psnr": ("min", "abs", 0.5), "image_ssim": ("min", "abs", 0.02)}
 
 
-# Floors of the trained tiny VQ preset on synthetic shape images (SPEC §6 audit, the tiny codec's contract)
+# Floors of the trained tiny VQ preset on synthetic shape images (the audit, the tiny codec's contract)
 TINY_VQ_PSNR_FLOOR = 22.0    # dB, mean over the synthetic eval images
 TINY_VQ_SSIM_FLOOR = 0.70    # mean SSIM (7x7 window on luma)
 TINY_VQ_RESOLUTION = 32      # the floors hold at the preset resolution
@@ -361,7 +361,7 @@ def _pick_baseline(baseline: str | None, ts_hash: str) -> tuple[str | None, str]
 
 
 def compare_to_baseline(run: dict, base: dict) -> dict:
-    """Apply the SPEC §6 regression rules metric by metric. A metric the baseline lacks is skipped; one
+    """Apply the audit's regression rules metric by metric. A metric the baseline lacks is skipped; one
     the baseline has and the run lacks (or has as NaN) fails."""
     res = {}
     for k, (direction, kind, tol) in RULES.items():

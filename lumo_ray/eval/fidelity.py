@@ -1,4 +1,4 @@
-"""Generation fidelity of a token LM (SPEC §6, t2x): does a generated image / clip show what its
+"""Generation fidelity of a token LM (docs/gates.md, t2x): does a generated image / clip show what its
 caption asks for?
 
 Synthetic captions name attributes (lumo_ray.data.synth): images "two red circles on the left"

@@ -1,4 +1,4 @@
-"""Generation gates of stage 3.4 (SPEC §6).
+"""Generation gates of stage 3.4 (docs/gates.md).
 
 decode compliance: on a golden set of prompts per task (captions and media of the synthetic
 generator, fixed by a seed), generated spans must be 100% well-formed (opening token, end token,
@@ -84,7 +84,7 @@ def golden_set(run: Run, task: str, n: int, seed: int = 0) -> list[dict]:
 # -- metrics ------------------------------------------------------------------------------------
 
 def summarize(checks: list[SpanCheck], modality: str) -> dict:
-    """Rates over a task's spans; `pass` is SPEC §6 decode compliance."""
+    """Rates over a task's spans; `pass` is the decode compliance gate."""
     n = len(checks)
     ids = sum(max(c.length, 0) for c in checks)
     m = {
@@ -237,7 +237,7 @@ def _seq_losses(model, seqs: list, pad_id: int, batch_size: int) -> np.ndarray:
 
 def prompt_ablation(model, builder, samples: dict[str, list[dict]], seed: int = 0, batch_size: int = 16,
                     min_win_swapped: float = MIN_WIN_SWAPPED, min_win_empty: float = MIN_WIN_EMPTY) -> dict:
-    """SPEC §6 prompt ablation. samples: {'t2i': [...], 't2a': [...]} shard samples holding the task's
+    """The prompt ablation gate (docs/gates.md). samples: {'t2i': [...], 't2a': [...]} shard samples holding the task's
     media. Per task: target-span loss (mean nats per target token) with the true caption, a caption
     swapped from another sample, and no caption; per comparison n, gap with 95% CI, win rate (true
     strictly lower) and sign-test p (lumo_ray/eval/stats.py); pass needs the win rates and p < 0.01."""

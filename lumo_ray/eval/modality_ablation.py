@@ -1,4 +1,4 @@
-"""SPEC §6 modality ablation of the token LM: does the caption loss depend on the media span?
+"""The modality ablation gate (docs/gates.md) of the token LM: does the caption loss depend on the media span?
 
 On a fixed seeded eval slice, per modality (image: i2t, audio: a2t layouts), the caption loss with
 the correct media span is compared with the span shuffled (another sample's media), replaced by

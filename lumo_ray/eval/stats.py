@@ -1,4 +1,4 @@
-"""Paired statistics shared by the ablation-type gates (SPEC §6: VLM, modality, prompt, fidelity).
+"""Paired statistics shared by the ablation-type gates (docs/gates.md: VLM, modality, prompt, fidelity).
 
 Every comparison is over per-sample paired differences d = ablated - correct (a positive d is a win
 for the correct input). It reports n, the mean gap with a seeded bootstrap 95% CI, the win rate and

@@ -1,4 +1,4 @@
-"""SPEC §6 text invariance: training only new-vocabulary rows must leave text untouched.
+"""Text invariance (docs/gates.md): training only new-vocabulary rows must leave text untouched.
 
 Checks, against the base LM the run warm-started from:
 - text-only prompts give logits over the original vocabulary (ids < TEXT size) with max abs diff 0

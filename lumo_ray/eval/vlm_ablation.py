@@ -1,6 +1,6 @@
 """VLM evaluation: token-weighted caption loss (per bucket), golden caption dumps, and the
-visual-token ablation gate (SPEC §6): correct vs shuffled image vs zeroed visual tokens vs
-Gaussian noise matched to the projected embeddings' mean/std, teacher-forced. The gate is the SPEC's
+visual-token ablation gate (docs/gates.md): correct vs shuffled image vs zeroed visual tokens vs
+Gaussian noise matched to the projected embeddings' mean/std, teacher-forced. The gate is the
 order, correct < shuffled < zeroed and correct < noise, each comparison paired per sample with a
 positive mean gap, win rate >= min_win_rate and a one-sided sign test p < 0.01 (eval/stats.py), on
 a held-out set of at least MIN_N samples (fewer is an error unless allow_small_n, which marks the
@@ -23,7 +23,7 @@ from ..data.vlm_data import ImageStore, VLMSample, collate, to_device
 from ..storage import write_file
 from .stats import MAX_P, paired, passes
 
-MIN_N = 64  # SPEC: a fixed held-out set of 64-256
+MIN_N = 64  # the gate: a fixed held-out set of 64-256
 # the gated comparisons: (name, worse condition, better condition)
 ORDER = (("shuffled", "shuffled", "correct"), ("zero", "zero", "correct"), ("noise", "noise", "correct"),
          ("zero_vs_shuffled", "zero", "shuffled"))
@@ -111,7 +111,7 @@ def run_ablation(model, samples: Sequence[VLMSample], images: ImageStore, n: int
     chosen = [pool[i] for i in pick]
     if len(chosen) < MIN_N and not allow_small_n:
         raise ValueError(f"VLM ablation: {len(chosen)} held-out samples (n={n}, {len(pool)} in eval) < {MIN_N}, "
-                         f"the SPEC's minimum; use more eval data or --allow-small-n (the report then does not gate)")
+                         f"the gate's minimum; use more eval data or --allow-small-n (the report then does not gate)")
     if any(len(s.image_paths) == 0 for s in chosen):
         raise ValueError("ablation samples must have images")
     shuf = _derangement(len(chosen), rng)

@@ -1,4 +1,4 @@
-"""Constrained decoding of one target span (SPEC §6 decode compliance) as a transformers LogitsProcessor.
+"""Constrained decoding of one target span (the decode compliance gate, docs/gates.md) as a transformers LogitsProcessor.
 
 After the prompt (which ends with the span's opening token, e.g. <|img_start|>), generation step s
 may only emit:

@@ -1,4 +1,4 @@
-"""Warm start of a causal LM on the extended vocabulary (SPEC §7).
+"""Warm start of a causal LM on the extended vocabulary (docs/stage3_token_lm.md).
 
 Resize input embeddings and output head to the token space's padded size; rows beyond TEXT are
 "new": initialised as the mean of the TEXT rows plus noise (init_scale x the TEXT rows' per-dim

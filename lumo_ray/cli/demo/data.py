@@ -17,15 +17,15 @@ def synth_to_shards(out: Path, n_images: int, n_audio: int, seed: int, cfg: Lumo
     from pipelines.normalize import run_normalize
     from pipelines.tokenize import run_tokenize
 
-    from ...data.manifest import read_manifest, write_manifest
+    from ...data.manifest_merge import merge_manifests
     from ...data.synth import write_synth
 
     out = Path(out)
     write_synth(out / "synth", n_images, n_audio, seed=seed)
-    recs = []
     for src in SOURCES:
         run_normalize(src, out / "synth" / src, out / f"normalize_{src}", cfg.data.normalize, address)
-        recs += read_manifest(out / f"normalize_{src}" / "manifest.jsonl")[0]
-    write_manifest(recs, out / "manifest.jsonl")
+    # What `lumo data tokenize --manifest A B` does; in id order (audiocaps:... < llava_pretrain:...), so the
+    # merged manifest is sorted, as each normalize output is, and tokenize streams it
+    merge_manifests([out / f"normalize_{src}" / "manifest.jsonl" for src in sorted(SOURCES)], out / "manifest.jsonl")
     summary = run_tokenize(out / "manifest.jsonl", cfg, out / "shards", address=address, log=log)
     return out / "shards", out / "manifest.jsonl", summary

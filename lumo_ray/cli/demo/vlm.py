@@ -12,7 +12,7 @@ from ...config.vlm import VLMConfig
 # The demo's VLM data: 224 training images and 224 held out (demo.vlm_images = 448; a split holds out
 # at most half). The gate's shuffled comparison wins on only ~70 % of samples even for a connector that
 # reads the image (a shuffled synthetic image often shares colour, shape or count with the true one),
-# so it needs a held-out set near the SPEC's largest (64-256) for p < 0.01; 64 left seed 2 at p 0.05
+# so it needs a held-out set near the gate's largest (64-256) for p < 0.01; 64 left seed 2 at p 0.05
 # (docs/stage1_vlm.md).
 EVAL_SIZE = 224
 
