@@ -76,8 +76,44 @@ def run_clients(client, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def sweep(port: int, clients: list[int], requests: int, answers: dict) -> list[dict]:
-    """answers: (clients, seed) -> sha256 of the answer, filled in."""
+# Where a sweep's CPU goes: each process of the server's tree by the part it plays, and this process
+# (the client threads). Matched on the process title Ray sets (`ray::ServeReplica:lumo:Generator...`).
+PARTS = (("model replica", "Generator"), ("gateway", "Gateway"), ("HTTP proxy", "ProxyActor"),
+         ("controller", "ServeController"), ("ray core", "raylet"), ("ray core", "gcs_server"))
+
+
+def cpu_by_part(server: subprocess.Popen) -> dict:
+    """part -> CPU seconds (user + system) so far of the server's processes, "clients" this process,
+    "machine" every core's busy seconds; a process gone since is not counted (each sweep is short)."""
+    import os
+
+    import psutil
+
+    out = {"clients": sum(psutil.Process(os.getpid()).cpu_times()[:2])}
+    for proc in psutil.Process(server.pid).children(recursive=True) + [psutil.Process(server.pid)]:
+        try:
+            cmd, t = " ".join(proc.cmdline()), sum(proc.cpu_times()[:2])
+        except psutil.Error:
+            continue
+        part = next((name for name, key in PARTS if key in cmd), "other ray / lumo serve")
+        out[part] = out.get(part, 0.0) + t
+    m = psutil.cpu_times()
+    out["machine"] = m.user + m.system + getattr(m, "nice", 0.0) + getattr(m, "irq", 0.0) + getattr(m, "softirq", 0.0)
+    return out
+
+
+def profile_row(before: dict, after: dict, n: int, wall: float) -> dict:
+    """CPU ms per request of each part between two cpu_by_part snapshots, and the machine's busy share."""
+    import os
+
+    row = {k: 1000 * (after.get(k, 0.0) - before.get(k, 0.0)) / n for k in after if k != "machine"}
+    row["busy"] = (after["machine"] - before["machine"]) / (wall * (os.cpu_count() or 1))
+    return row
+
+
+def sweep(port: int, clients: list[int], requests: int, answers: dict, server: subprocess.Popen | None = None) -> list[dict]:
+    """answers: (clients, seed) -> sha256 of the answer, filled in. With the server's process, each row
+    also has its CPU profile (profile_row)."""
     rows = []
     for c in clients:
         lat, codes, lock = [], [], threading.Lock()
@@ -90,10 +126,12 @@ def sweep(port: int, clients: list[int], requests: int, answers: dict) -> list[d
                     lat.append(s)
                     answers[(c, i * 1000 + j)] = digest
 
+        cpu0 = cpu_by_part(server) if server else None
         wall = run_clients(client, c)
         q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
         rows.append({"clients": c, "requests": len(lat), "errors": sum(x != 200 for x in codes),
-                     "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94], "p99_ms": 1000 * q[98], "rps": len(lat) / wall})
+                     "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94], "p99_ms": 1000 * q[98], "rps": len(lat) / wall,
+                     "profile": profile_row(cpu0, cpu_by_part(server), len(lat), wall) if server else None})
     return rows
 
 
@@ -277,7 +315,7 @@ def main() -> None:
     if set(a.settings.split(",")) - {"", "openai"}:
         print("| batching | clients | requests | errors | p50 ms | p95 ms | p99 ms | req/s | same as exact |")
         print("|---|---|---|---|---|---|---|---|---|")
-    ratio, answers = {}, {}
+    ratio, answers, profiles = {}, {}, {}
     b = a.batch
     settings = {"exact": (f"exact ({b})", b, True), "batched": (f"batched ({b})", b, False), "off": ("off (1)", 1, False)}
     for name, batch, exact in (settings[k] for k in a.settings.split(",") if k and k != "openai"):  # "": kill only
@@ -286,7 +324,7 @@ def main() -> None:
         answers[name] = {}
         try:
             post(port, {"task": "t2i", "prompt": PROMPT, "seed": 10**6})  # warm-up, not counted
-            rows = sweep(port, clients, a.requests, answers[name])
+            rows = sweep(port, clients, a.requests, answers[name], p)
         finally:
             p.send_signal(2)
             p.communicate(timeout=120)
@@ -295,11 +333,24 @@ def main() -> None:
             same = [answers[name][k] == ref.get(k) for k in answers[name] if k[0] == r["clients"]]
             print(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
                   f"| {r['p99_ms']:.0f} | {r['rps']:.2f} | {f'{sum(same)}/{len(same)}' if ref else '-'} |")
+        profiles[name] = rows
         by = {r["clients"]: r["rps"] for r in rows}
         if 1 in by and 16 in by:
             ratio[name] = by[16] / by[1]
     for name, x in ratio.items():
         print(f"throughput at 16 clients / 1 client, {name}: {x:.2f}x (target with batching: >= 3x)")
+    if profiles:
+        parts = [n for n, _ in PARTS]
+        cols = list(dict.fromkeys([*parts, "other ray / lumo serve", "clients"]))
+        print("\nWhere the CPU goes: CPU ms per request of each part (user + system, its processes summed), and how "
+              "busy the machine's cores were over the sweep (every process on the machine)")
+        print("| batching | clients | req/s | " + " | ".join(cols) + " | all parts | cores busy |")
+        print("|---|---|---|" + "---|" * (len(cols) + 2))
+        for name, rows in profiles.items():
+            for r in rows:
+                pr = r["profile"]
+                print(f"| {name} | {r['clients']} | {r['rps']:.2f} | " + " | ".join(f"{pr.get(k, 0.0):.0f}" for k in cols)
+                      + f" | {sum(v for k, v in pr.items() if k != 'busy'):.0f} | {100 * pr['busy']:.0f} % |")
     if "openai" in a.settings.split(","):
         port = _port()
         p = serve(run, port, b, a.replicas)
