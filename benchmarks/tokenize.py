@@ -101,9 +101,10 @@ def stage_table(timings: dict, wall: float) -> list[str]:
     lines.append(f"  whole-process CPU: driver {secs['total'][1]:.1f} s, loader actors {p['loader']:.1f} s, "
                  f"tokenizer actors {p['tokenizer']:.1f} s (imports, model build and Ray's threads included)")
     if rd["tokenizer"] is not None:
+        s = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 (no loader actor with loaders 0)
         lines.append(f"  Ray Data launched: the last loader / tokenizer actor entered its constructor after "
-                     f"{st['loader']:.1f} / {st['tokenizer']:.1f} s (process start, imports), was ready after "
-                     f"{rd['loader']:.1f} / {rd['tokenizer']:.1f} s (first shard back: driver_startup)")
+                     f"{s(st['loader'])} / {s(st['tokenizer'])} s (process start, imports), was ready after "
+                     f"{s(rd['loader'])} / {s(rd['tokenizer'])} s (first shard back: driver_startup)")
     return lines
 
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bandwidth", type=float, default=6.0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--actors", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--loaders", type=int, default=1, help="(a)'s loader actors (data.tokenize.loaders; 0: the "
+                    "tokenizer actors decode their shards themselves)")
     ap.add_argument("--skip-single", action="store_true", help="skip the one-at-a-time loop (slow)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_manifest(recs, work / "manifest.jsonl")
     cfg = load_config(LumoConfig, None, [
         f"uti.audio.model={a.audio_model}", f"uti.audio.bandwidth={a.bandwidth}", f"uti.image.model={a.image_model}",
-        "uti.image.resolution=256", f"data.tokenize.batch_size={a.batch_size}", f"data.tokenize.shard_size={a.batch_size}"])
+        "uti.image.resolution=256", f"data.tokenize.batch_size={a.batch_size}", f"data.tokenize.shard_size={a.batch_size}",
+        f"data.tokenize.loaders={a.loaders}"])
     n = len(recs)
     audio_s = sum(r.meta["probe"]["audio"]["seconds"] for r in recs if "audio" in r.modalities)
 

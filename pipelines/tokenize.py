@@ -25,7 +25,7 @@ from lumo_ray.data.manifest import dropped_warning, require_manifest
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
 from lumo_ray.data.tokenize import SampleTokenizer, StageClock, text_token_bound, tokenize_config_digest
 from lumo_ray.resources import job_resources
-from lumo_ray.runtime import Progress, rate_eta
+from lumo_ray.runtime import Progress
 from lumo_ray.storage import PathLike, locate
 
 from .ray_env import init_ray, placement, unit_device
@@ -52,7 +52,7 @@ TIMINGS = {
     "load_read": "loader actors: a shard's records from its manifest byte range",
     "load_decode": "loader actors: media decode / resample / resize",
     "load_pickle": "loader actors: pickling the loaded shard for the tokenizers",
-    "writer_init": "tokenizer actors: adapters, models and token space",
+    "writer_init": "tokenizer actors: adapters, the driver's built weights and token space assigned",
     "writer_unpickle": "tokenizer actors: unpickling a loaded shard",
     "model_batches": "tokenizer actors: model batches (encode + sample members)",
     "tar_write": "tokenizer actors: tar + stats file written",
@@ -70,10 +70,11 @@ def actor_times(role: str, launched: float, started: float, ready: float) -> str
 class ShardLoader:
     """CPU stage: read a shard's records from the manifest and decode/resample/resize their media."""
 
-    def __init__(self, cfg_blob: bytes, manifest: str, base: str | None, launched: float = 0.0):
+    def __init__(self, cfg_blob: bytes, manifest: str, base: str | None, launched: float = 0.0,
+                 tok: SampleTokenizer | None = None):
         self.clock, self.launched, self.started = StageClock(), launched, time.time()
         with self.clock("loader_init"):
-            self.tok = SampleTokenizer(pickle.loads(cfg_blob))
+            self.tok = tok or SampleTokenizer(pickle.loads(cfg_blob))
             self.manifest, self.base = manifest, base
         self.ready = time.time()
 
@@ -93,20 +94,27 @@ class ShardLoader:
 
 class ShardWriter:
     """Model stage: adapters loaded once per actor, on the device Ray gave it; encodes a shard in model
-    batches and writes it."""
+    batches and writes it. load_from (manifest, base): no loader pool (data.tokenize.loaders 0), this
+    actor reads and decodes its shards itself."""
 
-    def __init__(self, cfg_blob: bytes, out: str, batch_size: int, max_text_tokens: int = 0, launched: float = 0.0):
+    def __init__(self, cfg_blob: bytes, out: str, batch_size: int, max_text_tokens: int = 0, launched: float = 0.0,
+                 built: list | None = None, load_from: tuple | None = None):
         self.clock, self.launched, self.started = StageClock(), launched, time.time()
         with self.clock("writer_init"):
             uti = pickle.loads(cfg_blob)
             device, ids = unit_device()
             uti.runtime.device, self.placed = str(device), placement(device, ids)  # runtime: never in an identity
-            self.tok = SampleTokenizer(uti, max_text_tokens)
-            self.tok.ts  # the models build now, while the loaders start, not on the first shard
+            # the driver's token space and built weights ([object ref]): drawing a full-size preset again
+            # took seconds of CPU per actor, on the cores the other actors start on
+            self.tok = SampleTokenizer(uti, max_text_tokens, ray.get(built[0]) if built else None)
+            self.tok.build_models()  # now, while the loaders start, not on the first shard
             self.out, self.batch_size = locate(out), batch_size
+        self.loader = ShardLoader(cfg_blob, *load_from, launched, self.tok) if load_from else None
         self.ready = time.time()
 
     def __call__(self, batch: dict) -> dict:
+        if self.loader is not None:  # its seconds go into the loader stages; its process is this one
+            batch = {**self.loader(batch), "procs": ["{}"] * len(batch["task"])}
         stats, timings, procs = [], [], []
         for t, blob, before, proc in zip(batch["task"], batch["loaded"], batch["timings"], batch["procs"]):
             self.clock.add(json.loads(before))  # the loader's seconds for this shard travel with it
@@ -144,7 +152,8 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     actors = encoders.count
     require_manifest(manifest)  # before anything is written
     with clock("driver_token_space"):
-        ts = SampleTokenizer(cfg.uti).ts  # a random preset's identity is its weights: this builds the models
+        tok = SampleTokenizer(cfg.uti)
+        ts = tok.ts  # a random preset's identity is its weights: this builds the models (handed to the actors)
     with clock("driver_plan"):
         shard_set.start(out, cfg, manifest, ts)
         bound = text_token_bound(cfg)  # caption + prompt tokens: a longer sample is an error row, never in a shard
@@ -159,13 +168,18 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     if todo:
         clock.mark()  # driver_startup: Ray, the plan handed to Ray Data, actor start-up, the first shard
         init_ray(address)
-        require_fit([loaders, encoders])
+        require_fit([g for g in (loaders, encoders) if g.count])
         blob = pickle.dumps(cfg.uti)
+        built = [ray.put(tok.built())]  # in a list: the actors get the ref, and fetch it in their constructor
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=min(len(todo), MAX_BLOCKS))
         launched = time.time()
-        ds = ds.map_batches(ShardLoader, fn_constructor_args=(blob, plan.manifest, plan.base, launched), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=loaders.count), **loaders.ray_options())
-        ds = ds.map_batches(ShardWriter, fn_constructor_args=(blob, str(out), tcfg.batch_size, bound, launched),
+        if loaders.count:
+            ds = ds.map_batches(ShardLoader, fn_constructor_args=(blob, plan.manifest, plan.base, launched),
+                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=loaders.count),
+                                **loaders.ray_options())
+        load_from = None if loaders.count else (plan.manifest, plan.base)  # one process fewer on a few cores
+        ds = ds.map_batches(ShardWriter, fn_constructor_args=(blob, str(out), tcfg.batch_size, bound, launched, built,
+                                                              load_from),
                             batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=actors), **encoders.ray_options())
         t0, done_before, placed = time.time(), len(stats), set()
@@ -191,7 +205,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
             written = len(stats) - done_before
             bar.update(written, lambda: f"[tokenize] {len(stats)}/{len(plan.tasks)} shards, last {key[0]}/"
                        f"{shard_set.tar_of(out, key).name}: {st['samples']} samples, {len(st['errors'])} errors "
-                       f"({time.time() - t0:.1f}s, {rate_eta(written, len(todo), t0, unit='shards')})")
+                       f"({time.time() - t0:.1f}s, {bar.rate(written)})")
             clock.lap("driver_rows")
         clock.lap("driver_wait")  # the pipeline's end after the last row
         bar.close()

@@ -1,4 +1,4 @@
-"""EnCodec audio adapter through `transformers.EncodecModel` (SPEC §4).
+"""EnCodec audio adapter through `transformers.EncodecModel` (docs/stage3_uti.md).
 
 Models: the offline presets 'tiny-24k' / 'tiny-48k' (tiny dims) and 'full-24k' / 'full-48k' (the
 published facebook/encodec_24khz / _48khz architecture, random weights), all built from an
@@ -48,8 +48,8 @@ from ..config import AudioConfig, ConfigError, RuntimeConfig
 from ..integrity import PRESET_TODO, verify_once
 from ..token_space import AUDIO_SERIALIZATION
 from . import base
-from .base import (AUDIO_PRESETS, AudioClip, AudioCodes, MediaError, audio_model_identity, model_identity, state_digest,
-                   uses_tiny_audio_weights)
+from .base import (AUDIO_PRESETS, AudioClip, AudioCodes, MediaError, assign_weights, audio_model_identity,
+                   model_identity, module_weights, state_digest, uses_tiny_audio_weights)
 
 # Extra source seconds read / resampled beyond max_seconds, so the resampler's filter sees real
 # signal at the cut (checked: the kept samples are bit-identical to resampling the whole file).
@@ -116,6 +116,17 @@ def _build_preset(name: str, seed: int, trained: bool = False) -> Any:
     reinit_(model, seed)
     _init_codebooks(model, seed)
     return model
+
+
+def _from_weights(name: str, weights: dict) -> Any:
+    """A preset EncodecModel holding weights built in another process (EncodecAdapter.built_weights):
+    the architecture on the meta device, then those tensors assigned, so none is drawn (the full-size
+    random init takes seconds of CPU at one thread) and the codes and identity are the built ones."""
+    from transformers import EncodecConfig, EncodecModel
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = EncodecModel(EncodecConfig(**PRESET_CONFIGS[name]))
+    return assign_weights(model, weights)
 
 
 def tiny_init(seed: int) -> Any:
@@ -246,6 +257,7 @@ class EncodecAdapter:
         # loader worker (load/prepare) or a driver that only needs the token space never builds them.
         c = _model_config(cfg.model)
         self._model: Any = None
+        self._weights: Optional[dict] = None  # use_weights: built elsewhere, assigned on first use
         self.bandwidth = float(cfg.bandwidth)
         supported = [float(b) for b in c.target_bandwidths]
         if self.bandwidth not in supported:
@@ -273,10 +285,28 @@ class EncodecAdapter:
             from ..runtime import torch_threads
 
             with torch_threads(getattr(self.runtime, "threads", torch.get_num_threads())):
-                m = _build_preset(self.cfg.model, self.cfg.seed, trained=uses_tiny_audio_weights(self.cfg)) \
-                    if self.cfg.model in AUDIO_PRESETS else _load_pretrained(self.cfg.model)
+                if self._weights is not None:
+                    m, self._weights = _from_weights(self.cfg.model, self._weights), None
+                elif self.cfg.model in AUDIO_PRESETS:
+                    m = _build_preset(self.cfg.model, self.cfg.seed, trained=uses_tiny_audio_weights(self.cfg))
+                else:
+                    m = _load_pretrained(self.cfg.model)
             self._model = m.to(device=self.device, dtype=self.dtype).eval()
         return self._model
+
+    def built_weights(self) -> Optional[dict]:
+        """A random preset's weights (numpy, float32, CPU; builds the model if not yet built) for another
+        process's `use_weights` with the same config. None for weights read from files (shipped,
+        pretrained: reading them is cheap) and for a model held in another dtype."""
+        if self.cfg.model not in AUDIO_PRESETS or uses_tiny_audio_weights(self.cfg) or self.dtype != torch.float32:
+            return None
+        return module_weights(self.model)
+
+    def use_weights(self, weights: dict) -> None:
+        """Take the model's weights from `built_weights` of another process (same config) instead of
+        building them: assigned on first use (`model`)."""
+        if self._model is None:
+            self._weights = weights
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> dict:

@@ -1,4 +1,4 @@
-"""The adapter interface every text / audio / image tokenizer implements (SPEC §4).
+"""The adapter interface every text / audio / image tokenizer implements (docs/stage3_uti.md).
 
 Adapters are plain PyTorch/NumPy code (no Ray). They work in *local* codes (0..codebook-1); the
 token space maps local codes to global ids. Each adapter reports an `identity()` dict that goes
@@ -132,6 +132,35 @@ def state_digest(module: Any) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
+
+
+def module_weights(module: Any) -> dict[str, np.ndarray]:
+    """A torch module's state dict and non-persistent buffers (EnCodec's conv strides) as numpy arrays on
+    the CPU: plain data for Ray's object store, which another process assigns with `assign_weights`
+    instead of drawing a random preset again."""
+    out = {k: v.detach().to("cpu").numpy() for k, v in module.state_dict().items()}
+    out.update({k: v.detach().to("cpu").numpy() for k, v in module.named_buffers() if k not in out})
+    return out
+
+
+def assign_weights(module: Any, weights: dict[str, np.ndarray]) -> Any:
+    """`module` (built on the meta device: no init draws) holding copies of `weights` (module_weights of
+    the same architecture): every key, exact shapes. Returns it in eval mode."""
+    import torch
+
+    keys = set(module.state_dict())
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items() if k in keys},
+                           strict=True, assign=True)
+    for k in sorted(set(weights) - keys):
+        owner, _, leaf = k.rpartition(".")
+        sub = module.get_submodule(owner)
+        if leaf not in dict(sub.named_buffers(recurse=False)):
+            raise ValueError(f"{type(module).__name__}: no buffer {k}")
+        sub.register_buffer(leaf, torch.from_numpy(np.array(weights[k])), persistent=False)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{type(module).__name__}: {len(left)} tensors have no values, e.g. {left[:3]}")
+    return module.eval()
 
 
 def model_identity(model: str, seed: int, presets: tuple[str, ...]) -> str:

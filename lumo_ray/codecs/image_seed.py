@@ -1,5 +1,5 @@
 """SEED-2 image adapter (`image.kind: seed`): 32 causal Q-Former codes from an 8192-entry codebook
-per image, decoded through the unCLIP Stable Diffusion 2.1 pipeline (SPEC §4).
+per image, decoded through the unCLIP Stable Diffusion 2.1 pipeline (docs/stage3_uti.md).
 
 There is no deterministic pixel decoder: `decode(codes, seed)` runs the diffusion sampler, repeatable
 for a seed and different across seeds. `embed(codes)` is the deterministic part (codes -> the

@@ -1,4 +1,4 @@
-"""VQ-GAN image adapter on `diffusers.VQModel` (SPEC §4, image kind 'vq').
+"""VQ-GAN image adapter on `diffusers.VQModel` (docs/stage3_uti.md, image kind 'vq').
 
 Deterministic encode (nearest codebook entry per latent cell, row-major grid order) and a
 deterministic pixel decoder, so reconstruction PSNR/SSIM are real numbers. Presets are built from
@@ -24,8 +24,8 @@ from ..config import ImageConfig, RuntimeConfig
 from ..integrity import PRESET_TODO, verify_once
 from ..runtime import torch_threads
 from . import base
-from .base import (IMAGE_VQ_PRESETS, ImageInput, MediaError, image_model_identity, state_digest,
-                   uses_tiny_vq_weights)
+from .base import (IMAGE_VQ_PRESETS, ImageInput, MediaError, assign_weights, image_model_identity, module_weights,
+                   state_digest, uses_tiny_vq_weights)
 
 # diffusers VQModel kwargs. Downsampling factor = 2 ** (len(block_out_channels) - 1).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
@@ -88,23 +88,16 @@ def _subfolder(ref: str) -> str | None:
 def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: int, trained: bool = False) -> Any:
     """A preset VQModel: the tiny preset's shipped trained weights (trained=True), the tiny
     preset's data-dependent init, or 'full' with a statistics-matched random codebook."""
-    from diffusers import VQModel
-
-    kw = dict(PRESET_CONFIGS[name])
-    if codebook_size is not None:
-        kw["num_vq_embeddings"] = codebook_size
-    down = len(kw["block_out_channels"])
     # fork_rng: a deterministic build without disturbing the caller's global RNG
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * down,
-                        up_block_types=("UpDecoderBlock2D",) * down, sample_size=resolution, **kw)
+        model = _preset_model(name, codebook_size, resolution)
     model.eval()
     if name == "tiny" and trained:
         verify_once(base.TINY_VQ_WEIGHTS.parent, "shipped VQ preset", PRESET_TODO)
         load_weights(model, base.TINY_VQ_WEIGHTS)
     elif name == "tiny":
-        key = (name, seed, kw["num_vq_embeddings"], resolution)
+        key = (name, seed, codebook_size or PRESET_CONFIGS[name]["num_vq_embeddings"], resolution)
         if key not in _FITTED:
             # one thread: the fit's float sums (and so the codebook) never depend on the caller's thread count
             with torch_threads(1):
@@ -114,6 +107,26 @@ def _build_preset(name: str, seed: int, codebook_size: int | None, resolution: i
     else:
         _init_codebook(model, seed)
     return model
+
+
+def _preset_model(name: str, codebook_size: int | None, resolution: int) -> Any:
+    """A preset's VQModel architecture, initialised as diffusers does (under the caller's RNG / device)."""
+    from diffusers import VQModel
+
+    kw = dict(PRESET_CONFIGS[name])
+    if codebook_size is not None:
+        kw["num_vq_embeddings"] = codebook_size
+    down = len(kw["block_out_channels"])
+    return VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * down,
+                   up_block_types=("UpDecoderBlock2D",) * down, sample_size=resolution, **kw)
+
+
+def _from_weights(name: str, codebook_size: int | None, resolution: int, weights: dict) -> Any:
+    """A preset VQModel holding weights built in another process (VQImageAdapter.built_weights): the
+    architecture on the meta device, then those tensors assigned (no init draws, no codebook fit)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = _preset_model(name, codebook_size, resolution)
+    return assign_weights(model, weights)
 
 
 def tiny_init(seed: int, codebook_size: int | None = None, resolution: int = 32) -> Any:
@@ -301,6 +314,7 @@ class VQImageAdapter:
         self.device = torch.device(runtime.device)
         self.dtype = _DTYPES[runtime.dtype]
         self._model: Any = None
+        self._weights: dict | None = None  # use_weights: built elsewhere, assigned on first use
         self.factor = 2 ** (len(conf.get("block_out_channels", (64,))) - 1)  # (diffusers' defaults)
         if cfg.resolution <= 0 or cfg.resolution % self.factor:
             raise ValueError(f"image.resolution={cfg.resolution} must be a positive multiple of the VQ "
@@ -317,10 +331,14 @@ class VQImageAdapter:
         """The VQModel, built (presets) or loaded on first use under the configured thread count
         (the 'full' preset's codebook is scaled from encoder outputs, whose rounding depends on it)."""
         if self._model is None:
+            c = self.cfg
             with torch_threads(getattr(self.runtime, "threads", torch.get_num_threads())):
-                m = _build_preset(self.cfg.model, self.cfg.seed, self.cfg.codebook_size, self.cfg.resolution,
-                                  trained=uses_tiny_vq_weights(self.cfg)) \
-                    if self.cfg.model in IMAGE_VQ_PRESETS else _load_pretrained(self.cfg.model)
+                if self._weights is not None:
+                    m, self._weights = _from_weights(c.model, c.codebook_size, c.resolution, self._weights), None
+                elif c.model in IMAGE_VQ_PRESETS:
+                    m = _build_preset(c.model, c.seed, c.codebook_size, c.resolution, trained=uses_tiny_vq_weights(c))
+                else:
+                    m = _load_pretrained(c.model)
             m = m.to(self.device)
             if self.dtype != m.dtype:  # (a float32 .to(dtype) would only trigger a diffusers warning)
                 m = m.to(self.dtype)
@@ -328,6 +346,20 @@ class VQImageAdapter:
                 raise ValueError(f"image.model={self.cfg.model!r}: weights do not match their config")
             self._model = m.eval()
         return self._model
+
+    def built_weights(self) -> dict | None:
+        """An untrained preset's weights (numpy, float32, CPU; builds the model if not yet built) for
+        another process's `use_weights` with the same config. None for weights read from files (shipped,
+        pretrained) and for a model held in another dtype."""
+        if self.cfg.model not in IMAGE_VQ_PRESETS or uses_tiny_vq_weights(self.cfg) or self.dtype != torch.float32:
+            return None
+        return module_weights(self.model)
+
+    def use_weights(self, weights: dict) -> None:
+        """Take the model's weights from `built_weights` of another process (same config) instead of
+        building them: assigned on first use (`model`)."""
+        if self._model is None:
+            self._weights = weights
 
     def identity(self) -> dict:
         model = image_model_identity(self.cfg)

@@ -1,4 +1,4 @@
-"""Text adapter (SPEC §4) and byte-level BPE training (stage 0, `lumo tokenizer train`).
+"""Text adapter (docs/stage3_uti.md) and byte-level BPE training (stage 0, `lumo tokenizer train`).
 
 The adapter wraps any Hugging Face tokenizer. Boundary tokens belong to the sequence builder, so
 `encode` never adds the tokenizer's own specials. Three sources, all offline:

@@ -172,7 +172,8 @@ class TokenizeConfig:
     accelerator_type: str = ""
     """Ray accelerator type the tokenizer actors must land on (e.g. 'A100', 'H100'); '' = any GPU."""
     loaders: int = 1
-    """Size of the CPU loader actor pool (decode, resample, resize) feeding the tokenizers."""
+    """Size of the CPU loader actor pool (decode, resample, resize) feeding the tokenizers. 0: no loader
+    actor, the tokenizer actors read and decode their own shards (one process fewer: on a few CPU cores)."""
     num_cpus_per_loader: float = 0.5
     batch_size: int = 16
     """Samples per model call; batches are cut in manifest order, so output never depends on actors."""

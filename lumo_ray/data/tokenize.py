@@ -100,12 +100,37 @@ class TextTooLong(ValueError):
 
 class SampleTokenizer:
     """Adapters + token space, built once per worker. max_text_tokens: caption + prompt tokens above
-    it make the sample a 'text too long' error, never a shard member (0: no bound)."""
+    it make the sample a 'text too long' error, never a shard member (0: no bound). built: `built()`
+    of a SampleTokenizer with the same config in another process (the driver): its token space and
+    random presets' weights are taken, not built again."""
 
-    def __init__(self, cfg: UTIConfig, max_text_tokens: int = 0):
+    def __init__(self, cfg: UTIConfig, max_text_tokens: int = 0, built: dict | None = None):
         self.cfg, self.max_text_tokens = cfg, max_text_tokens
         self.adapters = build_adapters(cfg)
         self._ts: TokenSpace | None = None
+        if built is not None:
+            for m, weights in built["weights"].items():
+                getattr(self.adapters, m).use_weights(weights)
+            self._ts = TokenSpace.from_json(built["token_space"])
+
+    def built(self) -> dict:
+        """What another process with this config needs to skip the model builds (a random preset's
+        identity is a digest of its weights, and the full-size ones take seconds to draw): the token
+        space and each random preset's weights as numpy arrays (plain data for Ray's object store)."""
+        weights = {}
+        for m in ("audio", "image"):
+            w = getattr(getattr(self.adapters, m), "built_weights", lambda: None)()
+            if w is not None:
+                weights[m] = w
+        return {"token_space": self.ts.to_json(), "weights": weights}
+
+    def build_models(self) -> None:
+        """Build (or assign) the EnCodec / VQ models and the token space now, not on the first batch."""
+        self.ts
+        for m in ("audio", "image"):
+            a = getattr(self.adapters, m)
+            if hasattr(a, "built_weights"):
+                a.model
 
     @property
     def ts(self) -> TokenSpace:
