@@ -35,13 +35,22 @@ def inputs(tmp_path_factory):
     return make_tiny_run(d / "run"), manifest, recs
 
 
+@pytest.fixture(scope="module")
+def seed3(inputs, tmp_path_factory, ray_local):
+    """An uninterrupted run with seed 3 in 15 units of 4: another seed's generation for the first test,
+    the reference bytes for the stopped run's. Neither test changes it."""
+    run, manifest, _ = inputs
+    out = tmp_path_factory.mktemp("seed3") / "ref"
+    return out, run_batch_generate(str(manifest), str(run), "t2i", out, GenOptions(seed=3), unit_size=4, **QUIET)
+
+
 def digest(out: Path) -> dict[str, str]:
     """sha256 of every output file but the settings (which name the run's location)."""
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and p.name != "options.json"}
 
 
-def test_one_and_two_actors_write_the_same_bytes(inputs, tmp_path, ray_local):
+def test_one_and_two_actors_write_the_same_bytes(inputs, seed3, tmp_path, ray_local):
     run, manifest, recs = inputs
     assert len(recs) == 64
     s1 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a1", GenOptions(seed=7), actors=1, unit_size=8, **QUIET)
@@ -55,19 +64,18 @@ def test_one_and_two_actors_write_the_same_bytes(inputs, tmp_path, ray_local):
     caption = next(r.text["caption"] for r in recs if r.id == rows[0]["id"])
     assert rows[0]["prompt"] == caption and (tmp_path / "a1" / rows[0]["samples"][0]["file"]).suffix == ".png"
     # another seed is another generation
-    s3 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a3", GenOptions(seed=8), unit_size=8, **QUIET)
-    assert s3["generated"] == 60 and (tmp_path / "a3" / "results.jsonl").read_bytes() != (tmp_path / "a1" / "results.jsonl").read_bytes()
+    a3, s3 = seed3
+    assert s3["generated"] == 60 and (a3 / "results.jsonl").read_bytes() != (tmp_path / "a1" / "results.jsonl").read_bytes()
 
 
-def test_a_run_stopped_midway_finishes_the_rest(inputs, tmp_path, ray_local):
+def test_a_run_stopped_midway_finishes_the_rest(inputs, seed3, tmp_path, ray_local):
     """Ctrl-C on a running `lumo generate --manifest` stops it with the finished units kept and no
     results.jsonl; a re-run generates only the rest. Whether Ctrl-C lands before the last unit depends on
     the machine (a driver can receive every unit at once), so the state a stopped run leaves (some units,
     a unit half-written, no results) is also made by hand from a finished run, and the re-run must
     finish it to the bytes of an uninterrupted run."""
     run, manifest, _ = inputs
-    ref = tmp_path / "ref"
-    run_batch_generate(str(manifest), str(run), "t2i", ref, GenOptions(seed=3), unit_size=4, **QUIET)
+    ref = seed3[0]
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "lumo_ray.cli", "generate", "--manifest", str(manifest), "--run", str(run),
            "--task", "t2i", "--out", str(out), "--seed", "3", "--unit-size", "4"]

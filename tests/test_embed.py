@@ -52,9 +52,16 @@ def manifest(tmp_path_factory):
     return d / "manifest.jsonl"
 
 
-def test_embeddings_are_unit_vectors_with_errors_recorded(manifest, tmp_path, ray_local):
-    out = tmp_path / "e1"
-    s = run_embed(manifest, cfg(), out, actors=1, log=quiet)
+@pytest.fixture(scope="module")
+def one_actor(manifest, tmp_path_factory, ray_local):
+    """One run with 1 actor and the default settings, which every test below reads and none changes:
+    (its output dir, its summary)."""
+    out = tmp_path_factory.mktemp("embed_one") / "e1"
+    return out, run_embed(manifest, cfg(), out, actors=1, log=quiet)
+
+
+def test_embeddings_are_unit_vectors_with_errors_recorded(one_actor):
+    out, s = one_actor
     assert s["rows"] == 13 and s["errors"] == 1 and s["no_image"] == 1
     err = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert err[0]["id"] == "im:13" and err[0]["stage"] == "load" and "img13.png" in err[0]["detail"]
@@ -68,9 +75,8 @@ def test_embeddings_are_unit_vectors_with_errors_recorded(manifest, tmp_path, ra
     assert index["model"]["name"] == "tiny" and len(index["model"]["identity"]) == 64 and index["rows"] == 13
 
 
-def test_actor_count_does_not_change_bytes_and_rerun_resumes(manifest, tmp_path, ray_local):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_embed(manifest, cfg(), one, actors=1, log=quiet)
+def test_actor_count_does_not_change_bytes_and_rerun_resumes(manifest, one_actor, tmp_path, ray_local):
+    one, two = one_actor[0], tmp_path / "two"
     lines = []  # the 2 actors each ask for one of the session's 2 fake GPUs: Ray gives them, CUDA is absent
     run_embed(manifest, cfg("data.embed.num_gpus_per_actor=1"), two, actors=2, log=lines.append)
     placed = next(x for x in lines if x.startswith("[embed] embedding actors computed on: "))
@@ -88,12 +94,10 @@ def test_actor_count_does_not_change_bytes_and_rerun_resumes(manifest, tmp_path,
     assert parts_bytes(one) == parts_bytes(two)
 
 
-def test_a_changed_part_is_refused_by_the_reader(manifest, tmp_path, ray_local):
+def test_a_changed_part_is_refused_by_the_reader(one_actor, tmp_path):
     from lumo_ray.errors import UserError
 
-    out = tmp_path / "e"
-    run_embed(manifest, cfg(), out, actors=1, log=quiet)
-    shutil.copytree(out, tmp_path / "bad")
+    shutil.copytree(one_actor[0], tmp_path / "bad")
     p = sorted((tmp_path / "bad").rglob("*.parquet"))[0]
     b = bytearray(p.read_bytes())
     b[len(b) // 2] ^= 1

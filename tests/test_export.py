@@ -32,6 +32,14 @@ def _lumo(*args):
                           timeout=600)
 
 
+@pytest.fixture(scope="module")
+def onnx_int8(run, tmp_path_factory):
+    """`lumo export --format onnx --quantize int8`: model.onnx (what a plain onnx export writes; int8 only
+    adds model.int8.onnx and its numbers) and the int8 copy, which both ONNX tests read. (dir, process)"""
+    out = tmp_path_factory.mktemp("onnx_int8") / "onnx"
+    return out, _lumo("--run", str(run), "--format", "onnx", "--quantize", "int8", "--out", str(out))
+
+
 def test_hf_export_loads_with_transformers_alone(run, tmp_path):
     p = _lumo("--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -48,27 +56,27 @@ def test_hf_export_loads_with_transformers_alone(run, tmp_path):
     assert rep["max_abs_logit_diff"] == 0.0 and (tmp_path / "hf" / "token_space.json").exists()
 
 
-def test_onnx_parity_and_int8(run, tmp_path):
+def test_onnx_parity_and_int8(run, onnx_int8):
     import onnxruntime as ort
 
     from lumo_ray.export import PARITY, _golden_batch
 
-    p = _lumo("--run", str(run), "--format", "onnx", "--quantize", "int8", "--out", str(tmp_path / "onnx"))
+    onnx, p = onnx_int8
     assert p.returncode == 0, p.stderr[-3000:]
     assert "WARNING" not in p.stdout + p.stderr and "Traceback" not in p.stderr
-    rep = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    rep = json.loads((onnx / "export.json").read_text())
     assert rep["max_abs_logit_diff"] <= PARITY == 1e-4 and rep["prompts"] == 16
     # checked again here, on the left-padded golden batch, by onnxruntime alone
     r = load_run(run)
     ids, mask = _golden_batch(r)
     assert (mask == 0).any()  # prompts of different lengths: the padding is exercised
-    got = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    got = ort.InferenceSession(str(onnx / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     with torch.no_grad():
         ref = r.model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
     assert np.abs(got - ref)[mask.astype(bool)].max() <= PARITY
     q = rep["int8"]
     assert q["size_ratio"] < 0.5 and q["argmax_agreement"] > 0.8 and q["max_abs_logit_diff"] > rep["max_abs_logit_diff"]
-    assert (tmp_path / "onnx" / "token_space.json").exists() and (tmp_path / "onnx" / "tokenizer.json").exists()
+    assert (onnx / "token_space.json").exists() and (onnx / "tokenizer.json").exists()
     assert "skipped" in rep["eval_loss"]  # this run has no shards: said, not invented
 
 
@@ -87,7 +95,7 @@ class Script:
         return out
 
 
-def test_onnx_lm_stands_in_for_the_pytorch_model(run, tmp_path):
+def test_onnx_lm_stands_in_for_the_pytorch_model(run, onnx_int8, tmp_path):
     """The ONNX export behind run.model (what `--onnx` does for the gates): target losses of a
     right-padded training batch equal PyTorch's within 1e-4, and its generation loop stops and pads as
     transformers' generate does."""
@@ -95,9 +103,10 @@ def test_onnx_lm_stands_in_for_the_pytorch_model(run, tmp_path):
     from lumo_ray.models.token_lm import target_losses
     from lumo_ray.onnx_lm import load_onnx_lm
 
-    assert _lumo("--run", str(run), "--format", "onnx", "--out", str(tmp_path / "onnx")).returncode == 0
+    onnx, p = onnx_int8
+    assert p.returncode == 0, p.stderr[-3000:]
     r = load_run(run)
-    lm = load_onnx_lm(tmp_path / "onnx" / "model.onnx", r.ts)
+    lm = load_onnx_lm(onnx / "model.onnx", r.ts)
     text = r.ts.range("TEXT")
     seqs = [Sequence(np.arange(text.start + 5, text.start + 5 + k), np.arange(text.start + 5, text.start + 5 + k), "t", str(k))
             for k in (9, 14, 6)]
@@ -115,7 +124,7 @@ def test_onnx_lm_stands_in_for_the_pytorch_model(run, tmp_path):
     got = lm.generate(input_ids=prompt, attention_mask=mask, logits_processor=[Script(rows, 3, pad)], **kw)
     assert torch.equal(got, want)
     gate = subprocess.run([sys.executable, "-m", "lumo_ray.cli", "gate", "decode", "--run", str(run), "--out",
-                           str(tmp_path / "gate"), "--n", "2", "--task", "t2i", "--onnx", str(tmp_path / "onnx" / "model.onnx")],
+                           str(tmp_path / "gate"), "--n", "2", "--task", "t2i", "--onnx", str(onnx / "model.onnx")],
                           capture_output=True, text=True, timeout=600)
     assert gate.returncode == 0 and "decode compliance PASS" in gate.stdout, gate.stdout[-2000:] + gate.stderr[-2000:]
     assert "onnxruntime" in (tmp_path / "gate" / "report.json").read_text()

@@ -204,17 +204,27 @@ def test_train_workers_get_gpus_and_train_the_cpu_weights(tmp_path, ray_local, c
                      "--set", "lm.train.use_gpu=true", "--set", "lm.train.num_workers=3"], "lm.train.use_gpu")
 
 
+@pytest.fixture
+def lm_shards(tmp_path_factory, ray_local) -> Path:
+    """The token-LM tests' synthetic shards (test_fsdp.py's and others': one folder, built once per session)."""
+    from lumo_ray.cli.demo.lm import build_synth_shards
+
+    return build_synth_shards(tmp_path_factory.getbasetemp() / "lm_synth12_e400", 12, 12,
+                              overrides=["data.normalize.eval_permille=400"], log=lambda *a, **k: None)[0]
+
+
 @pytest.mark.parametrize("job", ["normalize", "verify"])
-def test_cpu_tasks_asking_beyond_a_node_are_refused(job, run_and_manifest, tmp_path, ray_local, capsys, monkeypatch):
+def test_cpu_tasks_asking_beyond_a_node_are_refused(job, run_and_manifest, tmp_path, ray_local, capsys, monkeypatch,
+                                                    request):
     """normalize / verify reserve data.<job>.num_cpus_per_task per Ray Data task: a task no node can hold is
     refused before any dataset is built (their normal runs are test_normalize.py / test_tokenize_verify.py)."""
     import ray.data
 
     src = run_and_manifest[1].parent / "synth" / "llava_pretrain"
+    # verify reads the shard index before Ray: a shard set to check, the session's token-LM shards (no
+    # tokenize of its own: in the suite test_fsdp.py has built them)
     argv = (["data", "normalize", "--source", "llava_pretrain", "--input", str(src)] if job == "normalize" else
-            ["data", "verify", "--shards", str(tmp_path / "shards")])
-    if job == "verify":  # verify reads the shard index before Ray: a tiny shard set to check
-        assert main(["data", "tokenize", "--manifest", str(run_and_manifest[1]), "--out", str(tmp_path / "shards")]) == 0
+            ["data", "verify", "--shards", str(request.getfixturevalue("lm_shards"))])
     monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: pytest.fail("a dataset was built"))
     capsys.readouterr()
     assert main(argv + ["--out", str(tmp_path / "out"), "--set", f"data.{job}.num_cpus_per_task=64"]) == 2
