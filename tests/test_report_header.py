@@ -140,7 +140,11 @@ def test_an_interrupted_demo_reports_130(tmp_path):
     out = tmp_path / "demo"
     p = subprocess.Popen([sys.executable, "-m", "lumo_ray.cli", "demo", "--out", str(out),
                           "--set", "demo.skip=[audit,data,vlm,lm,mmpt,generate]"], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True,
+                         # a shell's background job starts with SIGINT ignored, and a Python started so
+                         # never installs its KeyboardInterrupt handler: the child gets the default, as
+                         # a terminal's Ctrl-C finds it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stdout:
             if line.startswith("=== [1/1] uti"):
