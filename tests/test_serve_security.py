@@ -147,7 +147,9 @@ def test_an_oversize_prompt_is_a_fast_422_and_holds_no_other_request_up(server):
             t.join()
         assert code == 200 and [got[k][0] for k in range(6)] == [422] * 6
         beside.append(secs)
-    assert min(beside) <= 2 * alone, f"alone {alone:.3f} s, beside six 3.9 MB prompts {beside} s"
+    # held up = queued behind six generations (>= 6x alone); receiving and refusing 23 MB of bodies on
+    # the same 2 cores costs the normal request up to ~0.2 s (CI measured 0.38 s beside vs 0.185 alone)
+    assert min(beside) <= 2 * alone + 0.3, f"alone {alone:.3f} s, beside six 3.9 MB prompts {beside} s"
 
 
 def test_a_prompt_over_the_token_limit_or_max_len_is_a_422_naming_prompt(server):
