@@ -49,7 +49,7 @@ from ..integrity import PRESET_TODO, verify_once
 from ..token_space import AUDIO_SERIALIZATION
 from . import base
 from .base import (AUDIO_PRESETS, AudioClip, AudioCodes, MediaError, assign_weights, audio_model_identity,
-                   model_identity, module_weights, state_digest, uses_tiny_audio_weights)
+                   model_identity, state_digest, uses_tiny_audio_weights)
 
 # Extra source seconds read / resampled beyond max_seconds, so the resampler's filter sees real
 # signal at the cut (checked: the kept samples are bit-identical to resampling the whole file).
@@ -241,7 +241,7 @@ def _wav_truncated(extra_info: str) -> Optional[str]:
     return None
 
 
-class EncodecAdapter:
+class EncodecAdapter(base.WeightsHandOff):
     """EnCodec behind the AudioAdapter protocol (local codes 0..codebook_size-1, int64 [K, T])."""
 
     def __init__(self, cfg: AudioConfig, runtime: RuntimeConfig, batch_invariant: bool = True):
@@ -294,19 +294,8 @@ class EncodecAdapter:
             self._model = m.to(device=self.device, dtype=self.dtype).eval()
         return self._model
 
-    def built_weights(self) -> Optional[dict]:
-        """A random preset's weights (numpy, float32, CPU; builds the model if not yet built) for another
-        process's `use_weights` with the same config. None for weights read from files (shipped,
-        pretrained: reading them is cheap) and for a model held in another dtype."""
-        if self.cfg.model not in AUDIO_PRESETS or uses_tiny_audio_weights(self.cfg) or self.dtype != torch.float32:
-            return None
-        return module_weights(self.model)
-
-    def use_weights(self, weights: dict) -> None:
-        """Take the model's weights from `built_weights` of another process (same config) instead of
-        building them: assigned on first use (`model`)."""
-        if self._model is None:
-            self._weights = weights
+    def _random_preset(self) -> bool:
+        return self.cfg.model in AUDIO_PRESETS and not uses_tiny_audio_weights(self.cfg)
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> dict:

@@ -143,6 +143,34 @@ def module_weights(module: Any) -> dict[str, np.ndarray]:
     return out
 
 
+class WeightsHandOff:
+    """Hands a random preset's built weights to another process with the same config (the tokenize
+    driver to its actors), so only one process draws them. An adapter sets `_model` / `_weights` to
+    None, assigns `_weights` on first use of its `model`, and says which configs are random presets."""
+
+    _model: Any = None
+    _weights: "dict | None" = None
+
+    def _random_preset(self) -> bool:
+        raise NotImplementedError
+
+    def built_weights(self) -> "dict | None":
+        """The preset's weights (module_weights: numpy, float32, CPU; builds the model if not yet built)
+        for another process's `use_weights`. None for weights read from files (shipped, pretrained:
+        reading them is cheap) and for a model held in another dtype."""
+        import torch
+
+        if not self._random_preset() or self.dtype != torch.float32:
+            return None
+        return module_weights(self.model)
+
+    def use_weights(self, weights: dict) -> None:
+        """Take the model's weights from `built_weights` of another process (same config) instead of
+        building them: assigned on first use (`model`)."""
+        if self._model is None:
+            self._weights = weights
+
+
 def assign_weights(module: Any, weights: dict[str, np.ndarray]) -> Any:
     """`module` (built on the meta device: no init draws) holding copies of `weights` (module_weights of
     the same architecture): every key, exact shapes. Returns it in eval mode."""

@@ -24,7 +24,7 @@ from ..config import ImageConfig, RuntimeConfig
 from ..integrity import PRESET_TODO, verify_once
 from ..runtime import torch_threads
 from . import base
-from .base import (IMAGE_VQ_PRESETS, ImageInput, MediaError, assign_weights, image_model_identity, module_weights,
+from .base import (IMAGE_VQ_PRESETS, ImageInput, MediaError, assign_weights, image_model_identity,
                    state_digest, uses_tiny_vq_weights)
 
 # diffusers VQModel kwargs. Downsampling factor = 2 ** (len(block_out_channels) - 1).
@@ -304,7 +304,7 @@ def _load_pretrained(ref: str) -> Any:
     return model.eval()
 
 
-class VQImageAdapter:
+class VQImageAdapter(base.WeightsHandOff):
     """ImageAdapter (lumo_ray.codecs.base) over a diffusers VQModel."""
 
     deterministic_decode = True
@@ -347,23 +347,12 @@ class VQImageAdapter:
             self._model = m.eval()
         return self._model
 
-    def built_weights(self) -> dict | None:
-        """An untrained preset's weights (numpy, float32, CPU; builds the model if not yet built) for
-        another process's `use_weights` with the same config. None for weights read from files (shipped,
-        pretrained) and for a model held in another dtype."""
-        if self.cfg.model not in IMAGE_VQ_PRESETS or uses_tiny_vq_weights(self.cfg) or self.dtype != torch.float32:
-            return None
-        return module_weights(self.model)
-
-    def use_weights(self, weights: dict) -> None:
-        """Take the model's weights from `built_weights` of another process (same config) instead of
-        building them: assigned on first use (`model`)."""
-        if self._model is None:
-            self._weights = weights
+    def _random_preset(self) -> bool:
+        return self.cfg.model in IMAGE_VQ_PRESETS and not uses_tiny_vq_weights(self.cfg)
 
     def identity(self) -> dict:
         model = image_model_identity(self.cfg)
-        if self.cfg.model in IMAGE_VQ_PRESETS and not uses_tiny_vq_weights(self.cfg):
+        if self._random_preset():
             # an untrained preset (data-dependent init): named by its weights
             model = f"{model.split('@')[0]}@{state_digest(self.model)}"
         return {"kind": "vq", "model": model,
