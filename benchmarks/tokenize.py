@@ -4,8 +4,9 @@ at a time (the public code's method), on the same cores, model and inputs.
     python -m benchmarks.tokenize --clips 96 --images 8 [--audio-model full-24k] [--image-model full]
 
 Every variant loads the files, normalizes and encodes them (the pipeline also writes shards). The
-pipeline runs `--actors` tokenizer actors with one torch thread each; the loops use one process with
-as many torch threads as the pipeline has actors, so both get the same cores. Ray is started before
+pipeline runs `--actors` tokenizer actors x `--calls` shards at once, one torch thread each (default: one
+actor, one call per core, no loader actor); the loops use one process with as many torch threads as the
+pipeline encodes shards at once, so both get the same cores. Ray is started before
 timing; actor start-up (imports, model build) is inside the pipeline's time, as a user pays it, and
 the loops' model build inside theirs. Printed: end-to-end and steady-state rates of each variant, the
 a/b and a/c ratios, the pipeline's per-stage table (run_tokenize's timings: wall and CPU seconds),
@@ -95,8 +96,9 @@ def stage_table(timings: dict, wall: float) -> list[str]:
             lines.append(f"  {k:18s} {w:8.2f} {100 * w / wall:6.1f}% {c:8.2f}  {TIMINGS.get(k, '')}")
     busy = sum(secs.get(k, (0.0, 0.0))[0] for k in ("writer_unpickle", "model_batches", "tar_write"))
     span = sum(secs.get(k, (0.0, 0.0))[0] for k in ("driver_startup", "driver_wait", "driver_rows"))
-    lines.append(f"  tokenizer actors busy {busy:.1f} s of {timings['actors']} x {span:.1f} s from Ray start to the "
-                 f"last shard ({100 * busy / max(timings['actors'] * span, 1e-9):.0f}%)")
+    slots = timings["actors"] * timings.get("calls_per_actor", 1)  # calls that can encode at once
+    lines.append(f"  tokenizer calls busy {busy:.1f} s of {slots} x {span:.1f} s from Ray start to the "
+                 f"last shard ({100 * busy / max(slots * span, 1e-9):.0f}%)")
     p, st, rd = timings["actor_process_cpu"], timings["actor_started_s"], timings["actor_ready_s"]
     lines.append(f"  whole-process CPU: driver {secs['total'][1]:.1f} s, loader actors {p['loader']:.1f} s, "
                  f"tokenizer actors {p['tokenizer']:.1f} s (imports, model build and Ray's threads included)")
@@ -116,8 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-model", default="full")
     ap.add_argument("--bandwidth", type=float, default=6.0)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--actors", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--loaders", type=int, default=1, help="(a)'s loader actors (data.tokenize.loaders; 0: the "
+    # (a)'s default layout is the one that does best on a few CPU cores: one actor, one call per core
+    # (threads over one copy of the models: imports and weights paid once), no loader process
+    ap.add_argument("--actors", type=int, default=1, help="(a)'s tokenizer actors; the loops get actors x calls "
+                    "torch threads")
+    ap.add_argument("--calls", type=int, default=os.cpu_count() or 1, help="(a)'s shards at once per tokenizer "
+                    "actor (data.tokenize.calls_per_actor: threads over one copy of the models)")
+    ap.add_argument("--loaders", type=int, default=0, help="(a)'s loader actors (data.tokenize.loaders; 0: the "
                     "tokenizer actors decode their shards themselves)")
     ap.add_argument("--skip-single", action="store_true", help="skip the one-at-a-time loop (slow)")
     ap.add_argument("--json", help="also write the results here")
@@ -134,15 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(LumoConfig, None, [
         f"uti.audio.model={a.audio_model}", f"uti.audio.bandwidth={a.bandwidth}", f"uti.image.model={a.image_model}",
         "uti.image.resolution=256", f"data.tokenize.batch_size={a.batch_size}", f"data.tokenize.shard_size={a.batch_size}",
-        f"data.tokenize.loaders={a.loaders}"])
+        f"data.tokenize.loaders={a.loaders}", f"data.tokenize.calls_per_actor={a.calls}"])
     n = len(recs)
     audio_s = sum(r.meta["probe"]["audio"]["seconds"] for r in recs if "audio" in r.modalities)
 
     load0 = os.getloadavg()
     times, steady, cpu_s = {}, {}, {}
-    times["b_batched_loop"], steady["b_batched_loop"], cpu_s["b_batched_loop"] = loop(cfg, recs, a.batch_size, a.actors)
+    cores = a.actors * a.calls  # (a)'s encoding threads: the loops get as many torch threads
+    times["b_batched_loop"], steady["b_batched_loop"], cpu_s["b_batched_loop"] = loop(cfg, recs, a.batch_size, cores)
     if not a.skip_single:
-        times["c_one_at_a_time"], steady["c_one_at_a_time"], cpu_s["c_one_at_a_time"] = loop(cfg, recs, 1, a.actors)
+        times["c_one_at_a_time"], steady["c_one_at_a_time"], cpu_s["c_one_at_a_time"] = loop(cfg, recs, 1, cores)
     times["a_ray_pipeline"], timings = pipeline(cfg, work / "manifest.jsonl", work / "shards", a.actors)
     steady["a_ray_pipeline"] = timings["steady_samples_per_s"]
     cpu_s["a_ray_pipeline"] = timings["seconds"]["total"][1] + sum(timings["actor_process_cpu"].values())
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
            if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
            "commit": commit(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
            "samples": n, "clips": a.clips, "images": a.images, "audio_seconds": audio_s,
-           "audio_model": a.audio_model, "image_model": a.image_model, "actors": a.actors, "batch_size": a.batch_size,
+           "audio_model": a.audio_model, "image_model": a.image_model, "actors": a.actors, "calls": a.calls,
+           "loaders": a.loaders, "batch_size": a.batch_size,
            "load_avg_before": load0, "load_avg_after": load1, "seconds": times,
            "samples_per_s": {k: n / v for k, v in times.items()},
            "audio_s_per_s": {k: audio_s / v for k, v in times.items()},
@@ -168,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {res['machine']}; commit {res['commit']}; OMP_NUM_THREADS={res['omp_num_threads']}")
     print("load average (1/5/15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f}".format(*load0, *load1))
     print(f"{n} samples ({a.clips} clips = {audio_s:.0f} s of audio with {a.audio_model} @ {a.bandwidth} kbps, "
-          f"{a.images} images with VQ '{a.image_model}' @ 256 px), batch {a.batch_size}, {a.actors} actor(s)")
+          f"{a.images} images with VQ '{a.image_model}' @ 256 px), batch {a.batch_size}, {a.actors} actor(s) x {a.calls} "
+          f"call(s) at once, {a.loaders} loader(s)")
     print(f"{'variant':18s} {'seconds':>8s} {'samples/s':>10s} {'audio s/s':>10s} {'steady samples/s':>17s} "
           f"{'cpu s':>7s}")
     for k, v in times.items():
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
           (f"   a/b steady = {res['ratio_steady_a_over_b']:.2f}" if res["ratio_steady_a_over_b"] else "") +
           (f"   a/c = {res['ratio_a_over_c']:.2f}" if "ratio_a_over_c" in res else ""))
     print(f"(a) per stage ({timings['shards_written']} shards, {timings['loaders']} loader + {timings['actors']} "
-          f"tokenizer actor(s)):")
+          f"tokenizer actor(s) x {timings['calls_per_actor']} call(s)):")
     print("\n".join(stage_table(timings, times["a_ray_pipeline"])))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -17,13 +17,16 @@ import json
 import os
 import pickle
 import time
+
 import ray
+import torch
 
 from lumo_ray.config import LumoConfig
 from lumo_ray.data import shard_set
 from lumo_ray.data.manifest import dropped_warning, require_manifest
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
 from lumo_ray.data.tokenize import SampleTokenizer, StageClock, text_token_bound, tokenize_config_digest
+from lumo_ray.errors import UserError
 from lumo_ray.resources import job_resources
 from lumo_ray.runtime import Progress
 from lumo_ray.storage import PathLike, locate
@@ -67,27 +70,40 @@ def actor_times(role: str, launched: float, started: float, ready: float) -> str
                                                  "ready": ready - launched}})
 
 
+def call_clock(init: list) -> StageClock:
+    """A clock for one call of an actor: calls may run at once in its threads (calls_per_actor), so each
+    has its own and counts its own thread's CPU; the first call also carries the constructor's seconds
+    (`init`: [its clock's take()], popped once)."""
+    clock = StageClock(time.thread_time)
+    try:
+        clock.add(init.pop())  # atomic: only one call gets it
+    except IndexError:
+        pass
+    return clock
+
+
 class ShardLoader:
     """CPU stage: read a shard's records from the manifest and decode/resample/resize their media."""
 
     def __init__(self, cfg_blob: bytes, manifest: str, base: str | None, launched: float = 0.0,
                  tok: SampleTokenizer | None = None):
-        self.clock, self.launched, self.started = StageClock(), launched, time.time()
-        with self.clock("loader_init"):
+        clock, self.launched, self.started = StageClock(time.thread_time), launched, time.time()
+        with clock("loader_init"):
             self.tok = tok or SampleTokenizer(pickle.loads(cfg_blob))
             self.manifest, self.base = manifest, base
-        self.ready = time.time()
+        self.init, self.ready = [clock.take()], time.time()
 
     def __call__(self, batch: dict) -> dict:
+        clock = call_clock(self.init)
         loaded, timings = [], []
         for t in batch["task"]:
-            with self.clock("load_read"):
+            with clock("load_read"):
                 recs = shard_records(ShardTask.from_json(t), self.manifest, self.base)
-            with self.clock("load_decode"):
+            with clock("load_decode"):
                 items = [self.tok.load(r.to_dict()) for r in recs]
-            with self.clock("load_pickle"):
+            with clock("load_pickle"):
                 loaded.append(pickle.dumps(items))
-            timings.append(json.dumps(self.clock.take()))
+            timings.append(json.dumps(clock.take()))
         procs = [actor_times("loader", self.launched, self.started, self.ready)] * len(loaded)
         return {"task": batch["task"], "loaded": loaded, "timings": timings, "procs": procs}
 
@@ -95,37 +111,42 @@ class ShardLoader:
 class ShardWriter:
     """Model stage: adapters loaded once per actor, on the device Ray gave it; encodes a shard in model
     batches and writes it. load_from (manifest, base): no loader pool (data.tokenize.loaders 0), this
-    actor reads and decodes its shards itself."""
+    actor reads and decodes its shards itself. calls > 1 (data.tokenize.calls_per_actor): that many shards
+    at once, in Ray's threads, over this one SampleTokenizer."""
 
     def __init__(self, cfg_blob: bytes, out: str, batch_size: int, max_text_tokens: int = 0, launched: float = 0.0,
-                 built: list | None = None, load_from: tuple | None = None):
-        self.clock, self.launched, self.started = StageClock(), launched, time.time()
-        with self.clock("writer_init"):
+                 built: list | None = None, load_from: tuple | None = None, calls: int = 1):
+        clock, self.launched, self.started = StageClock(time.thread_time), launched, time.time()
+        with clock("writer_init"):
             uti = pickle.loads(cfg_blob)
             device, ids = unit_device()
             uti.runtime.device, self.placed = str(device), placement(device, ids)  # runtime: never in an identity
+            if calls > 1:  # each encode sets the configured thread count and restores the process's: make
+                torch.set_num_threads(uti.runtime.threads)  # them equal, or one call's restore moves another's
             # the driver's token space and built weights ([object ref]): drawing a full-size preset again
             # took seconds of CPU per actor, on the cores the other actors start on
             self.tok = SampleTokenizer(uti, max_text_tokens, ray.get(built[0]) if built else None)
             self.tok.build_models()  # now, while the loaders start, not on the first shard
             self.out, self.batch_size = locate(out), batch_size
+        self.init = [clock.take()]
         self.loader = ShardLoader(cfg_blob, *load_from, launched, self.tok) if load_from else None
         self.ready = time.time()
 
     def __call__(self, batch: dict) -> dict:
         if self.loader is not None:  # its seconds go into the loader stages; its process is this one
             batch = {**self.loader(batch), "procs": ["{}"] * len(batch["task"])}
+        clock = call_clock(self.init)
         stats, timings, procs = [], [], []
         for t, blob, before, proc in zip(batch["task"], batch["loaded"], batch["timings"], batch["procs"]):
-            self.clock.add(json.loads(before))  # the loader's seconds for this shard travel with it
-            with self.clock("writer_unpickle"):
+            clock.add(json.loads(before))  # the loader's seconds for this shard travel with it
+            with clock("writer_unpickle"):
                 task, loaded = ShardTask.from_json(t), pickle.loads(blob)
-            with self.clock("model_batches"):
+            with clock("model_batches"):
                 results = self.tok.tokenize_shard(loaded, self.batch_size)
-            with self.clock("tar_write"):
+            with clock("tar_write"):
                 sources = {it["rec"]["id"]: it["rec"]["source"] for it in loaded}
                 stats.append(json.dumps(shard_set.write_shard(self.out, task.key, results, sources, task.digest)))
-            timings.append(json.dumps(self.clock.take()))
+            timings.append(json.dumps(clock.take()))
             mine = actor_times("tokenizer", self.launched, self.started, self.ready)
             procs.append(json.dumps({**json.loads(proc), **json.loads(mine)}))
         return {"stats": stats, "placed": [self.placed] * len(stats), "timings": timings, "procs": procs}
@@ -149,7 +170,10 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     out = locate(out_dir)
     tcfg = cfg.data.tokenize
     loaders, encoders = job_resources(cfg, "tokenize", actors)
-    actors = encoders.count
+    actors, calls = encoders.count, tcfg.calls_per_actor
+    if calls < 1:
+        raise UserError("data.tokenize.calls_per_actor", None, f"is {calls}",
+                        "give 1 or more (shards each tokenizer actor encodes at once)")
     require_manifest(manifest)  # before anything is written
     with clock("driver_token_space"):
         tok = SampleTokenizer(cfg.uti)
@@ -163,7 +187,8 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
         stats = shard_set.finished_shards(out, {t.key: t.digest for t in plan.tasks})  # resume: keep finished shards
     todo = [t for t in plan.tasks if t.key not in stats]
     log(f"[tokenize] {plan.records} records -> {len(plan.tasks)} shards ({len(stats)} complete, {len(todo)} to "
-        f"write), {actors} tokenizer actor(s), token space {ts.hash[:12]}")
+        f"write), {actors} tokenizer actor(s){f' x {calls} calls at once' if calls > 1 else ''}, token space "
+        f"{ts.hash[:12]}")
     steady, procs = None, {}
     if todo:
         clock.mark()  # driver_startup: Ray, the plan handed to Ray Data, actor start-up, the first shard
@@ -178,10 +203,12 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
                                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=loaders.count),
                                 **loaders.ray_options())
         load_from = None if loaders.count else (plan.manifest, plan.base)  # one process fewer on a few cores
+        # calls > 1: Ray runs that many calls at once in each actor's threads
+        threaded = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
         ds = ds.map_batches(ShardWriter, fn_constructor_args=(blob, str(out), tcfg.batch_size, bound, launched, built,
-                                                              load_from),
-                            batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=actors), **encoders.ray_options())
+                                                              load_from, calls),
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors, **threaded),
+                            **encoders.ray_options())
         t0, done_before, placed = time.time(), len(stats), set()
         bar = Progress(len(todo), "[tokenize] shards", "shards", log)
         first = last = None
@@ -217,7 +244,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     end = StageClock.now()
     timings = {"seconds": {**clock.take(), "total": [end[0] - start[0], end[1] - start[1]]},
                **actor_summary(procs),
-               "shards_written": len(todo), "actors": actors, "loaders": loaders.count,
+               "shards_written": len(todo), "actors": actors, "calls_per_actor": calls, "loaders": loaders.count,
                "steady_samples_per_s": steady}
     log(f"[tokenize] done: {summary['samples']} samples in {len(plan.tasks)} shards, {len(errors)} errors -> "
         f"{out / 'index.json'}")

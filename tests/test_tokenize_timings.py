@@ -69,9 +69,11 @@ def test_a_tokenizer_given_the_drivers_built_weights_encodes_the_same():
         assert np.array_equal(x, y)
 
 
-def test_without_a_loader_pool_the_tokenizer_actors_load_and_write_the_same_bytes(ray_local, tmp_path):
+def test_without_a_loader_pool_or_with_calls_at_once_the_actors_write_the_same_bytes(ray_local, tmp_path):
     """data.tokenize.loaders 0: no loader actor, the tokenizer actors read and decode their shards (one
-    process fewer on a few cores); the shards are byte for byte those of a run with a loader pool."""
+    process fewer on a few cores); calls_per_actor 2: one actor encodes two shards at once in two threads
+    over one copy of the models. The shards are byte for byte those of a run with a loader pool and one
+    call at a time."""
     from lumo_ray.data.manifest import read_manifest, write_manifest
     from lumo_ray.data.normalize import normalize_local
     from lumo_ray.data.synth import write_synth
@@ -82,17 +84,20 @@ def test_without_a_loader_pool_the_tokenizer_actors_load_and_write_the_same_byte
         normalize_local(src, tmp_path / "synth" / src, tmp_path / f"norm_{src}")
         recs += read_manifest(tmp_path / f"norm_{src}" / "manifest.jsonl")[0]
     write_manifest(recs, tmp_path / "manifest.jsonl")
-    outs = {}
-    for loaders in (1, 0):
+    outs, logs = {}, []
+    for loaders, calls in ((1, 1), (0, 1), (0, 2)):
         cfg = load_config(LumoConfig, None, ["data.tokenize.shard_size=4", "data.tokenize.batch_size=2",
-                                             f"data.tokenize.loaders={loaders}"])
-        outs[loaders] = tmp_path / f"shards{loaders}"
-        t = run_tokenize(tmp_path / "manifest.jsonl", cfg, outs[loaders], actors=1, log=lambda *a: None)["timings"]
-        assert t["loaders"] == loaders and t["shards_written"] >= 2
-    assert t["actor_started_s"]["loader"] is None and t["seconds"]["load_decode"][0] > 0
-    files = sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+                                             f"data.tokenize.loaders={loaders}", f"data.tokenize.calls_per_actor={calls}"])
+        outs[loaders, calls] = tmp_path / f"shards{loaders}{calls}"
+        t = run_tokenize(tmp_path / "manifest.jsonl", cfg, outs[loaders, calls], actors=1, log=logs.append)["timings"]
+        assert t["loaders"] == loaders and t["calls_per_actor"] == calls and t["shards_written"] >= 2
+        if loaders == 0:
+            assert t["actor_started_s"]["loader"] is None and t["seconds"]["load_decode"][0] > 0
+    assert any("1 tokenizer actor(s) x 2 calls at once" in line for line in logs)
+    files = sorted(p.relative_to(outs[1, 1]) for p in outs[1, 1].rglob("*") if p.is_file())
     assert any(f.suffix == ".tar" for f in files)
-    for f in files:
-        if f.name != "config.yaml":  # the run's config: it names its loader count
-            assert (outs[1] / f).read_bytes() == (outs[0] / f).read_bytes(), f
+    for other in ((0, 1), (0, 2)):
+        assert files == sorted(p.relative_to(outs[other]) for p in outs[other].rglob("*") if p.is_file())
+        for f in files:
+            if f.name != "config.yaml":  # the run's config: it names its loader and call counts
+                assert (outs[1, 1] / f).read_bytes() == (outs[other] / f).read_bytes(), (other, f)

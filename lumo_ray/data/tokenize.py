@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -53,32 +54,37 @@ def plan_units(recs: list, batch_size: int) -> list[list]:
 
 
 class StageClock:
-    """Seconds per named stage, summed over calls, as [wall clock, this process's CPU]: the per-stage
-    table of a tokenize run. Two clock reads a stage. `take()` hands the sums over and
-    starts again; `lap(stage)` books the time since the last `mark()` / `lap()`."""
+    """Seconds per named stage, summed over calls, as [wall clock, CPU]: the per-stage table of a
+    tokenize run. Two clock reads a stage. `take()` hands the sums over and starts again; `lap(stage)`
+    books the time since the last `mark()` / `lap()`. cpu: this process's CPU clock, or
+    time.thread_time where several calls run at once in one process (each would count the others')."""
 
-    def __init__(self):
+    def __init__(self, cpu=time.process_time):
         self.s: dict[str, list[float]] = {}
+        self.cpu = cpu
         self.mark()
 
     @staticmethod
     def now() -> tuple[float, float]:
         return time.perf_counter(), time.process_time()
 
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter(), self.cpu()
+
     @contextmanager
     def __call__(self, stage: str):
-        w, c = self.now()
+        w, c = self.read()
         try:
             yield
         finally:
-            w1, c1 = self.now()
+            w1, c1 = self.read()
             self.add({stage: (w1 - w, c1 - c)})
 
     def mark(self) -> None:
-        self._mark = self.now()
+        self._mark = self.read()
 
     def lap(self, stage: str) -> None:
-        w, c = self.now()
+        w, c = self.read()
         self.add({stage: (w - self._mark[0], c - self._mark[1])})
         self._mark = (w, c)
 
@@ -108,6 +114,9 @@ class SampleTokenizer:
         self.cfg, self.max_text_tokens = cfg, max_text_tokens
         self.adapters = build_adapters(cfg)
         self._ts: TokenSpace | None = None
+        # a fast (Rust) text tokenizer raises 'Already borrowed' when two threads encode at once; the
+        # model batches, where the time goes, need no lock (data.tokenize.calls_per_actor)
+        self._text_lock = threading.Lock()
         if built is not None:
             for m, weights in built["weights"].items():
                 getattr(self.adapters, m).use_weights(weights)
@@ -192,8 +201,9 @@ class SampleTokenizer:
         for i, it in enumerate(ok):
             rec = it["rec"]
             try:
-                results[rec["id"]] = {"id": rec["id"], "members": self._sample(it, codes.get(("audio", i)),
-                                                                             codes.get(("image", i)))}
+                with self._text_lock:
+                    members = self._sample(it, codes.get(("audio", i)), codes.get(("image", i)))
+                results[rec["id"]] = {"id": rec["id"], "members": members}
             except Exception as e:
                 reason = "text too long" if isinstance(e, TextTooLong) else type(e).__name__
                 results[rec["id"]] = {"id": rec["id"], "error": {"stage": "tokenize", "reason": reason,
