@@ -40,7 +40,7 @@ def write_manifest(path: Path, n: int) -> None:
                                 sort_keys=True, separators=(",", ":")) + "\n")
 
 
-def child(n: int, nodes: int, work: Path) -> dict:
+def child(n: int, nodes: int, work: Path, extra: list[str] = ()) -> dict:
     import ray
 
     from lumo_ray.config import LumoConfig, load_config
@@ -64,7 +64,7 @@ def child(n: int, nodes: int, work: Path) -> dict:
     sets = [f"data.tokenize.actors={cpus // 2}", f"data.tokenize.loaders={cpus // 2}"]
     if nodes > 1:  # a whole CPU per actor: the loaders and the tokenizers land on different nodes
         sets += ["data.tokenize.num_cpus_per_actor=1", "data.tokenize.num_cpus_per_loader=1"]
-    cfg = load_config(LumoConfig, None, sets)
+    cfg = load_config(LumoConfig, None, sets + list(extra))  # --set: after the layout, so it wins
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     summary = run_tokenize(manifest, cfg, work / "shards", log=lambda *a: None)
@@ -81,10 +81,10 @@ def child(n: int, nodes: int, work: Path) -> dict:
             "manifest_write_s": round(t_manifest, 1)}
 
 
-def run_child(n: int, nodes: int) -> dict:
+def run_child(n: int, nodes: int, extra: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="lumo-scale-") as d:
         p = subprocess.run([sys.executable, "-m", "benchmarks.tokenize_scale", "--child", str(n), "--nodes", str(nodes),
-                            "--work", d], capture_output=True, text=True)
+                            "--work", d, *[f"--set={kv}" for kv in extra]], capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"size {n} ({nodes} node(s)) failed:\n{p.stderr[-3000:]}")
         return json.loads(p.stdout.strip().splitlines()[-1])
@@ -97,19 +97,21 @@ def main(argv=None) -> int:
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--nodes", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run, e.g. data.tokenize.loaders=0 (repeatable)")
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(child(a.child, a.nodes, Path(a.work))))
+        print(json.dumps(child(a.child, a.nodes, Path(a.work), a.set)))
         return 0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# tokenize scaling: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, commit {commit}, "
-          f"tiny preset, text-only records")
+          f"tiny preset, text-only records" + (f", --set {' '.join(a.set)}" if a.set else ""))
     rows = []
     for n in [int(x) for x in a.sizes.split(",")]:
-        rows.append(run_child(n, 1))
+        rows.append(run_child(n, 1, a.set))
         print(json.dumps(rows[-1]), flush=True)
     if a.two_node:
-        rows.append(run_child(a.two_node, 2))
+        rows.append(run_child(a.two_node, 2, a.set))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| records | nodes | shards | seconds | records/s | driver peak RSS (MB) |")
     print("|---:|---:|---:|---:|---:|---:|")
