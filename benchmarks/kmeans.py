@@ -41,7 +41,7 @@ def main() -> None:
     from sklearn.cluster import KMeans
 
     from benchmarks.curation import vectors
-    from lumo_ray.embed.kmeans import load_codebook
+    from lumo_ray.codecs.kmeans import load_codebook
     from pipelines.kmeans import fit_kmeans
 
     root = Path(a.out or tempfile.mkdtemp(prefix="lumo-kmeans-"))

@@ -42,7 +42,7 @@ class EmbedLoader:
     """CPU stage: a part's records from the manifest, their images decoded and preprocessed."""
 
     def __init__(self, cfg_blob: bytes, manifest: str, base: str | None):
-        from lumo_ray.embed.clip import image_preprocessor
+        from lumo_ray.codecs.clip import image_preprocessor
 
         self.cfg: EmbedConfig = pickle.loads(cfg_blob)
         self.pixels = image_preprocessor(self.cfg.model, self.cfg.seed)
@@ -78,7 +78,7 @@ class EmbedWriter:
     def __init__(self, cfg_blob: bytes, out: str):
         import torch
 
-        from lumo_ray.embed.clip import load_clip
+        from lumo_ray.codecs.clip import load_clip
 
         self.cfg: EmbedConfig = pickle.loads(cfg_blob)
         torch.set_num_threads(self.cfg.threads)
@@ -124,7 +124,7 @@ def embed_part(clip, out, task: ShardTask, loaded: list[dict], batch_size: int, 
 def run_embed(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors: int | None = None,
               address: str | None = None, log=print) -> dict:
     """Embed a manifest's images and captions into `<out>/<split>/part-NNNNNN.parquet` + index.json."""
-    from lumo_ray.embed.clip import load_clip
+    from lumo_ray.codecs.clip import load_clip
 
     out = locate(out_dir)
     ecfg = cfg.data.embed

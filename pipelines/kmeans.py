@@ -1,6 +1,6 @@
 """`lumo codec fit-kmeans`: a k-means codebook over an embeddings folder (`lumo data embed`). The
 initialisation (seeded greedy k-means++) runs here over a seeded sample of at most `--init-sample`
-vectors; then Lloyd iterations (lumo_ray/embed/kmeans.py) by one of two engines, chosen by size:
+vectors; then Lloyd iterations (lumo_ray/codecs/kmeans.py) by one of two engines, chosen by size:
 - in-process (the embeddings fit `codec_kmeans.in_process_max_bytes`): the parts are read once into
   memory and each iteration's E-step runs part by part here (lumo_ray/embed/kmeans_local.py); Ray is
   not started.
@@ -18,7 +18,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from lumo_ray.config import KMeansFitConfig
-from lumo_ray.embed import kmeans as K
+from lumo_ray.codecs import kmeans as K
 from lumo_ray.embed import kmeans_local as L
 from lumo_ray.embed.parts import read_part, verified_index
 from lumo_ray.storage import PathLike, locate

@@ -16,8 +16,8 @@ import torch
 
 from lumo_ray.codecs import audio, base
 from lumo_ray.codecs.audio import build_audio_adapter
-from lumo_ray.codecs.audio_train import synthetic_beeps
 from lumo_ray.config import AudioConfig, RuntimeConfig
+from lumo_ray.data.synth import synthetic_beeps
 from lumo_ray.eval import beep_probe
 from lumo_ray.eval.audit import (TINY_AUDIO_LOG_MEL_CEILING, TINY_AUDIO_PROBE_FLOOR, TINY_AUDIO_SNR_FLOOR,
                                  tiny_audio_floor_check)

@@ -174,7 +174,7 @@ def test_non_tensor_state_is_json(runs):
 
 def test_exports_and_shipped_presets_are_verified_when_loaded(runs, tmp_path):
     from lumo_ray.codecs import base
-    from lumo_ray.embed.clip import ASSET_DIR
+    from lumo_ray.codecs.clip import ASSET_DIR
     from lumo_ray.integrity import verify
     from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
 

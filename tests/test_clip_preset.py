@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from lumo_ray.embed.clip import ASSET_DIR, WEIGHTS, tiny_clip
+from lumo_ray.codecs.clip import ASSET_DIR, WEIGHTS, tiny_clip
 from lumo_ray.embed.clip_train import near_duplicate_eval
 
 

@@ -122,7 +122,7 @@ def test_clip_score_filter_drops_mismatched_captions_of_synthetic_scenes(trained
     one): at 0.05 (below the trained preset's matched scores, measured >= 0.09, above most mismatched
     ones) the trained preset keeps >= 95 % of the matched pairs and drops >= 70 % of the mismatched; the
     random init, whose scores mean nothing, does not."""
-    from lumo_ray.embed.clip import tiny_clip
+    from lumo_ray.codecs.clip import tiny_clip
     from lumo_ray.embed.clip_train import _synth_scene
     from lumo_ray.embed.dedup import curate
 

@@ -63,7 +63,7 @@ def test_clip_score_definition():
 def test_clip_score_is_higher_for_matching_pairs_with_the_tiny_clip():
     from PIL import Image
 
-    from lumo_ray.embed.clip import load_clip
+    from lumo_ray.codecs.clip import load_clip
     from lumo_ray.eval.field_metrics import t2i_metrics
     from lumo_ray.runtime import torch_threads
 

@@ -300,13 +300,14 @@ def test_shipped_weights_are_small_packaged_and_what_the_preset_loads(vq):
 def test_trained_preset_reconstructs_synthetic_images(vq):
     """The trained decoder reconstructs held-out synthetic shape images above the audit floors, and
     beats the untrained init (random decoder) by far; codes keep the shapes' colour."""
-    from lumo_ray.codecs.vq_train import synthetic_shape_images
+    from lumo_ray.data.synth import synthetic_shape_images
     from lumo_ray.eval.audit import TINY_VQ_PSNR_FLOOR, TINY_VQ_SSIM_FLOOR
+    from lumo_ray.eval.metrics import reconstruction_metrics
 
-    imgs = synthetic_shape_images(16, 2000, 32)
-    r = image_vq.reconstruction_metrics(vq, imgs)
+    imgs = synthetic_shape_images(16, 2000, vq)  # (vq: the tiny preset at 32 px)
+    r = reconstruction_metrics(vq, imgs)
     assert r["psnr"] >= TINY_VQ_PSNR_FLOOR and r["ssim"] >= TINY_VQ_SSIM_FLOOR, r
-    init = image_vq.reconstruction_metrics(build_vq_adapter(ImageConfig(seed=1), RuntimeConfig()), imgs)
+    init = reconstruction_metrics(build_vq_adapter(ImageConfig(seed=1), RuntimeConfig()), imgs)
     assert init["psnr"] < 15.0 and init["ssim"] < 0.5
     # the decoded shapes keep their colour: the mean of the most saturated pixels is nearest to the
     # caption colour about as often in the decode as in the input (chance 1/4)

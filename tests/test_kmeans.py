@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lumo_ray.cli import main
-from lumo_ray.embed import kmeans as K
+from lumo_ray.codecs import kmeans as K
 from lumo_ray.embed.parts import finish, write_part
 from lumo_ray.storage import locate
 

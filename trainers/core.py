@@ -1,7 +1,8 @@
 """The training machinery every trainer shares (VLM alignment, base LM, token LM, stage 4, the VQ codec):
 the worker context (one process, or a Ray Train worker), the LR schedule, RNG state, the checkpoint
-layout, when a step logs / evaluates / checkpoints, fault injection for the restart tests, and the
-TorchTrainer launcher. A trainer keeps only its model, its batches and its loss.
+layout, the micro-batch split, when a step logs / evaluates / checkpoints (and how an LM step ends),
+fault injection for the restart tests, and the TorchTrainer launcher. A trainer keeps only its model,
+its batches and its loss.
 
 The loops are plain functions of a context, so the same code runs in-process (tests, Tune trials,
 benchmarks, notebooks) and inside Ray Train workers; only `RayContext` and `launch` touch Ray.
@@ -17,10 +18,13 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from lumo_ray.config.lm import TrainConfig
 
 CKPT_STATE = "state.pt"
 # the non-tensor state (step, data position, RNG, scheduler, config): JSON, so resuming unpickles nothing
@@ -216,6 +220,27 @@ def checkpoint_activations(model: torch.nn.Module, on: bool) -> None:
 def due(step: int, every: int, last: bool = False) -> bool:
     """Whether `step` (1-based, just finished) is one of every `every` steps (0: never), or the last."""
     return last or (every > 0 and step % every == 0)
+
+
+def micro_batch(t: TrainConfig, world_size: int) -> int:
+    """Each worker's batch: global_batch split exactly over the workers and grad_accum."""
+    per = t.global_batch // (world_size * t.grad_accum)
+    if per < 1 or per * world_size * t.grad_accum != t.global_batch:
+        raise ValueError(f"global_batch {t.global_batch} is not divisible by num_workers {world_size} x "
+                         f"grad_accum {t.grad_accum}")
+    return per
+
+
+def end_of_step(ctx, t: TrainConfig, step: int, rep: dict, ck_dir: Optional[Path], tracker, log, line: Callable[[], str]) -> None:
+    """What every LM step ends with: rank 0's progress line every log_every steps, a report on the
+    log / eval / checkpoint steps (every step in one process), the tracker's scalars."""
+    last = step == t.steps
+    if ctx.rank == 0 and due(step, t.log_every, last):
+        log(line())
+    if ctx.report_every_step or last or any(due(step, k) for k in (t.log_every, t.eval_every, t.ckpt_every)):
+        ctx.report(rep, ck_dir)
+    if tracker is not None:
+        tracker.log(step, rep)
 
 
 def inject_fault(t, step: int, rank: int, run_dir: Path, ctx: LocalContext) -> None:

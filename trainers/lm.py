@@ -1,13 +1,10 @@
-"""`lumo train lm`: stage-0 pretraining of a Qwen3-architecture causal LM on Ray Train (DDP), plus what
-the LM trainers share beyond trainers/core.py: the micro-batch split, the Ray storage of a run and the
-end of a step (log line, report, tracker)."""
+"""`lumo train lm`: stage-0 pretraining of a Qwen3-architecture causal LM on Ray Train (DDP)."""
 from __future__ import annotations
 
 import json
 import math
 import time
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,30 +17,9 @@ from lumo_ray.runtime import Rate
 from lumo_ray.storage import staged_dir
 from lumo_ray.tracking import open_tracker
 
-from .core import (RayContext, checkpoint_activations, due, full_state, launch, load_shards, load_state, make_scheduler,
-                   resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint, seed_all, set_rng_state,
-                   storage_of, write_json)
-
-
-
-def micro_batch(t: TrainConfig, world_size: int) -> int:
-    per = t.global_batch // (world_size * t.grad_accum)
-    if per < 1 or per * world_size * t.grad_accum != t.global_batch:
-        raise ValueError(f"global_batch {t.global_batch} is not divisible by num_workers {world_size} x "
-                         f"grad_accum {t.grad_accum}")
-    return per
-
-
-def end_of_step(ctx, t: TrainConfig, step: int, rep: dict, ck_dir: Optional[Path], tracker, log, line: Callable[[], str]) -> None:
-    """What every LM step ends with: rank 0's progress line every log_every steps, a report on the
-    log / eval / checkpoint steps (every step in one process), the tracker's scalars."""
-    last = step == t.steps
-    if ctx.rank == 0 and due(step, t.log_every, last):
-        log(line())
-    if ctx.report_every_step or last or any(due(step, k) for k in (t.log_every, t.eval_every, t.ckpt_every)):
-        ctx.report(rep, ck_dir)
-    if tracker is not None:
-        tracker.log(step, rep)
+from .core import (RayContext, checkpoint_activations, due, end_of_step, full_state, launch, load_shards, load_state,
+                   make_scheduler, micro_batch, resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint,
+                   seed_all, set_rng_state, storage_of, write_json)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,10 +40,10 @@ from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
-from .core import (RayContext, Throughput, checkpoint_activations, due, full_state, is_sharded, launch, load_shards,
-                   load_state, local_rows, make_scheduler, max_over_ranks, resolve_resume, rng_state, rss_gb, RssPeak,
-                   save_checkpoint, save_sharded_checkpoint, seed_all, set_rng_state, storage_of, write_json)
-from .lm import end_of_step, micro_batch
+from .core import (RayContext, Throughput, checkpoint_activations, due, end_of_step, full_state, is_sharded, launch,
+                   load_shards, load_state, local_rows, make_scheduler, max_over_ranks, micro_batch, resolve_resume,
+                   rng_state, rss_gb, RssPeak, save_checkpoint, save_sharded_checkpoint, seed_all, set_rng_state,
+                   storage_of, write_json)
 
 
 def run_token_space(cfg: LumoConfig) -> TokenSpace:

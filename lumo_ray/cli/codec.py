@@ -79,7 +79,7 @@ def add_commands(sub, common) -> None:
     c = g.add_parser("train-clip", help="train the tiny CLIP preset (data.embed.model 'tiny') on synthetic images: "
                                         "writes model.safetensors + meta.json (near-duplicate recall)")
     c.add_argument("--out", required=True, help="folder for the weights (the shipped preset: "
-                                                "lumo_ray/embed/assets/clip_tiny)")
+                                                "lumo_ray/codecs/assets/clip_tiny)")
     c.add_argument("--seed", type=count, default=0, help="seed of the init and of the drawn images")
     c.add_argument("--steps", type=positive_int, default=3000)
     c.add_argument("--batch", type=positive_int, default=128, help="images per step (half of them captioned scenes)")

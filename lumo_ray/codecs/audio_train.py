@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..config import AudioCodecTrainConfig, AudioConfig, RuntimeConfig
+from ..data.synth import synthetic_beeps
 from ..runtime import torch_threads
 from . import audio
 from .base import save_fit
@@ -49,23 +50,6 @@ def _adapter(model: Any = None, bandwidth: float = 1.5) -> "audio.EncodecAdapter
                                   RuntimeConfig(), batch_invariant=True)
     a._model = model
     return a
-
-
-def synthetic_beeps(n: int, seed: int) -> tuple[np.ndarray, list[dict]]:
-    """n clips drawn exactly as `lumo_ray.data.synth.write_synth` draws its audio (per-sample stream
-    [seed, 1, i]: count, length, pitch, then the clip; before its 16-bit PCM rounding): float32
-    [n, 48000] at 24 kHz and their {'count', 'length', 'pitch'}. Clip i depends only on (seed, i)."""
-    from ..data import synth
-
-    wavs, truths = [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, 1, i])
-        count = int(rng.integers(1, 5))
-        length = list(synth.LENGTHS)[rng.integers(len(synth.LENGTHS))]
-        pitch = list(synth.PITCHES)[rng.integers(len(synth.PITCHES))]
-        wavs.append(synth.make_beeps(count, length, pitch, rng))
-        truths.append({"count": count, "length": length, "pitch": pitch})
-    return np.stack(wavs) if wavs else np.zeros((0, int(synth.SAMPLE_RATE * synth.CLIP_SECONDS)), np.float32), truths
 
 
 def procedural_clips(n: int, seed: int, seconds: float = 2.0) -> np.ndarray:

@@ -1,5 +1,5 @@
 """CLIP k-means image tokenizer (`image.kind: clip_kmeans`): semantic image tokens. An image goes through
-a CLIP vision tower (lumo_ray/embed/clip.py) and each patch embedding (or the pooled one, for a
+a CLIP vision tower (lumo_ray/codecs/clip.py) and each patch embedding (or the pooled one, for a
 codebook fitted on the `image` column) becomes the index of its nearest codeword in a k-means codebook
 (`lumo codec fit-kmeans`). Its identity is the CLIP weights' digest plus the codebook's sha256.
 
@@ -23,8 +23,8 @@ class ClipKMeansAdapter:
     decodable = False
 
     def __init__(self, cfg: ImageConfig, runtime: RuntimeConfig):
-        from ..embed.clip import load_clip
-        from ..embed.kmeans import load_codebook
+        from .clip import load_clip
+        from .kmeans import load_codebook
         from ..errors import UserError
 
         if not cfg.codebook:
@@ -68,7 +68,7 @@ class ClipKMeansAdapter:
     def encode_batch(self, images: list[ImageInput]) -> list[np.ndarray]:
         """The nearest codeword (float64 distances, lowest index on ties) of each patch, row-major, or
         of the pooled embedding: int64 [tokens_per_image]."""
-        from ..embed.kmeans import assign
+        from .kmeans import assign
         from ..runtime import torch_threads
 
         if not images:

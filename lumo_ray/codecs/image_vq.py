@@ -448,20 +448,3 @@ class VQImageAdapter(base.WeightsHandOff):
         img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return img.permute(1, 2, 0).cpu().numpy()
 
-
-def reconstruction_metrics(adapter: Any, images: list[ImageInput]) -> dict:
-    """Encode -> decode each prepared image with the adapter's own path; mean PSNR / SSIM (the
-    audit's functions) against the preprocessed input, the per-image values and codebook usage."""
-    from ..eval import metrics
-
-    codes = adapter.encode_batch(images)
-    ps, ss = [], []
-    for x, c in zip(images, codes):
-        ref = (np.transpose(x.pixels, (1, 2, 0)) * 255.0).round().clip(0, 255)
-        dec = adapter.decode(c)
-        ps.append(metrics.psnr(ref, dec))
-        ss.append(metrics.ssim(ref, dec))
-    used = np.unique(np.concatenate(codes)) if codes else np.array([])
-    return {"psnr": float(np.mean(ps)) if ps else None, "ssim": float(np.mean(ss)) if ss else None,
-            "n": len(images), "psnr_per_image": ps, "ssim_per_image": ss, "codes_used": int(len(used)),
-            "codebook_size": int(adapter.codebook_size)}

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CodecTrainConfig, ImageConfig, RuntimeConfig
+from ..data.synth import synthetic_shape_images
+from ..eval.metrics import reconstruction_metrics
 from ..runtime import torch_threads
 from .base import ImageInput, save_fit
 from . import image_vq
@@ -35,23 +37,6 @@ def _adapter(resolution: int, codebook_size: Optional[int], model: Any = None) -
                                               seed=-1), RuntimeConfig())
     a._model = model
     return a
-
-
-def synthetic_shape_images(n: int, seed: int, resolution: int = 32) -> list[ImageInput]:
-    """n images drawn like `lumo_ray.data.synth.write_synth` (shape, colour, count, position,
-    background, jitter from the per-sample stream [seed, 0, i]; 64x64 PNG-equivalent pixels), prepared
-    to `resolution` by the image adapter's prepare (bicubic resize + center crop). Image i depends
-    only on (seed, i)."""
-    from ..data import synth
-
-    prep = _adapter(resolution, None)
-    out = []
-    for i in range(n):
-        a = synth.draw_scene(np.random.default_rng([seed, 0, i]))
-        x = prep.prepare(synth.make_image(**a), f"synth:{seed}:{i}")
-        x.record.update(shape=a["shape"], colour=a["colour"], count=a["count"], position=a["position"])
-        out.append(x)
-    return out
 
 
 def real_images(folder: str, n: int, resolution: int = 32) -> list[ImageInput]:
@@ -104,11 +89,11 @@ def evaluate(model: Any, c: CodecTrainConfig, eval_images: list[ImageInput], rea
     """PSNR / SSIM of encode -> decode through the adapter path (synthetic eval and real images)."""
     model.eval()
     a = _adapter(c.resolution, c.codebook_size, model)
-    syn = image_vq.reconstruction_metrics(a, eval_images)
+    syn = reconstruction_metrics(a, eval_images)
     out = {"synth_psnr": syn["psnr"], "synth_ssim": syn["ssim"], "synth_codes_used": syn["codes_used"],
            "synth_n": syn["n"]}
     if real:
-        r = image_vq.reconstruction_metrics(a, real)
+        r = reconstruction_metrics(a, real)
         out.update(real_psnr=r["psnr"], real_ssim=r["ssim"], real_n=r["n"], real_codes_used=r["codes_used"])
     model.train()
     return out
@@ -128,14 +113,15 @@ def _train(c: CodecTrainConfig, log: Callable, report: Callable | None, out_dir:
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
-    syn = synthetic_shape_images(c.synth_images, c.synth_seed, c.resolution)
+    prep = _adapter(c.resolution, None)  # the tiny preset's prepare at this resolution
+    syn = synthetic_shape_images(c.synth_images, c.synth_seed, prep)
     parts = [np.stack([x.pixels for x in syn])] if syn else []
     if c.procedural_images:
         parts.append(image_vq.procedural_images(c.procedural_images, c.resolution, c.procedural_seed))
     if not parts:
         raise ValueError("codec.synth_images and codec.procedural_images are both 0: nothing to train on")
     data = torch.from_numpy(np.concatenate(parts)) * 2 - 1
-    eval_images = synthetic_shape_images(c.eval_images, c.eval_seed, c.resolution)
+    eval_images = synthetic_shape_images(c.eval_images, c.eval_seed, prep)
     real = real_images(c.real_data, c.max_real_images, c.resolution)
     log(f"[codec] tiny VQ: {sum(p.numel() for p in model.parameters())} params, {len(data)} train images "
         f"({len(syn)} synthetic seed {c.synth_seed}, {c.procedural_images} procedural), {len(eval_images)} eval, "

@@ -237,7 +237,7 @@ class FidelityConfig:
     enforcing them would fail the demo: they gate once stage 4 reads those attributes (issue 34)."""
     clip_model: str = ""
     """CLIP for the t2i field metrics (CLIPScore, Fréchet distance): '' = the shipped tiny preset (offline,
-    lumo_ray.embed.clip), or a local directory holding a transformers CLIPModel and its processor."""
+    lumo_ray.codecs.clip), or a local directory holding a transformers CLIPModel and its processor."""
 
 
 @dataclass

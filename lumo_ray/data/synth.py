@@ -18,6 +18,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,13 @@ def draw_scene(rng: np.random.Generator) -> dict:
                 count=int(rng.integers(1, 5)), position=POSITIONS[rng.integers(len(POSITIONS))],
                 background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
                 jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))))
+
+
+def draw_beeps(rng: np.random.Generator) -> dict:
+    """One synthetic clip's content, drawn in this order from `rng` before make_beeps draws the clip:
+    {'count', 'length', 'pitch'}."""
+    return dict(count=int(rng.integers(1, 5)), length=list(LENGTHS)[rng.integers(len(LENGTHS))],
+                pitch=list(PITCHES)[rng.integers(len(PITCHES))])
 
 
 def image_caption(shape: str, colour: str, count: int, position: str) -> str:
@@ -153,15 +161,13 @@ def write_synth(out_dir: str | Path, n_images: int, n_audio: int, seed: int = 0)
     rows = []
     for i in range(n_audio):
         rng = _rng(seed, 1, i)
-        count = int(rng.integers(1, 5))
-        length = list(LENGTHS)[rng.integers(len(LENGTHS))]
-        pitch = list(PITCHES)[rng.integers(len(PITCHES))]
-        wav = make_beeps(count, length, pitch, rng)
+        b = draw_beeps(rng)
+        wav = make_beeps(**b, rng=rng)
         aid = str(900000 + i)
         buf = io.BytesIO()
         sf.write(buf, wav, SAMPLE_RATE, format="WAV", subtype="PCM_16")
         _write_bytes(aud_dir / "audio" / f"{aid}.wav", buf.getvalue())
-        rows.append([aid, "", "0", audio_caption(count, length, pitch)])
+        rows.append([aid, "", "0", audio_caption(**b)])
     if n_audio:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -172,3 +178,33 @@ def write_synth(out_dir: str | Path, n_images: int, n_audio: int, seed: int = 0)
     return {"seed": seed, "llava_pretrain_dir": str(img_dir), "audiocaps_dir": str(aud_dir),
             "llava_pretrain": {"dir": str(img_dir), "json": str(img_dir / "blip_laion_cc_sbu_558k.json"), "n": n_images},
             "audiocaps": {"dir": str(aud_dir), "csv": str(aud_dir / "train.csv"), "n": n_audio}}
+
+
+# The same draws in memory, for the tiny codecs' fits (codecs/vq_train.py, audio_train.py) and the audit's
+# floor checks (eval/audit.py): what write_synth would write, before PNG / 16-bit PCM encoding.
+
+def synthetic_shape_images(n: int, seed: int, adapter: Any) -> list:
+    """n images drawn as write_synth draws them (per-sample stream [seed, 0, i]: shape, colour, count,
+    position, background, jitter; 64x64 pixels), prepared by the image adapter `adapter` (its prepare:
+    bicubic resize to its resolution + center crop), each ImageInput's record naming what was drawn.
+    Image i depends only on (seed, i)."""
+    out = []
+    for i in range(n):
+        a = draw_scene(_rng(seed, 0, i))
+        x = adapter.prepare(make_image(**a), f"synth:{seed}:{i}")
+        x.record.update(shape=a["shape"], colour=a["colour"], count=a["count"], position=a["position"])
+        out.append(x)
+    return out
+
+
+def synthetic_beeps(n: int, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """n clips drawn as write_synth draws its audio (per-sample stream [seed, 1, i]: count, length, pitch,
+    then the clip; before its 16-bit PCM rounding): float32 [n, 48000] at 24 kHz and their {'count',
+    'length', 'pitch'}. Clip i depends only on (seed, i)."""
+    wavs, truths = [], []
+    for i in range(n):
+        rng = _rng(seed, 1, i)
+        b = draw_beeps(rng)
+        wavs.append(make_beeps(**b, rng=rng))
+        truths.append(b)
+    return np.stack(wavs) if wavs else np.zeros((0, int(SAMPLE_RATE * CLIP_SECONDS)), np.float32), truths

@@ -14,7 +14,7 @@ contrastive terms over procedurally drawn images:
   caption-image agreement score means something on the synthetic data.
 
 One thread, per-step seeded draws: the same arguments give byte-identical weights.
-`lumo codec train-clip` runs it and writes the preset's weights (embed/assets/clip_tiny).
+`lumo codec train-clip` runs it and writes the preset's weights (codecs/assets/clip_tiny).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..integrity import write_manifest
 from ..storage import write_file
-from .clip import WEIGHTS, tiny_clip, unit_features
+from ..codecs.clip import WEIGHTS, tiny_clip, unit_features
 
 
 def _draw_scene(a: dict) -> tuple[Image.Image, str]:
@@ -179,7 +179,7 @@ def train_preset(out_dir: str | Path, seed: int = 0, steps: int = 3000, batch: i
     before = near_duplicate_eval(tiny_clip(seed, trained=False))
     clip, hist = train_tiny_clip(seed, steps, batch, lr, log=log)
     meta = {"what": "trained weights of the data.embed 'tiny' CLIP preset (transformers.CLIPModel, "
-                    "architecture lumo_ray.embed.clip.tiny_clip)",
+                    "architecture lumo_ray.codecs.clip.tiny_clip)",
             "command": f"lumo codec train-clip --out {out_dir} --seed {seed} --steps {steps} --batch {batch} --lr {lr}",
             "seed": seed, "steps": steps, "batch": batch, "lr": lr,
             "params": sum(p.numel() for p in clip.model.parameters()),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kmeans as K
+from ..codecs import kmeans as K
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import kmeans as K
+from ..codecs import kmeans as K
 from .parts import read_part
 
 # float32 vectors as the parts hold them (parts.column)

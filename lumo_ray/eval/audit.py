@@ -67,10 +67,9 @@ BASELINES = ASSETS / "audit_baselines"
 def tiny_vq_floor_check(adapter: Any, n: int = SYNTH_EVAL_IMAGES, seed: int = SYNTH_EVAL_SEED) -> dict:
     """Reconstruction of n synthetic shape images through the adapter (encode -> decode, compared
     with the preprocessed input) against the tiny preset's floors."""
-    from ..codecs.image_vq import reconstruction_metrics
-    from ..codecs.vq_train import synthetic_shape_images
+    from ..data.synth import synthetic_shape_images
 
-    r = reconstruction_metrics(adapter, synthetic_shape_images(n, seed, adapter.image_size))
+    r = metrics.reconstruction_metrics(adapter, synthetic_shape_images(n, seed, adapter))
     psnr_ok = r["psnr"] is not None and math.isfinite(r["psnr"]) and r["psnr"] >= TINY_VQ_PSNR_FLOOR
     ssim_ok = r["ssim"] is not None and math.isfinite(r["ssim"]) and r["ssim"] >= TINY_VQ_SSIM_FLOOR
     return {"psnr": r["psnr"], "ssim": r["ssim"], "n": r["n"], "seed": seed, "codes_used": r["codes_used"],
@@ -81,7 +80,7 @@ def tiny_vq_floor_check(adapter: Any, n: int = SYNTH_EVAL_IMAGES, seed: int = SY
 def tiny_audio_floor_check(adapter: Any, n: int = SYNTH_EVAL_CLIPS, seed: int = SYNTH_EVAL_SEED) -> dict:
     """Reconstruction of n synthetic beep clips through the adapter (encode -> decode at its bandwidth):
     SNR, log-mel L1 and what the waveform probe reads, against the tiny audio preset's floors."""
-    from ..codecs.audio_train import synthetic_beeps
+    from ..data.synth import synthetic_beeps
     from .beep_probe import probe_codec
 
     wavs, truths = synthetic_beeps(n, seed)

@@ -512,7 +512,7 @@ def _captions(run, items: dict[str, list[Item]], gen: dict, partners: dict, cfg:
     """Caption accuracy (i2t / a2t on the same eval samples' real codes; eval/captions.py) and the field's
     metrics (CIDEr-D / BLEU-4 of those captions, CLIPScore / Fréchet distance of the t2i images;
     eval/field_metrics.py). The first cfg.samples inputs are saved (decoded) for the report."""
-    from ..embed.clip import load_clip
+    from ..codecs.clip import load_clip
     from ..generate import save_output
     from .field_metrics import caption_metrics, t2i_metrics
 

@@ -1,7 +1,8 @@
-"""A CLIP model for embeddings: the tiny preset (offline: tests, the demo) or a local transformers
-CLIPModel checkpoint with its processor. Embeddings are L2-normalised float32.
+"""A CLIP model for embeddings (`lumo data embed`, lumo_ray/embed/; the clip_kmeans image tokenizer,
+image_clip.py): the tiny preset (offline: tests, the demo) or a local transformers CLIPModel checkpoint
+with its processor. Embeddings are L2-normalised float32.
 
-The tiny preset (seed 0) loads TRAINED weights shipped in the package (embed/assets/clip_tiny, made by
+The tiny preset (seed 0) loads TRAINED weights shipped in the package (codecs/assets/clip_tiny, made by
 `lumo codec train-clip`, embed/clip_train.py: near-duplicate copies embed together, synthetic scenes
 beside their captions); other seeds are the random init that training starts from.
 
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..codecs.seed import CLIP_MEAN, CLIP_STD
+from .seed import CLIP_MEAN, CLIP_STD
 
 TINY_IMAGE = 32
 TEXT_LEN = 64
@@ -64,7 +65,7 @@ class ClipModel:
 
     def pixels(self, image, name: str = "<image>") -> np.ndarray:
         """A PIL image -> [3, S, S] float32, normalised (the CPU half: loader actors run it)."""
-        from ..codecs.image_seed import preprocess
+        from .image_seed import preprocess
 
         return self.normalise(preprocess(image, self.image_size, name).pixels)
 
@@ -111,7 +112,7 @@ def tiny_clip(seed: int = 0, trained: bool | None = None) -> ClipModel:
     otherwise random weights from `seed` (codecs/exact_init.py)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
-    from ..codecs.text import TINY_TOKENIZER_DIR
+    from .text import TINY_TOKENIZER_DIR
 
     tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
     if tok.pad_token is None:
@@ -121,7 +122,7 @@ def tiny_clip(seed: int = 0, trained: bool | None = None) -> ClipModel:
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                       bos_token_id=tok.bos_token_id or tok.eos_token_id, **common),
                      vision_config=dict(image_size=TINY_IMAGE, patch_size=8, **common), projection_dim=64)
-    from ..codecs.exact_init import reinit_
+    from .exact_init import reinit_
 
     model = CLIPModel(cfg).eval()
     reinit_(model, seed)  # integer draws: the same weights (and identity) on every CPU, as the other presets

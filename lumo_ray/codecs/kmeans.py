@@ -1,7 +1,8 @@
-"""k-means over embeddings (library, no Ray): seeded greedy k-means++ on a sample, then Lloyd
-iterations whose E-step is a pass over the data in parts (`run_pass(centers)` -> each part's partial
-sums, counts and inertia, in part order). pipelines/kmeans.py runs the pass in this process over the
-parts held in memory (kmeans_local.py) when they fit, else on Ray Data. Partials are float64 and summed
+"""k-means over embeddings (library, no Ray), the codebooks of the clip_kmeans image tokenizer (image_clip.py):
+seeded greedy k-means++ on a sample, then Lloyd iterations whose E-step is a pass over the data in parts
+(`run_pass(centers)` -> each part's partial sums, counts and inertia, in part order). pipelines/kmeans.py
+runs the pass in this process over the parts held in memory (embed/kmeans_local.py) when they fit, else on
+Ray Data. Partials are float64 and summed
 in part order, so a seed gives the same codebook whatever ran the pass.
 """
 from __future__ import annotations
