@@ -122,7 +122,7 @@ SLOW = {
                                     "test_identity_is_the_weights_digest_and_changes_with_them"},
     "test_audit.py": {"test_audit_passes_on_tiny_preset", "test_audit_against_own_baseline_passes_and_doctored_fails",  # 28 + 48 s
                       "test_audit_applies_the_committed_baseline_by_default", "test_audit_seed_images_and_48k_stereo_audio"},  # 31 + 19 s
-    "test_batch_generate.py": {"test_one_and_two_actors_write_the_same_bytes", "test_a_run_stopped_midway_finishes_the_rest"},  # 61 + 69 s + the seed-3 run both read: 28 s (load 8)
+    "test_batch_generate.py": {"test_one_and_two_actors_write_the_same_bytes", "test_a_run_stopped_midway_finishes_the_rest"},  # 25 + 33 s + the seed-3 run both read: 21 s (load 2-3)
     "test_checkpoint_integrity.py": {"test_a_flipped_byte_in_the_checkpoint_ray_restores_is_refused_in_the_worker"},  # 51 s: Ray Train
     "test_clip_kmeans.py": {"*"},  # 55 s: the CLIP k-means pipeline every test reads
     "test_clip_preset.py": {"test_train_clip_gives_the_same_bytes_in_two_processes"},  # 20 s
@@ -150,7 +150,7 @@ SLOW = {
     "test_lm_base.py": {"*"},  # 44 s: `lumo train lm`
     "test_mmpt_train.py": {"test_cli_trains_on_ray_with_two_workers",  # 48 + 72 s: Ray Train, ddp and fsdp
                            "test_two_trial_mmpt_study_writes_its_table_and_constraints"},  # 26 s: Tune
-    "test_multinode.py": {"*"},  # 343 s: a two-node cluster
+    "test_multinode.py": {"*"},  # 223 s (load 5-6): a two-node cluster
     "test_openai_api.py": {"*"},  # 49 s: a server of its own (test_serve.py's serves the fast tier)
     "test_real_data_pipeline.py": {"*"},  # 43 s: normalize -> tokenize -> train on the real samples
     "test_seed_tokenize.py": {"*"},  # 30 s
@@ -171,7 +171,7 @@ SLOW = {
                             "test_raw_dataset_and_media_on_s3_normalize_tokenize_and_verify"},  # 11 s
     "test_token_lm_train.py": {"test_ray_train_ddp_two_workers", "test_a_shard_with_a_flipped_byte_stops_training_naming_it"},  # 18 + 16 s
     "test_token_lm_tune.py": {"test_two_trial_prompt_study"},  # 40 s: Tune
-    "test_tokenize_timings.py": {"test_without_a_loader_pool_the_tokenizer_actors_load_and_write_the_same_bytes"},  # 17 s: two media runs
+    "test_tokenize_timings.py": {"test_without_a_loader_pool_or_with_calls_at_once_the_actors_write_the_same_bytes"},  # 19 s: three media runs
     "test_tokenize_verify.py": {"test_actor_count_does_not_change_bytes_and_rerun_skips",  # 71 s
                                 "test_interrupted_run_resumes_to_identical_output", "test_bad_samples_recorded_job_completes",  # 14 + 20 s
                                 "test_killed_run_restarts_to_identical_output",  # 28 s

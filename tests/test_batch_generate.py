@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,9 +26,10 @@ QUIET = dict(log=lambda *a, **k: None)
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A tiny token-LM run and a 64-record manifest: 60 captioned images, 4 clips."""
+    """A tiny token-LM run and a 36-record manifest: 32 captioned images, 4 clips (4 units of 8 for two
+    actors, 8 units of 4 for a run stopped midway: what the tests need, each image a generation)."""
     d = tmp_path_factory.mktemp("batchgen")
-    write_synth(d / "synth", 60, 4, seed=5)
+    write_synth(d / "synth", 32, 4, seed=5)
     recs = read_and_dedupe("llava_pretrain", d / "synth" / "llava_pretrain")[0] + \
         read_and_dedupe("audiocaps", d / "synth" / "audiocaps")[0]
     manifest = d / "manifest.jsonl"
@@ -37,7 +39,7 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seed3(inputs, tmp_path_factory, ray_local):
-    """An uninterrupted run with seed 3 in 15 units of 4: another seed's generation for the first test,
+    """An uninterrupted run with seed 3 in 8 units of 4: another seed's generation for the first test,
     the reference bytes for the stopped run's. Neither test changes it."""
     run, manifest, _ = inputs
     out = tmp_path_factory.mktemp("seed3") / "ref"
@@ -52,20 +54,20 @@ def digest(out: Path) -> dict[str, str]:
 
 def test_one_and_two_actors_write_the_same_bytes(inputs, seed3, tmp_path, ray_local):
     run, manifest, recs = inputs
-    assert len(recs) == 64
+    assert len(recs) == 36
     s1 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a1", GenOptions(seed=7), actors=1, unit_size=8, **QUIET)
     s2 = run_batch_generate(str(manifest), str(run), "t2i", tmp_path / "a2", GenOptions(seed=7), actors=2, unit_size=8, **QUIET)
-    assert s1 == s2 and s1["records"] == 64 and s1["generated"] == 60 and s1["skipped"] == {"no image": 4}
-    assert s1["errors"] == 0 and s1["samples"] == 60 and s1["units"] == 8
+    assert s1 == s2 and s1["records"] == 36 and s1["generated"] == 32 and s1["skipped"] == {"no image": 4}
+    assert s1["errors"] == 0 and s1["samples"] == 32 and s1["units"] == 4
     d1, d2 = digest(tmp_path / "a1"), digest(tmp_path / "a2")
-    assert d1 == d2 and len([k for k in d1 if k.startswith("media/")]) == 60
+    assert d1 == d2 and len([k for k in d1 if k.startswith("media/")]) == 32
     rows = [json.loads(x) for x in (tmp_path / "a1" / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == sorted(r["index"] for r in rows) and rows[0]["seed"] == 7 + rows[0]["index"]
     caption = next(r.text["caption"] for r in recs if r.id == rows[0]["id"])
     assert rows[0]["prompt"] == caption and (tmp_path / "a1" / rows[0]["samples"][0]["file"]).suffix == ".png"
     # another seed is another generation
     a3, s3 = seed3
-    assert s3["generated"] == 60 and (a3 / "results.jsonl").read_bytes() != (tmp_path / "a1" / "results.jsonl").read_bytes()
+    assert s3["generated"] == 32 and (a3 / "results.jsonl").read_bytes() != (tmp_path / "a1" / "results.jsonl").read_bytes()
 
 
 def test_a_run_stopped_midway_finishes_the_rest(inputs, seed3, tmp_path, ray_local):
@@ -79,7 +81,9 @@ def test_a_run_stopped_midway_finishes_the_rest(inputs, seed3, tmp_path, ray_loc
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "lumo_ray.cli", "generate", "--manifest", str(manifest), "--run", str(run),
            "--task", "t2i", "--out", str(out), "--seed", "3", "--unit-size", "4"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # both commands join the session's Ray (RAY_ADDRESS) instead of starting one of their own (10-20 s each)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 180
     while time.time() < deadline and len(list((out / "parts").glob("unit-*.jsonl"))) < 2:
         assert p.poll() is None, p.stdout.read()[-3000:]
@@ -96,9 +100,9 @@ def test_a_run_stopped_midway_finishes_the_rest(inputs, seed3, tmp_path, ray_loc
     parts[-1].with_name(parts[-1].name + ".tmp").write_text("half a unit")
     (out / "results.jsonl").unlink(missing_ok=True)
     done = len(parts) // 2
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"({done} done, {15 - done} to generate)" in r.stdout
+    assert f"({done} done, {8 - done} to generate)" in r.stdout
     assert digest(out) == digest(ref) and not list((out / "parts").glob("*.tmp"))
 
 

@@ -196,9 +196,13 @@ def cluster(work, env, local_shards):
     address = f"127.0.0.1:{port}"
 
     def add_node(name: str) -> subprocess.Popen:
+        # Each node its own temp dir, as on its own machine: a node that joins while a job runs unpacks the
+        # job's working_dir into <temp>/session_*/runtime_resources; in the head's, it replaced the folder
+        # under a worker the head was starting, which failed, and the head waited 60 s for it to register
+        # (worker_register_timeout_seconds) before starting another (the node-loss test's replacement).
         cmd = [str(RAY), "start", "--block", "--address", address, "--node-ip-address", "127.0.0.1",
                "--num-cpus", "1", "--num-gpus", "0", "--resources", json.dumps({"lumo_node2": 1}),
-               "--disable-usage-stats", *node_ports()]
+               "--temp-dir", str(work / f"t{len(procs)}"), "--disable-usage-stats", *node_ports()]
         procs.append(subprocess.Popen(cmd, env=env, stdout=open(logs / f"{name}.log", "w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
         return procs[-1]
