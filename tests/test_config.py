@@ -47,3 +47,23 @@ def test_dump_roundtrip(tmp_path):
     again = load_config(LumoConfig, p)
     assert again == cfg
     assert yaml.safe_load(p.read_text())["uti"]["audio"]["bandwidth"] == 6.0
+
+
+def test_one_precedence_default_file_set_then_a_commands_flag(tmp_path):
+    """dataclass default -> config file -> --set -> a command's named flag (an alias of a --set key, so
+    the same parse: a path with a space and '#' stays one string, repeated --input a list)."""
+    from lumo_ray.cli.common import command_config
+    from lumo_ray.cli.main import build_parser
+
+    f = tmp_path / "c.yaml"
+    f.write_text("token_lm:\n  out: from-file\n  shards: file-shards\nlm:\n  out: lm-file\n")
+    parse = build_parser().parse_args
+    args = parse(["train", "token-lm", "--config", str(f), "--set", "token_lm.out=from-set",
+                  "--set", "token_lm.base=set-base", "--out", "runs/a #1"])
+    cfg = command_config(args, aliases={k: f"token_lm.{k}" for k in ("shards", "base", "out")})
+    assert cfg.token_lm.out == "runs/a #1"  # the flag over --set over the file
+    assert (cfg.token_lm.shards, cfg.token_lm.base) == ("file-shards", "set-base")
+    assert cfg.token_lm.seq.max_len == LumoConfig().token_lm.seq.max_len  # untouched: the default
+    args = parse(["train", "lm", "--config", str(f), "--input", "a b.jsonl", "--input", "c.txt"])
+    cfg = command_config(args, aliases={"input": "lm.inputs", "out": "lm.out"})
+    assert cfg.lm.inputs == ["a b.jsonl", "c.txt"] and cfg.lm.out == "lm-file"  # no --out: the file's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import re
 import sys
@@ -169,15 +170,31 @@ def check_ray_address(address: str, timeout: float = 2.0) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def command_config(args, defaults: list[str] | None = None, sets: list[str] | None = None) -> LumoConfig:
+def command_config(args, defaults: list[str] | None = None, sets: list[str] | None = None,
+                   aliases: dict[str, str] | None = None) -> LumoConfig:
     """--config (default: the embedded tiny preset) with the command's own `defaults` under the file
-    and --set (or `sets`, when the command adds its own) over it."""
+    and --set (or `sets`, when the command adds its own) over it. The one precedence: dataclass default
+    -> the command's defaults -> config file -> --set. `aliases` {flag: config key}: a command's named
+    flags (`--out`, `--shards`, ...) are --set items of those keys, after the user's --set, so a flag given
+    wins over a --set of the same key."""
     sets = getattr(args, "set", None) or [] if sets is None else sets
+    sets = list(sets) + alias_sets(args, aliases or {})
     cfg = load_config(LumoConfig, getattr(args, "config", None), sets, defaults=defaults)
     book = cfg.uti.image.codebook
     if book and "://" not in book:  # Ray workers run elsewhere: hand them an absolute path
         cfg.uti.image.codebook = str(Path(book).resolve())
     return cfg
+
+
+def alias_sets(args, aliases: dict[str, str]) -> list[str]:
+    """`KEY=VALUE` items of the flags given (None / empty: not given); values as JSON, which the --set
+    parser reads as YAML, so a path with spaces or '#' stays one string and a list stays a list."""
+    out = []
+    for flag, key in aliases.items():
+        v = getattr(args, flag, None)
+        if v is not None and v != [] and v != "":
+            out.append(f"{key}={json.dumps(list(v) if isinstance(v, tuple) else v)}")
+    return out
 
 
 def mark(ok: bool) -> str:

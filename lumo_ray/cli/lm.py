@@ -24,11 +24,7 @@ def run_config(run: str, config, sets):
 def cmd_train_lm(args) -> int:
     from trainers.lm import run_lm
 
-    cfg = command_config(args)
-    if args.input:
-        cfg.lm.inputs = list(args.input)
-    if args.out:
-        cfg.lm.out = args.out
+    cfg = command_config(args, aliases={"input": "lm.inputs", "out": "lm.out"})
     m = run_lm(cfg, address=args.address)
     return 0 if m.get("eval_loss") == m.get("eval_loss") else 1  # NaN eval loss fails
 
@@ -36,10 +32,7 @@ def cmd_train_lm(args) -> int:
 def cmd_train_token_lm(args) -> int:
     from trainers.token_lm import run_token_lm
 
-    cfg = command_config(args)
-    for k in ("shards", "base", "out"):
-        if getattr(args, k):
-            setattr(cfg.token_lm, k, getattr(args, k))
+    cfg = command_config(args, aliases={k: f"token_lm.{k}" for k in ("shards", "base", "out")})
     m = run_token_lm(cfg, address=args.address)
     return 0 if m.get("eval_loss") == m.get("eval_loss") else 1
 
@@ -108,9 +101,7 @@ def cmd_fidelity(args) -> int:
 def cmd_tune_prompts(args) -> int:
     from trainers.tune_prompts import run_prompt_study
 
-    cfg = command_config(args)
-    if args.out:
-        cfg.token_lm.prompt_study.out = args.out
+    cfg = command_config(args, aliases={"out": "token_lm.prompt_study.out"})
     res = run_prompt_study(cfg, address=args.address)
     return 0 if res["pass"] else 1
 

@@ -2,24 +2,20 @@
 from __future__ import annotations
 
 
-def mmpt_config(args):
-    """The config with stage 4's defaults under the file and --set (trainers.mmpt.MMPT_DEFAULTS)."""
+def mmpt_config(args, aliases: dict[str, str]):
+    """The config with stage 4's defaults under the file and --set (trainers.mmpt.MMPT_DEFAULTS), the
+    command's flags over them (aliases of --set keys)."""
     from trainers.mmpt import MMPT_DEFAULTS
 
     from .common import command_config
 
-    return command_config(args, MMPT_DEFAULTS)
+    return command_config(args, MMPT_DEFAULTS, aliases={**aliases, "init": "token_lm.mmpt.init"})
 
 
 def cmd_train_mmpt(args) -> int:
     from trainers.mmpt import run_mmpt
 
-    cfg = mmpt_config(args)
-    for k in ("shards", "base", "out"):
-        if getattr(args, k):
-            setattr(cfg.token_lm, k, getattr(args, k))
-    if args.init:
-        cfg.token_lm.mmpt.init = args.init
+    cfg = mmpt_config(args, {k: f"token_lm.{k}" for k in ("shards", "base", "out")})
     m = run_mmpt(cfg, address=args.address)
     return 0 if m.get("eval_loss") == m.get("eval_loss") else 1
 
@@ -27,11 +23,7 @@ def cmd_train_mmpt(args) -> int:
 def cmd_tune_mmpt(args) -> int:
     from trainers.tune_mmpt import run_mmpt_study
 
-    cfg = mmpt_config(args)
-    if args.out:
-        cfg.token_lm.mmpt.study.out = args.out
-    if args.init:
-        cfg.token_lm.mmpt.init = args.init
+    cfg = mmpt_config(args, {"out": "token_lm.mmpt.study.out"})
     res = run_mmpt_study(cfg, address=args.address)
     return 0 if res["pass"] else 1
 
