@@ -3,7 +3,7 @@ unigram model of its train tokens, a token LM must improve on its warm start (ev
 import pytest
 import torch
 
-from lumo_ray.cli.demo.lm import BASE_LM_PPL_RATIO, base_lm_verdict, token_lm_verdict
+from lumo_ray.eval.training_gates import BASE_LM_PPL_RATIO, base_lm_verdict, token_lm_verdict
 from trainers.lm import unigram_perplexity
 
 

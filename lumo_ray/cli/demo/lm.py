@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ...config import LumoConfig, load_config
+from ...eval.training_gates import BASE_LM_PPL_RATIO, TOKEN_LM_MIN_GAIN, base_lm_verdict, token_lm_verdict
 from ...storage import write_file
 
 # The lm stage's training budget, measured on the demo's 1024 synthetic images + 128 clips (table in
@@ -22,26 +23,6 @@ DEMO_TRAINING = ["lm.train.steps=400", "token_lm.train.steps=500", "token_lm.new
 # The demo's shard settings: a large eval share (the ablation slices are drawn from eval, and synth
 # sets are small), small shards, the batch size the tokenize benchmark measured fastest on 2 cores.
 DEMO_DATA = ["data.normalize.eval_permille=250", "data.tokenize.shard_size=32", "data.tokenize.batch_size=16"]
-
-
-# The training steps' verdicts (a finite loss proves nothing): the base LM must beat a unigram model of
-# its own train tokens by a wide margin (templated captions: word order carries most of the signal), and
-# the token LM must improve on its warm start by 0.1 nats per target token.
-BASE_LM_PPL_RATIO = 0.5
-TOKEN_LM_MIN_GAIN = 0.1
-
-
-def base_lm_verdict(m: dict) -> bool:
-    """metrics.json of `lumo train lm`: eval perplexity <= BASE_LM_PPL_RATIO x the unigram perplexity."""
-    return bool(m["perplexity"] <= BASE_LM_PPL_RATIO * m["unigram_perplexity"])
-
-
-def token_lm_verdict(m: dict) -> bool:
-    """metrics.json of a token-LM run: eval loss at least TOKEN_LM_MIN_GAIN below the warm start's and
-    every task's eval loss below its warm-start value (stage 4 starts some tasks from scratch)."""
-    start = m["eval_at_start"]
-    return bool(m["eval_loss"] <= start["eval_loss"] - TOKEN_LM_MIN_GAIN
-                and all(m["eval"][t] < start[f"eval_{t}"] for t in m["eval"]))
 
 
 def step_runner(steps: dict, tag: str, log):

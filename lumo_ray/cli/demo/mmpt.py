@@ -46,9 +46,10 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
     {"pass", "run", "stages": {name: {...}}}."""
     from trainers.mmpt import run_mmpt
 
-    from .lm import TOKEN_LM_MIN_GAIN, step_runner, token_lm_verdict
     from ...eval.fidelity import run_fidelity
     from ...eval.modality_ablation import run_modality_ablation
+    from ...eval.training_gates import TOKEN_LM_MIN_GAIN, token_lm_verdict
+    from .lm import step_runner
 
     out = Path(out_dir).resolve()
     cfg = copy.deepcopy(cfg)
