@@ -6,6 +6,8 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets"
 REAL_SAMPLES = ASSETS / "real"
 """Two real photos and two real clips with captions (provenance: assets/real/README.md)."""
+DEMO_RECIPES = ASSETS / "demo"
+"""The demo's per-stage settings as config files, each with its reasons (configs/demo links here)."""
 
 
 def real_data_dir(path: str) -> Path:

@@ -67,3 +67,28 @@ def test_one_precedence_default_file_set_then_a_commands_flag(tmp_path):
     args = parse(["train", "lm", "--config", str(f), "--input", "a b.jsonl", "--input", "c.txt"])
     cfg = command_config(args, aliases={"input": "lm.inputs", "out": "lm.out"})
     assert cfg.lm.inputs == ["a b.jsonl", "c.txt"] and cfg.lm.out == "lm-file"  # no --out: the file's
+
+
+def test_the_demo_recipes_are_config_files_with_reasons_that_the_demo_reads():
+    """configs/demo/*.yaml (lumo_ray/assets/demo, shipped): each loads alone as --config (a stage can be
+    rerun with it), each setting carries its reason, and the demo's settings are exactly these files."""
+    from pathlib import Path
+
+    from lumo_ray.cli.demo.lm import DEMO_DATA, DEMO_TRAINING
+    from lumo_ray.cli.demo.mmpt import DEMO_MMPT
+    from lumo_ray.cli.common import command_config
+    from lumo_ray.cli.main import build_parser
+    from lumo_ray.config.load import file_sets
+
+    here = Path(__file__).resolve().parents[1] / "configs" / "demo"
+    assert sorted(p.name for p in here.glob("*.yaml")) == ["data.yaml", "lm.yaml", "mmpt.yaml", "token_lm.yaml"]
+    for p in here.glob("*.yaml"):
+        leaves = [ln for ln in p.read_text().splitlines() if ":" in ln.split("#")[0] and ln.split("#")[0].split(":")[1].strip()]
+        assert leaves and all("#" in ln for ln in leaves), (p.name, [ln for ln in leaves if "#" not in ln])
+        load_config(LumoConfig, p)
+    assert DEMO_DATA == file_sets(here / "data.yaml")
+    assert DEMO_TRAINING == file_sets(here / "lm.yaml") + file_sets(here / "token_lm.yaml")
+    assert DEMO_MMPT == file_sets(here / "mmpt.yaml")
+    args = build_parser().parse_args(["train", "token-lm", "--config", str(here / "token_lm.yaml"), "--out", "r"])
+    cfg = command_config(args, aliases={"out": "token_lm.out"})
+    assert (cfg.token_lm.train.steps, cfg.token_lm.new_row_lr, cfg.token_lm.out) == (500, 0.003, "r")

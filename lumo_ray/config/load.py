@@ -109,6 +109,24 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def file_sets(path: str | Path) -> list[str]:
+    """A YAML config file as `--set` items (`a.b=<JSON value>`, leaves in file order): a recipe file
+    applied over another config (`lumo demo` puts its recipes over --config)."""
+    data = _read_yaml(Path(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    out: list[str] = []
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out.append(f"{prefix}{k}={json.dumps(v)}")
+    walk(data, "")
+    return out
+
+
 def merge_overrides(data: dict, overrides: list[str]) -> dict:
     data = json.loads(json.dumps(data))  # deep copy of plain YAML data
     for item in overrides or []:

@@ -7,22 +7,16 @@ import time
 from pathlib import Path
 
 from ...config import LumoConfig, load_config
+from ...config.load import file_sets
 from ...eval.training_gates import BASE_LM_PPL_RATIO, TOKEN_LM_MIN_GAIN, base_lm_verdict, token_lm_verdict
+from ...packaged import DEMO_RECIPES
 from ...storage import write_file
 
-# The lm stage's training budget, measured on the demo's 1024 synthetic images + 128 clips (table in
-# docs/stage3_token_lm.md): with the library defaults (base LM 200 steps; token LM 150 steps, new rows
-# at 1e-2) the image modality ablation failed (shuffle gap +0.02, win 0.78); a base LM trained for 400
-# steps and a token LM with slower new rows (3e-3) for 300 steps pass it for image and audio.
-# With 2048 images (for stage 4, docs/stage4_mmpt.md) the token LM trains 500 steps: about the same
-# number of passes over its train split as the measured 300 steps on 1024 images (at 300 the image
-# shuffle gap fell to +0.098, under the 0.10 gate). The base LM trains on 128-token blocks (the
-# lm.seq_len default): on 64-token blocks the token LM's image noise gap ranged +0.12 to +0.85 over
-# data seeds 0-2 (seed 2 under the 0.15 gate); on 128 its image reading is stronger on all three.
-DEMO_TRAINING = ["lm.train.steps=400", "token_lm.train.steps=500", "token_lm.new_row_lr=0.003"]
-# The demo's shard settings: a large eval share (the ablation slices are drawn from eval, and synth
-# sets are small), small shards, the batch size the tokenize benchmark measured fastest on 2 cores.
-DEMO_DATA = ["data.normalize.eval_permille=250", "data.tokenize.shard_size=32", "data.tokenize.batch_size=16"]
+# The demo's recipes are config files with their reasons (lumo_ray/assets/demo, linked as configs/demo):
+# the lm stage's training budget (lm.yaml, token_lm.yaml; measured table in docs/stage3_token_lm.md) and
+# the shard settings (data.yaml). The demo applies them over --config, as --set items before the user's.
+DEMO_TRAINING = file_sets(DEMO_RECIPES / "lm.yaml") + file_sets(DEMO_RECIPES / "token_lm.yaml")
+DEMO_DATA = file_sets(DEMO_RECIPES / "data.yaml")
 
 
 def step_runner(steps: dict, tag: str, log):

@@ -8,29 +8,13 @@ import json
 from pathlib import Path
 
 from ...config import LumoConfig, load_config
+from ...config.load import file_sets
+from ...packaged import DEMO_RECIPES
 from ...storage import write_file
 
-# The stage-4 training budget of the demo (measured table in docs/stage4_mmpt.md), with its reasons:
-# - start from the stage-3.3 run: its new rows already read media;
-# - freeze=full, not the trainer's default LoRA r=8: the tiny LM is 2 layers x 64 wide, and through
-#   LoRA on attention alone it lost the image modality ablation (shuffle gap +0.097) without learning
-#   to generate (measured); a full fine-tune keeps reading and learns the t2x layouts (text invariance
-#   then does not apply, as under LoRA);
-# - x2t only for the first 100 steps, then t2x blended in over 100: the first, large t2x gradients do
-#   not land on a model that has not seen the 'any' mix yet;
-# - t2i weighted 0.55: 64 image codes per caption are the most to learn, and a caption's colour is
-#   read from the first object cell only (later cells copy it), a thin signal; t2a 0.25 (pitch was
-#   learned at 0.25-0.35 alike, and its 300-id sequences are the costly ones); x2t 0.1 each keeps
-#   reading trained;
-# - 1400 steps at lr 2e-3: at 1e-3 the t2i eval loss flattened by 1000 steps; eval, checkpoint and
-#   golden generations at 700 and 1400 (each eval reads the whole eval split in both directions);
-# - 2 DDP workers on the demo machine's 2 cores.
-DEMO_MMPT = ["token_lm.freeze=full", "token_lm.train.num_workers=2", "token_lm.train.steps=1400",
-             "token_lm.train.warmup_steps=20", "token_lm.train.lr=0.002", "token_lm.new_row_lr=0.003",
-             "token_lm.train.eval_every=700", "token_lm.train.ckpt_every=700", "token_lm.train.log_every=100",
-             "token_lm.mmpt.ramp_steps=100", "token_lm.mmpt.blend_steps=100",
-             "token_lm.mmpt.task_weights.i2t=0.1", "token_lm.mmpt.task_weights.a2t=0.1",
-             "token_lm.mmpt.task_weights.t2i=0.55", "token_lm.mmpt.task_weights.t2a=0.25"]
+# The stage-4 training budget of the demo: lumo_ray/assets/demo/mmpt.yaml (configs/demo/mmpt.yaml), each
+# setting with its reason (measured table in docs/stage4_mmpt.md).
+DEMO_MMPT = file_sets(DEMO_RECIPES / "mmpt.yaml")
 
 
 def mmpt_demo_config(data_settings: list[str], config: str | Path | None, sets: list[str] | None) -> LumoConfig:
