@@ -45,6 +45,19 @@ def test_tiny_round_trip_on_real_captions(tiny, real_data):
         assert tiny.decode(ids) == t
 
 
+def test_encode_is_the_wrappers_encode(tiny, real_data):
+    """encode() calls the Rust tokenizer directly: the ids transformers' encode gives, specials as text."""
+    texts = real_captions(real_data) + ["", "  two  spaces\nand a newline\ttab", "café 日本 🙂",
+                                        "a red circle <|endoftext|><|pad|>"]
+    for t in texts:
+        assert tiny.encode(t) == tiny.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True)
+    backend = tiny.tokenizer.backend_tokenizer
+    ref = tiny.tokenizer.encode("<|endoftext|>", split_special_tokens=True)
+    backend.encode_special_tokens = False  # as a plain tokenizer(...) call leaves it
+    assert tiny.encode("<|endoftext|>") == ref
+    assert backend.encode_special_tokens is False  # put back: other callers of the tokenizer see no change
+
+
 def test_encode_adds_no_specials_and_never_emits_them(tiny):
     ids = tiny.encode("a red circle <|endoftext|><|pad|>")
     assert tiny.eos_id not in ids and tiny.pad_id not in ids

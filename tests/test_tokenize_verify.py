@@ -323,6 +323,29 @@ def test_the_streaming_plan_writes_what_the_in_memory_rule_gives(shards, manifes
         assert st["sha256"] == index[f"{split}/shard-{i:06d}.tar"]["sha256"]
 
 
+def test_write_tar_writes_the_bytes_tarfile_writes(tmp_path):
+    """write_tar fills tarfile's own USTAR header; its stream must stay tarfile's, byte for byte, over
+    sizes around the 512-byte block and the 10240-byte record, long names (a prefix split) and UTF-8."""
+    rng = np.random.default_rng(0)
+    names = ["a.json", "0123456789abcdef01234567.text.npy", "x" * 100, "d/" * 40 + "y" * 60, "café.npy"]
+    sizes = [0, 1, 511, 512, 513, 10240, 20000]
+    samples = [{n: rng.bytes(sizes[(i + j) % len(sizes)]) for j, n in enumerate(names[i % 3:][:3])}
+               for i in range(len(names) + len(sizes))]
+    samples[3]["d/" * 40 + "y" * 60] = b"long"  # only tarfile's own header path can place this name
+    for part in (samples, samples[:1], []):
+        ref = io.BytesIO()
+        with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as t:
+            for members in part:
+                for name in sorted(members):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                        len(members[name]), 0, 0o644, 0, 0, "", ""
+                    t.addfile(info, io.BytesIO(members[name]))
+        st = write_tar(tmp_path / "t.tar", part)
+        assert (tmp_path / "t.tar").read_bytes() == ref.getvalue()
+        assert st["bytes"] == len(ref.getvalue()) and st["samples"] == len(part)
+
+
 def _flip_token_byte(tar_path: Path) -> str:
     """Flip the last byte of the first token array in a tar (a payload byte, not a header): returns its member."""
     with tarfile.open(tar_path) as t:
