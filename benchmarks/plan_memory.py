@@ -46,7 +46,7 @@ def measure(preset: str, freeze: str, micro_batch: int, seq: int, target: int, c
     from lumo_ray.config.lm import LoraConfig
     from lumo_ray.models.base_lm import build_base_lm
     from lumo_ray.models.token_lm import apply_freeze, target_losses
-    from trainers.core import checkpoint_activations
+    from trainers.loop import checkpoint_activations
 
     model = apply_freeze(build_base_lm(preset, vocab, seed=0), freeze, text_vocab, LoraConfig())
     checkpoint_activations(model, checkpointing)

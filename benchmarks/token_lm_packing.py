@@ -71,7 +71,7 @@ def reference_sequences(ts, n: int, n_audio: int, seed: int = 0) -> list:
 def run(mode: bool, cfg, ts, model_fn, source_fn, steps: int) -> dict:
     """One warm-up step, then `steps` timed steps of the trainer's Stepper; counters of the timed ones."""
     from lumo_ray.data.sequences import SequenceBuilder
-    from trainers.core import make_scheduler
+    from trainers.loop import make_scheduler
     from trainers.lm import micro_batch
     from trainers.token_lm import Stepper, param_groups
 

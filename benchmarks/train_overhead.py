@@ -37,7 +37,7 @@ def main() -> int:
 
     from lumo_ray.config.vlm import VLMConfig
     from lumo_ray.data.synth import write_synth
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.vlm import prepare_run, run_loop, train_vlm
 
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ def main() -> None:
     from lumo_ray.models.base_lm import build_base_lm
     from lumo_ray.models.token_lm import apply_freeze, target_losses
     from lumo_ray.plan import estimate, shape_of
-    from trainers.core import checkpoint_activations
+    from trainers.loop import checkpoint_activations
 
     dev = torch.device(a.device)
     model = apply_freeze(build_base_lm(a.preset, a.vocab, seed=0), a.freeze, a.text_vocab, LoraConfig()).to(dev)

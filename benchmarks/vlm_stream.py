@@ -47,7 +47,7 @@ if mode == "prep":
     from trainers.vlm import prepare_run
     prepare_run(cfg, out, quiet)
 elif mode == "loop":
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.vlm import run_loop
     run_loop(cfg, Path(out).resolve(), LocalContext(), log=quiet)
 else:

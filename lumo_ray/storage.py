@@ -423,7 +423,7 @@ def download_dir(p: PathLike, dst: str | Path) -> Path:
     return dst
 
 
-# Files a run directory mirror leaves alone: the trainers' checkpoints (trainers/core.py CHECKPOINTS,
+# Files a run directory mirror leaves alone: the trainers' checkpoints (trainers/checkpoint.py CHECKPOINTS,
 # tests/test_storage_uri.py holds the two names together) reach the object store through Ray Train's
 # storage_path, and `ray/` is that storage when it defaults to the run directory.
 MIRROR_SKIP = ("checkpoints/", "ray/")

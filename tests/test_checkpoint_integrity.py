@@ -15,7 +15,8 @@ import torch
 from lumo_ray.codecs.text import TINY_CORPUS
 from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.integrity import MANIFEST, IntegrityError, write_manifest
-from trainers.core import LocalContext, resolve_resume
+from trainers.checkpoint import resolve_resume
+from trainers.context import LocalContext
 from trainers.lm import lm_loop
 
 LM = ["lm.train.steps=2", "lm.train.eval_every=2", "lm.train.ckpt_every=1", "lm.train.log_every=1000",

@@ -62,7 +62,7 @@ def test_clip_kmeans_shards_tokenize_and_verify(pipeline):
 
 def _train(d, cfg_file, out, steps):
     from lumo_ray.eval.modality_ablation import run_modality_ablation
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.token_lm import token_lm_loop
 
     cfg = load_config(LumoConfig, cfg_file, [f"token_lm.shards={d / 'shards'}", f"token_lm.out={out}",

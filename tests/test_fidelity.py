@@ -132,7 +132,7 @@ def test_untrained_run_fails_through_generation_and_is_deterministic(data, untra
 
 
 def test_x2t_only_run_fails(data, tmp_path):
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.token_lm import token_lm_loop
 
     shards, ts, _ = data

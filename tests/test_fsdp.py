@@ -15,7 +15,7 @@ from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.eval.text_invariance import text_invariance
 from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
 from test_token_lm_train import QUIET, make_cfg
-from trainers.core import LocalContext
+from trainers.context import LocalContext
 from trainers.token_lm import evaluate_tasks, run_token_lm, token_lm_loop
 
 STEPS = ["token_lm.train.steps=10", "token_lm.train.ckpt_every=5", "token_lm.train.eval_every=5"]
@@ -44,7 +44,7 @@ def test_prepare_shards_every_decoder_layer(one_process_group):
     from torch.distributed.tensor import DTensor
 
     from lumo_ray.models.base_lm import build_base_lm
-    from trainers.core import local_rows
+    from trainers.fsdp import local_rows
 
     model = LocalContext().prepare(build_base_lm("tiny", 2880), "fsdp")
     assert isinstance(model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in model.model.layers)
@@ -99,7 +99,7 @@ def test_two_fsdp_workers_match_ddp_resume_exactly_and_reshard(data, tmp_path, o
                                       "token_lm.train.ckpt_every=12", *two, "token_lm.train.strategy=fsdp",
                                       f"token_lm.train.resume={ck1}"), **QUIET)
     assert two_again["steps"] == 12 and len(two_again["loss_history"]) == 2
-    with pytest.raises(ValueError, match="written with train.strategy fsdp"):  # a ddp run refuses it, naming why
+    with pytest.raises(ValueError, match="written with token_lm.train.strategy fsdp"):  # a ddp run refuses it, naming why
         token_lm_loop(make_cfg(shards, tmp_path / "ddp1", *STEPS, f"token_lm.train.resume={ck}"), LocalContext(),
                       ts=ts, **QUIET)
 
@@ -161,7 +161,7 @@ def test_vlm_fsdp_matches_ddp_restarts_from_its_shards_and_reshards(vlm_synth, t
     from safetensors.torch import load_file
 
     from test_vlm_train import QUIET as VQUIET, losses, small_cfg
-    from trainers.core import fetch_checkpoint
+    from trainers.checkpoint import fetch_checkpoint
     from trainers.vlm import prepare_run, run_loop, train_vlm
 
     runs = {}

@@ -15,7 +15,7 @@ from lumo_ray.config.lm import LoraConfig
 from lumo_ray.models.base_lm import build_base_lm
 from lumo_ray.models.token_lm import load_token_lm, warm_start
 from test_token_lm_train import QUIET, make_cfg
-from trainers.core import shard, single_process_group
+from trainers.fsdp import shard, single_process_group
 
 TWO = ["token_lm.train.num_workers=2", "token_lm.train.cpus_per_worker=0.5", "token_lm.train.strategy=fsdp",
        "token_lm.train.steps=3", "token_lm.train.eval_every=3", "token_lm.train.ckpt_every=3"]

@@ -182,9 +182,9 @@ LM = ["lm.train.steps=3", "lm.train.eval_every=3", "lm.train.log_every=1000", "l
 
 
 def test_train_workers_get_gpus_and_train_the_cpu_weights(tmp_path, ray_local, capsys, monkeypatch):
-    """The reference CPU run is the same loop in this process (trainers/core.py LocalContext): a Ray Train
+    """The reference CPU run is the same loop in this process (trainers/context.py LocalContext): a Ray Train
     run on CPU would cost a second worker-group start for the same bytes."""
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.lm import lm_loop
 
     lm_loop(load_config(LumoConfig, None, LM + [f"lm.out={tmp_path / 'cpu'}"]), LocalContext())

@@ -1,6 +1,8 @@
 """The house plan held by a test (docs/architecture.md): the library under lumo_ray/ never imports Ray
 or the Ray jobs (pipelines/, trainers/, servers/); only the command line (lumo_ray/cli/) does; no module
-imports, through any chain, a module that imports it back; and no import runs back up the layers (LAYERS)."""
+imports, through any chain, a module that imports it back; and no import runs back up the layers (LAYERS).
+In trainers/: a workload's modules import only their own workload's and the shared machinery (WORKLOADS),
+and no function runs over MAX_LINES."""
 from __future__ import annotations
 
 import ast
@@ -176,3 +178,68 @@ def test_the_layer_check_catches_an_import_up_and_a_module_in_no_layer(tmp_path,
         "lumo_ray.codecs.vq imports lumo_ray.eval.metrics (layer eval above layer codecs)",
         "lumo_ray.eval.audit imports lumo_ray.codecs.fit (layer fits above layer eval)",
         "lumo_ray.extra is in no layer: add it to LAYERS"]
+
+
+# trainers/: the machinery every workload shares, then each workload's own modules (a Tune study of a
+# workload is that workload's; stage 4 is the token LM with layout "any", so it is the token LM's)
+SHARED = ("context", "loop", "checkpoint", "fsdp", "metrics", "launch", "tune_resources")
+WORKLOADS = {"vlm": ("vlm", "vlm_stream", "tune_vlm"), "lm": ("lm",),
+             "token_lm": ("token_lm", "mmpt", "tune_study", "tune_prompts", "tune_mmpt"),
+             "codec": ("codec_fit", "codec_vq", "codec_audio")}
+MAX_LINES = 60
+
+
+def cross_workload_imports(root: Path, shared=SHARED, workloads=WORKLOADS) -> list[str]:
+    """'<module> imports <module> (workload a -> b)' for each trainers/ import outside the importer's own
+    workload and the shared machinery; a module in neither list is named too (place it)."""
+    family = {m: w for w, ms in workloads.items() for m in ms}
+    out = []
+    for p in sorted(root.glob("*.py")):
+        me = p.stem
+        if me == "__init__" or me in shared:
+            continue
+        if me not in family:
+            out.append(f"trainers.{me} is in no workload: add it to WORKLOADS or SHARED")
+            continue
+        for name in sorted(imports(p)):
+            parts = name.split(".")
+            if parts[0] != "trainers" or len(parts) < 2 or parts[1] in shared or parts[1] == "__init__":
+                continue
+            if family.get(parts[1]) != family[me]:
+                out.append(f"trainers.{me} imports trainers.{parts[1]} (workload {family[me]} -> "
+                           f"{family.get(parts[1], 'none')})")
+    return sorted(set(out))
+
+
+def long_functions(root: Path, limit: int = MAX_LINES) -> list[str]:
+    """'<file>:<function> N lines' for each function (methods too) longer than `limit`."""
+    out = []
+    for p in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append(f"{p.name}:{node.name} {n} lines")
+    return out
+
+
+def test_a_trainer_imports_only_its_own_workload_and_the_shared_machinery():
+    assert cross_workload_imports(REPO / "trainers") == []
+
+
+def test_no_function_in_trainers_runs_over_60_lines():
+    assert long_functions(REPO / "trainers") == []
+
+
+def test_the_trainer_checks_catch_a_cross_import_an_unplaced_module_and_a_long_function(tmp_path, monkeypatch):
+    root = tmp_path / "trainers"
+    root.mkdir()
+    (root / "loop.py").write_text("")
+    (root / "vlm.py").write_text("from .token_lm import x\nfrom .loop import y\n")
+    (root / "token_lm.py").write_text("def f():\n" + "    x = 1\n" * 60)
+    (root / "new.py").write_text("")
+    monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)  # imports() names modules relative to REPO
+    assert cross_workload_imports(root, ("loop",), {"vlm": ("vlm",), "token_lm": ("token_lm",)}) == [
+        "trainers.new is in no workload: add it to WORKLOADS or SHARED",
+        "trainers.vlm imports trainers.token_lm (workload vlm -> token_lm)"]
+    assert long_functions(root) == ["token_lm.py:f 61 lines"]

@@ -20,7 +20,8 @@ from lumo_ray.cli.demo.lm import build_synth_shards
 from lumo_ray.models.token_lm import load_token_lm
 from lumo_ray.token_space import TokenSpaceMismatch
 from lumo_ray.uti import load_token_space
-from trainers.core import LocalContext, load_state
+from trainers.checkpoint import load_state
+from trainers.context import LocalContext
 from trainers.mmpt import MMPT_DEFAULTS
 from trainers.token_lm import evaluate_tasks, token_lm_loop
 

@@ -25,7 +25,7 @@ from lumo_ray.uti import load_token_space
 from pipelines.normalize import run_normalize
 from pipelines.tokenize import run_tokenize
 from pipelines.verify import run_verify
-from trainers.core import LocalContext
+from trainers.context import LocalContext
 from trainers.token_lm import token_lm_loop
 
 PRECIOUS = "precious: must not change\n"

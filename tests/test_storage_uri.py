@@ -21,7 +21,8 @@ from lumo_ray.data.synth import write_synth
 from lumo_ray.storage import locate, runs_root
 from pipelines.normalize import run_normalize
 from pipelines.tokenize import run_tokenize
-from trainers.core import LocalContext, load_state
+from trainers.checkpoint import load_state
+from trainers.context import LocalContext
 from trainers.token_lm import token_lm_loop
 
 DATA = ["data.normalize.eval_permille=400", "data.tokenize.shard_size=4", "data.tokenize.batch_size=4",
@@ -232,7 +233,7 @@ def test_run_dir_mirror_uploads_changes_and_leaves_checkpoints_to_ray(s3):
     assert runs_root().name == f"lumo-runs-{os.getuid()}"
     run = RunDir(s3("mirror/run"))
     assert run.remote and run.local.is_dir() and str(os.getpid()) in run.local.name
-    from trainers.core import CHECKPOINTS
+    from trainers.checkpoint import CHECKPOINTS
 
     for rel in ("metrics.json", "export/model.bin", f"{CHECKPOINTS}/step-1/state.pt", "ray/train/x", "index.json.tmp"):
         (run.local / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ PROMPT = "a red circle"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """A base LM trained 40 steps on the tiny corpus, by the trainer's own loop in this process."""
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.lm import lm_loop
 
     out = tmp_path_factory.mktemp("text_path") / "lm"

@@ -16,7 +16,8 @@ from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.data import mix
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.uti import load_token_space
-from trainers.core import LocalContext, load_state
+from trainers.checkpoint import load_state
+from trainers.context import LocalContext
 from trainers.token_lm import token_lm_loop
 
 QUIET = dict(log=lambda *a, **k: None)

@@ -17,7 +17,7 @@ from lumo_ray.models.base_lm import build_base_lm
 from lumo_ray.models.token_lm import apply_freeze, target_losses, task_loss_sums, warm_start
 from test_fsdp import data, one_process_group  # noqa: F401  (the token-LM tests' shards, built once per session)
 from test_token_lm_train import QUIET, make_cfg
-from trainers.core import LocalContext
+from trainers.context import LocalContext
 from trainers.token_lm import token_lm_loop
 
 VOCAB = 300

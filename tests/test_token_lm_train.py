@@ -19,7 +19,8 @@ from lumo_ray.eval.text_invariance import text_invariance
 from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
 from lumo_ray.token_space import TokenSpaceMismatch
 from lumo_ray.uti import load_token_space
-from trainers.core import LocalContext, load_state
+from trainers.checkpoint import load_state
+from trainers.context import LocalContext
 from trainers.token_lm import evaluate_tasks, run_token_lm, token_lm_loop
 
 QUIET = dict(log=lambda *a, **k: None)
@@ -48,6 +49,25 @@ def straight(data, tmp_path_factory):
     cfg = make_cfg(shards, out)
     m = token_lm_loop(cfg, LocalContext(), ts=ts, **QUIET)
     return cfg, m, out
+
+
+def test_a_worker_builds_no_codec_it_is_handed_the_drivers_token_space(data, tmp_path, monkeypatch):
+    """The Ray Train worker entry (trainers/token_lm._worker) with the config run_token_lm hands it: every
+    adapter build (lumo_ray.uti.build_adapters: text, image and audio codecs) is counted, and there is none;
+    the same loop without the driver's token space builds them (so the count can see one)."""
+    import lumo_ray.uti as uti
+    from trainers.token_lm import _worker
+
+    shards, _, ts = data
+    builds = []
+    real = uti.build_adapters
+    monkeypatch.setattr(uti, "build_adapters", lambda *a, **k: builds.append(1) or real(*a, **k))
+    cfg = make_cfg(shards, tmp_path / "handed", "token_lm.train.steps=2", "token_lm.train.eval_every=2",
+                   "token_lm.train.ckpt_every=2")
+    _worker({"cfg": cfg, "ts_json": ts.to_json()}, LocalContext())
+    assert builds == [] and (tmp_path / "handed" / "metrics.json").exists()
+    token_lm_loop(make_cfg(shards, tmp_path / "built", "token_lm.train.steps=1"), LocalContext(), **QUIET)
+    assert len(builds) == 1
 
 
 def test_resume_is_exact(data, straight, tmp_path):

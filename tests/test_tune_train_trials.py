@@ -62,7 +62,7 @@ def test_trials_at_once_follow_the_study_keys_and_a_trial_too_big_is_refused(ray
     from lumo_ray.config.lm import PromptStudyConfig
     from lumo_ray.errors import UserError
     from lumo_ray.resources import study_resources
-    from trainers.tune_study import trial_resources, trials_at_once
+    from trainers.tune_resources import trial_resources, trials_at_once
 
     study = PromptStudyConfig
     inproc = study(gpus_per_trial=1.0, accelerator_type="A100")
@@ -155,7 +155,7 @@ def test_ray_train_trials_reach_the_losses_of_the_same_runs_alone(shards, tmp_pa
 def cpu_trial(row: dict, study: str, tmp: Path) -> dict:
     """The trial of a study row trained and scored again on CPU in this process, outside Tune: its config
     (the trial directory's config.yaml) through the loop and scoring an in-process trial runs."""
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.token_lm import run_token_space, token_lm_loop
     from trainers.tune_study import scoring_hook
 
@@ -228,7 +228,7 @@ def test_vlm_sweep_trials_get_their_gpu_and_the_cpu_verdict(tmp_path_factory, tm
     from lumo_ray.config.vlm import VLMConfig
     from lumo_ray.data.synth import write_synth
     from test_vlm_train import small_cfg
-    from trainers.core import LocalContext
+    from trainers.context import LocalContext
     from trainers.tune_vlm import run_sweep, score_run
     from trainers.vlm import prepare_run, run_loop
 

@@ -12,7 +12,7 @@ from lumo_ray.data.synth import write_synth
 from lumo_ray.data.vlm_data import ImageStore, SequenceBuilder, StepSampler, VLMDataError, collate, load_image
 from lumo_ray.data.vlm_records import MicroBatchDecoder, RecordTable, StreamSpec, data_dir, prefetch, stream_rows
 from lumo_ray.models.vlm import build_text, vlm_tokens
-from trainers.core import LocalContext
+from trainers.context import LocalContext
 from trainers.vlm import prepare_run, run_loop
 
 QUIET = lambda *_: None  # noqa: E731

@@ -11,7 +11,8 @@ from lumo_ray.cli import main
 from lumo_ray.config import TrackingConfig
 from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.data.synth import write_synth
-from trainers.core import LocalContext, fetch_checkpoint, latest_ray_checkpoint, load_state
+from trainers.checkpoint import fetch_checkpoint, latest_ray_checkpoint, load_state
+from trainers.context import LocalContext
 from trainers.vlm import Trainee, prepare_run, run_loop, train_vlm
 
 QUIET = lambda *_: None  # noqa: E731

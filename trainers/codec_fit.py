@@ -2,7 +2,7 @@
 
 Thin: each fit is library code (lumo_ray/codecs/vq_train.py, audio_train.py) called as
 `fit(section, log=, report=, out_dir=)`; this file checks the section, hands the fit to a TorchTrainer
-through trainers/core.py's `launch` / `RayContext` and reads metrics.json back.
+through trainers/launch.py's `launch` and trainers/context.py's `RayContext` and reads metrics.json back.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Optional
 from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.tracking import open_tracker
 
-from trainers.core import RayContext, launch, storage_of
+from trainers.context import RayContext
+from trainers.launch import launch, storage_of
 
 
 def _worker(config: dict) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -17,9 +18,11 @@ from lumo_ray.runtime import Rate
 from lumo_ray.storage import staged_dir
 from lumo_ray.tracking import open_tracker
 
-from .core import (RayContext, checkpoint_activations, due, end_of_step, full_state, launch, load_shards, load_state,
-                   make_scheduler, micro_batch, resolve_resume, rng_state, save_checkpoint, save_sharded_checkpoint,
-                   seed_all, set_rng_state, storage_of, write_json)
+from .checkpoint import load_state, resolve_resume, restore_training, save_training
+from .context import RayContext
+from .fsdp import full_state
+from .launch import launch, storage_of, write_json
+from .loop import checkpoint_activations, due, end_of_step, make_scheduler, micro_batch, rng_state, seed_all
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,9 +126,6 @@ def lm_step(model, blocks: torch.Tensor, stream: BlockStream, per: int, t: Train
 
 def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     """Base LM training on one worker (rank ctx.rank of ctx.world_size)."""
-    from lumo_ray.models.base_lm import build_base_lm, count_params
-    from lumo_ray.models.meta_init import meta_build
-    from lumo_ray.models.sharded_export import save_sharded_pretrained
     from lumo_ray.storage import RunDir
 
     c, t = cfg.lm, cfg.lm.train
@@ -137,37 +137,14 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
     tok = load_lm_tokenizer(c.tokenizer)
     train_texts, eval_texts = lm_texts(c.inputs, c.eval_fraction)
     train_blocks, eval_blocks = pack(train_texts, tok, c.seq_len), pack(eval_texts, tok, c.seq_len)
-    def build():
-        return build_base_lm(c.preset, len(tok), seed=t.seed, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                             overrides=c.arch)
-    meta = sharded and t.meta_init  # built on the meta device, each rank fills its own shards
-    model, fill = meta_build(build, t.seed) if meta else (build(), None)
-    counts = count_params(model)
-    checkpoint_activations(model, t.activation_checkpointing)
+    model, build, counts, meta = build_lm(c, tok, ctx)
     if ctx.rank == 0:
         log(f"base LM {c.preset}: {counts['total']:,} params, vocab {len(tok)}, {len(train_blocks)} train / "
             f"{len(eval_blocks)} eval blocks of {c.seq_len}")
-    model = ctx.prepare(model, t.strategy, t.bf16)
-    if fill is not None:
-        fill(model, ctx.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     sched = make_scheduler(opt, t)
     per = micro_batch(t, ctx.world_size)
-    step, epoch, pos = 0, 0, 0
-    ck = resolve_resume(t.resume, run_dir, ctx, log if ctx.rank == 0 else (lambda *_: None))
-    if ck is not None:
-        st = load_state(ck)
-        kind = st.get("strategy", "ddp")
-        if kind != t.strategy:
-            raise ValueError(f"checkpoint {ck} was written with lm.train.strategy {kind}; resume it with {kind}")
-        if sharded:  # each rank reads its shard, whatever the worker count that wrote the checkpoint
-            load_shards(ck, model, opt)
-        else:
-            getattr(model, "module", model).load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        step, epoch, pos = st["step"], st["data"]["epoch"], st["data"]["pos"]
+    step, epoch, pos = resume_lm(t, run_dir, ctx, model, opt, sched, log)
     stream = BlockStream(len(train_blocks), t.seed, ctx.rank, ctx.world_size, epoch, pos)
     history, t0, metrics = [], time.time(), {}
     rate = Rate(t.steps, step, t0=t0)  # a resumed run's rate counts the steps of this start
@@ -183,16 +160,63 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         if due(step, t.ckpt_every, last):
             state = {"strategy": t.strategy, "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
                      "data": {"epoch": stream.epoch, "pos": stream.pos}, "token_space_hash": None, "config": to_dict(cfg)}
-            if sharded:  # every rank writes its shard
-                ck_dir = save_sharded_checkpoint(ctx, run_dir, step, model, opt, state if ctx.rank == 0 else None)
-            elif ctx.rank == 0:
-                state.update(model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict())
-                ck_dir = save_checkpoint(run_dir, step, state)
+            ck_dir = save_training(ctx, run_dir, step, sharded, model, opt, state,
+                                   lambda: {"model": getattr(model, "module", model).state_dict()})
         end_of_step(ctx, t, step, rep, ck_dir, tracker, log, lambda: (
             f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
                                                           if "eval_loss" in rep else "")
             + f" ({rate(step)})"))
         metrics = rep if "eval_loss" in rep else metrics
+    export_lm(model, build, tok, run_dir / "export", ctx, sharded, meta)
+    if ctx.rank == 0:
+        tracker.close()
+        metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
+                   "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tok)),
+                   "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(run.loc / "export")}
+        write_json(run_dir / "metrics.json", metrics)
+        run.push()
+    run.discard()
+    return metrics
+
+
+def build_lm(c, tok, ctx) -> tuple[torch.nn.Module, Callable, dict, bool]:
+    """(the model prepared for this worker's strategy, its builder, parameter counts, meta-built?). Under
+    fsdp with train.meta_init it is built on the meta device and each rank fills its own shards."""
+    from lumo_ray.models.base_lm import build_base_lm, count_params
+    from lumo_ray.models.meta_init import meta_build
+
+    t = c.train
+
+    def build():
+        return build_base_lm(c.preset, len(tok), seed=t.seed, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                             overrides=c.arch)
+    meta = t.strategy == "fsdp" and t.meta_init
+    model, fill = meta_build(build, t.seed) if meta else (build(), None)
+    counts = count_params(model)
+    checkpoint_activations(model, t.activation_checkpointing)
+    model = ctx.prepare(model, t.strategy, t.bf16)
+    if fill is not None:
+        fill(model, ctx.device)
+    return model, build, counts, meta
+
+
+def resume_lm(t: TrainConfig, run_dir: Path, ctx, model, opt, sched, log) -> tuple[int, int, int]:
+    """(step, epoch, position in the epoch) of the checkpoint resumed (train.resume / Ray's restart), its
+    weights, optimizer, scheduler and RNG restored; (0, 0, 0) on a fresh run."""
+    ck = resolve_resume(t.resume, run_dir, ctx, log if ctx.rank == 0 else (lambda *_: None))
+    if ck is None:
+        return 0, 0, 0
+    st = load_state(ck)
+    restore_training(ck, st, "lm.train", t.strategy == "fsdp", model, opt, sched,
+                     lambda s: getattr(model, "module", model).load_state_dict(s["model"]))
+    return st["step"], st["data"]["epoch"], st["data"]["pos"]
+
+
+def export_lm(model, build: Callable, tok, export: Path, ctx, sharded: bool, meta: bool) -> None:
+    """The trained base LM as a plain HF folder on rank 0 (a meta-built run: each weight gathered in turn,
+    every rank taking part; fsdp: the gathered weights in a fresh copy), its digests last."""
+    from lumo_ray.models.sharded_export import save_sharded_pretrained
+
     m = getattr(model, "module", model)
     if meta and ctx.rank != 0:  # each weight gathered in turn: rank 0 writes it
         save_sharded_pretrained(model, None)
@@ -201,23 +225,15 @@ def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
         if ctx.rank == 0:
             m = build()
             m.load_state_dict(full)
-    if ctx.rank == 0:
-        tracker.close()
-        export = run_dir / "export"
-        with staged_dir(export) as tmp:  # HF's writes land in a folder of ours, then move in (no symlink followed)
-            if meta:
-                save_sharded_pretrained(model, tmp)
-            else:
-                m.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-            write_manifest(tmp)  # last: the digests of what was written (lumo_ray/integrity.py)
-        metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
-                   "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tok)),
-                   "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(run.loc / "export")}
-        write_json(run_dir / "metrics.json", metrics)
-        run.push()
-    run.discard()
-    return metrics
+    if ctx.rank != 0:
+        return
+    with staged_dir(export) as tmp:  # HF's writes land in a folder of ours, then move in (no symlink followed)
+        if meta:
+            save_sharded_pretrained(model, tmp)
+        else:
+            m.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        write_manifest(tmp)  # last: the digests of what was written (lumo_ray/integrity.py)
 
 
 def _lm_worker(config: dict) -> None:

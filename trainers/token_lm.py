@@ -22,8 +22,9 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -40,10 +41,12 @@ from lumo_ray.storage import RunDir, is_uri, locate, resolve
 from lumo_ray.tracking import open_tracker
 from lumo_ray.token_space import TokenSpace
 
-from .core import (RayContext, Throughput, checkpoint_activations, due, end_of_step, full_state, is_sharded, launch,
-                   load_shards, load_state, local_rows, make_scheduler, max_over_ranks, micro_batch, resolve_resume,
-                   rng_state, rss_gb, RssPeak, save_checkpoint, save_sharded_checkpoint, seed_all, set_rng_state,
-                   storage_of, write_json)
+from .checkpoint import load_state, resolve_resume, restore_training, save_training
+from .context import RayContext
+from .fsdp import full_state, is_sharded, local_rows
+from .launch import launch, storage_of, write_json
+from .loop import checkpoint_activations, due, end_of_step, make_scheduler, micro_batch, rng_state, seed_all
+from .metrics import max_over_ranks, rss_gb, RssPeak, Throughput
 
 
 def run_token_space(cfg: LumoConfig) -> TokenSpace:
@@ -163,19 +166,14 @@ def param_groups(raw: torch.nn.Module, c, t) -> tuple[list[dict], list[torch.nn.
 def restore(ck: Path, ts: TokenSpace, raw: torch.nn.Module, opt, sched, sharded: bool = False) -> tuple[int, dict]:
     """Trainable weights, optimizer, scheduler and RNG from a checkpoint; returns (step, data position)."""
     st = load_checkpoint(ck, ts)
-    kind, want = st.get("strategy", "ddp"), "fsdp" if sharded else "ddp"
-    if kind != want:
-        raise ValueError(f"checkpoint {ck} was written with train.strategy {kind}; resume it with {kind} (this run: {want})")
-    if sharded:  # each rank reads its shard, whatever the worker count that wrote the checkpoint
-        load_shards(ck, raw, opt, trainable_names(raw))
-    else:
+
+    def trainable(s: dict) -> None:  # the frozen weights come from the warm start
         with torch.no_grad():
             for n, p in raw.named_parameters():
-                if n in st["trainable"]:
-                    p.copy_(st["trainable"][n])
-        opt.load_state_dict(st["optimizer"])
-    sched.load_state_dict(st["scheduler"])
-    set_rng_state(st["rng"])
+                if n in s["trainable"]:
+                    p.copy_(s["trainable"][n])
+
+    restore_training(ck, st, "token_lm.train", sharded, raw, opt, sched, trainable, trainable_names(raw))
     return st["step"], st["data"]
 
 
@@ -235,6 +233,95 @@ class Stepper:
         return out
 
 
+@dataclass
+class Trainee:
+    """A token-LM worker's training state: the warm-started model (`raw`; `model` is it prepared for the
+    strategy), its optimizer and schedule, the step and data stream resumed, the step function."""
+    ws: Any
+    raw: torch.nn.Module
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    step: int
+    source: TrainSequences
+    train_step: Stepper
+    sharded: bool
+    meta: bool
+    rss_build: float
+
+
+def warm_model(cfg: LumoConfig, ts: TokenSpace, log, meta: bool = False):
+    """The warm start (lumo_ray.models.token_lm.warm_start) of this run's base on the token space."""
+    c, t = cfg.token_lm, cfg.token_lm.train
+    return warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=log,
+                      init=c.mmpt.init if c.seq.layouts == "any" else "", meta=meta)
+
+
+def build_trainee(cfg: LumoConfig, ctx, ts: TokenSpace, builder: SequenceBuilder, run_dir: Path, say) -> Trainee:
+    """The model warm-started (fsdp with meta_init: on the meta device, each rank filling its shards) and
+    prepared, AdamW over its parameter groups, and the checkpoint train.resume / Ray's restart names."""
+    c, t = cfg.token_lm, cfg.token_lm.train
+    sharded = t.strategy == "fsdp"
+    meta = sharded and t.meta_init
+    ws = warm_model(cfg, ts, say, meta)
+    raw = ws.model
+    checkpoint_activations(raw, t.activation_checkpointing)
+    model = ctx.prepare(raw, t.strategy, t.bf16)  # fsdp shards raw in place: its parameters change
+    if ws.fill is not None:
+        ws.fill(raw, ctx.device)
+    rss_build = rss_gb()  # the peak through the model's build and sharding
+    groups, vocab = param_groups(raw, c, t)
+    opt = torch.optim.AdamW(groups)
+    sched = make_scheduler(opt, t)
+    step, data = 0, {}
+    ck = resolve_resume(t.resume, run_dir, ctx, say)
+    if ck is not None:
+        step, data = restore(ck, ts, raw, opt, sched, sharded)
+        say(f"resumed from {ck} at step {step} (data position {data})")
+    source = TrainSequences(c, t.seed, builder, ts, ctx.rank, ctx.world_size, data)
+    autocast = t.bf16 and ctx.device.type == "cuda"
+    train_step = Stepper(model, groups, vocab, source, builder, c, t, ts, micro_batch(t, ctx.world_size), autocast)
+    return Trainee(ws, raw, model, opt, sched, step, source, train_step, sharded, meta, rss_build)
+
+
+def save_token_lm(cfg: LumoConfig, ctx, ts: TokenSpace, tr: Trainee, run_dir: Path, step: int) -> Optional[Path]:
+    """A checkpoint: the trainable weights (the frozen come from the warm start), optimizer, schedule,
+    RNG, data position, token space."""
+    t, raw = cfg.token_lm.train, tr.raw
+    state = {"strategy": t.strategy, "scheduler": tr.sched.state_dict(), "rng": rng_state(), "step": step,
+             "data": tr.source.state(), "token_space_hash": ts.hash, "config": to_dict(cfg)}
+    extra = {"token_space.json": json.dumps(ts.to_json(), indent=2)}
+    return save_training(ctx, run_dir, step, tr.sharded, raw, tr.opt, state, lambda: {"trainable": {
+        n: p.detach().cpu().clone() for n, p in raw.named_parameters() if p.requires_grad}},
+        trainable_names(raw), extra)
+
+
+def golden_writer(cfg: LumoConfig, ctx, ts: TokenSpace, tr: Trainee, builder: SequenceBuilder, run_dir: Path,
+                  say) -> Optional[GoldenWriter]:
+    """Stage 4's golden generations: rank 0 writes them; under fsdp every rank generates with it in lockstep
+    (each forward gathers the sharded layers), the others into a scratch directory. None: not stage 4."""
+    c = cfg.token_lm
+    if not ((ctx.rank == 0 or tr.sharded) and c.seq.layouts == "any" and c.mmpt.golden_n > 0):
+        return None
+    return GoldenWriter(cfg, ts, tr.raw, builder, run_dir if ctx.rank == 0 else None, say)
+
+
+def step_line(step: int, steps: int, total: float, rep: dict, rate: Rate) -> str:
+    """A progress line: loss, the eval per task when there was one, rate, throughput, padding, MFU."""
+    evals = (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
+                                                       if k.startswith("eval_") and k != "eval_loss") + ")"
+             if "eval_loss" in rep else "")
+    return (f"token-lm step {step}/{steps} loss {total:.4f}{evals} ({rate(step)}, "
+            f"{rep['tokens_per_s']:,.0f} tokens/s, {rep['pad_fraction']:.0%} padding"
+            + (f", MFU {rep['mfu']:.1%}" if "mfu" in rep else "") + ")")
+
+
+def evaluate_step(model, builder: SequenceBuilder, eval_samples: list, ctx, autocast: bool) -> dict:
+    """{'eval_loss': all tasks, 'eval_<task>': per task} over this rank's eval samples, summed over ranks."""
+    ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
+    return {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
+
+
 def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = None,
                   ts: Optional[TokenSpace] = None, eval_start: bool = True) -> dict:
     """Train on one worker. hook(step, model) -> dict|None runs on rank 0 after each step (Tune).
@@ -254,122 +341,85 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     eval_samples = mix.read_split(c.shards, "eval", rank=ctx.rank, world_size=ctx.world_size, expected=ts)
     tok = text_tokenizer(cfg)
     builder = SequenceBuilder(ts, c.seq, tok.encode)
-    def start_model(log, meta: bool = False):
-        return warm_start(c.base, ts, c.freeze, c.init_scale, t.seed, c.lora, log=log,
-                          init=c.mmpt.init if c.seq.layouts == "any" else "", meta=meta)
-
-    sharded = t.strategy == "fsdp"
-    meta = sharded and t.meta_init  # built on the meta device, each rank fills its own shards
-    ws = start_model(say, meta)
-    raw = ws.model
-    checkpoint_activations(raw, t.activation_checkpointing)
-    model = ctx.prepare(raw, t.strategy, t.bf16)  # fsdp shards raw in place: its parameters change
-    if ws.fill is not None:
-        ws.fill(raw, ctx.device)
-    rss_build = rss_gb()  # the peak through the model's build and sharding
-    groups, vocab = param_groups(raw, c, t)
-    opt = torch.optim.AdamW(groups)
-    sched = make_scheduler(opt, t)
-    autocast = t.bf16 and ctx.device.type == "cuda"
-    step, data = 0, {}
-    ck = resolve_resume(t.resume, run_dir, ctx, say)
-    if ck is not None:
-        step, data = restore(ck, ts, raw, opt, sched, sharded)
-        say(f"resumed from {ck} at step {step} (data position {data})")
-    source = TrainSequences(c, t.seed, builder, ts, ctx.rank, ctx.world_size, data)
-    train_step = Stepper(model, groups, vocab, source, builder, c, t, ts, micro_batch(t, ctx.world_size), autocast)
-    history: list[float] = []
-    evals: list[dict] = []  # every eval's per-task train and eval losses (metrics.json)
-    # golden generations: rank 0 writes them; under fsdp every rank generates with it in lockstep (each
-    # forward gathers the sharded layers), the others into a scratch directory
-    golden = GoldenWriter(cfg, ts, raw, builder, run_dir if ctx.rank == 0 else None, say) if (
-        (ctx.rank == 0 or sharded) and c.seq.layouts == "any" and c.mmpt.golden_n > 0) else None
-    metrics: dict = {}
-    start: dict = {}
-    if step == 0 and eval_start:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
-        ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
-        start = {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
-        say(f"token-lm warm start: eval {ev['all']:.4f}")
-    t0, step0 = time.time(), step
-    rate = Rate(t.steps, step0, t0=t0)
-    speed = Throughput(raw, ctx.device)
+    tr = build_trainee(cfg, ctx, ts, builder, run_dir, say)
+    model, step, train_step, autocast = tr.model, tr.step, tr.train_step, tr.train_step.autocast
+    history, evals = [], []  # the loss per step; every eval's per-task train and eval losses (metrics.json)
+    golden, metrics = golden_writer(cfg, ctx, ts, tr, builder, run_dir, say), {}
+    start = evaluate_step(model, builder, eval_samples, ctx, autocast) if step == 0 and eval_start else {}
+    if start:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
+        say(f"token-lm warm start: eval {start['eval_loss']:.4f}")
+    t0, steps_rss = time.time(), RssPeak()
+    rate, speed = Rate(t.steps, step, t0=t0), Throughput(tr.raw, ctx.device)
     tracker = open_tracker(run_dir, cfg.tracking, "mmpt" if c.seq.layouts == "any" else "token_lm", to_dict(c),
                            ctx.rank)
     if tracker is not None and start:
         tracker.log(0, start)
     model.train()
-    steps_rss = RssPeak()
     while step < t.steps:
         steps_rss.measuring(True)
-        total = train_step(step, opt, sched)
+        total = train_step(step, tr.opt, tr.sched)
         steps_rss.measuring(False)
         step += 1
         history.append(total)
-        last = step == t.steps
-        rep: dict = {"step": step, "loss": total}
+        last, rep = step == t.steps, {"step": step, "loss": total}
         if due(step, t.eval_every, last):
-            ev = evaluate_tasks(model, builder, eval_samples, ctx, autocast=autocast)
-            rep.update({"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"},
-                        **train_step.train_losses(ctx)})
+            rep.update({**evaluate_step(model, builder, eval_samples, ctx, autocast), **train_step.train_losses(ctx)})
         if due(step, t.log_every, last):
             rep.update(speed.report(train_step.tokens, train_step.targets, train_step.seqs, train_step.positions))
-        ck_dir = None
-        if due(step, t.ckpt_every, last):
-            state = {"strategy": t.strategy, "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
-                     "data": source.state(), "token_space_hash": ts.hash, "config": to_dict(cfg)}
-            extra = {"token_space.json": json.dumps(ts.to_json(), indent=2)}
-            if sharded:  # every rank writes its shard
-                ck_dir = save_sharded_checkpoint(ctx, run_dir, step, raw, opt, state if ctx.rank == 0 else None,
-                                                 trainable_names(raw), extra)
-            elif ctx.rank == 0:
-                state.update(trainable={n: p.detach().cpu().clone() for n, p in raw.named_parameters()
-                                        if p.requires_grad}, optimizer=opt.state_dict())
-                ck_dir = save_checkpoint(run_dir, step, state, extra)
-            if golden is not None:
-                golden.write(step)
+        is_ck = due(step, t.ckpt_every, last)
+        ck_dir = save_token_lm(cfg, ctx, ts, tr, run_dir, step) if is_ck else None
+        if is_ck and golden is not None:
+            golden.write(step)
         # after the checkpoint: an interrupted trial can resume. fsdp: every rank runs the hook (its
         # forwards gather the sharded layers), rank 0's result is the one reported
-        if hook is not None and (ctx.rank == 0 or sharded):
-            rep.update(hook(step, raw) or {})
-        end_of_step(ctx, t, step, rep, ck_dir, tracker, say, lambda: (
-            f"token-lm step {step}/{t.steps} loss {total:.4f}"
-            + (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
-                                                      if k.startswith("eval_") and k != "eval_loss") + ")"
-               if "eval_loss" in rep else "") + f" ({rate(step)}, "
-            f"{rep['tokens_per_s']:,.0f} tokens/s, {rep['pad_fraction']:.0%} padding"
-            + (f", MFU {rep['mfu']:.1%}" if "mfu" in rep else "") + ")"))
+        if hook is not None and (ctx.rank == 0 or tr.sharded):
+            rep.update(hook(step, tr.raw) or {})
+        end_of_step(ctx, t, step, rep, ck_dir, tracker, say, lambda: step_line(step, t.steps, total, rep, rate))
         if "eval_loss" in rep:
             metrics = rep
             evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})
-    secs, steps_peak = time.time() - t0, steps_rss.close()
-    seen = ctx.all_reduce(torch.tensor(source.seen(), dtype=torch.float64).to(ctx.device)).cpu()
+    done = {"secs": time.time() - t0, "steps_peak": steps_rss.close(), "rss_start": rss_start, "step": step,
+            "history": history, "evals": evals, "start": start, "golden": golden, "last_eval": metrics,
+            "tokenizer": tok.tokenizer}
+    return finish_token_lm(cfg, ctx, ts, tr, run, done, tracker)
+
+
+def finish_token_lm(cfg: LumoConfig, ctx, ts: TokenSpace, tr: Trainee, run: RunDir, done: dict, tracker) -> dict:
+    """The export (a plain model: fsdp gathers the weights; a meta-built run each weight in turn), the
+    memory peaks and the data mix over every rank, then rank 0's metrics.json; returns it (rank 0)."""
+    c, raw, run_dir = cfg.token_lm, tr.raw, run.local
+    seen = ctx.all_reduce(torch.tensor(tr.source.seen(), dtype=torch.float64).to(ctx.device)).cpu()
     data_mix = mix.mix_report(c.shards, [int(n) for n in seen.tolist()])  # the mix trained on, all ranks
-    out, about = run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": t.seed, "init_scale": c.init_scale}
-    if meta:  # each weight gathered in turn (every rank), rank 0 writes it
-        export(raw, ts, out, about, tok.tokenizer, sharded=True, write=ctx.rank == 0)
+    out, about = run_dir / "export", {"base": c.base, "freeze": c.freeze, "seed": c.train.seed,
+                                      "init_scale": c.init_scale}
+    tok = done["tokenizer"]
+    if tr.meta:  # each weight gathered in turn (every rank), rank 0 writes it
+        export(raw, ts, out, about, tok, sharded=True, write=ctx.rank == 0)
     else:
         plain = raw
-        if sharded:  # the export is a plain model: the gathered weights in a fresh copy of the warm start
+        if tr.sharded:  # the export is a plain model: the gathered weights in a fresh copy of the warm start
             full = full_state(raw)
             if ctx.rank == 0:
-                plain = start_model(lambda *a, **k: None).model
+                plain = warm_model(cfg, ts, lambda *a, **k: None).model
                 plain.load_state_dict(full)
         if ctx.rank == 0:
-            export(plain, ts, out, about, tok.tokenizer)
+            export(plain, ts, out, about, tok)
     # start: before the model; build: through its build and sharding; steps: in training steps; peak: the
     # whole run, export included
-    memory = {"start_rss_gb": max_over_ranks(rss_start, ctx), "build_rss_gb": max_over_ranks(rss_build, ctx),
-              "steps_rss_gb": max_over_ranks(steps_peak, ctx), "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}
+    memory = {"start_rss_gb": max_over_ranks(done["rss_start"], ctx), "build_rss_gb": max_over_ranks(tr.rss_build, ctx),
+              "steps_rss_gb": max_over_ranks(done["steps_peak"], ctx), "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}
     if ctx.device.type == "cuda":
         memory["peak_gpu_gb"] = max_over_ranks(torch.cuda.max_memory_allocated(ctx.device) / 1e9, ctx)
-    if ctx.rank == 0:
-        tracker.close()
-        metrics = {**final_metrics(metrics, history, evals, start, golden, ws.counts, ts, step, secs,
-                                   train_step.tokens * ctx.world_size, out, run), "memory": memory,
-                   "pad_fraction": 1.0 - train_step.tokens / max(train_step.positions, 1)}
-        metrics["data_mix"] = data_mix
-        write_json(run_dir / "metrics.json", metrics)
-        run.push()
+    if ctx.rank != 0:
+        run.discard()
+        return done["last_eval"]
+    tracker.close()
+    st = tr.train_step
+    metrics = {**final_metrics(done["last_eval"], done["history"], done["evals"], done["start"], done["golden"],
+                               tr.ws.counts, ts, done["step"], done["secs"], st.tokens * ctx.world_size, out, run),
+               "memory": memory, "pad_fraction": 1.0 - st.tokens / max(st.positions, 1), "data_mix": data_mix}
+    write_json(run_dir / "metrics.json", metrics)
+    run.push()
     run.discard()
     return metrics
 
@@ -435,8 +485,10 @@ class GoldenWriter:
             self.dirs.append(d)
 
 
-def _worker(config: dict) -> None:
-    token_lm_loop(config["cfg"], RayContext())
+def _worker(config: dict, ctx=None) -> None:
+    """A Ray Train worker: the driver's token space comes with the config (built and checked once there),
+    so a worker builds no image or audio codec to learn it."""
+    token_lm_loop(config["cfg"], ctx or RayContext(), ts=TokenSpace.from_json(config["ts_json"]))
 
 
 def prepare_run(cfg: LumoConfig) -> str:
@@ -465,8 +517,9 @@ def run_token_lm(cfg: LumoConfig, address: Optional[str] = None, log=print) -> d
     """`lumo train token-lm`: Ray Train DDP job; returns metrics.json."""
     run_dir = prepare_run(cfg)
     # Refuse mismatched shards (between the sources of a mix, then against the run) before any worker starts.
-    mix.check_sources(cfg.token_lm.shards, run_token_space(cfg))
-    launch(_worker, {"cfg": cfg}, cfg.token_lm.train, storage_of(cfg.token_lm.train, run_dir), "token_lm", address,
+    ts = run_token_space(cfg)
+    mix.check_sources(cfg.token_lm.shards, ts)
+    launch(_worker, {"cfg": cfg, "ts_json": ts.to_json()}, cfg.token_lm.train, storage_of(cfg.token_lm.train, run_dir), "token_lm", address,
            section="token_lm.train")
     m = json.loads((locate(run_dir) / "metrics.json").read_text())
     log(f"token LM: eval loss {m.get('eval_loss', float('nan')):.4f} per task "

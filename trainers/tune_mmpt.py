@@ -52,7 +52,7 @@ def score(model, ts: TokenSpace, cfg: LumoConfig, slices: dict, builder, encode=
     from lumo_ray.eval.gates import prompt_ablation
     from lumo_ray.eval.modality_ablation import modality_ablation
 
-    from .core import LocalContext
+    from .context import LocalContext
     from .token_lm import evaluate_tasks
 
     was = model.training

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lumo_ray.config import LumoConfig, dump_config
-from lumo_ray.errors import UserError
-from lumo_ray.resources import study_resources
 from lumo_ray.storage import locate, ray_storage
 
-from .core import RayContext
+from .context import RayContext
+from .tune_resources import trial_kind, trial_resources, trials_at_once
 
 
 def trial_config(cfg: LumoConfig, choice: dict, apply: Callable[[LumoConfig, dict], LumoConfig], st: Any,
@@ -67,7 +66,8 @@ def train_trial(cfg: LumoConfig, ts: Any, st: Any, trial_dir: Path, make_score: 
 
     from pipelines.ray_env import placement, quiet_actor_exit, unit_device
 
-    from .core import LocalContext, launch, storage_of
+    from .context import LocalContext
+    from .launch import launch, storage_of
     from .token_lm import token_lm_loop
 
     quiet_actor_exit()
@@ -165,49 +165,6 @@ def _trial_worker(config: dict) -> None:
 
     hook = scoring_hook(config["make_score"](cfg, ts), st, out, ctx.placement, keep)
     token_lm_loop(cfg, ctx, log=lambda *a, **k: None, hook=hook, ts=ts, eval_start=False)
-
-
-def trials_at_once(st: Any, section: str) -> int:
-    """How many trials of study section `st` the joined cluster holds at once, each with its workers.
-    Before any trial starts, the pre-launch check (pipelines.status.require_fit: one line, exit 2)
-    refuses a trial the cluster cannot hold, and one whose own CPUs and its workers' together exceed
-    the cluster's (its Ray Train run would wait forever)."""
-    import ray
-
-    from pipelines.status import require_fit
-
-    groups = study_resources(st, section)
-    require_fit(groups)
-    have = ray.cluster_resources()
-    cpus, gpus = sum(g.count * g.cpus for g in groups), sum(g.count * g.gpus for g in groups)
-    n = int(have.get("CPU", 0.0) / cpus + 1e-9) if cpus else 10 ** 6
-    if gpus:
-        n = min(n, int(have.get("GPU", 0.0) / gpus + 1e-9))
-    if n < 1:
-        raise UserError(f"{section}.num_workers", None, f"one trial takes {cpus:g} CPUs at once (cpus_per_trial + "
-                        f"num_workers x cpus_per_worker), the cluster has {have.get('CPU', 0.0):g}",
-                        "lower them, or run on a cluster with more (`lumo status` shows what it has)")
-    return n
-
-
-def trial_resources(st: Any) -> dict:
-    """What Tune reserves for each trial: its CPUs, and in-process its GPUs (a Ray Train trial's workers
-    reserve theirs when its run starts)."""
-    if st.num_workers:
-        return {"cpu": st.cpus_per_trial}
-    res = {"cpu": st.cpus_per_trial, "gpu": st.gpus_per_trial}
-    if st.gpus_per_trial and st.accelerator_type:
-        res[f"accelerator_type:{st.accelerator_type}"] = 0.001  # Ray's convention for a type constraint
-    return res
-
-
-def trial_kind(st: Any) -> str:
-    """How a trial trains, for the study's first line."""
-    if st.num_workers:
-        return (f"each a {st.num_workers}-worker Ray Train run ({st.strategy}, "
-                + ("1 GPU" if st.use_gpu else f"{st.cpus_per_worker:g} CPU") + " per worker)")
-    gpus = f", {st.gpus_per_trial:g} GPU" if st.gpus_per_trial else ""
-    return f"in-process ({st.cpus_per_trial:g} CPU{gpus})"
 
 
 def study_points(st: Any, axes: tuple) -> tuple[list[dict], int]:

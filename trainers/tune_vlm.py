@@ -22,7 +22,7 @@ from lumo_ray.config import LumoConfig, TrackingConfig, build, to_dict
 from lumo_ray.config.vlm import VLMConfig
 from lumo_ray.storage import RunDir, locate, ray_storage
 
-from .core import LocalContext
+from .context import LocalContext
 from .vlm import prepare_run, run_loop
 
 
@@ -79,7 +79,7 @@ def train_run(cfg: VLMConfig, trial: RunDir) -> tuple[dict, str]:
     """A trial's Ray Train run (trainers/vlm.py's workers on the trial's prepared run directory);
     returns its final metrics and where rank 0 computed. The run directory comes back into
     `trial.local` for the ablation."""
-    from .core import launch, storage_of
+    from .launch import launch, storage_of
     from .vlm import train_func
 
     t = cfg.train
@@ -98,7 +98,7 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
 
     from pipelines.ray_env import init_ray, quiet_tune, study_callbacks, trial_lines
 
-    from .tune_study import trial_kind, trial_resources, trials_at_once
+    from .tune_resources import trial_kind, trial_resources, trials_at_once
 
     vcfg = copy.deepcopy(cfg.vlm if isinstance(cfg, LumoConfig) else cfg)
     tracking = cfg.tracking if isinstance(cfg, LumoConfig) else TrackingConfig()
@@ -123,7 +123,15 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
                        run_config=tune.RunConfig(**ray_storage(sw.storage_path or sweep.loc / "ray"), name="tune", verbose=0,
                                                  callbacks=[trial_lines(log, "score", len(sw.lrs) * len(sw.layernorm)),
                                                             *study_callbacks(tracking, "vlm sweep")]))
-    grid = tuner.fit()
+    rows = sweep_rows(tuner.fit(), sweep)
+    table, best = write_results(out, rows, vcfg)
+    sweep.push()
+    sweep.discard()
+    return {"rows": rows, "best": best, "table_md": table, "out": str(sweep)}
+
+
+def sweep_rows(grid, sweep: RunDir) -> list[dict]:
+    """One row per trial (a failed trial keeps its error), best score first, failures last."""
     rows = []
     for r in grid:
         if r.error or not r.metrics or "score" not in r.metrics:
@@ -136,6 +144,11 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
                      "d_noise": m["d_noise"], "ablation_pass": bool(m["ablation_pass"]),
                      "trial_dir": str(sweep.loc / "trials" / trial_name(r.config["lr"], r.config["layernorm"]))})
     rows.sort(key=lambda r: (r["score"] is None, r["score"] if r["score"] is not None else 0.0))
+    return rows
+
+
+def write_results(out: Path, rows: list[dict], vcfg: VLMConfig) -> tuple[str, Optional[dict]]:
+    """results.csv / .md / .json and, when a trial scored, best_config.yaml; returns (the markdown table, best)."""
     cols = ["lr", "layernorm", "score", "eval_loss", "d_shuffled", "d_zero", "d_noise", "ablation_pass", "trial_dir"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols + ["error"], extrasaction="ignore", lineterminator="\n")
@@ -155,6 +168,4 @@ def run_sweep(cfg: LumoConfig | VLMConfig, address: Optional[str] = None,
         bcfg.train.lr, bcfg.vision.layernorm = float(best["lr"]), bool(best["layernorm"])
         (out / "best_config.yaml").write_text(yaml.safe_dump({"vlm": to_dict(bcfg)}, sort_keys=False))
     (out / "results.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1) + "\n")
-    sweep.push()
-    sweep.discard()
-    return {"rows": rows, "best": best, "table_md": table, "out": str(sweep)}
+    return table, best

@@ -5,7 +5,7 @@ Reads top to bottom: build the model, freeze by stage (logged), open the rank's 
 sampler's order), then the loop: per-rank micro-batches -> token-weighted loss -> AdamW on the
 connector -> quick eval / checkpoint (full eval, golden dump) through `ray.train.report`.
 
-`run_loop` is the per-worker function, over a trainers/core.py context, so the same loop runs under
+`run_loop` is the per-worker function, over a trainers/context.py context, so the same loop runs under
 TorchTrainer (DDP workers, RayContext), as an in-process Ray Tune trial and as the plain PyTorch loop
 of the overhead benchmark (LocalContext). `Trainee` holds what it trains: model, data, optimizer.
 """
@@ -32,9 +32,12 @@ from lumo_ray.data.vlm_records import RecordTable, StreamSpec, data_dir, read_pl
 from lumo_ray.eval.vlm_ablation import eval_loss, golden_captions
 from lumo_ray.models.vlm import build_text, build_vlm, save_export, text_warmup, vlm_tokens
 
-from .core import (RayContext, RssPeak, checkpoint_activations, due, inject_fault, is_sharded, launch, load_shards,
-                   load_state, make_scheduler, max_over_ranks, resolve_resume, rng_state, rss_gb, save_checkpoint,
-                   save_sharded_checkpoint, seed_all, set_rng_state, storage_of)
+from .checkpoint import load_state, resolve_resume, restore_training, save_training
+from .context import RayContext
+from .fsdp import is_sharded
+from .launch import launch, storage_of
+from .loop import checkpoint_activations, due, inject_fault, make_scheduler, rng_state, seed_all
+from .metrics import max_over_ranks, rss_gb, RssPeak
 from .vlm_stream import micro_batches
 
 
@@ -132,17 +135,8 @@ class Trainee:
 
     def restore(self, ck: Path, rank: int) -> int:
         st = load_state(ck)
-        kind, want = st.get("strategy", "ddp"), "fsdp" if self.sharded else "ddp"
-        if kind != want:
-            raise ValueError(f"checkpoint {ck} was written with vlm.train.strategy {kind}; resume it with {kind} "
-                             f"(this run: {want})")
-        if self.sharded:  # each rank reads its shard, whatever the worker count that wrote the checkpoint
-            load_shards(ck, self.model, self.opt, self.connector_names())
-        else:
-            self.model.connector.load_state_dict(st["connector"])
-            self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
+        restore_training(ck, st, "vlm.train", self.sharded, self.model, self.opt, self.sched,
+                         lambda s: self.model.connector.load_state_dict(s["connector"]), self.connector_names(), rank)
         return int(st["step"])
 
     def open_stream(self, cfg: VLMConfig, start: int, stop: int) -> None:
@@ -209,13 +203,8 @@ class Trainee:
                  "config": to_dict(cfg),
                  "data_position": {"epoch": sp.epoch_of(step), "batch_in_epoch": step % sp.steps_per_epoch,
                                    "global_batch": t.global_batch, "seed": t.seed}}
-        if self.sharded:
-            return save_sharded_checkpoint(ctx, run, step, self.model, self.opt, state if ctx.rank == 0 else None,
-                                           self.connector_names())
-        if ctx.rank != 0:
-            return None
-        return save_checkpoint(run, step, {**state, "connector": self.model.connector.state_dict(),
-                                           "optimizer": self.opt.state_dict()})
+        return save_training(ctx, run, step, self.sharded, self.model, self.opt, state,
+                             lambda: {"connector": self.model.connector.state_dict()}, self.connector_names())
 
     def connector_state(self) -> dict[str, torch.Tensor]:
         """The connector's weights, whole (fsdp: gathered from the shards, a collective)."""
@@ -230,7 +219,7 @@ class Trainee:
 
 def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None] = print,
              bench: Optional[dict] = None, tracking: Optional[TrackingConfig] = None) -> dict:
-    """Train the connector; returns the final metrics (rank 0's view). ctx: trainers/core.py's context
+    """Train the connector; returns the final metrics (rank 0's view). ctx: trainers/context.py's context
     (LocalContext in one process, RayContext in a Ray Train worker); tracking: TensorBoard / MLflow of
     rank 0 (lumo_ray/tracking.py; None: off)."""
     t, run, rank = cfg.train, Path(run_dir), ctx.rank
@@ -254,11 +243,7 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
     for step in range(start, stop):
         epoch = sp.epoch_of(step)
         if epoch != last_epoch_logged and rank == 0:
-            st = {"epoch": epoch, **tr.plan["stats"]["train"]}
-            _append(run / "epochs.jsonl", st)
-            if step == start:  # the same data every epoch: said once, every epoch's stats in epochs.jsonl
-                say(f"[vlm] epoch {epoch}: {st['n']} samples, truncated {st['truncated_pct']:.2f}%, zero-label "
-                    f"{st['zero_label_pct']:.2f}%, avg label tokens {st['avg_label_tokens']:.2f}")
+            log_epoch(tr, run, epoch, step == start, say)
         last_epoch_logged = epoch
         inject_fault(t, step, rank, run, ctx)
         steps_rss.measuring(True)
@@ -277,38 +262,63 @@ def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None
                     f"({rate(done)})")
         is_ckpt = due(done, t.ckpt_every, done == stop)
         if due(done, t.eval_every) and not is_ckpt:
-            q = tr.evaluate(tr.eval[: t.quick_eval_size], t)
-            if rank == 0:
-                _append(run / "evals.jsonl", {"step": done, "kind": "quick", **q})
-                if tracker is not None:
-                    tracker.log(done, {"quick_eval_loss": q["loss"]})
-                say(f"[vlm] step {done} quick eval loss {q['loss']:.4f} ({q['samples']} samples)")
+            quick_eval(tr, t, run, done, rank, tracker, say)
         if is_ckpt:
-            ev = tr.evaluate(tr.eval, t)
-            final = {"step": done, "train_loss": r["loss"], "eval_loss": ev["loss"], "epoch": epoch,
-                     "eval_buckets": {b: v["loss"] for b, v in ev["buckets"].items()}}
-            # golden captions on rank 0; under fsdp every rank generates in lockstep (each forward gathers)
-            gold = tr.golden(cfg, ctx.device) if rank == 0 or tr.sharded else None
-            if rank == 0:
-                _append(run / "evals.jsonl", {"step": done, "kind": "full", **ev})
-                if tracker is not None:
-                    tracker.log(done, {"eval_loss": ev["loss"]})
-                (run / "golden").mkdir(exist_ok=True)
-                write_file(run / "golden" / f"step_{done:06d}.jsonl", "".join(json.dumps(g) + "\n" for g in gold))
-                say(f"[vlm] step {done} eval loss {ev['loss']:.4f} over {ev['samples']} samples; golden "
-                    f"{gold[0]['id'] if gold else '-'}: {gold[0]['generated'] if gold else ''!r}")
+            final = full_eval(cfg, tr, run, ctx, done, epoch, r["loss"], tracker, say)
             ckpt = tr.checkpoint(cfg, done, run, ctx)
             ctx.report(final, ckpt)
             if ckpt and rank == 0:
                 shutil.rmtree(ckpt, ignore_errors=True)  # Ray copied it to storage
     if tracker is not None:
         tracker.close()
-    # start: before the model; steps: while training steps run (the stream's decode is in other
-    # processes unless Ray is off); peak: the whole run so far. Max over ranks (a collective).
-    memory = {"start_rss_gb": max_over_ranks(rss_start, ctx), "steps_rss_gb": max_over_ranks(steps_rss.close(), ctx),
-              "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}
     finish(cfg, tr, run, ctx, final, step_times, data_times, bench, stop,
-           {"memory": memory, "pad_fraction": float(np.mean(pads)) if pads else None})
+           {"memory": memory_peaks(rss_start, steps_rss, ctx), "pad_fraction": float(np.mean(pads)) if pads else None})
+    return final
+
+
+def memory_peaks(rss_start: float, steps_rss: RssPeak, ctx) -> dict:
+    """start: before the model; steps: while training steps run (the stream's decode is in other
+    processes unless Ray is off); peak: the whole run so far. Max over ranks (a collective)."""
+    return {"start_rss_gb": max_over_ranks(rss_start, ctx), "steps_rss_gb": max_over_ranks(steps_rss.close(), ctx),
+            "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}
+
+
+def log_epoch(tr: Trainee, run: Path, epoch: int, first: bool, say) -> None:
+    """Rank 0 at an epoch's first step: its data stats into epochs.jsonl (said on the run's first only:
+    the same data every epoch)."""
+    st = {"epoch": epoch, **tr.plan["stats"]["train"]}
+    _append(run / "epochs.jsonl", st)
+    if first:
+        say(f"[vlm] epoch {epoch}: {st['n']} samples, truncated {st['truncated_pct']:.2f}%, zero-label "
+            f"{st['zero_label_pct']:.2f}%, avg label tokens {st['avg_label_tokens']:.2f}")
+
+
+def quick_eval(tr: Trainee, t, run: Path, done: int, rank: int, tracker, say) -> None:
+    """The eval between checkpoints: the first quick_eval_size held-out samples."""
+    q = tr.evaluate(tr.eval[: t.quick_eval_size], t)
+    if rank == 0:
+        _append(run / "evals.jsonl", {"step": done, "kind": "quick", **q})
+        if tracker is not None:
+            tracker.log(done, {"quick_eval_loss": q["loss"]})
+        say(f"[vlm] step {done} quick eval loss {q['loss']:.4f} ({q['samples']} samples)")
+
+
+def full_eval(cfg: VLMConfig, tr: Trainee, run: Path, ctx, done: int, epoch: int, train_loss: float, tracker,
+              say) -> dict:
+    """At a checkpoint: the whole held-out set and the golden captions; returns the run's `final` row."""
+    ev = tr.evaluate(tr.eval, cfg.train)
+    final = {"step": done, "train_loss": train_loss, "eval_loss": ev["loss"], "epoch": epoch,
+             "eval_buckets": {b: v["loss"] for b, v in ev["buckets"].items()}}
+    # golden captions on rank 0; under fsdp every rank generates in lockstep (each forward gathers)
+    gold = tr.golden(cfg, ctx.device) if ctx.rank == 0 or tr.sharded else None
+    if ctx.rank == 0:
+        _append(run / "evals.jsonl", {"step": done, "kind": "full", **ev})
+        if tracker is not None:
+            tracker.log(done, {"eval_loss": ev["loss"]})
+        (run / "golden").mkdir(exist_ok=True)
+        write_file(run / "golden" / f"step_{done:06d}.jsonl", "".join(json.dumps(g) + "\n" for g in gold))
+        say(f"[vlm] step {done} eval loss {ev['loss']:.4f} over {ev['samples']} samples; golden "
+            f"{gold[0]['id'] if gold else '-'}: {gold[0]['generated'] if gold else ''!r}")
     return final
 
 
