@@ -23,11 +23,10 @@ import torch
 
 from lumo_ray.config import LumoConfig
 from lumo_ray.data import shard_set
-from lumo_ray.data.manifest import dropped_warning, require_manifest
+from lumo_ray.data.manifest import dropped_warning
 from lumo_ray.data.shard_plan import ShardTask, plan_manifest, shard_records
 from lumo_ray.data.tokenize import SampleTokenizer, StageClock, text_token_bound, tokenize_config_digest
-from lumo_ray.errors import UserError
-from lumo_ray.resources import job_resources
+from lumo_ray.tokenize_request import tokenize_request
 from lumo_ray.runtime import Progress
 from lumo_ray.storage import PathLike, locate
 
@@ -169,12 +168,8 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     clock, start = StageClock(), StageClock.now()
     out = locate(out_dir)
     tcfg = cfg.data.tokenize
-    loaders, encoders = job_resources(cfg, "tokenize", actors)
+    loaders, encoders = tokenize_request(cfg, manifest, actors)
     actors, calls = encoders.count, tcfg.calls_per_actor
-    if calls < 1:
-        raise UserError("data.tokenize.calls_per_actor", None, f"is {calls}",
-                        "give 1 or more (shards each tokenizer actor encodes at once)")
-    require_manifest(manifest)  # before anything is written
     with clock("driver_token_space"):
         tok = SampleTokenizer(cfg.uti)
         ts = tok.ts  # a random preset's identity is its weights: this builds the models (handed to the actors)

@@ -86,7 +86,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval", ("eval",)),                                      # metrics, probes, ablations, gates, audit, report
     ("codec fits", ("codecs.audio_train", "codecs.vq_train")),  # the tiny codecs' fits: on data.synth, judged by eval
     ("products", ("serving", "openai_api", "serve_guards", "batch_generate", "export", "plan", "flops",
-                  "resources", "tracking")),                  # what the CLI and the Ray jobs call
+                  "resources", "tokenize_request", "tracking")),  # what the CLI and the Ray jobs call
     ("cli", ("cli",)),                                        # the `lumo` command: the only one that imports the jobs
 ]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
 from ..config import LumoConfig, load_config
+from ..config.load import set_item
 from ..errors import RAY_TOKEN_TODO, UserError
 
 
@@ -187,14 +187,9 @@ def command_config(args, defaults: list[str] | None = None, sets: list[str] | No
 
 
 def alias_sets(args, aliases: dict[str, str]) -> list[str]:
-    """`KEY=VALUE` items of the flags given (None / empty: not given); values as JSON, which the --set
-    parser reads as YAML, so a path with spaces or '#' stays one string and a list stays a list."""
-    out = []
-    for flag, key in aliases.items():
-        v = getattr(args, flag, None)
-        if v is not None and v != [] and v != "":
-            out.append(f"{key}={json.dumps(list(v) if isinstance(v, tuple) else v)}")
-    return out
+    """`--set` items (config.load.set_item) of the flags given (None / empty: not given)."""
+    given = {flag: getattr(args, flag, None) for flag in aliases}
+    return [set_item(aliases[f], v) for f, v in given.items() if v is not None and v != [] and v != ""]
 
 
 def mark(ok: bool) -> str:

@@ -89,10 +89,13 @@ def require_shards(path) -> None:
 def cmd_tokenize(args) -> int:
     from ..data.manifest import check_manifest
     from ..data.manifest_merge import MERGED, merge_manifests
+    from ..tokenize_request import tokenize_request
+
     for m in args.manifest:
         check_manifest(m)  # before Ray is imported
     cfg = command_config(args)  # a config error before Ray starts too
     manifest = args.manifest[0]
+    tokenize_request(cfg, manifest, args.actors)  # refused before a merge is written or torch / Ray imported
     if len(args.manifest) > 1:  # ids checked unique before anything is written; then one manifest, --out's
         from ..storage import locate
         manifest = merge_manifests(args.manifest, locate(args.out) / MERGED)

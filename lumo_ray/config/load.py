@@ -109,6 +109,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_item(key: str, value: Any) -> str:
+    """The `--set` item giving `key` exactly `value`: JSON, which the --set parser reads as YAML, so a path
+    with spaces or '#' stays one string and a list stays a list."""
+    return f"{key}={json.dumps(value)}"
+
+
 def file_sets(path: str | Path) -> list[str]:
     """A YAML config file as `--set` items (`a.b=<JSON value>`, leaves in file order): a recipe file
     applied over another config (`lumo demo` puts its recipes over --config)."""
@@ -122,7 +128,7 @@ def file_sets(path: str | Path) -> list[str]:
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
             else:
-                out.append(f"{prefix}{k}={json.dumps(v)}")
+                out.append(set_item(f"{prefix}{k}", v))
     walk(data, "")
     return out
 
