@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,7 +13,6 @@ from lumo_ray.config import LumoConfig, dump_config, to_dict
 from lumo_ray.config.lm import TrainConfig
 from lumo_ray.eval.perplexity import is_eval_text, pack  # (`lumo eval perplexity` splits and packs the same)
 from lumo_ray.integrity import write_manifest
-from lumo_ray.runtime import Rate
 from lumo_ray.storage import staged_dir
 from lumo_ray.tracking import open_tracker
 
@@ -22,7 +20,7 @@ from .checkpoint import load_state, resolve_resume, restore_training, save_train
 from .context import RayContext
 from .fsdp import full_state
 from .launch import launch, storage_of, write_json
-from .loop import checkpoint_activations, due, end_of_step, make_scheduler, micro_batch, rng_state, seed_all
+from .loop import Due, Workload, checkpoint_activations, make_scheduler, micro_batch, rng_state, run_steps, seed_all
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,55 +122,75 @@ def lm_step(model, blocks: torch.Tensor, stream: BlockStream, per: int, t: Train
     return total
 
 
+class BaseLM(Workload):
+    """The base LM as the one loop's workload: the model built for the worker's strategy, AdamW, the
+    packed blocks and this rank's block stream, resumed where train.resume / Ray's restart says."""
+
+    def __init__(self, cfg: LumoConfig, ctx, run_dir: Path, say):
+        c, t = cfg.lm, cfg.lm.train
+        self.cfg, self.ctx, self.run_dir, self.t = cfg, ctx, run_dir, t
+        self.tok = load_lm_tokenizer(c.tokenizer)
+        train_texts, eval_texts = lm_texts(c.inputs, c.eval_fraction)
+        self.train_blocks, self.eval_blocks = pack(train_texts, self.tok, c.seq_len), pack(eval_texts, self.tok, c.seq_len)
+        self.model, self.build, self.counts, self.meta = build_lm(c, self.tok, ctx)
+        say(f"base LM {c.preset}: {self.counts['total']:,} params, vocab {len(self.tok)}, {len(self.train_blocks)} "
+            f"train / {len(self.eval_blocks)} eval blocks of {c.seq_len}")
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
+                                     weight_decay=t.weight_decay)
+        self.sched = make_scheduler(self.opt, t)
+        self.per = micro_batch(t, ctx.world_size)
+        self.start, epoch, pos = resume_lm(t, run_dir, ctx, self.model, self.opt, self.sched, say)
+        self.stream = BlockStream(len(self.train_blocks), t.seed, ctx.rank, ctx.world_size, epoch, pos)
+        self.metrics: dict = {}  # the last eval's report row
+        self.model.train()
+
+    def train_step(self, step: int) -> dict:
+        return {"step": step + 1, "loss": lm_step(self.model, self.train_blocks, self.stream, self.per, self.t,
+                                                  self.opt, self.sched, self.ctx)}
+
+    def evaluate(self, done: int, due: Due) -> dict:
+        return lm_eval(self.model, self.eval_blocks, self.ctx) if due.eval else {}
+
+    def save(self, done: int) -> Optional[Path]:
+        model, t = self.model, self.t
+        state = {"strategy": t.strategy, "scheduler": self.sched.state_dict(), "rng": rng_state(), "step": done,
+                 "data": {"epoch": self.stream.epoch, "pos": self.stream.pos}, "token_space_hash": None,
+                 "config": to_dict(self.cfg)}
+        return save_training(self.ctx, self.run_dir, done, t.strategy == "fsdp", model, self.opt, state,
+                             lambda: {"model": getattr(model, "module", model).state_dict()})
+
+    def after_step(self, done: int, due: Due, rep: dict, ck: Optional[Path]) -> dict:
+        if "eval_loss" in rep:
+            self.metrics = rep
+        return {}
+
+    def line(self, done: int, rep: dict, rate) -> str:
+        return (f"lm step {done}/{self.t.steps} loss {rep['loss']:.4f}"
+                + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}" if "eval_loss" in rep else "")
+                + f" ({rate(done)})")
+
+
 def lm_loop(cfg: LumoConfig, ctx, log=print) -> dict:
-    """Base LM training on one worker (rank ctx.rank of ctx.world_size)."""
+    """Base LM training on one worker (rank ctx.rank of ctx.world_size): the one loop over BaseLM."""
     from lumo_ray.storage import RunDir
 
     c, t = cfg.lm, cfg.lm.train
-    sharded = t.strategy == "fsdp"
     run = RunDir(c.out)  # a URI run directory is staged locally and pushed at the end
     run_dir = run.local
     torch.set_num_threads(t.threads)
     seed_all(t.seed)
-    tok = load_lm_tokenizer(c.tokenizer)
-    train_texts, eval_texts = lm_texts(c.inputs, c.eval_fraction)
-    train_blocks, eval_blocks = pack(train_texts, tok, c.seq_len), pack(eval_texts, tok, c.seq_len)
-    model, build, counts, meta = build_lm(c, tok, ctx)
-    if ctx.rank == 0:
-        log(f"base LM {c.preset}: {counts['total']:,} params, vocab {len(tok)}, {len(train_blocks)} train / "
-            f"{len(eval_blocks)} eval blocks of {c.seq_len}")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    sched = make_scheduler(opt, t)
-    per = micro_batch(t, ctx.world_size)
-    step, epoch, pos = resume_lm(t, run_dir, ctx, model, opt, sched, log)
-    stream = BlockStream(len(train_blocks), t.seed, ctx.rank, ctx.world_size, epoch, pos)
-    history, t0, metrics = [], time.time(), {}
-    rate = Rate(t.steps, step, t0=t0)  # a resumed run's rate counts the steps of this start
+    say = log if ctx.rank == 0 else (lambda *a, **k: None)
+    w = BaseLM(cfg, ctx, run_dir, say)
     tracker = open_tracker(run_dir, cfg.tracking, "lm", to_dict(cfg.lm), ctx.rank)
-    model.train()
-    while step < t.steps:
-        total = lm_step(model, train_blocks, stream, per, t, opt, sched, ctx)
-        step += 1
-        history.append(total)
-        last = step == t.steps
-        rep: dict = {"step": step, "loss": total, **(lm_eval(model, eval_blocks, ctx) if due(step, t.eval_every, last) else {})}
-        ck_dir = None
-        if due(step, t.ckpt_every, last):
-            state = {"strategy": t.strategy, "scheduler": sched.state_dict(), "rng": rng_state(), "step": step,
-                     "data": {"epoch": stream.epoch, "pos": stream.pos}, "token_space_hash": None, "config": to_dict(cfg)}
-            ck_dir = save_training(ctx, run_dir, step, sharded, model, opt, state,
-                                   lambda: {"model": getattr(model, "module", model).state_dict()})
-        end_of_step(ctx, t, step, rep, ck_dir, tracker, log, lambda: (
-            f"lm step {step}/{t.steps} loss {total:.4f}" + (f" eval {rep['eval_loss']:.4f} ppl {rep['perplexity']:.2f}"
-                                                          if "eval_loss" in rep else "")
-            + f" ({rate(step)})"))
-        metrics = rep if "eval_loss" in rep else metrics
-    export_lm(model, build, tok, run_dir / "export", ctx, sharded, meta)
+    steps = run_steps(w, ctx, t, t.steps, run_dir, tracker, say)
+    export_lm(w.model, w.build, w.tok, run_dir / "export", ctx, t.strategy == "fsdp", w.meta)
+    metrics = w.metrics
     if ctx.rank == 0:
         tracker.close()
+        history = steps.history
         metrics = {**metrics, "train_loss": history[-1] if history else None, "loss_history": history,
-                   "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tok)),
-                   "params": counts, "steps": step, "seconds": time.time() - t0, "export": str(run.loc / "export")}
+                   "unigram_perplexity": unigram_perplexity(w.train_blocks, w.eval_blocks, len(w.tok)),
+                   "params": w.counts, "steps": steps.step, "seconds": steps.secs, "export": str(run.loc / "export")}
         write_json(run_dir / "metrics.json", metrics)
         run.push()
     run.discard()

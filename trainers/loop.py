@@ -1,6 +1,6 @@
-"""What every training loop shares step to step: the LR schedule, RNG state, the micro-batch split,
-when a step logs / evaluates / checkpoints (and how an LM step ends), activation checkpointing, and
-fault injection for the restart tests."""
+"""The one training loop (`run_steps` over a `Workload`: the VLM, the base LM, the token LM / stage 4)
+and what it shares step to step: the LR schedule, RNG state, the micro-batch split, when a step logs /
+evaluates / checkpoints, activation checkpointing, and fault injection for the restart tests."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -89,18 +90,6 @@ def micro_batch(t: TrainConfig, world_size: int) -> int:
     return per
 
 
-def end_of_step(ctx, t: TrainConfig, step: int, rep: dict, ck_dir: Optional[Path], tracker, log, line: Callable[[], str]) -> None:
-    """What every LM step ends with: rank 0's progress line every log_every steps, a report on the
-    log / eval / checkpoint steps (every step in one process), the tracker's scalars."""
-    last = step == t.steps
-    if ctx.rank == 0 and due(step, t.log_every, last):
-        log(line())
-    if ctx.report_every_step or last or any(due(step, k) for k in (t.log_every, t.eval_every, t.ckpt_every)):
-        ctx.report(rep, ck_dir)
-    if tracker is not None:
-        tracker.log(step, rep)
-
-
 def inject_fault(t, step: int, rank: int, run_dir: Path, ctx) -> None:
     """The restart tests' faults, once per run (a marker file in the run directory): train.fail_at_step
     kills rank 0's process (SIGKILL: a real crash, not an exception); train.hold_at_step stalls it
@@ -114,3 +103,104 @@ def inject_fault(t, step: int, rank: int, run_dir: Path, ctx) -> None:
         if act == "killed":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(HOLD_S)
+
+
+# ------------------------------------------------------------------------------------------------
+# The one loop: every workload's steps (run_steps), over what the workload answers (Workload)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Due:
+    """What a finished step is: a log step (every log_every, the run's first and its last), an eval
+    step (every eval_every, the last), a checkpoint step (every ckpt_every, the last), the last."""
+    log: bool
+    eval: bool
+    ckpt: bool
+    last: bool
+
+
+class Workload:
+    """What the one loop trains. A workload builds its state when constructed (model, optimizer, data
+    stream, the step it resumes at: `start`) and answers the loop; the loop owns the order, the cadence,
+    progress lines, reports, tracking, fault injection, the loss history and the steps' memory.
+
+    The optimizer step itself (micro-batches, loss weighting, clipping, the optimizer) stays with the
+    workload: the three weight their loss differently (the base LM per micro-batch, the token LM per
+    micro-batch by tokens, the VLM by tokens over the global batch), and each keeps its losses exact."""
+    start = 0
+
+    def before_step(self, step: int) -> None:
+        """Before step `step` (0-based) runs: the VLM notes an epoch's data at its first step."""
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (0-based `step`); its report row, with 'loss'."""
+        raise NotImplementedError
+
+    def evaluate(self, done: int, due: Due) -> dict:
+        """After step `done` (1-based): what its eval adds to the report row ({} when none)."""
+        return {}
+
+    def save(self, done: int) -> Optional[Path]:
+        """A checkpoint of step `done` (a checkpoint step); the directory to report, None on a rank that
+        reports none."""
+        return None
+
+    def after_step(self, done: int, due: Due, rep: dict, ck: Optional[Path]) -> dict:
+        """After the checkpoint (an interrupted run can resume): golden generations, a Tune hook."""
+        return {}
+
+    def line(self, done: int, rep: dict, rate) -> str:
+        """Rank 0's progress line of a log step."""
+        return f"step {done} loss {rep['loss']:.4f} ({rate(done)})"
+
+    def tracked(self, rep: dict) -> dict:
+        """The scalars the tracker (TensorBoard / MLflow) gets for the step."""
+        return rep
+
+    def report(self, ctx, done: int, due: Due, rep: dict, ck: Optional[Path]) -> None:
+        """The step's report to the context (Ray Train, a Tune trial, a test): on log / eval /
+        checkpoint steps, the same on every rank (a Ray Train report is a round trip), every step in one
+        process."""
+        if ctx.report_every_step or due.log or due.eval or due.ckpt:
+            ctx.report(rep, ck)
+
+
+@dataclass
+class Steps:
+    """What run_steps measured: the loss per step, the peak RSS while steps ran, the wall seconds, the
+    step reached."""
+    history: list
+    steps_peak: float
+    secs: float
+    step: int
+
+
+def run_steps(w: Workload, ctx, t, stop: int, run_dir: Path, tracker, say: Callable) -> Steps:
+    """Run workload `w` from its `start` to step `stop` under train section `t` (its log_every,
+    eval_every, ckpt_every, fault injection): per step train, evaluate, checkpoint, after-step, then rank
+    0's progress line, the report and the tracker's scalars."""
+    from .metrics import RssPeak
+    from lumo_ray.runtime import Rate
+
+    t0, rss, history = time.time(), RssPeak(), []
+    rate = Rate(stop, w.start, t0=t0)  # a resumed run's rate counts the steps of this start
+    done = w.start
+    for step in range(w.start, stop):
+        w.before_step(step)
+        inject_fault(t, step, ctx.rank, run_dir, ctx)
+        rss.measuring(True)
+        rep = w.train_step(step)
+        rss.measuring(False)
+        done, last = step + 1, step + 1 == stop
+        history.append(rep["loss"])
+        d = Due(log=due(done, t.log_every, last) or done == w.start + 1, eval=due(done, t.eval_every, last),
+                ckpt=due(done, t.ckpt_every, last), last=last)
+        rep.update(w.evaluate(done, d))
+        ck = w.save(done) if d.ckpt else None
+        rep.update(w.after_step(done, d, rep, ck))
+        if ctx.rank == 0 and d.log:
+            say(w.line(done, rep, rate))
+        w.report(ctx, done, d, rep, ck)
+        if tracker is not None:
+            tracker.log(done, w.tracked(rep))
+    return Steps(history, rss.close(), time.time() - t0, done)

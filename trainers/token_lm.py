@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,8 +44,8 @@ from .checkpoint import load_state, resolve_resume, restore_training, save_train
 from .context import RayContext
 from .fsdp import full_state, is_sharded, local_rows
 from .launch import launch, storage_of, write_json
-from .loop import checkpoint_activations, due, end_of_step, make_scheduler, micro_batch, rng_state, seed_all
-from .metrics import max_over_ranks, rss_gb, RssPeak, Throughput
+from .loop import Due, Workload, checkpoint_activations, make_scheduler, micro_batch, rng_state, run_steps, seed_all
+from .metrics import max_over_ranks, rss_gb, Throughput
 
 
 def run_token_space(cfg: LumoConfig) -> TokenSpace:
@@ -322,11 +321,69 @@ def evaluate_step(model, builder: SequenceBuilder, eval_samples: list, ctx, auto
     return {"eval_loss": ev["all"], **{f"eval_{k}": v for k, v in ev.items() if k != "all"}}
 
 
+class TokenLM(Workload):
+    """The token LM (stage 3.3) and stage 4 as the one loop's workload: the eval split, the sequence
+    builder, the warm-started Trainee, stage 4's golden writer, the warm start's eval (eval_start: the
+    training verdict's baseline; Tune trials, scored by their hook, skip it), throughput. hook(step,
+    model) -> dict|None runs after each step's checkpoint (Tune's scoring)."""
+
+    def __init__(self, cfg: LumoConfig, ctx, ts: TokenSpace, run_dir: Path, say, hook: Optional[Callable],
+                 eval_start: bool):
+        c = cfg.token_lm
+        self.cfg, self.ctx, self.ts, self.run_dir, self.hook, self.t = cfg, ctx, ts, run_dir, hook, c.train
+        self.eval_samples = mix.read_split(c.shards, "eval", rank=ctx.rank, world_size=ctx.world_size, expected=ts)
+        self.tok = text_tokenizer(cfg)
+        self.builder = SequenceBuilder(ts, c.seq, self.tok.encode)
+        self.tr = tr = build_trainee(cfg, ctx, ts, self.builder, run_dir, say)
+        self.start, self.autocast = tr.step, tr.train_step.autocast
+        self.golden = golden_writer(cfg, ctx, ts, tr, self.builder, run_dir, say)
+        self.start_eval = self.eval_now() if tr.step == 0 and eval_start else {}
+        if self.start_eval:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
+            say(f"token-lm warm start: eval {self.start_eval['eval_loss']:.4f}")
+        self.speed = Throughput(tr.raw, ctx.device)
+        self.evals: list = []  # every eval's per-task train and eval losses (metrics.json)
+        self.metrics: dict = {}  # the last eval's report row
+        tr.model.train()
+
+    def eval_now(self) -> dict:
+        return evaluate_step(self.tr.model, self.builder, self.eval_samples, self.ctx, self.autocast)
+
+    def train_step(self, step: int) -> dict:
+        return {"step": step + 1, "loss": self.tr.train_step(step, self.tr.opt, self.tr.sched)}
+
+    def evaluate(self, done: int, due: Due) -> dict:
+        st, rep = self.tr.train_step, {}
+        if due.eval:
+            rep.update({**self.eval_now(), **st.train_losses(self.ctx)})
+        if due.log:
+            rep.update(self.speed.report(st.tokens, st.targets, st.seqs, st.positions))
+        return rep
+
+    def save(self, done: int) -> Optional[Path]:
+        return save_token_lm(self.cfg, self.ctx, self.ts, self.tr, self.run_dir, done)
+
+    def after_step(self, done: int, due: Due, rep: dict, ck: Optional[Path]) -> dict:
+        if due.ckpt and self.golden is not None:
+            self.golden.write(done)
+        # after the checkpoint: an interrupted trial can resume. fsdp: every rank runs the hook (its
+        # forwards gather the sharded layers), rank 0's result is the one reported
+        h = (self.hook(done, self.tr.raw) or {}) if self.hook is not None and (self.ctx.rank == 0 or self.tr.sharded) \
+            else {}
+        row = {**rep, **h}
+        if "eval_loss" in row:
+            self.metrics = row
+            self.evals.append({k: v for k, v in row.items() if k.startswith(("eval_", "train_")) or k == "step"})
+        return h
+
+    def line(self, done: int, rep: dict, rate) -> str:
+        return step_line(done, self.t.steps, rep["loss"], rep, rate)
+
+
 def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = None,
                   ts: Optional[TokenSpace] = None, eval_start: bool = True) -> dict:
-    """Train on one worker. hook(step, model) -> dict|None runs on rank 0 after each step (Tune).
-    eval_start: evaluate the warm start before step 1 (the training verdict's baseline; Tune trials,
-    scored by their hook, skip it)."""
+    """Train on one worker: the one loop over TokenLM. hook(step, model) -> dict|None runs on rank 0
+    after each step (Tune). eval_start: evaluate the warm start before step 1 (the training verdict's
+    baseline; Tune trials, scored by their hook, skip it)."""
     c, t = cfg.token_lm, cfg.token_lm.train
     rss_start = rss_gb()  # the process before the model: libraries, Ray, the data reader
     run = RunDir(c.out)  # a URI run directory is staged locally and pushed at the end
@@ -338,50 +395,16 @@ def token_lm_loop(cfg: LumoConfig, ctx, log=print, hook: Optional[Callable] = No
     if ctx.rank == 0:
         dump_config(cfg, run_dir)
     mix.check_sources(c.shards, ts)  # before any training: one token space across the mix, the run's
-    eval_samples = mix.read_split(c.shards, "eval", rank=ctx.rank, world_size=ctx.world_size, expected=ts)
-    tok = text_tokenizer(cfg)
-    builder = SequenceBuilder(ts, c.seq, tok.encode)
-    tr = build_trainee(cfg, ctx, ts, builder, run_dir, say)
-    model, step, train_step, autocast = tr.model, tr.step, tr.train_step, tr.train_step.autocast
-    history, evals = [], []  # the loss per step; every eval's per-task train and eval losses (metrics.json)
-    golden, metrics = golden_writer(cfg, ctx, ts, tr, builder, run_dir, say), {}
-    start = evaluate_step(model, builder, eval_samples, ctx, autocast) if step == 0 and eval_start else {}
-    if start:  # the warm start's eval loss: what training has to improve on (the demo's verdict)
-        say(f"token-lm warm start: eval {start['eval_loss']:.4f}")
-    t0, steps_rss = time.time(), RssPeak()
-    rate, speed = Rate(t.steps, step, t0=t0), Throughput(tr.raw, ctx.device)
+    w = TokenLM(cfg, ctx, ts, run_dir, say, hook, eval_start)
     tracker = open_tracker(run_dir, cfg.tracking, "mmpt" if c.seq.layouts == "any" else "token_lm", to_dict(c),
                            ctx.rank)
-    if tracker is not None and start:
-        tracker.log(0, start)
-    model.train()
-    while step < t.steps:
-        steps_rss.measuring(True)
-        total = train_step(step, tr.opt, tr.sched)
-        steps_rss.measuring(False)
-        step += 1
-        history.append(total)
-        last, rep = step == t.steps, {"step": step, "loss": total}
-        if due(step, t.eval_every, last):
-            rep.update({**evaluate_step(model, builder, eval_samples, ctx, autocast), **train_step.train_losses(ctx)})
-        if due(step, t.log_every, last):
-            rep.update(speed.report(train_step.tokens, train_step.targets, train_step.seqs, train_step.positions))
-        is_ck = due(step, t.ckpt_every, last)
-        ck_dir = save_token_lm(cfg, ctx, ts, tr, run_dir, step) if is_ck else None
-        if is_ck and golden is not None:
-            golden.write(step)
-        # after the checkpoint: an interrupted trial can resume. fsdp: every rank runs the hook (its
-        # forwards gather the sharded layers), rank 0's result is the one reported
-        if hook is not None and (ctx.rank == 0 or tr.sharded):
-            rep.update(hook(step, tr.raw) or {})
-        end_of_step(ctx, t, step, rep, ck_dir, tracker, say, lambda: step_line(step, t.steps, total, rep, rate))
-        if "eval_loss" in rep:
-            metrics = rep
-            evals.append({k: v for k, v in rep.items() if k.startswith(("eval_", "train_")) or k == "step"})
-    done = {"secs": time.time() - t0, "steps_peak": steps_rss.close(), "rss_start": rss_start, "step": step,
-            "history": history, "evals": evals, "start": start, "golden": golden, "last_eval": metrics,
-            "tokenizer": tok.tokenizer}
-    return finish_token_lm(cfg, ctx, ts, tr, run, done, tracker)
+    if tracker is not None and w.start_eval:
+        tracker.log(0, w.start_eval)
+    steps = run_steps(w, ctx, t, t.steps, run_dir, tracker, say)
+    done = {"secs": steps.secs, "steps_peak": steps.steps_peak, "rss_start": rss_start, "step": steps.step,
+            "history": steps.history, "evals": w.evals, "start": w.start_eval, "golden": w.golden,
+            "last_eval": w.metrics, "tokenizer": w.tok.tokenizer}
+    return finish_token_lm(cfg, ctx, ts, w.tr, run, done, tracker)
 
 
 def finish_token_lm(cfg: LumoConfig, ctx, ts: TokenSpace, tr: Trainee, run: RunDir, done: dict, tracker) -> dict:

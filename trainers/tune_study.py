@@ -132,7 +132,7 @@ class TrialReports(RayContext):
     """A Ray Train worker of a trial: it reports on the trial's scoring steps only, rank 0 its score and
     its worker group's placement group (PG_KEY), so the reports the trial's Tune session gets (rank 0's)
     are those of an in-process trial (with `placement` beside them)."""
-    report_every_step = True  # end_of_step offers every step; the scoring steps are kept below
+    report_every_step = True  # the loop offers every step; the scoring steps are kept below
 
     def __init__(self, st: Any):
         import ray

@@ -24,7 +24,6 @@ import torch
 
 from lumo_ray.config import LumoConfig, TrackingConfig, build, dump_config, to_dict
 from lumo_ray.config.vlm import VLMConfig
-from lumo_ray.runtime import Rate
 from lumo_ray.tracking import open_tracker
 from lumo_ray.storage import RunDir, locate, resolve, write_file
 from lumo_ray.data.vlm_data import ImageStore, SequenceBuilder, StepSampler, prepare_data, to_device
@@ -36,8 +35,8 @@ from .checkpoint import load_state, resolve_resume, restore_training, save_train
 from .context import RayContext
 from .fsdp import is_sharded
 from .launch import launch, storage_of
-from .loop import checkpoint_activations, due, inject_fault, make_scheduler, rng_state, seed_all
-from .metrics import max_over_ranks, rss_gb, RssPeak
+from .loop import Due, Workload, checkpoint_activations, make_scheduler, rng_state, run_steps, seed_all
+from .metrics import max_over_ranks, rss_gb
 from .vlm_stream import micro_batches
 
 
@@ -89,12 +88,16 @@ def read_jsonl_last(path: Path, key: str = "step") -> list[dict]:
 # The loop
 # ------------------------------------------------------------------------------------------------
 
-class Trainee:
-    """What the VLM loop trains and reads: the model (stage-frozen), its data and step sampler, the
-    connector (DDP-wrapped across ranks), AdamW with warmup + cosine."""
+class Trainee(Workload):
+    """The VLM as the one loop's workload: the model (stage-frozen), its data and step sampler, the
+    connector (DDP-wrapped across ranks), AdamW with warmup + cosine; per step its row in steps.jsonl,
+    the quick eval between checkpoints, the full eval (golden captions) at each, reported with it."""
 
     def __init__(self, cfg: VLMConfig, run: Path, ctx, say):
         t = cfg.train
+        self.cfg, self.run, self.ctx, self.say, self.tracker = cfg, run, ctx, say, None
+        self.final: dict = {}  # the last full eval's row: what a checkpoint reports, what the run returns
+        self.step_times, self.data_times, self.pads, self.epoch_logged = [], [], [], -1
         self.text = build_text(cfg)
         self.model = build_vlm(cfg, self.text, seed=t.seed)
         self.counts = self.model.apply_stage(t.stage)
@@ -153,7 +156,47 @@ class Trainee:
             out.append(to_device(b, device))
         return out
 
-    def step(self, step: int, ctx, t) -> dict:
+    def before_step(self, step: int) -> None:
+        epoch = self.sampler.epoch_of(step)
+        if epoch != self.epoch_logged and self.ctx.rank == 0:
+            log_epoch(self, self.run, epoch, step == self.start, self.say)
+        self.epoch_logged = epoch
+
+    def train_step(self, step: int) -> dict:
+        r = self.optimizer_step(step, self.ctx, self.cfg.train)
+        self.pads.append(r["pad_fraction"])
+        self.step_times.append(r.pop("step_s"))
+        self.data_times.append(r.pop("data_s"))
+        rep, self.step_loss = {"step": step + 1, **r}, r["loss"]
+        if self.ctx.rank == 0:
+            _append(self.run / "steps.jsonl", rep)
+        return rep
+
+    def evaluate(self, done: int, due: Due) -> dict:
+        t, ctx = self.cfg.train, self.ctx
+        if due.ckpt:
+            self.final = full_eval(self.cfg, self, self.run, ctx, done, self.sampler.epoch_of(done - 1),
+                                   self.step_loss, self.tracker, self.say)
+        elif due.eval:
+            quick_eval(self, t, self.run, done, ctx.rank, self.tracker, self.say)
+        return {}
+
+    def save(self, done: int) -> Optional[Path]:
+        return self.checkpoint(self.cfg, done, self.run, self.ctx)
+
+    def report(self, ctx, done: int, due: Due, rep: dict, ck: Optional[Path]) -> None:
+        if due.ckpt:  # the full eval's row, with the checkpoint
+            ctx.report(self.final, ck)
+            if ck and ctx.rank == 0:
+                shutil.rmtree(ck, ignore_errors=True)  # Ray copied it to storage
+
+    def line(self, done: int, rep: dict, rate) -> str:
+        return f"[vlm] step {done}/{self.cfg.train.steps} loss {rep['loss']:.4f} lr {rep['lr']:.2e} ({rate(done)})"
+
+    def tracked(self, rep: dict) -> dict:
+        return {k: rep[k] for k in ("loss", "lr", "grad_norm")}
+
+    def optimizer_step(self, step: int, ctx, t) -> dict:
         """One optimizer step over this rank's micro-batches: token-weighted loss over the global batch."""
         t0 = time.perf_counter()
         m, d = self.model, ctx.device
@@ -186,7 +229,7 @@ class Trainee:
                 "pad_fraction": float(counts[1] / counts[2].clamp(min=1)), "data_s": t1 - t0,
                 "step_s": time.perf_counter() - t0}
 
-    def evaluate(self, samples: list, t) -> dict:
+    def eval_on(self, samples: list, t) -> dict:
         return eval_loss(self.model, samples, self.images, t.eval_batch_size, self.n_buckets,
                          next(self.model.parameters()).device, self.autocast)
 
@@ -219,68 +262,31 @@ class Trainee:
 
 def run_loop(cfg: VLMConfig, run_dir: str | Path, ctx, log: Callable[[str], None] = print,
              bench: Optional[dict] = None, tracking: Optional[TrackingConfig] = None) -> dict:
-    """Train the connector; returns the final metrics (rank 0's view). ctx: trainers/context.py's context
-    (LocalContext in one process, RayContext in a Ray Train worker); tracking: TensorBoard / MLflow of
-    rank 0 (lumo_ray/tracking.py; None: off)."""
+    """Train the connector: the one loop over Trainee; returns the final metrics (rank 0's view). ctx:
+    trainers/context.py's context (LocalContext in one process, RayContext in a Ray Train worker);
+    tracking: TensorBoard / MLflow of rank 0 (lumo_ray/tracking.py; None: off)."""
     t, run, rank = cfg.train, Path(run_dir), ctx.rank
     rss_start = rss_gb()  # the process before the model and the data: libraries, Ray
     say = log if rank == 0 else (lambda *_: None)
     seed_all(t.seed * 1000 + rank)
     tr = Trainee(cfg, run, ctx, say)
     ck = resolve_resume(t.resume, run, ctx, say)
-    start = tr.restore(ck, rank) if ck is not None else 0
+    tr.start = start = tr.restore(ck, rank) if ck is not None else 0
     sp = tr.sampler
     if start:
         say(f"[vlm] resumed at step {start} (epoch {sp.epoch_of(start)}, batch {start % sp.steps_per_epoch} of "
             f"{sp.steps_per_epoch})")
     stop = min(t.steps, t.stop_after) if t.stop_after else t.steps
-    rate = Rate(stop, start)  # progress lines: steps/s and ETA since this (re)start
-    last_epoch_logged, step_times, data_times = -1, [], []
-    tracker = open_tracker(run, tracking, "vlm", to_dict(cfg), rank)
-    final: dict = {}
+    tr.tracker = tracker = open_tracker(run, tracking, "vlm", to_dict(cfg), rank)
     tr.open_stream(cfg, start, stop)
-    steps_rss, pads = RssPeak(), []
-    for step in range(start, stop):
-        epoch = sp.epoch_of(step)
-        if epoch != last_epoch_logged and rank == 0:
-            log_epoch(tr, run, epoch, step == start, say)
-        last_epoch_logged = epoch
-        inject_fault(t, step, rank, run, ctx)
-        steps_rss.measuring(True)
-        r = tr.step(step, ctx, t)
-        steps_rss.measuring(False)
-        pads.append(r["pad_fraction"])
-        step_times.append(r.pop("step_s"))
-        data_times.append(r.pop("data_s"))
-        done = step + 1
-        if rank == 0:
-            _append(run / "steps.jsonl", {"step": done, **r})
-            if tracker is not None:
-                tracker.log(done, {k: r[k] for k in ("loss", "lr", "grad_norm")})
-            if due(done, t.log_every) or done == 1:
-                say(f"[vlm] step {done}/{t.steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
-                    f"({rate(done)})")
-        is_ckpt = due(done, t.ckpt_every, done == stop)
-        if due(done, t.eval_every) and not is_ckpt:
-            quick_eval(tr, t, run, done, rank, tracker, say)
-        if is_ckpt:
-            final = full_eval(cfg, tr, run, ctx, done, epoch, r["loss"], tracker, say)
-            ckpt = tr.checkpoint(cfg, done, run, ctx)
-            ctx.report(final, ckpt)
-            if ckpt and rank == 0:
-                shutil.rmtree(ckpt, ignore_errors=True)  # Ray copied it to storage
+    steps = run_steps(tr, ctx, t, stop, run, tracker, say)
     if tracker is not None:
         tracker.close()
-    finish(cfg, tr, run, ctx, final, step_times, data_times, bench, stop,
-           {"memory": memory_peaks(rss_start, steps_rss, ctx), "pad_fraction": float(np.mean(pads)) if pads else None})
-    return final
-
-
-def memory_peaks(rss_start: float, steps_rss: RssPeak, ctx) -> dict:
-    """start: before the model; steps: while training steps run (the stream's decode is in other
-    processes unless Ray is off); peak: the whole run so far. Max over ranks (a collective)."""
-    return {"start_rss_gb": max_over_ranks(rss_start, ctx), "steps_rss_gb": max_over_ranks(steps_rss.close(), ctx),
-            "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}
+    steps_rss = {"start_rss_gb": max_over_ranks(rss_start, ctx), "steps_rss_gb": max_over_ranks(steps.steps_peak, ctx),
+                 "peak_rss_gb": max_over_ranks(rss_gb(), ctx)}  # max over ranks: collectives
+    finish(cfg, tr, run, ctx, tr.final, tr.step_times, tr.data_times, bench, stop,
+           {"memory": steps_rss, "pad_fraction": float(np.mean(tr.pads)) if tr.pads else None})
+    return tr.final
 
 
 def log_epoch(tr: Trainee, run: Path, epoch: int, first: bool, say) -> None:
@@ -295,7 +301,7 @@ def log_epoch(tr: Trainee, run: Path, epoch: int, first: bool, say) -> None:
 
 def quick_eval(tr: Trainee, t, run: Path, done: int, rank: int, tracker, say) -> None:
     """The eval between checkpoints: the first quick_eval_size held-out samples."""
-    q = tr.evaluate(tr.eval[: t.quick_eval_size], t)
+    q = tr.eval_on(tr.eval[: t.quick_eval_size], t)
     if rank == 0:
         _append(run / "evals.jsonl", {"step": done, "kind": "quick", **q})
         if tracker is not None:
@@ -306,7 +312,7 @@ def quick_eval(tr: Trainee, t, run: Path, done: int, rank: int, tracker, say) ->
 def full_eval(cfg: VLMConfig, tr: Trainee, run: Path, ctx, done: int, epoch: int, train_loss: float, tracker,
               say) -> dict:
     """At a checkpoint: the whole held-out set and the golden captions; returns the run's `final` row."""
-    ev = tr.evaluate(tr.eval, cfg.train)
+    ev = tr.eval_on(tr.eval, cfg.train)
     final = {"step": done, "train_loss": train_loss, "eval_loss": ev["loss"], "epoch": epoch,
              "eval_buckets": {b: v["loss"] for b, v in ev["buckets"].items()}}
     # golden captions on rank 0; under fsdp every rank generates in lockstep (each forward gathers)
