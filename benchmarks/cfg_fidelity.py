@@ -24,7 +24,7 @@ from pathlib import Path
 
 def train_stage4(lm_dir: Path, out: Path, sets: list[str]) -> tuple[Path, dict]:
     """The demo's stage 4 (mmpt + generate stages) from a demo's lm directory; returns (run, gates)."""
-    from lumo_ray.cli.demo.lm import DEMO_DATA
+    from lumo_ray.config.recipes import DEMO_DATA
     from lumo_ray.cli.demo.mmpt import mmpt_demo_config, run_mmpt_demo
     from lumo_ray.cli.demo.run import stage_generate
 

@@ -5,7 +5,7 @@ images; beside it the same run with the VQ image tokenizer (the demo's), as the 
 
     python -m benchmarks.clip_kmeans_i2t [--images 2048] [--k 256] [--only clip_kmeans|vq] [--out DIR]
 
-The demo's training settings (lumo_ray/cli/demo/lm.py: DEMO_DATA, DEMO_TRAINING): base LM 400 steps,
+The demo's training settings (lumo_ray/config/recipes.py: DEMO_DATA, DEMO_TRAINING): base LM 400 steps,
 token LM 500 steps at new_row_lr 0.003. Prints each stage's time and the ablation's image numbers.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def run(kind: str, root: Path, images: int, k: int, quiet) -> dict:
-    from lumo_ray.cli.demo.lm import DEMO_DATA, DEMO_TRAINING
+    from lumo_ray.config.recipes import DEMO_DATA, DEMO_TRAINING
     from lumo_ray.config import LumoConfig, load_config
     from lumo_ray.data.manifest import read_manifest, write_manifest
     from lumo_ray.data.synth import write_synth

@@ -26,7 +26,7 @@ def main() -> None:
 
     import torch
 
-    from lumo_ray.cli.demo.lm import build_synth_shards
+    from pipelines.synth_shards import build_synth_shards
     from lumo_ray.config import LumoConfig, load_config
     from lumo_ray.plan import estimate, shape_of
     from trainers.token_lm import run_token_lm

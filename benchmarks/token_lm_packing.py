@@ -123,7 +123,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from lumo_ray.cli.demo.lm import build_synth_shards
+    from pipelines.synth_shards import build_synth_shards
     from lumo_ray.config import LumoConfig, load_config
     from lumo_ray.data.sequences import SequenceBuilder
     from lumo_ray.models.base_lm import build_base_lm

@@ -140,7 +140,7 @@ def test_untrained_run_captions_fail(untrained, m):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_local):
-    from lumo_ray.cli.demo.lm import build_synth_shards
+    from pipelines.synth_shards import build_synth_shards
 
     # the shards of tests/test_fidelity.py (the same folder: built once per session, reused when present)
     root = Path(os.environ.get("LUMO_FIDELITY_TEST_DATA") or tmp_path_factory.getbasetemp() / "fidelity_synth160")

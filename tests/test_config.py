@@ -74,8 +74,7 @@ def test_the_demo_recipes_are_config_files_with_reasons_that_the_demo_reads():
     rerun with it), each setting carries its reason, and the demo's settings are exactly these files."""
     from pathlib import Path
 
-    from lumo_ray.cli.demo.lm import DEMO_DATA, DEMO_TRAINING
-    from lumo_ray.cli.demo.mmpt import DEMO_MMPT
+    from lumo_ray.config.recipes import DEMO_DATA, DEMO_MMPT, DEMO_TRAINING
     from lumo_ray.cli.common import command_config
     from lumo_ray.cli.main import build_parser
     from lumo_ray.config.load import file_sets

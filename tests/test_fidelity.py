@@ -12,7 +12,7 @@ from lumo_ray.codecs.text import build_text_adapter
 from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.config.lm import FidelityConfig
 from lumo_ray.data import synth
-from lumo_ray.cli.demo.lm import build_synth_shards
+from pipelines.synth_shards import build_synth_shards
 from lumo_ray.eval.fidelity import (ATTRIBUTES, CaptionError, fit_probe, load_items, parse_caption,
                                     run_fidelity, score_generations, select_eval)
 from lumo_ray.eval.gates import _swap_partners

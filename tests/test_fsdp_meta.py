@@ -24,7 +24,7 @@ TWO = ["token_lm.train.num_workers=2", "token_lm.train.cpus_per_worker=0.5", "to
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
     """The token-LM tests' synthetic shards (the same folder: built once per session)."""
-    from lumo_ray.cli.demo.lm import build_synth_shards
+    from pipelines.synth_shards import build_synth_shards
     from lumo_ray.uti import load_token_space
 
     root = tmp_path_factory.getbasetemp() / "lm_synth12_e400"

@@ -207,7 +207,7 @@ def test_train_workers_get_gpus_and_train_the_cpu_weights(tmp_path, ray_local, c
 @pytest.fixture
 def lm_shards(tmp_path_factory, ray_local) -> Path:
     """The token-LM tests' synthetic shards (test_fsdp.py's and others': one folder, built once per session)."""
-    from lumo_ray.cli.demo.lm import build_synth_shards
+    from pipelines.synth_shards import build_synth_shards
 
     return build_synth_shards(tmp_path_factory.getbasetemp() / "lm_synth12_e400", 12, 12,
                               overrides=["data.normalize.eval_permille=400"], log=lambda *a, **k: None)[0]

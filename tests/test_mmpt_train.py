@@ -16,7 +16,7 @@ from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.data.sequences import SequenceBuilder
 from lumo_ray.data.shard_reader import ShardDataset
 from lumo_ray.data.task_mix import draw_task, task_probs
-from lumo_ray.cli.demo.lm import build_synth_shards
+from pipelines.synth_shards import build_synth_shards
 from lumo_ray.models.token_lm import load_token_lm
 from lumo_ray.token_space import TokenSpaceMismatch
 from lumo_ray.uti import load_token_space

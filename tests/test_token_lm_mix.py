@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lumo_ray.cli import main
-from lumo_ray.cli.demo.lm import build_synth_shards
+from pipelines.synth_shards import build_synth_shards
 from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.data import mix
 from lumo_ray.data.shard_reader import ShardDataset

@@ -13,7 +13,7 @@ from lumo_ray.codecs.text import build_text_adapter
 from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.data.sequences import SequenceBuilder
 from lumo_ray.data.shard_reader import ShardDataset
-from lumo_ray.cli.demo.lm import build_synth_shards
+from pipelines.synth_shards import build_synth_shards
 from lumo_ray.eval.modality_ablation import modality_ablation
 from lumo_ray.eval.text_invariance import text_invariance
 from lumo_ray.models.token_lm import load_causal_lm, load_token_lm
@@ -187,7 +187,7 @@ def test_ray_train_ddp_two_workers(data, tmp_path):
 def test_demo_lm_config_is_the_users_config_plus_the_demo_budget_then_set(data, tmp_path):
     """`lumo demo --config F --set K=V`: the lm stage builds its config from F, the demo's training
     budget (DEMO_TRAINING) on top, and the --set items last."""
-    from lumo_ray.cli.demo.lm import DEMO_TRAINING
+    from lumo_ray.config.recipes import DEMO_TRAINING
     shards, _, _ = data
     root = shards.parent  # the finished build is reused: only the config is made
     f = tmp_path / "user.yaml"

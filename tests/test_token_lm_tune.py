@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from lumo_ray.config import LumoConfig, load_config
-from lumo_ray.cli.demo.lm import build_synth_shards
+from pipelines.synth_shards import build_synth_shards
 from lumo_ray.storage import locate, runs_root
 from trainers.tune_prompts import run_prompt_study
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lumo_ray.cli.demo.lm import build_synth_shards
+from pipelines.synth_shards import build_synth_shards
 from lumo_ray.config import LumoConfig, load_config, to_dict
 from trainers.mmpt import MMPT_DEFAULTS
 from test_gpu_requests import refused

@@ -1,22 +1,14 @@
 """The lm part of `lumo demo`: base LM -> token LM (new_rows) -> modality ablation -> text invariance
--> a small prompt study. Also `build_synth_shards`, the synthetic shard set the tests share."""
+-> a small prompt study (on the shard set pipelines/synth_shards.py builds)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from ...config import LumoConfig, load_config
-from ...config.load import file_sets
+from ...config import LumoConfig
 from ...eval.training_gates import BASE_LM_PPL_RATIO, TOKEN_LM_MIN_GAIN, base_lm_verdict, token_lm_verdict
-from ...packaged import DEMO_RECIPES
 from ...storage import write_file
-
-# The demo's recipes are config files with their reasons (lumo_ray/assets/demo, linked as configs/demo):
-# the lm stage's training budget (lm.yaml, token_lm.yaml; measured table in docs/stage3_token_lm.md) and
-# the shard settings (data.yaml). The demo applies them over --config, as --set items before the user's.
-DEMO_TRAINING = file_sets(DEMO_RECIPES / "lm.yaml") + file_sets(DEMO_RECIPES / "token_lm.yaml")
-DEMO_DATA = file_sets(DEMO_RECIPES / "data.yaml")
 
 
 def step_runner(steps: dict, tag: str, log):
@@ -39,23 +31,6 @@ def step_runner(steps: dict, tag: str, log):
             + (f" {res['error']}" if "error" in res else ""))
         return res
     return stage
-
-
-def build_synth_shards(out: Path, n_images: int = 48, n_audio: int = 48, seed: int = 0,
-                       overrides: list[str] | None = None, log=print,
-                       config: str | Path | None = None) -> tuple[Path, Path, LumoConfig]:
-    """The demo's synthetic shards (data.synth_to_shards), reused when `out` holds a finished build
-    (index.json present). Returns (shards_dir, manifest, cfg): `config` (a YAML file; default the tiny
-    preset) with the demo's data settings and DEMO_TRAINING on top, then `overrides`."""
-    from .data import synth_to_shards
-
-    cfg = load_config(LumoConfig, config, DEMO_DATA + DEMO_TRAINING + list(overrides or []))
-    out = Path(out)
-    shards, manifest = out / "shards", out / "manifest.jsonl"
-    if (shards / "index.json").exists() and manifest.exists():
-        return shards, manifest, cfg
-    shards, manifest, _ = synth_to_shards(out, n_images, n_audio, seed, cfg, log=log)
-    return shards, manifest, cfg
 
 
 def run_lm_demo(out_dir: Path, shards_dir: Path, manifest: Path, cfg: LumoConfig, log=print) -> dict:

@@ -8,13 +8,8 @@ import json
 from pathlib import Path
 
 from ...config import LumoConfig, load_config
-from ...config.load import file_sets
-from ...packaged import DEMO_RECIPES
+from ...config.recipes import DEMO_MMPT  # lumo_ray/assets/demo/mmpt.yaml (measured table in docs/stage4_mmpt.md)
 from ...storage import write_file
-
-# The stage-4 training budget of the demo: lumo_ray/assets/demo/mmpt.yaml (configs/demo/mmpt.yaml), each
-# setting with its reason (measured table in docs/stage4_mmpt.md).
-DEMO_MMPT = file_sets(DEMO_RECIPES / "mmpt.yaml")
 
 
 def mmpt_demo_config(data_settings: list[str], config: str | Path | None, sets: list[str] | None) -> LumoConfig:

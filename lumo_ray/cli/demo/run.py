@@ -78,9 +78,9 @@ def stage_audit(cfg: LumoConfig, out: Path, log) -> dict:
 
 def stage_data(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
     """synth -> normalize (images, audio) -> one manifest -> tokenize -> verify."""
+    from pipelines.synth_shards import synth_to_shards
     from pipelines.verify import run_verify
 
-    from .data import synth_to_shards
     shards, _, summary = synth_to_shards(out, cfg.demo.images, cfg.demo.audio, cfg.demo.seed, cfg, address, log)
     rep = run_verify(shards, cfg, out / "verify", write_baseline=True, address=address, log=log)
     for k, v in rep["checks"].items():
@@ -104,8 +104,10 @@ def stage_vlm(cfg: LumoConfig, out: Path, log, address: str | None) -> dict:
 def stage_lm(cfg: LumoConfig, out: Path, log, address: str | None, config: str | None = None,
              sets: list[str] | None = None) -> dict:
     """Stage 0 + 3.3: base LM, token LM warm start (new_rows), modality ablation, text invariance, prompt study.
-    The demo's training budget (lm.DEMO_TRAINING) applies on top of `config`; `sets` (--set) win."""
-    from .lm import build_synth_shards, run_lm_demo
+    The demo's recipes (config/recipes.py) apply on top of `config`; `sets` (--set) win."""
+    from pipelines.synth_shards import build_synth_shards
+
+    from .lm import run_lm_demo
     shards, manifest, lcfg = build_synth_shards(out / "data", cfg.demo.lm_images, cfg.demo.lm_audio,
                                                 seed=cfg.demo.seed, config=config, overrides=sets, log=log)
     res = run_lm_demo(out, shards, manifest, lcfg, log=log)
@@ -118,7 +120,7 @@ def stage_mmpt(cfg: LumoConfig, out: Path, log, address: str | None, init_run: s
                config: str | None = None, sets: list[str] | None = None) -> dict:
     """Stage 4: any-to-any training from the stage-3.3 run (2 DDP workers), golden generations at every
     checkpoint, the modality ablation (reading still works) and generation fidelity on the stage-4 run."""
-    from .lm import DEMO_DATA
+    from ...config.recipes import DEMO_DATA
     from .mmpt import mmpt_demo_config, run_mmpt_demo
     mcfg = mmpt_demo_config(DEMO_DATA, config, sets)
     res = run_mmpt_demo(out, Path(shards), Path(init_run), Path(base), mcfg, log=log, address=address)
