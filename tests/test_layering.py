@@ -185,7 +185,7 @@ def test_the_layer_check_catches_an_import_up_and_a_module_in_no_layer(tmp_path,
 SHARED = ("context", "loop", "checkpoint", "fsdp", "metrics", "launch", "tune_resources")
 WORKLOADS = {"vlm": ("vlm", "vlm_stream", "tune_vlm"), "lm": ("lm",),
              "token_lm": ("token_lm", "mmpt", "tune_study", "tune_prompts", "tune_mmpt"),
-             "codec": ("codec_fit", "codec_vq", "codec_audio")}
+             "codec": ("codec_fit", "codec_vq", "codec_audio", "codec_clip")}
 MAX_LINES = 60
 
 

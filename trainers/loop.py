@@ -204,3 +204,12 @@ def run_steps(w: Workload, ctx, t, stop: int, run_dir: Path, tracker, say: Calla
         if tracker is not None:
             tracker.log(done, w.tracked(rep))
     return Steps(history, rss.close(), time.time() - t0, done)
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """The cadence of a workload with no train section of its own (the tiny codecs' fits): progress
+    lines every log_every steps, no evals or checkpoints between."""
+    log_every: int
+    eval_every: int = 0
+    ckpt_every: int = 0

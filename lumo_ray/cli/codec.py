@@ -1,6 +1,6 @@
 """`lumo codec train-vq`: train the tiny VQ image codec on Ray Train (section `codec` of the config);
 `lumo codec train-audio`: fit the tiny EnCodec audio preset on Ray Train (section `codec_audio`);
-`lumo codec train-clip`: train the tiny CLIP preset (embed/clip_train.py; one process, one thread);
+`lumo codec train-clip`: train the tiny CLIP preset (trainers/codec_clip.py; one process, one thread);
 `lumo codec fit-kmeans`: a k-means codebook over CLIP embeddings, in this process when they fit
 `codec_kmeans.in_process_max_bytes`, else on Ray Data (pipelines/kmeans.py)."""
 from __future__ import annotations
@@ -39,7 +39,7 @@ def cmd_codec_train_audio(args) -> int:
 
 
 def cmd_codec_train_clip(args) -> int:
-    from ..embed.clip_train import train_preset
+    from trainers.codec_clip import train_preset
 
     meta = train_preset(args.out, args.seed, args.steps, args.batch, args.lr)
     nd = meta["near_duplicates"]["trained"]

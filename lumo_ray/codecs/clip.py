@@ -3,7 +3,7 @@ image_clip.py): the tiny preset (offline: tests, the demo) or a local transforme
 with its processor. Embeddings are L2-normalised float32.
 
 The tiny preset (seed 0) loads TRAINED weights shipped in the package (codecs/assets/clip_tiny, made by
-`lumo codec train-clip`, embed/clip_train.py: near-duplicate copies embed together, synthetic scenes
+`lumo codec train-clip`, trainers/codec_clip.py: near-duplicate copies embed together, synthetic scenes
 beside their captions); other seeds are the random init that training starts from.
 
 Images go through the image tokenizers' preprocessing (codecs.image_seed.preprocess: RGB, shorter side

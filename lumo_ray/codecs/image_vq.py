@@ -7,7 +7,7 @@ VQ-GAN f16 / 16384 architecture, random weights, for benchmarks). Anything else 
 VQModel.from_pretrained (a local directory, or a hub id already in the local cache).
 
 The tiny preset (seed 0, codebook 256) loads TRAINED weights shipped in the package
-(codecs/assets/vq_tiny/model.safetensors, made by `lumo codec train-vq`, lumo_ray/codecs/vq_train.py;
+(codecs/assets/vq_tiny/model.safetensors, made by `lumo codec train-vq`, trainers/codec_vq.py;
 its identity is their sha256). Other seeds / codebook sizes build the untrained data-dependent init
 that training starts from (`_fit_tiny`: local, colour-faithful codes, but a random decoder).
 """

@@ -1,4 +1,5 @@
-"""Training of the tiny CLIP preset (`data.embed.model: tiny`), plain PyTorch (no Ray).
+"""What the tiny CLIP preset (`data.embed.model: tiny`) trains on and is measured by, plain PyTorch (no
+Ray); its training loop is trainers/codec_clip.py's workload on the one loop.
 
 A random CLIP does not embed by content: the preset's random init puts nearly every pair of images
 at cosine > 0.95 (another random init kept shifted copies apart instead), so `lumo data dedup` could
@@ -14,16 +15,13 @@ contrastive terms over procedurally drawn images:
   caption-image agreement score means something on the synthetic data.
 
 One thread, per-step seeded draws: the same arguments give byte-identical weights.
-`lumo codec train-clip` runs it and writes the preset's weights (codecs/assets/clip_tiny).
+`lumo codec train-clip` (trainers/codec_clip.py) writes the preset's weights (codecs/assets/clip_tiny).
 """
 from __future__ import annotations
 
 import io
 import json
-import math
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from PIL import Image
 
 from ..integrity import write_manifest
 from ..storage import write_file
-from ..codecs.clip import WEIGHTS, tiny_clip, unit_features
+from ..codecs.clip import WEIGHTS
 
 
 def _draw_scene(a: dict) -> tuple[Image.Image, str]:
@@ -99,7 +97,7 @@ def near_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-def _batch(clip, step: int, seed: int, n: int):
+def draws(clip, step: int, seed: int, n: int):
     """Step `step`'s draws: n images (half synthetic scenes with captions, the second quarter being the
     first quarter's shape siblings: hard negatives; a quarter grids, a quarter procedural scenes), two
     near copies of each as pixels, and the scenes' captions."""
@@ -120,72 +118,17 @@ def _batch(clip, step: int, seed: int, n: int):
     return torch.from_numpy(v1), torch.from_numpy(v2), caps
 
 
-def _image_image(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+def image_image_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
     logits = z1 @ z2.T / tau
     y = torch.arange(len(z1))
     return 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y))
 
 
-def _image_text(zi: torch.Tensor, zt: torch.Tensor, caps: list[str], tau: float) -> torch.Tensor:
+def image_text_loss(zi: torch.Tensor, zt: torch.Tensor, caps: list[str], tau: float) -> torch.Tensor:
     same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
     target = same / same.sum(1, keepdim=True)
     logits = zi @ zt.T / tau
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def train_tiny_clip(seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 2e-3, tau: float = 0.05, align: float = 6.0,
-                    log: Callable[[str], None] = print):
-    """The trained preset: returns (ClipModel, history). `tau`: the contrastive temperature; `align`:
-    the weight of a plain 1 - cosine term between the two copies, which lifts their cosine over dedup's
-    0.95 threshold (InfoNCE alone ranks them first but leaves shifted copies near 0.9)."""
-    torch.set_num_threads(1)
-    clip = tiny_clip(seed, trained=False)
-    model = clip.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    n_text = int(model.config.text_config.max_position_embeddings)
-    hist, t0 = [], time.time()
-    for step in range(steps):
-        v1, v2, caps = _batch(clip, step, seed, batch)
-        zi1, zi2 = (unit_features(model.get_image_features(pixel_values=v)) for v in (v1, v2))
-        enc = clip.tokenizer(caps, padding="max_length", truncation=True, max_length=n_text, return_tensors="pt")
-        zt = unit_features(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
-        l_ii = _image_image(zi1, zi2, tau)
-        l_it = _image_text(zi1[:len(caps)], zt, caps, tau)
-        loss = l_ii + l_it + align * (1 - (zi1 * zi2).sum(1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            hist.append({"step": step, "image_image": round(l_ii.item(), 4), "image_text": round(l_it.item(), 4)})
-            log(f"[train-clip] step {step}/{steps} image-image {l_ii.item():.3f} image-text {l_it.item():.3f} "
-                f"({time.time() - t0:.0f} s)")
-    model.eval()
-    return clip, hist
-
-
-def train_preset(out_dir: str | Path, seed: int = 0, steps: int = 3000, batch: int = 128, lr: float = 2e-3,
-                 log: Callable[[str], None] = print) -> dict:
-    """`lumo codec train-clip`: train, measure before and after (near_duplicate_eval), write the weights
-    and meta.json (the command, the seconds, the measurements); returns the meta. No Ray: small enough
-    for one CPU thread in minutes, and one thread keeps the weights byte-identical."""
-    import platform
-
-    t0 = time.time()
-    before = near_duplicate_eval(tiny_clip(seed, trained=False))
-    clip, hist = train_tiny_clip(seed, steps, batch, lr, log=log)
-    meta = {"what": "trained weights of the data.embed 'tiny' CLIP preset (transformers.CLIPModel, "
-                    "architecture lumo_ray.codecs.clip.tiny_clip)",
-            "command": f"lumo codec train-clip --out {out_dir} --seed {seed} --steps {steps} --batch {batch} --lr {lr}",
-            "seed": seed, "steps": steps, "batch": batch, "lr": lr,
-            "params": sum(p.numel() for p in clip.model.parameters()),
-            "machine": f"{platform.machine()} CPU, 1 torch thread", "train_seconds": round(time.time() - t0, 1),
-            "near_duplicates": {"untrained": before, "trained": near_duplicate_eval(clip)}, "history": hist}
-    return save_preset(clip, out_dir, meta)
 
 
 def save_preset(clip, out_dir: str | Path, meta: dict) -> dict:
