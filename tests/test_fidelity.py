@@ -13,8 +13,8 @@ from lumo_ray.config import LumoConfig, load_config
 from lumo_ray.config.lm import FidelityConfig
 from lumo_ray.data import synth
 from pipelines.synth_shards import build_synth_shards
-from lumo_ray.eval.fidelity import (ATTRIBUTES, CaptionError, fit_probe, load_items, parse_caption,
-                                    run_fidelity, score_generations, select_eval)
+from lumo_ray.eval.fidelity import (ATTRIBUTES, CNN_BELOW, CaptionError, fit_probe, load_items, parse_caption,
+                                    run_fidelity, score_generations, select_eval, summary_lines)
 from lumo_ray.eval.gates import _swap_partners
 from lumo_ray.generate import load_run
 from lumo_ray.uti import build_adapters, load_token_space
@@ -97,6 +97,18 @@ def test_oracle_generations_pass_and_caption_blind_ones_fail(data):
     assert rep["pass"] == all(rep["modalities"][m]["attributes"][a]["pass"] for m, a in GATED.items())
     # the tiny codecs show both gated attributes (image colour via the decoded pixels): the oracle passes
     assert rep["pass"] and rep["modalities"]["image"]["attributes"]["colour"]["probe"]["features"].startswith("pixels")
+    # an image attribute the linear probe reads below CNN_BELOW in CV is read by the pixel CNN
+    for a, y in rep["modalities"]["image"]["attributes"].items():
+        weak = max(y["probe"]["cv_accuracy"].values()) < CNN_BELOW
+        assert (y["probe"]["features"] == "pixels CNN") == weak, (a, y["probe"])
+        assert y["probe_reads"] == (y["ceiling"] >= fc.probe_min)
+    # a probe held to more than it can read: the gated attributes fail saying so, the reported are marked
+    strict = score_generations(probes, items, real, other, FidelityConfig(n=fc.n, probe_min=1.01))
+    assert not strict["pass"]
+    for m, a in GATED.items():
+        x = strict["modalities"][m]["attributes"][a]
+        assert not x["pass"] and "probe cannot read" in x["reason"] and not x["checks"]["probe_reads"]
+    assert all("the probe cannot read it" in ln for ln in summary_lines(strict) if "reported" in ln)
     # a model that ignores its caption: the generated codes are as good as the swapped ones -> FAIL
     blind = score_generations(probes, items, other, other, fc)
     for m, a in GATED.items():

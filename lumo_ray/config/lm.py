@@ -212,9 +212,10 @@ class FidelityConfig:
     1: none, the gate's default: it measures what `lumo generate` gives by default)."""
     batch_size: int = 64
     """Prompts per generation batch (the sampled ids depend on it: part of the determinism key)."""
-    probe_min: float = 0.80
+    probe_min: float = 0.95
     """A gated attribute needs the probe to read real eval codes at least this well (else the gate fails:
-    the probe cannot read it)."""
+    the probe cannot read it); a reported attribute below it is marked unreadable (issue 34: a probe
+    that judges generations must itself read real codes at >= 0.95)."""
     fraction: float = 0.5
     """Generated accuracy must reach chance + fraction x (ceiling - chance)."""
     max_p: float = 0.01

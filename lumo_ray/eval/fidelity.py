@@ -15,7 +15,8 @@ Chance is the majority-class rate of the scored eval labels (the accuracy of alw
 most frequent value; never below 1/k).
 
 Gate (FidelityConfig.gated, default image colour and audio pitch): the probe must read real eval
-codes at >= probe_min (0.80), else the gate fails saying the probe cannot read the attribute; then
+codes at >= probe_min (0.95), else the gate fails saying the probe cannot read the attribute (a reported
+attribute below it is marked unreadable: its accuracies say nothing of the model); then
 generated accuracy >= chance + fraction x (ceiling - chance) and > swapped accuracy, with a paired
 one-sided exact sign test (per sample: generated correct vs swapped correct) at p < max_p (0.01),
 always (n < 7 cannot reach 0.01 and fails, saying so; lumo_ray/eval/stats.py). The report also holds
@@ -37,12 +38,20 @@ few candidate feature sets, chosen per attribute by 3-fold cross-validation on t
   pitch and length.
 - codes+blocks / codes+bins: plus bags per coarse region, for position and count. Images: the grid
   is g x g tokens in row-major order, bags per 2x2 and 3x3 block. Audio is interleaved by codebook
-  (position p holds codebook p mod K): bags per codebook, whole clip and 4 time bins.
+  (position p holds codebook p mod K): bags per codebook, whole clip, 4 and 16 time bins (16 bins,
+  0.125 s of a 2 s clip, resolve the 0.14 s gaps between beeps: count's ceiling 0.86 -> 1.00 on the
+  demo's real eval codes).
 - pixels / pixels+blocks (images): colour histograms (RGB at 6 levels) of the image the run's codec
   decodes from the codes, whole and per block. Still a function of the codes alone (the decoder is
   fixed), and exactly what a user sees. Needed because a trained VQ spreads one colour over many
   codes that also encode edges and background: on the test shards the code bags read colour at
   ~0.6, the decoded colours at 1.0 (with the earlier random-init VQ, code bags read 0.73).
+
+A linear probe reads what is in the bags; it cannot count blobs or tell a square from a circle. An
+image attribute whose best linear 3-fold CV on the train split is below CNN_BELOW (0.95) is read
+instead by a small fixed CNN on the decoded pixels (eval/pixel_probe.py: one net, a head per image
+attribute, seeded, fitted once on the real train images; on the demo's data it reads count 0.98 and
+shape 0.97 on the gate's 64 real eval samples, where the linear probe reads 0.77 and 0.66).
 
 Each bag is normalized to frequencies and square-rooted (Hellinger: a few frequent background codes
 or colours do not drown the rare object ones), then centred on the train mean. Audio codes are
@@ -73,6 +82,7 @@ from ..runtime import torch_threads
 from ..storage import write_file
 from ..token_space import TokenSpace
 from .attribute_gate import attribute_row, gate
+from .pixel_probe import VERSION as PIXEL_PROBE_VERSION, PixelProbe, fit_pixel_probe
 from .captions import ATTRIBUTES, CaptionError, parse_caption  # noqa: F401  (the synthetic caption grammar)
 from .captions import TASK as X2T, generate_captions, score_captions, summary_lines as caption_lines, swap_partners
 
@@ -84,8 +94,8 @@ CLASSES = {
 TASK = {"image": "t2i", "audio": "t2a"}
 IMAGE_GRIDS = (1, 2, 3)
 """Spatial bags: whole grid, 2x2 and 3x3 blocks."""
-AUDIO_BINS = (1, 4)
-"""Temporal bags per codebook: whole clip and 4 time bins."""
+AUDIO_BINS = (1, 4, 16)
+"""Temporal bags per codebook: whole clip, 4 and 16 time bins (16: the gaps between beeps)."""
 PIXEL_LEVELS = 6
 """Image pixel features: RGB quantized to 6 levels per channel (216 colour bins)."""
 L2 = 1e-3
@@ -93,6 +103,8 @@ L2 = 1e-3
 penalty; on the tiny synthetic sets 1e-4..1e-2 read the same within noise)."""
 MAX_ITER = 100
 CV_FOLDS = 3
+CNN_BELOW = 0.95
+"""An image attribute whose best linear CV accuracy is below this is read by the pixel CNN."""
 
 
 # -- items: samples with parsed attributes ------------------------------------------------------
@@ -171,20 +183,27 @@ def image_features(ts: TokenSpace, ids: np.ndarray, tokens: int,
     """Code bags over the whole grid and its 2x2 / 3x3 blocks, then (with `decode`, the codec's
     codes -> image) the colour histograms of the decoded image; None when the span is not a g x g
     grid of image ids of the expected length, or does not decode."""
+    return _image_parts(ts, ids, tokens, decode)[0]
+
+
+def _image_parts(ts: TokenSpace, ids: np.ndarray, tokens: int,
+                 decode: Optional[Callable]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(image_features, the decoded uint8 image or None)."""
     r = ts.range("IMAGE")
     g = _media_body(ts, ids)
     side = math.isqrt(tokens)
     if g.size != tokens or side * side != tokens or ((g < r.start) | (g >= r.stop)).any():
-        return None
+        return None, None
     feats = _block_bags((g - r.start).reshape(side, side), r.size)
+    img = None
     if decode is not None:
         try:
             with torch_threads(1):
-                img = decode(g - r.start, seed=0)
+                img = np.asarray(decode(g - r.start, seed=0))
         except Exception:  # an undecodable span is unreadable (scored wrong), not a crash
-            return None
+            return None, None
         feats.append(pixel_features(img))
-    return np.concatenate(feats)
+    return np.concatenate(feats), img
 
 
 def audio_features(ts: TokenSpace, ids: np.ndarray, tokens: int) -> Optional[np.ndarray]:
@@ -239,7 +258,7 @@ def _fit_softmax(x: torch.Tensor, y: torch.Tensor, k: int, l2: float) -> tuple[t
 class AttributeProbe:
     classes: tuple
     features: str
-    """The feature set used (a key of feature_sets)."""
+    """The feature set used (a key of feature_sets), or 'pixels CNN' (read by the ModalityProbe's CNN)."""
     cols: np.ndarray
     """Its feature columns."""
     w: np.ndarray
@@ -287,32 +306,43 @@ class ModalityProbe:
     decode: Optional[Callable] = None
     """Image: the codec's decoder (codes -> uint8 image) for the pixel feature sets."""
     attributes: dict[str, AttributeProbe] = field(default_factory=dict)
+    pixels: Optional[PixelProbe] = None
+    """Image: the CNN on decoded pixels, for the attributes whose features are 'pixels CNN'."""
 
-    def features(self, spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(features centred on the train mean, readable mask): unreadable spans get zero rows."""
-        rows = [_features(self.ts, self.modality, s, self.tokens, self.decode) for s in spans]
-        ok = np.array([r is not None for r in rows], bool)
-        x = np.zeros((len(rows), self.mean.size))
-        for i, r in enumerate(rows):
+    def features(self, spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list]:
+        """(features centred on the train mean, readable mask, decoded images or None): unreadable spans
+        get zero rows."""
+        parts = [_features(self.ts, self.modality, s, self.tokens, self.decode) for s in spans]
+        ok = np.array([r is not None for r, _ in parts], bool)
+        x = np.zeros((len(parts), self.mean.size))
+        for i, (r, _) in enumerate(parts):
             if r is not None:
                 x[i] = r - self.mean
-        return x, ok
+        return x, ok, [im for _, im in parts]
 
     def predict(self, spans: list[np.ndarray]) -> dict[str, list]:
         """attribute -> predicted value per span (None for an unreadable span)."""
-        x, ok = self.features(spans)
+        x, ok, images = self.features(spans)
+        cnn = self.pixels.predict(images) if self.pixels is not None else {}
         out = {}
         for a, p in self.attributes.items():
+            if p.features == PIXEL_CNN:
+                out[a] = [v if good else None for v, good in zip(cnn[a], ok)]
+                continue
             idx = p.predict(x)
             out[a] = [p.classes[int(i)] if good else None for i, good in zip(idx, ok)]
         return out
 
 
+PIXEL_CNN = "pixels CNN"
+
+
 def _features(ts: TokenSpace, modality: str, ids: np.ndarray, tokens: int,
-              decode: Optional[Callable]) -> Optional[np.ndarray]:
+              decode: Optional[Callable]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(features, decoded image): images decode when `decode` is given; audio has no image."""
     if modality == "image":
-        return image_features(ts, ids, tokens, decode)
-    return audio_features(ts, ids, tokens)
+        return _image_parts(ts, ids, tokens, decode)
+    return audio_features(ts, ids, tokens), None
 
 
 _PROBES: dict[str, ModalityProbe] = {}
@@ -324,7 +354,7 @@ def fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, see
     codes -> image, which adds the pixel feature sets. Cached by a digest of the inputs (the token
     space hash names the codec)."""
     h = hashlib.sha256(json.dumps([modality, tokens, seed, ts.hash, L2, IMAGE_GRIDS, AUDIO_BINS, PIXEL_LEVELS,
-                                   decode is not None]).encode())
+                                   decode is not None, CNN_BELOW, PIXEL_PROBE_VERSION]).encode())
     for it in items:
         h.update(json.dumps([it.id, it.attrs]).encode())
         h.update(np.ascontiguousarray(it.ids, np.int64).tobytes())
@@ -338,12 +368,13 @@ def _fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, se
                decode: Optional[Callable]) -> ModalityProbe:
     if len(items) < 2 * CV_FOLDS:
         raise ValueError(f"{len(items)} {modality} train samples: too few to fit the attribute probe")
-    rows = []
+    rows, images = [], []
     for it in items:
-        f = _features(ts, modality, it.ids, tokens, decode)
+        f, im = _features(ts, modality, it.ids, tokens, decode)
         if f is None:
             raise ValueError(f"train sample {it.id}: {modality} span of {it.ids.size} ids is not readable")
         rows.append(f)
+        images.append(im)
     x = np.stack(rows)
     mean = x.mean(axis=0)
     x = x - mean
@@ -351,6 +382,13 @@ def _fit_probe(ts: TokenSpace, modality: str, items: list[Item], tokens: int, se
     sets = feature_sets(ts, modality, decode is not None)
     for a in ATTRIBUTES[modality]:
         probe.attributes[a] = fit_attribute(x, [it.attrs[a] for it in items], CLASSES[modality][a], seed, sets)
+    weak = [a for a, p in probe.attributes.items() if max(p.cv_accuracy.values()) < CNN_BELOW]
+    if modality == "image" and decode is not None and weak:  # spatial attributes: the CNN on decoded pixels
+        classes = CLASSES[modality]
+        probe.pixels = fit_pixel_probe(np.stack(images), {a: [it.attrs[a] for it in items] for a in classes},
+                                       classes, seed)
+        for a in weak:
+            probe.attributes[a].features = PIXEL_CNN
     return probe
 
 
@@ -380,6 +418,7 @@ def score_modality(probe: ModalityProbe, items: list[Item], generated: list[np.n
         r = attribute_row(truth, hit["generated"], hit["swapped"], ceiling, a in gated, cfg)
         r["probe"] = {"features": probe.attributes[a].features, "cv_accuracy": probe.attributes[a].cv_accuracy,
                       "train_n": probe.attributes[a].train_n}
+        r["probe_reads"] = bool(ceiling >= cfg.probe_min)  # below it the attribute's numbers judge the probe
         if a in gated:
             r.update(gate(r, n, cfg))
             ok = ok and r["pass"]
@@ -474,8 +513,11 @@ def run_fidelity(run_or_dir: Any, out_dir: str | Path, cfg: Optional[FidelityCon
                                                          "guidance_scale")},
                probe={"features": {"image": "sqrt-frequency bags of the codes, or of the decoded image's colours "
                                             f"({PIXEL_LEVELS}^3 bins), over the whole grid (+ its 2x2 and 3x3 blocks)",
-                                   "audio": f"sqrt-frequency bags per codebook over the clip (+ {AUDIO_BINS[1]} time bins)"},
-                      "classifier": f"multinomial logistic regression (L2 {L2}, L-BFGS, float64; feature set by 3-fold CV)",
+                                   "audio": "sqrt-frequency bags per codebook over the clip (+ "
+                                            + " and ".join(str(b) for b in AUDIO_BINS[1:]) + " time bins)"},
+                      "classifier": f"multinomial logistic regression (L2 {L2}, L-BFGS, float64; feature set by 3-fold CV); "
+                                    f"an image attribute it reads below {CNN_BELOW} in CV: a small CNN on the decoded "
+                                    f"pixels (eval/pixel_probe.py)",
                       "train_n": {m: len(train[m]) for m in probes},
                       "tokens": {m: p.tokens for m, p in probes.items()}})
     for m, r in rep["modalities"].items():
@@ -556,7 +598,7 @@ def summary_lines(rep: dict) -> list[str]:
             lines.append(f"  {m:5s} FAIL: {r['reason']}")
             continue
         for a, x in r["attributes"].items():
-            verdict = ("PASS" if x["pass"] else f"FAIL ({x['reason']})") if x["gated"] else "reported"
+            verdict = verdict_text(x, rep["config"]["probe_min"])
             lines.append(f"  {m:5s} {a:8s} n={r['n']:3d} chance {x['chance']:.2f} ceiling {x['ceiling']:.2f} "
                          f"generated {x['generated']:.2f} swapped {x['swapped']:.2f} (p {x['paired']['p']:.3g})  {verdict}")
     if rep.get("captions"):
@@ -564,6 +606,15 @@ def summary_lines(rep: dict) -> list[str]:
     for task, f in (rep.get("field_metrics") or {}).items():
         lines.append(f"  {task:5s} {field_metrics_text(f)} (reported)")
     return lines
+
+
+def verdict_text(x: dict, probe_min: float) -> str:
+    """PASS / FAIL (reason) of a gated attribute; 'reported' of another, saying when the probe cannot read it."""
+    if x["gated"]:
+        return "PASS" if x["pass"] else f"FAIL ({x['reason']})"
+    if not x.get("probe_reads", True):
+        return f"reported; the probe cannot read it (real eval accuracy {x['ceiling']:.2f} < {probe_min:.2f})"
+    return "reported"
 
 
 def field_metrics_text(f: dict) -> str:
@@ -589,7 +640,7 @@ def report_md(rep: dict) -> str:
             continue
         for a, x in r["attributes"].items():
             p = x["paired"]
-            verdict = ("PASS" if x["pass"] else f"FAIL ({x['reason']})") if x["gated"] else "reported"
+            verdict = verdict_text(x, rep["config"]["probe_min"])
             lines.append(f"| {m} | {a} | {r['n']} | {x['chance']:.3f} | {x['ceiling']:.3f} | {x['generated']:.3f} | "
                          f"{x['swapped']:.3f} | {p['gap']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
                          f"{p['p']:.3g} | {'yes' if x['gated'] else 'no'} | {verdict} |")

@@ -12,6 +12,11 @@ from typing import Any
 from . import report
 
 
+def _reported(v: dict) -> str:
+    """A reported attribute's verdict cell: its probe may not read it (then its numbers judge the probe)."""
+    return "reported" if v.get("probe_reads", True) else "reported; the probe cannot read it"
+
+
 def _load(p: Path) -> Any:
     return json.loads(p.read_text()) if p.exists() else None
 
@@ -106,7 +111,7 @@ def mmpt_section(d: Path) -> str:
                      for t, v in tr.get("eval", {}).items())
     fid_rows = "".join(
         f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{_r(v.get(c))}</td>" for c in ("chance", "ceiling", "generated", "swapped"))
-        + f"<td>{'gated: ' + _mark(v.get('pass')) if v.get('gated') else 'reported'}</td></tr>"
+        + f"<td>{'gated: ' + _mark(v.get('pass')) if v.get('gated') else _reported(v)}</td></tr>"
         for k, v in st.get("fidelity", {}).get("attributes", {}).items())
     grids = "".join(golden_html(d / "mmpt" / g, f"golden generations, {g.split('/')[-1].replace('_', ' ')}")
                     for g in tr.get("golden", [])[-2:])

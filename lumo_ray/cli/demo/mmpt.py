@@ -54,7 +54,8 @@ def run_mmpt_demo(out_dir: Path, shards: Path, init_run: Path, base: Path, cfg: 
     def fidelity() -> dict:
         rep = run_fidelity(out / "mmpt", out / "fidelity", log=log)
         return {"pass": rep["pass"], "report": str(out / "fidelity" / "report.md"),
-                "attributes": {f"{m}.{a}": {k: r.get(k) for k in ("chance", "ceiling", "generated", "swapped", "gated", "pass")}
+                "attributes": {f"{m}.{a}": {k: r.get(k) for k in ("chance", "ceiling", "generated", "swapped", "gated", "pass",
+                                                                                 "probe_reads")}
                                for m, mr in rep.get("modalities", {}).items() for a, r in mr.get("attributes", {}).items()}}
 
     stage("train", train)
