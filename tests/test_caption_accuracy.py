@@ -11,7 +11,7 @@ import pytest
 
 from lumo_ray.config.lm import FidelityConfig
 from lumo_ray.data import synth
-from lumo_ray.eval.captions import generate_captions, read_caption, score_captions, swap_partners
+from lumo_ray.eval.captions import generate_captions, parse_caption, read_caption, score_captions, swap_partners
 from lumo_ray.eval.fidelity import ATTRIBUTES, Item
 from lumo_ray.generate import GenOptions, load_run
 from lumo_ray.runtime import torch_threads
@@ -149,7 +149,7 @@ def shards(tmp_path_factory, ray_local):
 
 def test_fidelity_report_carries_captions_and_field_metrics(untrained, shards, tmp_path):
     from lumo_ray.eval.fidelity import run_fidelity
-    from lumo_ray.eval.report_sections import captions_section
+    from lumo_ray.eval.report_sections import captions_section, generations_section
 
     fc = FidelityConfig(n=8, samples=2)
     rep = run_fidelity(untrained, tmp_path / "mmpt" / "fidelity", fc, shards=str(shards), **QUIET)
@@ -172,6 +172,15 @@ def test_fidelity_report_carries_captions_and_field_metrics(untrained, shards, t
     html = captions_section(tmp_path / "mmpt" / "fidelity")
     assert "reported, not gated" in html and html.count("data:image/png") == 2 and html.count("data:audio/wav") == 2
     assert "the parser read" in html and "Fréchet CLIP distance" in html
+    # the t2i / t2a samples: prompt, generated media, what the probe read, right or wrong per attribute
+    gen = generations_section(tmp_path / "mmpt" / "fidelity")
+    assert gen.count("data:image/png") == 2 and gen.count("data:audio/wav") == 2 and "the probe read" in gen
+    for m in ATTRIBUTES:
+        for s in rep["samples"][m]:
+            want = parse_caption(m, s["caption"])
+            marks = ", ".join(f"{a} {'right' if str(v) == str(want[a]) else 'WRONG'}" for a, v in s["read"].items())
+            assert marks in gen  # each attribute checked against its prompt
+    assert "WRONG" in gen  # an untrained model misses some
     # gated: the caption verdicts now count
     gated = run_fidelity(untrained, tmp_path / "gated", FidelityConfig(n=8, samples=0, gate_captions=True),
                          shards=str(shards), **QUIET)

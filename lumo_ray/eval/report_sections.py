@@ -125,11 +125,36 @@ def mmpt_section(d: Path) -> str:
             + report.line_chart("stage-4 eval loss per task", curves, ylabel="nats per target token")
             + (f"<table><tr><th>attribute</th><th>chance</th><th>real eval (ceiling)</th><th>generated</th>"
                f"<th>swapped caption</th><th>verdict</th></tr>{fid_rows}</table>" if fid_rows else "")
-            + captions_section(d / "fidelity") + grids)
+            + generations_section(d / "fidelity") + captions_section(d / "fidelity") + grids)
 
 
 def _read(read: Any) -> str:
     return ", ".join(f"{a} {v}" for a, v in read.items()) if read else "(outside the grammar)"
+
+
+def generations_section(d: Path) -> str:
+    """The fidelity gate's first generated samples (t2i / t2a) from a fidelity report folder: the prompt, the
+    generated image or clip, what the attribute probe read in it and, per attribute, right or wrong."""
+    from .captions import parse_caption
+
+    rep = _load(d / "report.json") or {}
+    out = []
+    for m, rows in (rep.get("samples") or {}).items():
+        ex = []
+        for s in rows:
+            if not s.get("file") or not (d / s["file"]).exists():
+                continue
+            want = parse_caption(m, s["caption"], s["id"])
+            marks = ", ".join(f"{a} {'right' if str(v) == str(want[a]) else 'WRONG'}" for a, v in s["read"].items())
+            ex.append(f"<tr><td>{html.escape(s['caption'])}</td><td>{report.media_block([d / s['file']], [s['id']])}</td>"
+                      f"<td>{html.escape(_read(s['read']))}</td><td>{marks}</td></tr>")
+        if ex:
+            task = {"image": "t2i", "audio": "t2a"}.get(m, m)
+            out.append(f"<p>{task} examples: the prompt, what the stage-4 run generated for it (decoded by the "
+                       "codec), what the attribute probe read in it and whether each attribute is right:</p><table>"
+                       f"<tr><th>prompt</th><th>generated ({task})</th><th>the probe read</th><th>right or wrong</th>"
+                       f"</tr>{''.join(ex)}</table>")
+    return "".join(out)
 
 
 def captions_section(d: Path) -> str:
