@@ -17,11 +17,13 @@ def torch_threads(n: int):
     thread count, and codecs' nearest-code searches can flip on it: encoding runs under the configured
     count (the random presets are built thread-independently, codecs/exact_init.py)."""
     old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if old != n:  # already n (a process set to it, as ShardWriter's concurrent calls are): nothing to undo
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        if old != n:
+            torch.set_num_threads(old)
 
 
 def assigned_device(gpu_ids: list, visible: str | None = None) -> torch.device:

@@ -165,7 +165,8 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
                  address: str | None = None, log=print) -> dict:
     """Tokenize a manifest into `<out>/<split>/shard-NNNNNN.tar` + errors.jsonl + summary.json + index.json.
     Returns the summary plus `timings`: seconds per stage (TIMINGS) and per actor pool (actor_summary)."""
-    clock, start = StageClock(), StageClock.now()
+    clock = StageClock()
+    start = clock.read()
     out = locate(out_dir)
     tcfg = cfg.data.tokenize
     loaders, encoders = tokenize_request(cfg, manifest, actors)
@@ -236,7 +237,7 @@ def run_tokenize(manifest: PathLike, cfg: LumoConfig, out_dir: PathLike, actors:
     with clock("driver_finish"):
         summary, errors = shard_set.finish(out, stats, plan.read_errors, plan.per_task, ts, cfg_digest,
                                            tcfg.error_rate_ceiling)
-    end = StageClock.now()
+    end = clock.read()
     timings = {"seconds": {**clock.take(), "total": [end[0] - start[0], end[1] - start[1]]},
                **actor_summary(procs),
                "shards_written": len(todo), "actors": actors, "calls_per_actor": calls, "loaders": loaders.count,

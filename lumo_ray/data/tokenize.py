@@ -64,10 +64,6 @@ class StageClock:
         self.cpu = cpu
         self.mark()
 
-    @staticmethod
-    def now() -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
-
     def read(self) -> tuple[float, float]:
         return time.perf_counter(), self.cpu()
 
