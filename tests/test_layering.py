@@ -84,7 +84,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("embed", ("embed",)),                                    # CLIP embeddings of a manifest, dedup, k-means parts
     ("generate", ("generate", "generate_text")),              # load a run, constrained generation, decode media
     ("eval", ("eval",)),                                      # metrics, probes, ablations, gates, audit, report
-    ("codec fits", ("codecs.audio_train", "codecs.vq_train")),  # the tiny codecs' fits: on data.synth, judged by eval
+    ("codec fits", ("codecs.audio_train", "codecs.vq_train")),  # the tiny codecs' fit / losses, judged by eval
     ("products", ("serving", "openai_api", "serve_guards", "batch_generate", "export", "plan", "flops",
                   "resources", "tokenize_request", "tracking")),  # what the CLI and the Ray jobs call
     ("cli", ("cli",)),                                        # the `lumo` command: the only one that imports the jobs

@@ -23,12 +23,13 @@ from trainers.context import LocalContext
 from trainers.loop import Cadence, Due, Workload, run_steps
 
 LOG_EVERY = 50
-"""Steps between progress lines and history rows (meta.json's history: every 50th step from 0, the last)."""
+"""Steps between progress lines (1-based: 1, 50, 100, ..., the last) and between meta.json's history rows
+(0-based, as the shipped preset's history was written: 0, 50, 100, ..., the last)."""
 
 
 class TinyClip(Workload):
     """The tiny CLIP as the one loop's workload: its seeded init, AdamW under warmup + cosine, per-step
-    seeded draws (`_batch`); loss = image-image InfoNCE + image-text CLIP loss + align x (1 - cosine of
+    seeded draws (`draws`); loss = image-image InfoNCE + image-text CLIP loss + align x (1 - cosine of
     the two copies); clipping at 1."""
 
     def __init__(self, seed: int, steps: int, batch: int, lr: float, tau: float, align: float):

@@ -2,8 +2,9 @@
 
 Thin: each fit is named "module:function" and called as `fit(section, log=, report=, out_dir=)`: the
 tiny VQ's training on the one loop (trainers/codec_vq.py), the audio codec's closed-form fit (library
-code, lumo_ray/codecs/audio_train.py: statistics and k-means, no gradient steps); this file checks the section, hands the fit to a TorchTrainer
-through trainers/launch.py's `launch` and trainers/context.py's `RayContext` and reads metrics.json back.
+code, lumo_ray/codecs/audio_train.py: statistics and k-means, no gradient steps). This file checks the
+section, hands the fit to a TorchTrainer through trainers/launch.py's `launch` and trainers/context.py's
+`RayContext` and reads metrics.json back.
 """
 from __future__ import annotations
 

@@ -111,12 +111,14 @@ def inject_fault(t, step: int, rank: int, run_dir: Path, ctx) -> None:
 
 @dataclass(frozen=True)
 class Due:
-    """What a finished step is: a log step (every log_every, the run's first and its last), an eval
-    step (every eval_every, the last), a checkpoint step (every ckpt_every, the last), the last."""
+    """What a finished step is: a log step (every log_every, the last), an eval step (every eval_every,
+    the last), a checkpoint step (every ckpt_every, the last), the last, the first of this start (a
+    progress line only: reports and throughput windows keep to the log / eval / checkpoint steps)."""
     log: bool
     eval: bool
     ckpt: bool
     last: bool
+    first: bool = False
 
 
 class Workload:
@@ -150,7 +152,7 @@ class Workload:
         return {}
 
     def line(self, done: int, rep: dict, rate) -> str:
-        """Rank 0's progress line of a log step."""
+        """Rank 0's progress line of a log step and of the run's first step."""
         return f"step {done} loss {rep['loss']:.4f} ({rate(done)})"
 
     def tracked(self, rep: dict) -> dict:
@@ -178,7 +180,8 @@ class Steps:
 def run_steps(w: Workload, ctx, t, stop: int, run_dir: Path, tracker, say: Callable) -> Steps:
     """Run workload `w` from its `start` to step `stop` under train section `t` (its log_every,
     eval_every, ckpt_every, fault injection): per step train, evaluate, checkpoint, after-step, then rank
-    0's progress line, the report and the tracker's scalars."""
+    0's progress line (log steps and the first: output from the first step), the report and the
+    tracker's scalars."""
     from .metrics import RssPeak
     from lumo_ray.runtime import Rate
 
@@ -193,12 +196,12 @@ def run_steps(w: Workload, ctx, t, stop: int, run_dir: Path, tracker, say: Calla
         rss.measuring(False)
         done, last = step + 1, step + 1 == stop
         history.append(rep["loss"])
-        d = Due(log=due(done, t.log_every, last) or done == w.start + 1, eval=due(done, t.eval_every, last),
-                ckpt=due(done, t.ckpt_every, last), last=last)
+        d = Due(log=due(done, t.log_every, last), eval=due(done, t.eval_every, last),
+                ckpt=due(done, t.ckpt_every, last), last=last, first=done == w.start + 1)
         rep.update(w.evaluate(done, d))
         ck = w.save(done) if d.ckpt else None
         rep.update(w.after_step(done, d, rep, ck))
-        if ctx.rank == 0 and d.log:
+        if ctx.rank == 0 and (d.log or d.first):
             say(w.line(done, rep, rate))
         w.report(ctx, done, d, rep, ck)
         if tracker is not None:

@@ -310,6 +310,8 @@ def step_line(step: int, steps: int, total: float, rep: dict, rate: Rate) -> str
     evals = (f" eval {rep['eval_loss']:.4f} (" + ", ".join(f"{k[5:]} {v:.3f}" for k, v in rep.items()
                                                        if k.startswith("eval_") and k != "eval_loss") + ")"
              if "eval_loss" in rep else "")
+    if "tokens_per_s" not in rep:  # the first step's line, before a throughput window closes
+        return f"token-lm step {step}/{steps} loss {total:.4f}{evals} ({rate(step)})"
     return (f"token-lm step {step}/{steps} loss {total:.4f}{evals} ({rate(step)}, "
             f"{rep['tokens_per_s']:,.0f} tokens/s, {rep['pad_fraction']:.0%} padding"
             + (f", MFU {rep['mfu']:.1%}" if "mfu" in rep else "") + ")")

@@ -7,7 +7,9 @@ connector -> quick eval / checkpoint (full eval, golden dump) through `ray.train
 
 `run_loop` is the per-worker function, over a trainers/context.py context, so the same loop runs under
 TorchTrainer (DDP workers, RayContext), as an in-process Ray Tune trial and as the plain PyTorch loop
-of the overhead benchmark (LocalContext). `Trainee` holds what it trains: model, data, optimizer.
+of the overhead benchmark (LocalContext). `Trainee` holds what it trains (model, data, optimizer) and
+is the one loop's workload (trainers/loop.py run_steps): it reports its full eval with each checkpoint,
+and its step line comes after the step's eval / checkpoint, as every workload's does.
 """
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class TrainConfig:
     ckpt_every: int = 100
     """Steps between checkpoints (and at the last step)."""
     log_every: int = 20
-    """Steps between progress lines."""
+    """Steps between progress lines (and reports); a line also at a run's first and last step."""
     max_failures: int = 0
     """Ray Train FailureConfig: worker restarts from the last checkpoint."""
     resume: str = ""

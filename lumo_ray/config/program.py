@@ -325,7 +325,7 @@ class CodecTrainConfig(CodecFitRun):
     max_real_images: int = 8
     """Real images evaluated."""
     log_every: int = 100
-    """Steps between progress lines."""
+    """Steps between progress lines (and history rows); a line also at the first and last step."""
     threads: int = 1
     """torch intra-op threads (1: byte-identical weights for a seed)."""
     out: str = "runs/codec_vq"

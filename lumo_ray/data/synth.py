@@ -180,7 +180,7 @@ def write_synth(out_dir: str | Path, n_images: int, n_audio: int, seed: int = 0)
             "audiocaps": {"dir": str(aud_dir), "csv": str(aud_dir / "train.csv"), "n": n_audio}}
 
 
-# The same draws in memory, for the tiny codecs' fits (codecs/vq_train.py, audio_train.py) and the audit's
+# The same draws in memory, for the tiny codecs' fits (trainers/codec_vq.py, codecs/audio_train.py) and the audit's
 # floor checks (eval/audit.py): what write_synth would write, before PNG / 16-bit PCM encoding.
 
 def synthetic_shape_images(n: int, seed: int, adapter: Any) -> list:

@@ -56,8 +56,11 @@ shape 0.97 on the gate's 64 real eval samples, where the linear probe reads 0.77
 Each bag is normalized to frequencies and square-rooted (Hellinger: a few frequent background codes
 or colours do not drown the rare object ones), then centred on the train mean. Audio codes are
 cropped exactly as the model's t2a target is (the centred crop to the generated length), so real
-and generated clips cover the same span. A linear probe is deliberately weak: what it reads in
-generated codes is there, not invented by a flexible classifier. Fitted probes are cached
+and generated clips cover the same span. The probe is linear where linear reads the attribute
+(deliberately weak: what it reads in generated codes is there, not invented by a flexible
+classifier), and the CNN is small, fixed and fitted on real codes only. A CNN-read attribute's
+report keeps the linear candidates' CV accuracies (`cv_accuracy`: why the CNN reads it); its own
+accuracy is the ceiling, on the real eval codes. Fitted probes are cached
 in-process by a digest of their training data (the same shards are probed once per process).
 
 No Ray here: plain NumPy / PyTorch.

@@ -10,7 +10,7 @@
   al. scale by 2.5 instead) and the Fréchet distance between the CLIP image embeddings of generated
   images and of real ones (FID's formula on CLIP features), both on a CLIP the run names
   (FidelityConfig.clip_model; the shipped tiny preset by default, which was trained on the synthetic
-  scenes beside their captions, lumo_ray.embed.clip_train).
+  scenes beside their captions, trainers/codec_clip.py).
 
 No Ray here: plain NumPy (the CLIP forward in PyTorch).
 """

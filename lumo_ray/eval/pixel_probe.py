@@ -28,12 +28,14 @@ LR = 2e-3
 WEIGHT_DECAY = 1e-4
 WIDTHS = (16, 32, 32)
 HIDDEN = 64
+MAX_SIDE = 64
+"""Decoded images larger than this a side are area-downsampled to it before the CNN."""
 VERSION = 1
 """Part of the fidelity probe cache key: bump when the architecture or the fit changes."""
 
 
 class PixelNet(torch.nn.Module):
-    """[B, 3, H, W] pixels in [0, 1] -> one logit vector per head (H and W divisible by 4)."""
+    """[B, 3, H, W] pixels in [0, 1] (H, W <= MAX_SIDE) -> one logit vector per head."""
 
     def __init__(self, heads: list[int], size: tuple[int, int]):
         super().__init__()
@@ -52,9 +54,14 @@ class PixelNet(torch.nn.Module):
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
-    """[N, H, W, C>=3] uint8 -> [N, 3, H, W] float in [0, 1]."""
+    """[N, H, W, C>=3] uint8 -> [N, 3, H', W'] float in [0, 1], area-downsampled to at most MAX_SIDE a side
+    (a codec decoding large images would otherwise make the fit slow; the tiny VQ's 32 px stay as they are)."""
     x = torch.as_tensor(np.ascontiguousarray(np.asarray(images)[..., :3]), dtype=torch.float32)
-    return x.permute(0, 3, 1, 2).div(255.0).contiguous()
+    x = x.permute(0, 3, 1, 2).div(255.0).contiguous()
+    h, w = x.shape[2:]
+    if max(h, w) > MAX_SIDE:
+        x = F.interpolate(x, size=(max(1, h * MAX_SIDE // max(h, w)), max(1, w * MAX_SIDE // max(h, w))), mode="area")
+    return x
 
 
 @dataclass
@@ -86,10 +93,10 @@ def fit_pixel_probe(images: np.ndarray, labels: dict[str, list], classes: dict[s
     """Fit one CNN with a head per attribute of `classes` on [N, H, W, 3] uint8 images and their labels."""
     x = _pixels(images)
     y = torch.tensor([[classes[a].index(v) for v in labels[a]] for a in classes], dtype=torch.int64).T
-    n, size = len(x), (x.shape[2], x.shape[3])
+    n, size = len(x), tuple(np.asarray(images).shape[1:3])  # the decoded size a predicted image must have
     with torch_threads(1), torch.random.fork_rng(devices=[]):  # seeded here, the process's RNG left as it was
-        torch.manual_seed(seed)
-        net = PixelNet([len(c) for c in classes.values()], size)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed seeds GPUs too)
+        net = PixelNet([len(c) for c in classes.values()], (x.shape[2], x.shape[3]))
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=EPOCHS * -(-n // BATCH), pct_start=0.2)

@@ -142,7 +142,9 @@ def generations_section(d: Path) -> str:
     for m, rows in (rep.get("samples") or {}).items():
         ex = []
         for s in rows:
-            if not s.get("file") or not (d / s["file"]).exists():
+            if not s.get("file") or not (d / s["file"]).exists():  # a generation that did not decode: wrong
+                ex.append(f"<tr><td>{html.escape(s['caption'])}</td><td>did not decode: "
+                          f"{html.escape(str(s.get('error') or 'no file'))}</td><td>-</td><td>every attribute WRONG</td></tr>")
                 continue
             want = parse_caption(m, s["caption"], s["id"])
             marks = ", ".join(f"{a} {'right' if str(v) == str(want[a]) else 'WRONG'}" for a, v in s["read"].items())
