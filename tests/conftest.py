@@ -116,13 +116,15 @@ def sole_local_ray():
 # "*" marks a module whose every test needs such a fixture or run. A name is a test function (all its
 # parameters) or one parameter's full id.
 SLOW = {
+    "test_console.py": {"test_a_ray_driver_console_through_a_pipe_has_no_cpp_lines_nor_colour_codes"},  # 10 s (idle): a Ray driver
     "test_audio_codec.py": {"test_preset_weights_are_the_same_under_every_cpu_kernel_build"},  # 14 s: one process per kernel build
     "test_caption_accuracy.py": {"test_fidelity_report_carries_captions_and_field_metrics"},  # 36 s: the fidelity shards
     "test_audio_codec_trained.py": {"test_train_audio_writes_weights_and_metrics_and_is_deterministic",  # 27 s: two trainings
                                     "test_identity_is_the_weights_digest_and_changes_with_them"},
     "test_audit.py": {"test_audit_passes_on_tiny_preset", "test_audit_against_own_baseline_passes_and_doctored_fails",  # 28 + 48 s
                       "test_audit_applies_the_committed_baseline_by_default", "test_audit_seed_images_and_48k_stereo_audio"},  # 31 + 19 s
-    "test_batch_generate.py": {"test_one_and_two_actors_write_the_same_bytes", "test_a_run_stopped_midway_finishes_the_rest"},  # 25 + 33 s + the seed-3 run both read: 21 s (load 2-3)
+    "test_batch_generate.py": {"test_one_and_two_actors_write_the_same_bytes", "test_a_run_stopped_midway_finishes_the_rest",  # 25 + 33 s + the seed-3 run both read: 21 s (load 2-3)
+                               "test_a_record_that_cannot_be_generated_is_an_error_row"},  # 9 + 4.5 s (idle)
     "test_checkpoint_integrity.py": {"test_a_flipped_byte_in_the_checkpoint_ray_restores_is_refused_in_the_worker"},  # 51 s: Ray Train
     "test_clip_kmeans.py": {"*"},  # 55 s: the CLIP k-means pipeline every test reads
     "test_clip_preset.py": {"test_train_clip_gives_the_same_bytes_in_two_processes"},  # 20 s
@@ -152,6 +154,8 @@ SLOW = {
                            "test_two_trial_mmpt_study_writes_its_table_and_constraints"},  # 26 s: Tune
     "test_multinode.py": {"*"},  # 223 s (load 5-6): a two-node cluster
     "test_openai_api.py": {"*"},  # 49 s: a server of its own (test_serve.py's serves the fast tier)
+    "test_pixel_probe.py": {"*"},  # 24 + 11 s: three CNN fits
+    "test_plan.py": {"test_reference_table_and_config_plan"},  # 8 s (idle): every reference config planned
     "test_real_data_pipeline.py": {"*"},  # 43 s: normalize -> tokenize -> train on the real samples
     "test_seed_tokenize.py": {"*"},  # 30 s
     "test_serve.py": {"test_sigint_stops_the_server_cleanly"},  # 8 s, and it stops the module's server
@@ -182,6 +186,7 @@ SLOW = {
     "test_vlm_stream.py": {"test_ray_data_stream_is_ordered_and_the_same_with_1_or_2_actors",  # 21 s
                            "test_vlm_trains_on_media_read_from_an_object_store"},  # 8 s + the S3 server
     "test_vlm_train.py": {"test_resume_5_plus_5_equals_10_straight",  # 13 s (exact resume: test_token_lm_train's is fast)
+                          "test_activation_checkpointing_gives_the_same_losses",  # 8 s (idle)
                           "test_ray_train_ddp_restarts_failed_worker_from_checkpoint",  # 115 s: Ray Train
                           "test_sweep_runs_four_trials_in_separate_dirs",  # 59 s: Tune
                           "test_trained_tiny_vlm_passes_ablation", "test_untrained_connector_fails_ablation"},  # 22 + 17 s
