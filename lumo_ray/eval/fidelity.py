@@ -182,16 +182,11 @@ def pixel_features(img: np.ndarray) -> np.ndarray:
 
 
 def image_features(ts: TokenSpace, ids: np.ndarray, tokens: int,
-                   decode: Optional[Callable] = None) -> Optional[np.ndarray]:
-    """Code bags over the whole grid and its 2x2 / 3x3 blocks, then (with `decode`, the codec's
-    codes -> image) the colour histograms of the decoded image; None when the span is not a g x g
-    grid of image ids of the expected length, or does not decode."""
-    return _image_parts(ts, ids, tokens, decode)[0]
-
-
-def _image_parts(ts: TokenSpace, ids: np.ndarray, tokens: int,
-                 decode: Optional[Callable]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """(image_features, the decoded uint8 image or None)."""
+                   decode: Optional[Callable] = None) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(features, decoded image): code bags over the whole grid and its 2x2 / 3x3 blocks, then (with
+    `decode`, the codec's codes -> image) the colour histograms of the decoded image, and that uint8
+    image (for the pixel CNN; None without `decode`); (None, None) when the span is not a g x g grid of
+    image ids of the expected length, or does not decode."""
     r = ts.range("IMAGE")
     g = _media_body(ts, ids)
     side = math.isqrt(tokens)
@@ -344,7 +339,7 @@ def _features(ts: TokenSpace, modality: str, ids: np.ndarray, tokens: int,
               decode: Optional[Callable]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(features, decoded image): images decode when `decode` is given; audio has no image."""
     if modality == "image":
-        return _image_parts(ts, ids, tokens, decode)
+        return image_features(ts, ids, tokens, decode)
     return audio_features(ts, ids, tokens), None
 
 

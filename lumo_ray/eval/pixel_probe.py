@@ -11,7 +11,6 @@ a generated image the way it reads a real one. No Ray.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..codecs.base import state_digest
 from ..runtime import torch_threads
 
 EPOCHS = 60
@@ -66,7 +66,8 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class PixelProbe:
-    """The fitted CNN: attribute -> classes (its head), the image size it reads, the weights' digest."""
+    """The fitted CNN: attribute -> classes (its head), the image size it reads, the weights' digest
+    (codecs.base.state_digest)."""
     net: PixelNet
     classes: dict[str, tuple]
     size: tuple[int, int]
@@ -111,8 +112,4 @@ def fit_pixel_probe(images: np.ndarray, labels: dict[str, list], classes: dict[s
                 opt.step()
                 sched.step()
         net.eval()
-    h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().contiguous().numpy().tobytes())
-    return PixelProbe(net, dict(classes), (int(size[0]), int(size[1])), h.hexdigest())
+    return PixelProbe(net, dict(classes), (int(size[0]), int(size[1])), state_digest(net))
